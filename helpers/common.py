@@ -1,0 +1,145 @@
+"""Shared plumbing for every chapter: seeds, device, cache directory with hash checks, plot style.
+
+Kept deliberately thin: a chapter imports what it needs with ``from helpers import common``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+CACHE_ENV = "BOOK_CACHE"
+"""Environment variable that overrides where downloaded/derived assets and trained models live."""
+
+_DEFAULT_CACHE = Path.home() / ".cache" / "interpretable-transformers"
+
+
+def set_seed(seed: int = 0) -> None:
+    """Seed Python's ``random``, NumPy and PyTorch (CPU and CUDA) in one call.
+
+    Args:
+        seed: a non-negative integer.
+
+    >>> set_seed(0); a = np.random.rand(); set_seed(0); a == np.random.rand()
+    True
+    """
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def device() -> "torch.device":  # noqa: F821 - torch imported lazily
+    """The device a chapter runs on: CUDA when a GPU is visible, else CPU.
+
+    Set ``BOOK_DEVICE=cpu`` to force the CPU even on a GPU machine (useful for exact reproductions).
+    """
+    import torch
+
+    wanted = os.environ.get("BOOK_DEVICE", "").strip().lower()
+    if wanted:
+        if wanted.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"BOOK_DEVICE={wanted!r} but no CUDA device is visible; unset it or use 'cpu'")
+        return torch.device(wanted)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cache_dir(*parts: str) -> Path:
+    """Root of the book's cache (``$BOOK_CACHE`` or ``~/.cache/interpretable-transformers``), created on use.
+
+    Args:
+        parts: optional sub-directories, e.g. ``cache_dir("models", "vit")``.
+
+    Returns:
+        the directory path (it exists on return).
+    """
+    root = Path(os.environ.get(CACHE_ENV) or _DEFAULT_CACHE).expanduser()
+    path = root.joinpath(*parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def content_hash(obj: object, length: int = 16) -> str:
+    """Stable hex digest of a JSON-serialisable recipe (dict keys sorted), used to key caches.
+
+    >>> content_hash({"b": 1, "a": [1, 2]}) == content_hash({"a": [1, 2], "b": 1})
+    True
+    """
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, streamed in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike, timeout: float = 1800) -> Iterator[None]:
+    """Hold an inter-process lock on ``path + '.lock'`` (several notebooks may build one artefact)."""
+    from filelock import FileLock
+
+    with FileLock(str(path) + ".lock", timeout=timeout):
+        yield
+
+
+def cached_file(path: str | os.PathLike, build: Callable[[Path], None]) -> Path:
+    """Return ``path``, building it with ``build(path)`` unless a verified copy already exists.
+
+    A sidecar ``<path>.sha256`` records the digest written at build time; on load the file is
+    re-hashed and rebuilt when it is missing, truncated or altered. Concurrent callers are
+    serialised with a file lock, so two notebooks never train the same artefact twice.
+
+    Args:
+        path: where the artefact lives (usually under :func:`cache_dir`, named by a content hash).
+        build: a function that writes the artefact to the path it is given.
+
+    Returns:
+        the verified path.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sidecar = path.with_name(path.name + ".sha256")
+    with file_lock(path):
+        if path.exists() and sidecar.exists() and sidecar.read_text().strip() == file_sha256(path):
+            return path
+        tmp = path.with_name(path.name + ".partial")
+        build(tmp)
+        if not tmp.exists():
+            raise FileNotFoundError(f"build function did not write {tmp}; it must write to the path it is given")
+        os.replace(tmp, path)
+        sidecar.write_text(file_sha256(path) + "\n")
+    return path
+
+
+def use_book_style() -> None:
+    """Apply the one matplotlib/seaborn style used by every figure in the book."""
+    import matplotlib as mpl
+    import seaborn as sns
+
+    sns.set_theme(context="notebook", style="whitegrid", palette="colorblind")
+    mpl.rcParams.update(
+        {
+            "figure.figsize": (7.0, 4.0),
+            "figure.dpi": 100,
+            "savefig.dpi": 150,
+            "savefig.bbox": "tight",
+            "axes.titlesize": 12,
+            "axes.titleweight": "bold",
+            "image.cmap": "viridis",
+        }
+    )
