@@ -128,7 +128,7 @@ def wikipedia_articles() -> tuple[tuple[str, str], ...]:
     About 480k words. The plain text is cached as JSON in the book's cache directory.
     """
     source = gensim_test_file(WIKI_FILE)
-    out = common.cache_dir("data") / f"wikipedia-{common.content_hash([source.stat().st_size, 'v1'])}.json"
+    out = common.cache_dir("data") / f"wikipedia-{common.content_hash([source.stat().st_size, 'v2'])}.json"
 
     def build(path: Path) -> None:
         from gensim.corpora.wikicorpus import extract_pages
