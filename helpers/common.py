@@ -39,8 +39,8 @@ def set_seed(seed: int = 0) -> None:
     torch.manual_seed(seed)
 
 
-def device() -> "torch.device":  # noqa: F821 - torch imported lazily
-    """The device a chapter runs on: CUDA when a GPU is visible, else CPU.
+def device():
+    """The device a chapter runs on (a ``torch.device``): CUDA when a GPU is visible, else CPU.
 
     Set ``BOOK_DEVICE=cpu`` to force the CPU even on a GPU machine (useful for exact reproductions).
     """

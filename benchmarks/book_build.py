@@ -1,0 +1,141 @@
+"""Execute every notebook of the book and record its wall time and peak memory.
+
+Each notebook runs in a fresh kernel (through nbclient, in a child process) while a sampler polls
+the resident memory of the child's whole process tree (kernel included) every 50 ms. Results go to
+``benchmarks/results/book_build.json`` and a Markdown table between the ``bench`` markers of the
+README. Budgets (DESIGN, developers' guide): < 180 s and < 4 GB per notebook on 2 CPU cores.
+
+Usage: ``python benchmarks/book_build.py [NOTEBOOK ...]`` (default: every notebook in ``nbs/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "book_build.json"
+README = ROOT / "README.md"
+BUDGET_S, BUDGET_GB = 180.0, 4.0
+
+RUNNER = """
+import sys, nbformat
+from nbclient import NotebookClient
+nb = nbformat.read(sys.argv[1], as_version=4)
+NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": sys.argv[2]}}).execute()
+"""
+
+
+def _tree_rss(proc: psutil.Process) -> int:
+    total = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def run_notebook(path: Path) -> dict:
+    """Execute one notebook in a child process; return wall time and peak tree RSS."""
+    start = time.perf_counter()
+    child = subprocess.Popen([sys.executable, "-c", RUNNER, str(path), str(path.parent)], stderr=subprocess.PIPE)
+    proc, peak, done = psutil.Process(child.pid), 0, threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _tree_rss(proc))
+            done.wait(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    _, err = child.communicate()
+    done.set()
+    sampler.join()
+    wall = time.perf_counter() - start
+    return {
+        "notebook": path.relative_to(ROOT).as_posix(),
+        "ok": child.returncode == 0,
+        "wall_s": round(wall, 1),
+        "peak_rss_gb": round(peak / 2**30, 2),
+        "within_budget": child.returncode == 0 and wall < BUDGET_S and peak / 2**30 < BUDGET_GB,
+        "error": None if child.returncode == 0 else err.decode()[-2000:],
+    }
+
+
+def render_table(rows: list[dict], machine: dict) -> str:
+    lines = [
+        f"Measured {machine['date']} on {machine['cpus']} CPU cores ({machine['processor']}), "
+        f"torch {machine['torch']}, `python benchmarks/book_build.py`.",
+        "",
+        "| notebook | wall time (s) | peak RSS (GB) | within budget |",
+        "|---|---:|---:|:---:|",
+    ]
+    for r in rows:
+        mark = "yes" if r["within_budget"] else ("FAILED" if not r["ok"] else "no")
+        lines.append(f"| `{r['notebook']}` | {r['wall_s']:.1f} | {r['peak_rss_gb']:.2f} | {mark} |")
+    total = sum(r["wall_s"] for r in rows)
+    lines.append(
+        f"| **whole book** | **{total:.1f}** | {max(r['peak_rss_gb'] for r in rows):.2f} | "
+        f"{'yes' if total < 900 else 'no'} |"
+    )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("notebooks", nargs="*", type=Path)
+    parser.add_argument("--no-readme", action="store_true", help="do not rewrite the README table")
+    args = parser.parse_args(argv)
+    paths = [p.resolve() for p in args.notebooks] or sorted((ROOT / "nbs").glob("*.ipynb"))
+    if not paths:
+        print("no notebooks found in nbs/", file=sys.stderr)
+        return 1
+    for p in paths:
+        if not p.is_file() or p.suffix != ".ipynb":
+            print(f"not a notebook: {p}", file=sys.stderr)
+            return 1
+    import torch
+
+    machine = {
+        "date": time.strftime("%Y-%m-%d"),
+        "cpus": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+    rows = []
+    for p in paths:
+        row = run_notebook(p)
+        print(f"{row['notebook']}: {row['wall_s']} s, {row['peak_rss_gb']} GB, ok={row['ok']}", flush=True)
+        rows.append(row)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(
+        json.dumps(
+            {"machine": machine, "budget": {"wall_s": BUDGET_S, "peak_rss_gb": BUDGET_GB}, "notebooks": rows}, indent=2
+        )
+        + "\n"
+    )
+    if not args.no_readme:
+        table = render_table(rows, machine)
+        text = README.read_text()
+        new = re.sub(
+            r"(<!-- bench:start -->\n).*?(\n<!-- bench:end -->)", lambda m: m[1] + table + m[2], text, flags=re.S
+        )
+        README.write_text(new)
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""The book's structure: table of contents, configuration, notebook hygiene, and an offline build."""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = yaml.safe_load((ROOT / "_config.yml").read_text())
+TOC = yaml.safe_load((ROOT / "_toc.yml").read_text())
+NOTEBOOKS = sorted((ROOT / "nbs").glob("*.ipynb"))
+SETUP_CELL = "from helpers import common\ncommon.set_seed(0)\ndevice = common.device()\ncommon.use_book_style()"
+SECTIONS = ["Overview", "Setup", "Paper vs here", "Summary", "Exercises", "References"]
+
+
+def _toc_files() -> list[str]:
+    files = [TOC["root"]]
+    for part in TOC.get("parts", []):
+        for chapter in part["chapters"]:
+            files.append(chapter["file"])
+            files += [s["file"] for s in chapter.get("sections", [])]
+    return files
+
+
+def _resolve(entry: str) -> Path | None:
+    for suffix in ("", ".md", ".ipynb"):
+        if (ROOT / (entry + suffix)).is_file():
+            return ROOT / (entry + suffix)
+    return None
+
+
+def test_every_toc_entry_exists():
+    missing = [f for f in _toc_files() if _resolve(f) is None]
+    assert not missing, f"_toc.yml names files that do not exist: {missing}"
+
+
+def test_every_notebook_is_in_the_toc():
+    listed = {f.removesuffix(".ipynb") for f in _toc_files()}
+    orphans = [nb.relative_to(ROOT).with_suffix("").as_posix() for nb in NOTEBOOKS]
+    orphans = [nb for nb in orphans if nb not in listed]
+    assert not orphans, f"add these notebooks to _toc.yml: {orphans}"
+
+
+def test_config_promises():
+    assert CONFIG["only_build_toc_files"] is True
+    assert CONFIG["execute"]["execute_notebooks"] == "cache"
+    assert 0 < CONFIG["execute"]["timeout"] <= 600
+    assert "sphinx_exercise" in CONFIG["sphinx"]["extra_extensions"]
+    assert CONFIG["bibtex_bibfiles"] == ["book/references.bib"]
+    mathjax = CONFIG["sphinx"]["config"]["mathjax_path"]
+    assert not mathjax.startswith(("http:", "https:", "//")), "MathJax must be served from the book"
+    assert all(Path(p).name != "_static" for p in CONFIG["sphinx"]["config"]["html_static_path"])
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_hygiene(path):
+    nb = json.loads(path.read_text())
+    code = [c for c in nb["cells"] if c["cell_type"] == "code" and "".join(c["source"]).strip()]
+    assert code and all(c.get("outputs") is not None for c in code)
+    assert any(c["outputs"] for c in code), "execute the notebook and commit its outputs"
+    errors = [o for c in code for o in c["outputs"] if o.get("output_type") == "error"]
+    assert not errors, "committed outputs contain an error"
+    counts = [c["execution_count"] for c in code if c.get("execution_count")]
+    assert counts == sorted(counts) and len(counts) == len(code), "run the notebook top to bottom, clean kernel"
+    assert nb["metadata"].get("kernelspec", {}).get("name") == "python3"
+    assert not any("execution" in c.get("metadata", {}) for c in nb["cells"]), "strip timing metadata"
+    text = "".join("".join(c["source"]) for c in nb["cells"])
+    assert not re.search(r"/(root|home|Users|work)/\w", text), "machine-specific path in a notebook"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_chapter_skeleton(path):
+    nb = json.loads(path.read_text())
+    markdown = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown")
+    headings = re.findall(r"^#{1,3} (.+)$", markdown, re.M)
+    for section in SECTIONS:
+        assert any(h.strip().lower().startswith(section.lower()) for h in headings), f"missing section {section}"
+    assert re.match(r"\(ch:[\w-]+\)=", markdown), "first markdown cell must open with a (ch:...)= label"
+    assert markdown.count("{exercise}") >= 3 and markdown.count("{solution}") >= 3
+    first_code = next("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+    assert first_code.strip().startswith(SETUP_CELL), "the first code cell is the book's Setup cell"
+
+
+@pytest.fixture(scope="module")
+def built_book(tmp_path_factory):
+    """Build the book from the committed outputs (no execution) into a temporary folder."""
+    if not (ROOT / "book" / "static" / "mathjax" / "tex-chtml.js").exists():
+        pytest.fail("local MathJax missing: run `make setup`")
+    out = tmp_path_factory.mktemp("book")
+    config = dict(CONFIG, execute=dict(CONFIG["execute"], execute_notebooks="off"))
+    cfg = out / "_config.yml"
+    cfg.write_text(yaml.safe_dump(config))
+    jb = shutil.which("jupyter-book", path=str(Path(sys.executable).parent))
+    proc = subprocess.run(
+        [jb, "build", str(ROOT), "--config", str(cfg), "--path-output", str(out), "--warningiserror", "--keep-going"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return out / "_build" / "html"
+
+
+def test_book_builds_with_local_mathjax_and_every_page(built_book):
+    assert (built_book / "index.html").is_file()
+    for entry in _toc_files():
+        assert (built_book / (entry + ".html")).is_file(), f"page for {entry} missing"
+    assert (built_book / "_static" / "mathjax" / "tex-chtml.js").is_file()
+    for page in built_book.rglob("*.html"):
+        html = page.read_text()
+        remote = re.findall(r"<script[^>]+src=\"(https?:)?//[^\"]+\"", html)
+        assert not remote, f"{page.name} loads a script from the network: {remote}"
+
+
+def test_chapter_pages_have_math_and_figures(built_book):
+    for nb in NOTEBOOKS:
+        html = (built_book / "nbs" / (nb.stem + ".html")).read_text()
+        assert "mathjax/tex-chtml.js" in html
+        assert re.search(r"\\\[|\\\(|class=\"math", html), f"{nb.name}: no math on the page"
+        assert "<img" in html, f"{nb.name}: no figure on the page"

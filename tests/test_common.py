@@ -1,0 +1,87 @@
+"""helpers.common: seeds, device choice, content hashes and the verified file cache."""
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import common
+
+
+def test_set_seed_makes_all_generators_repeat():
+    common.set_seed(3)
+    a = (np.random.rand(), torch.rand(1).item(), __import__("random").random())
+    common.set_seed(3)
+    b = (np.random.rand(), torch.rand(1).item(), __import__("random").random())
+    assert a == b
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "0", True])
+def test_set_seed_rejects_bad_seeds(bad):
+    with pytest.raises(ValueError, match="non-negative int"):
+        common.set_seed(bad)
+
+
+def test_device_defaults_to_cpu_without_gpu(monkeypatch):
+    monkeypatch.delenv("BOOK_DEVICE", raising=False)
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert common.device().type == expected
+
+
+def test_device_override_and_clear_error(monkeypatch):
+    monkeypatch.setenv("BOOK_DEVICE", "cpu")
+    assert common.device().type == "cpu"
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("BOOK_DEVICE", "cuda")
+        with pytest.raises(ValueError, match="no CUDA device"):
+            common.device()
+
+
+def test_cache_dir_honours_the_environment_variable(tmp_path, monkeypatch):
+    monkeypatch.setenv(common.CACHE_ENV, str(tmp_path / "c"))
+    path = common.cache_dir("models", "x")
+    assert path == tmp_path / "c" / "models" / "x" and path.is_dir()
+
+
+def test_content_hash_is_order_independent_and_sensitive():
+    assert common.content_hash({"a": 1, "b": 2}) == common.content_hash({"b": 2, "a": 1})
+    assert common.content_hash({"a": 1}) != common.content_hash({"a": 2})
+
+
+def test_cached_file_builds_once_then_verifies(tmp_path):
+    calls = []
+
+    def build(path):
+        calls.append(path)
+        path.write_bytes(b"weights")
+
+    target = tmp_path / "artefact.bin"
+    assert common.cached_file(target, build).read_bytes() == b"weights"
+    common.cached_file(target, build)
+    assert len(calls) == 1, "a verified artefact must not be rebuilt"
+    assert (tmp_path / "artefact.bin.sha256").read_text().strip() == common.file_sha256(target)
+
+
+def test_cached_file_rebuilds_a_corrupt_artefact(tmp_path):
+    calls = []
+
+    def build(path):
+        calls.append(path)
+        path.write_bytes(b"weights")
+
+    target = tmp_path / "artefact.bin"
+    common.cached_file(target, build)
+    target.write_bytes(b"weigh")  # truncated by a crash, or edited by hand
+    assert common.cached_file(target, build).read_bytes() == b"weights"
+    assert len(calls) == 2
+
+
+def test_cached_file_complains_when_build_writes_nothing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="did not write"):
+        common.cached_file(tmp_path / "x.bin", lambda path: None)
+
+
+def test_book_style_applies():
+    import matplotlib as mpl
+
+    common.use_book_style()
+    assert mpl.rcParams["figure.figsize"] == [7.0, 4.0]
