@@ -102,7 +102,7 @@ def built_book(tmp_path_factory):
         text=True,
         timeout=600,
     )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert proc.returncode == 0, proc.stderr[-6000:] + proc.stdout[-2000:]
     return out / "_build" / "html"
 
 

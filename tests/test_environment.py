@@ -62,5 +62,6 @@ def test_installed_versions_match_the_pins():
 def test_ci_calls_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
-    assert "make test" in readme.split("\n## ")[0], "the README's first section must give `make test`"
+    commands = readme.split("\n## ")[1]  # the first section after the title: the two commands
+    assert "make book" in commands and "make test" in commands, "README must open with the two commands"
     assert re.search(r"^make test\s*$", ci, re.M), ".ci/run must call `make test`"
