@@ -879,8 +879,8 @@ def spacy_pipeline(name: str = SPACY_MODEL):
         the ``spacy.Language`` object, cached per process; ``nlp(text)`` gives a ``Doc`` with
         ``token.dep_``, ``token.head`` and ``doc.ents`` (the book's silver parses and entities).
 
-    >>> [(t.text, t.dep_) for t in spacy_pipeline()("Dogs bark.")]  # doctest: +SKIP
-    [('Dogs', 'nsubj'), ('bark', 'ROOT'), ('.', 'punct')]
+    >>> [(t.text, t.dep_) for t in spacy_pipeline()("The cat sat.")]  # doctest: +SKIP
+    [('The', 'det'), ('cat', 'nsubj'), ('sat', 'ROOT'), ('.', 'punct')]
 
     DESIGN §4; used in nbs/04_head_specialisation.ipynb (Honnibal et al., spaCy 3).
     """
