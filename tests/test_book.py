@@ -123,3 +123,37 @@ def test_chapter_pages_have_math_and_figures(built_book):
         assert "mathjax/tex-chtml.js" in html
         assert re.search(r"\\\[|\\\(|class=\"math", html), f"{nb.name}: no math on the page"
         assert "<img" in html, f"{nb.name}: no figure on the page"
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.mark.skipif(_chromium() is None, reason="headless Chromium not installed (apt-get install chromium)")
+def test_math_is_typeset_offline_in_a_browser(built_book, tmp_path):
+    """Render every chapter in headless Chromium with no network: MathJax must typeset its equations."""
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--virtual-time-budget=15000",
+        "--dump-dom",
+    ]
+    # Only loopback inside a fresh network namespace (DESIGN §5), when the kernel lets us make one.
+    offline = (
+        ["unshare", "-n"]
+        if shutil.which("unshare") and subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0
+        else []
+    )
+    for nb in NOTEBOOKS:
+        page = built_book / "nbs" / (nb.stem + ".html")
+        dom = subprocess.run(
+            [*offline, _chromium(), *flags, page.as_uri()], capture_output=True, text=True, timeout=120
+        ).stdout
+        assert "<mjx-container" in dom, f"{nb.name}: MathJax did not typeset the page offline"
+        assert "<img" in dom
