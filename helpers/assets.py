@@ -148,9 +148,11 @@ def minilm(name_or_path: str | os.PathLike | None = None, *, attn_implementation
         ``(model, tokenizer)``: a ``BertModel`` (no MLM head; MiniLM-L6 has 6 layers, 12 heads,
         d=384, vocabulary 30522) in eval mode on the CPU, and its fast tokenizer.
 
-    >>> model, tokenizer = minilm()  # doctest: +SKIP
-    >>> model(**tokenizer("a cat", return_tensors="pt"), output_attentions=True).attentions[0].shape  # doctest: +SKIP
-    torch.Size([1, 12, 4, 4])
+    Example (loads the real asset, so it is not run as a doctest)::
+
+        model, tokenizer = minilm()
+        out = model(**tokenizer("a cat", return_tensors="pt"), output_attentions=True)
+        out.attentions[0].shape  # torch.Size([1, 12, 4, 4]): [batch, head, query, key], 6 layers
 
     DESIGN §4; used from nbs/01_attention_as_graph.ipynb on (Wang et al. 2020, MiniLM).
     """
@@ -232,10 +234,11 @@ def smollm2(name_or_path: str | os.PathLike | None = None, *, attn_implementatio
         d=576, d_mlp=1536, vocabulary 49152, LM head tied to the embeddings) in eval mode, fp32, on
         the CPU; logits are ``[batch, pos, vocab]``.
 
-    >>> model, tokenizer = smollm2()  # doctest: +SKIP
-    >>> ids = tokenizer("The capital of France is", return_tensors="pt")  # doctest: +SKIP
-    >>> tokenizer.decode(model(**ids).logits[0, -1].argmax())  # doctest: +SKIP
-    ' Paris'
+    Example (loads the real asset, so it is not run as a doctest)::
+
+        model, tokenizer = smollm2()
+        ids = tokenizer("The capital of France is", return_tensors="pt")
+        tokenizer.decode(model(**ids).logits[0, -1].argmax())  # ' Paris'
 
     DESIGN §4; used in nbs/05_ffn_memories.ipynb (Allal et al. 2025, SmolLM2; Geva et al. 2021).
     """
@@ -296,9 +299,9 @@ def efficientnet_lite0():
         a ``timm`` ``EfficientNet`` in eval mode: ``[batch, 3, 224, 224]`` images prepared with
         :func:`imagenet_transform` -> ``[batch, 1000]`` logits (class names: :func:`imagenet_labels`).
 
-    >>> model = efficientnet_lite0()  # doctest: +SKIP
-    >>> logits = model(imagenet_transform()(sample_photos()["chelsea"])[None])  # doctest: +SKIP
-    >>> imagenet_labels()[logits.argmax()]  # doctest: +SKIP
+    >>> model = efficientnet_lite0()
+    >>> logits = model(imagenet_transform()(sample_photos()["chelsea"])[None])
+    >>> imagenet_labels()[logits.argmax()]
     'Egyptian cat'
 
     DESIGN §4-§5; used in nbs/08_vision_transformers.ipynb (Tan & Le 2019, EfficientNet).
@@ -553,8 +556,8 @@ def wikipedia_sentences(n: int | None = None, *, min_words: int = 6, max_words: 
 # ---------------------------------------------------------------------------------------------
 
 AUSTEN_FIX = (
-    "Run `make setup`, or `apt-get download r-cran-janeaustenr && dpkg-deb -x r-cran-janeaustenr_*.deb "
-    "<cache>/system/janeaustenr` where <cache> is $BOOK_CACHE or ~/.cache/interpretable-transformers."
+    "Run `make setup`, or `apt-get download r-cran-janeaustenr && dpkg-deb -x r-cran-janeaustenr_*.deb {cache}` "
+    "(R itself is not needed)."
 )
 AUSTEN_TITLES = {  # janeaustenr's object name -> the title austen_books() uses, in publication order
     "sensesensibility": "Sense & Sensibility",
@@ -576,7 +579,8 @@ def austen_dir() -> Path:
     ]
     found = _first_dir(candidates, "Rdata.rdb")
     if found is None or not (found / "Rdata.rdx").is_file():
-        raise _missing("Jane Austen's novels (R package janeaustenr)", AUSTEN_FIX, candidates[:2])
+        fix = AUSTEN_FIX.format(cache=common.cache_dir("system", "janeaustenr"))
+        raise _missing("Jane Austen's novels (R package janeaustenr)", fix, candidates[:2])
     return found
 
 
@@ -608,8 +612,8 @@ def austen_novels() -> dict[str, str]:
         ``{title: text}`` for "Sense & Sensibility", "Pride & Prejudice", "Mansfield Park", "Emma",
         "Northanger Abbey", "Persuasion"; lines are joined with ``\\n`` (empty lines separate paragraphs).
 
-    >>> novels = austen_novels()  # doctest: +SKIP
-    >>> list(novels)[:2]  # doctest: +SKIP
+    >>> novels = austen_novels()
+    >>> list(novels)[:2]
     ['Sense & Sensibility', 'Pride & Prejudice']
 
     DESIGN §4; used in nbs/02_sinr_embeddings.ipynb and nbs/03_interpretable_classifier.ipynb (Silge 2022).
@@ -704,8 +708,8 @@ def fashion_mnist(split: str = "train", *, download: bool | None = None) -> tupl
         ``(images, labels)``: uint8 ``[N, 28, 28]`` (0 = background) and int64 ``[N]`` indexing
         :data:`FASHION_CLASSES`.
 
-    >>> images, labels = fashion_mnist("test")  # doctest: +SKIP
-    >>> images.shape, FASHION_CLASSES[labels[0]]  # doctest: +SKIP
+    >>> images, labels = fashion_mnist("test")
+    >>> images.shape, FASHION_CLASSES[labels[0]]
     ((10000, 28, 28), 'Ankle boot')
 
     DESIGN §4; used from nbs/08_vision_transformers.ipynb on (Xiao et al. 2017).
@@ -834,8 +838,9 @@ def wordnet():
         the reader (cached per process): ``wordnet().synsets("dog")[0]`` is ``Synset('dog.n.01')``;
         82,115 noun synsets, 117,659 in all.
 
-    >>> wordnet().synset("dog.n.01").lexname()  # doctest: +SKIP
-    'noun.animal'
+    Example (loads the real asset, so it is not run as a doctest)::
+
+        wordnet().synset("dog.n.01").lexname()  # 'noun.animal'
 
     DESIGN §4; used in nbs/11_rare_classes.ipynb (Miller 1995; Fellbaum 1998).
     """
@@ -879,8 +884,10 @@ def spacy_pipeline(name: str = SPACY_MODEL):
         the ``spacy.Language`` object, cached per process; ``nlp(text)`` gives a ``Doc`` with
         ``token.dep_``, ``token.head`` and ``doc.ents`` (the book's silver parses and entities).
 
-    >>> [(t.text, t.dep_) for t in spacy_pipeline()("The cat sat.")]  # doctest: +SKIP
-    [('The', 'det'), ('cat', 'nsubj'), ('sat', 'ROOT'), ('.', 'punct')]
+    Example (loads the real asset, so it is not run as a doctest)::
+
+        [(t.text, t.dep_) for t in spacy_pipeline()("The cat sat.")]
+        # [('The', 'det'), ('cat', 'nsubj'), ('sat', 'ROOT'), ('.', 'punct')]
 
     DESIGN §4; used in nbs/04_head_specialisation.ipynb (Honnibal et al., spaCy 3).
     """
@@ -932,7 +939,7 @@ def sample_photos(names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
     photos = {}
     for name in names:
         package, file = SAMPLE_PHOTOS[name]
-        path = _package_dir(package, package, _PHOTO_FIX[package]) / file
+        path = _package_dir(package, f"Python package {package}", _PHOTO_FIX[package]) / file
         if not path.is_file():
             raise _missing(f"sample photo {name!r}", _PHOTO_FIX[package], path.parent)
         with Image.open(path) as image:
