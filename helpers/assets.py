@@ -107,6 +107,8 @@ def _pretrained(auto_cls, name_or_path: str | os.PathLike, **kwargs):
     if not local and (Path(text).is_absolute() or text.startswith((".", "~")) or not _HUB_ID.fullmatch(text)):
         raise _missing(f"model directory {text}", "Pass a directory written by save_pretrained, or a hub name.")
     source = Path(text).expanduser() if local else text
+    if local and not (Path(source) / "config.json").is_file():
+        raise _missing("config.json of a model", "Pass a directory written by save_pretrained.", source)
     try:
         with _quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)

@@ -270,9 +270,11 @@ def test_smollm2_loads_a_local_checkpoint(tmp_path):
 def test_unknown_checkpoints_fail_in_one_line(tmp_path, loader):
     with pytest.raises(FileNotFoundError) as missing_dir:
         loader(tmp_path / "no-such-dir")
+    with pytest.raises(FileNotFoundError) as not_a_model:
+        loader(tmp_path)  # exists, but holds no config.json
     with pytest.raises(FileNotFoundError) as offline_hub:
         loader("no-such-org/no-such-model")  # HF_HUB_OFFLINE=1 (conftest): never reaches the network
-    for err in (missing_dir, offline_hub):
+    for err in (missing_dir, not_a_model, offline_hub):
         assert "\n" not in str(err.value) and "save_pretrained" in str(err.value)
 
 
