@@ -595,11 +595,12 @@ def attention_graph(attn: Tensor, tokens: Sequence[str], *, threshold: float = 0
 
 
 def draw_attention_graph(graph: nx.DiGraph, *, ax=None, title: str | None = None, max_width: float = 6.0):
-    """Draw an attention graph as an arc diagram: tokens left to right, arcs from query to key.
+    """Draw an attention graph as an arc diagram: tokens left to right, one arc per edge.
 
-    Arcs to a later token bend above the line, arcs to an earlier token below; width and opacity
-    grow with the weight; a node's size grows with the attention it receives; self-loops are shown
-    as a ring around the node whose width is the self-attention weight.
+    An arc joins a query to a key it reads from: above the line when the key comes later in the
+    sentence (blue), below when it comes earlier (orange). Width and opacity grow with the weight,
+    a node's size with the attention it receives, the width of its ring with its self-attention.
+    Arcs are drawn in data coordinates, so they fit any axes shape.
 
     Args:
         graph: from :func:`attention_graph`.
@@ -611,35 +612,34 @@ def draw_attention_graph(graph: nx.DiGraph, *, ax=None, title: str | None = None
         the axes.
     """
     import matplotlib.pyplot as plt
-    from matplotlib.patches import FancyArrowPatch
 
+    if not isinstance(graph, nx.DiGraph) or not all("token" in data for _, data in graph.nodes(data=True)):
+        raise ValueError("graph must come from attention_graph (a DiGraph whose nodes carry a 'token')")
     if ax is None:
         _, ax = plt.subplots(figsize=(max(6, 0.55 * graph.number_of_nodes()), 3.2))
     n = graph.number_of_nodes()
-    xs = np.arange(n, dtype=float)
-    for t, s, w in graph.edges(data="weight"):
+    theta = np.linspace(0, np.pi, 40)
+    for t, s, w in sorted(graph.edges(data="weight"), key=lambda e: e[2]):  # strongest arcs on top
         if t == s:
             continue
-        rad = -0.5 if s > t else 0.5  # forward arcs above the axis, backward arcs below
-        arc = FancyArrowPatch(
-            (xs[t], 0),
-            (xs[s], 0),
-            connectionstyle=f"arc3,rad={rad}",
-            arrowstyle="-|>,head_length=0.25,head_width=0.12",
-            lw=max_width * w,
-            color="C0" if s > t else "C3",
-            alpha=0.25 + 0.75 * w,
-            shrinkA=4,
-            shrinkB=4,
-            mutation_scale=10,
-        )
-        ax.add_patch(arc)
+        later = s > t
+        height = np.sqrt(abs(s - t) / max(n - 1, 1))  # sqrt: short arcs stay visible next to long ones
+        xs = (t + s) / 2 + (t - s) / 2 * np.cos(theta)
+        ys = (1 if later else -1) * height * np.sin(theta)
+        ax.plot(xs, ys, color="C0" if later else "C1", lw=max_width * w, alpha=0.3 + 0.7 * w, solid_capstyle="round")
     received = np.array([graph.nodes[i]["received"] for i in range(n)])
     self_w = np.array([graph.edges[i, i]["weight"] if graph.has_edge(i, i) else 0.0 for i in range(n)])
-    ax.scatter(xs, np.zeros(n), s=40 + 120 * received, c="white", edgecolors="k", linewidths=0.5 + 3 * self_w, zorder=3)
-    ax.set_xticks(xs, [graph.nodes[i]["token"] for i in range(n)], rotation=60, ha="right", fontsize=8)
-    span = max(n - 1, 1) * 0.3
-    ax.set_ylim(-span, span)
+    ax.scatter(
+        np.arange(n),
+        np.zeros(n),
+        s=30 + 90 * received,
+        c="white",
+        edgecolors="k",
+        linewidths=0.5 + 3 * self_w,
+        zorder=3,
+    )
+    ax.set_xticks(np.arange(n), [graph.nodes[i]["token"] for i in range(n)], rotation=45, ha="right", fontsize=8)
+    ax.set_ylim(-1.1, 1.1)
     ax.set_xlim(-0.7, n - 0.3)
     ax.set_yticks([])
     ax.grid(False)

@@ -278,7 +278,9 @@ def test_draw_attention_graph_runs():
     matplotlib.use("Agg")
     g = attention.attention_graph(torch.tensor([[0.2, 0.8], [0.6, 0.4]]), ["[CLS]", "hi"])
     ax = attention.draw_attention_graph(g, title="toy")
-    assert ax.get_title() == "toy" and len(ax.patches) == 2
+    assert ax.get_title() == "toy" and len(ax.lines) == 2  # the self-loops are rings, not arcs
+    with pytest.raises(ValueError, match="attention_graph"):
+        attention.draw_attention_graph(nx.path_graph(3, create_using=nx.DiGraph))
 
 
 # ---------------------------------------------------------------------------------------------
