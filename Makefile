@@ -16,7 +16,6 @@ NOTEBOOKS := $(sort $(wildcard nbs/*.ipynb))
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY := 1
-export MPLBACKEND ?= Agg
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
 PYTEST_ARGS ?=
