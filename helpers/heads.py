@@ -1,0 +1,780 @@
+"""What attention heads specialise in: per-head statistics, head maps, syntax probing and ablation.
+
+Introduced in nbs/04_head_specialisation.ipynb (Chapter 4), which reproduces Clark et al. (2019),
+"What Does BERT Look At? An Analysis of BERT's Attention", on MiniLM-L6. Everything works on the
+stacked attention probabilities ``attn  # [layer, batch, head, query, key]`` with padding zeroed, as
+returned by :func:`helpers.attention.attention_maps` (Chapter 1) or streamed batch by batch by
+:func:`iter_attention`, so that a corpus of thousands of sentences never sits in memory at once.
+
+- :func:`head_scores`: mean attention of every head on a pattern (previous / current / next token,
+  ``[CLS]``, ``[SEP]``, punctuation, broad attention, or a pattern matrix of your own), Clark §3.
+- :class:`HeadStatistics`: the same scores, entropies and Jensen–Shannon divergences between heads,
+  accumulated over a stream of batches (Clark §3 and §6).
+- :func:`word_attention`, :func:`align_words`, :class:`RelationProbe`: word-level attention and the
+  "most-attended word is the syntactic head" probe with a fixed-offset baseline (Clark §4.2, Table 1).
+- :func:`ablated_embeddings`: mean-pooled sentence embeddings with heads or layers masked out
+  (Michel et al. 2019 mask heads the same way).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from helpers.attention import ROW_TOL, AttentionMaps
+
+PATTERNS = ("previous", "current", "next", "cls", "sep", "dot", "comma", "punct", "broad")
+"""Patterns known to :func:`head_scores`; ``punct`` is ``"."`` or ``","`` as in Clark et al."""
+
+ENTROPY_SMOOTHING = 1e-4  # Clark et al.'s smoothing of attention rows before taking entropies
+JS_SMOOTHING = 1e-3  # ... and before Jensen-Shannon divergences (their head_distances.py)
+
+__all__ = [
+    "PATTERNS",
+    "iter_attention",
+    "pattern_matrix",
+    "head_scores",
+    "attention_entropy",
+    "js_divergence",
+    "HeadStatistics",
+    "parse_sentences",
+    "align_words",
+    "gold_heads",
+    "word_attention",
+    "head_predictions",
+    "RelationProbe",
+    "head_mask",
+    "ablated_embeddings",
+    "row_sums_ok",
+    "head_labels",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation and streaming extraction
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_attn(attn: Tensor, tokens: Sequence[Sequence[str]] | None = None) -> Tensor:
+    if isinstance(attn, np.ndarray):
+        attn = torch.from_numpy(attn)
+    if not isinstance(attn, Tensor) or not attn.is_floating_point():
+        raise ValueError(f"attn must be a floating-point tensor of probabilities, got {type(attn).__name__}")
+    if attn.ndim != 5:
+        raise ValueError(
+            f"attn must be [layer, batch, head, query, key], got shape {tuple(attn.shape)}; "
+            "for one sentence use attn[:, None]"
+        )
+    if attn.shape[1] == 0:
+        raise ValueError("attn holds an empty batch (0 sentences); pass at least one sentence")
+    if attn.shape[-1] != attn.shape[-2]:
+        raise ValueError(f"attn must be square in (query, key), got shape {tuple(attn.shape)}")
+    if tokens is not None:
+        if isinstance(tokens, str) or len(tokens) != attn.shape[1]:
+            raise ValueError(
+                f"tokens must hold one list of word pieces per sentence: got {len(tokens)} lists "
+                f"for a batch of {attn.shape[1]}"
+            )
+        too_long = [len(t) for t in tokens if len(t) > attn.shape[-1] or len(t) == 0]
+        if too_long:
+            raise ValueError(
+                f"a sentence has {too_long[0]} word pieces but attn has {attn.shape[-1]} positions; "
+                "tokens and attn must come from the same tokenisation (padding removed from tokens)"
+            )
+    return attn
+
+
+def _real_mask(tokens: Sequence[Sequence[str]], width: int) -> Tensor:
+    """[batch, pos] True on the real word pieces (the first len(tokens[b]) positions)."""
+    lengths = torch.tensor([len(t) for t in tokens])
+    return torch.arange(width)[None, :] < lengths[:, None]
+
+
+def iter_attention(
+    model: nn.Module,
+    tokenizer,
+    texts: Sequence[str] | Sequence[Sequence[str]],
+    *,
+    batch_size: int = 64,
+    max_length: int = 64,
+) -> Iterator[tuple[list[int], AttentionMaps]]:
+    """Stream attention maps batch by batch, shortest sentences first, without gradients.
+
+    The streaming counterpart of :func:`helpers.attention.attention_maps`: sentences are sorted by
+    length so that each batch is padded as little as possible, and only one batch of attention
+    (``batch_size x layers x heads x width^2`` floats) is alive at a time.
+
+    Args:
+        model: a Hugging Face encoder loaded with ``attn_implementation="eager"``.
+        tokenizer: its tokenizer.
+        texts: sentences as strings, or as lists of words (e.g. spaCy tokens), which are then
+            tokenised with ``is_split_into_words=True``.
+        batch_size: sentences per forward pass.
+        max_length: truncation length in word pieces, special tokens included.
+
+    Yields:
+        ``(indices, maps)``: the positions in ``texts`` of this batch's sentences, and their
+        ``AttentionMaps(attn [layer, batch, head, query, key], tokens, mask [batch, pos])``.
+    """
+    if isinstance(texts, str) or len(texts) == 0:
+        raise ValueError("texts must be a non-empty list of sentences (strings or lists of words)")
+    if getattr(model.config, "_attn_implementation", "eager") != "eager":
+        raise ValueError("load the model with attn_implementation='eager' to get attention probabilities")
+    split = not isinstance(texts[0], str)
+    enc = tokenizer(
+        list(map(list, texts)) if split else list(texts),
+        truncation=True,
+        max_length=max_length,
+        is_split_into_words=split,
+    )
+    order = np.argsort([len(ids) for ids in enc["input_ids"]], kind="stable")
+    device = next(model.parameters()).device
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size].tolist()
+        batch = tokenizer.pad({"input_ids": [enc["input_ids"][i] for i in idx]}, return_tensors="pt")
+        mask = batch["attention_mask"].bool()  # [batch, pos]
+        with torch.inference_mode():
+            out = model(input_ids=batch["input_ids"].to(device), attention_mask=mask.to(device), output_attentions=True)
+        attn = torch.stack(out.attentions).float().cpu()  # [layer, batch, head, query, key]
+        attn *= (mask[:, :, None] & mask[:, None, :])[None, :, None]
+        tokens = [tokenizer.convert_ids_to_tokens(enc["input_ids"][i]) for i in idx]
+        yield idx, AttentionMaps(attn, tokens, mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Head patterns and scores (Clark et al. §3)
+# ---------------------------------------------------------------------------------------------
+
+_TOKEN_PATTERNS = {"cls": ("[CLS]",), "sep": ("[SEP]",), "dot": (".",), "comma": (",",), "punct": (".", ",")}
+
+
+def pattern_matrix(tokens: Sequence[Sequence[str]], width: int, *, pattern: str) -> Tensor:
+    """The target positions of a named pattern, as a [batch, query, key] 0/1 matrix on real tokens.
+
+    Args:
+        tokens: word pieces per sentence (padding removed).
+        width: padded length of the attention maps.
+        pattern: ``"previous"``, ``"current"``, ``"next"`` (relative positions) or ``"cls"``,
+            ``"sep"``, ``"dot"``, ``"comma"``, ``"punct"`` (keys holding those word pieces).
+
+    Returns:
+        [batch, query, key] float, 1 where a query's attention counts for the pattern.
+
+    >>> pattern_matrix([["[CLS]", "hi", "[SEP]"]], 3, pattern="previous")[0]
+    tensor([[0., 0., 0.],
+            [1., 0., 0.],
+            [0., 1., 0.]])
+    """
+    real = _real_mask(tokens, width)  # [batch, pos]
+    pair = real[:, :, None] & real[:, None, :]  # [batch, query, key]
+    pos = torch.arange(width)
+    offsets = {"previous": -1, "current": 0, "next": 1}
+    if pattern in offsets:
+        target = (pos[None, :] == pos[:, None] + offsets[pattern])[None]  # [1, query, key]
+    elif pattern in _TOKEN_PATTERNS:
+        names = _TOKEN_PATTERNS[pattern]
+        keys = torch.tensor([[t in names for t in toks] + [False] * (width - len(toks)) for toks in tokens])
+        target = keys[:, None, :]  # [batch, 1, key]
+    else:
+        raise ValueError(f"unknown pattern {pattern!r}; use one of {PATTERNS} or pass a [batch, query, key] tensor")
+    return (target & pair).float()
+
+
+def attention_entropy(attn: Tensor, mask: Tensor, *, smoothing: float = ENTROPY_SMOOTHING) -> Tensor:
+    """Mean entropy (nats) of each head's attention rows, per sentence, after Clark's smoothing.
+
+    Each row is smoothed over the sentence's ``n`` real keys as ``(1 - s) a + s / n`` (Clark et al.
+    use ``s = 1e-4`` to avoid ``log 0``), its entropy taken, and averaged over real queries.
+
+    Args:
+        attn: [layer, batch, head, query, key], padding zeroed.
+        mask: [batch, pos], True on real tokens.
+        smoothing: ``s`` in [0, 1).
+
+    Returns:
+        [layer, batch, head] mean row entropy; compare with the uniform entropy ``log n``.
+
+    >>> import math
+    >>> round(attention_entropy(torch.full((1, 1, 1, 4, 4), 0.25), torch.ones(1, 4).bool()).item() - math.log(4), 6)
+    0.0
+    """
+    n = mask.sum(1).to(attn.dtype)  # [batch]
+    keys = mask[None, :, None, None, :].to(attn.dtype)  # [1, batch, 1, 1, key]
+    smoothed = (1 - smoothing) * attn + smoothing * keys / n[None, :, None, None, None]
+    rows = -torch.special.xlogy(smoothed, smoothed).sum(-1)  # [layer, batch, head, query]
+    queries = mask[None, :, None, :].to(attn.dtype)
+    return (rows * queries).sum(-1) / n[None, :, None]
+
+
+def head_scores(attn: Tensor, tokens: Sequence[Sequence[str]], *, pattern: str | Tensor = "previous") -> Tensor:
+    """Score every head by how closely it follows an attention pattern.
+
+    The score of a head is its attention mass on the pattern's target keys, averaged over the real
+    query tokens of each sentence and then over sentences (Clark et al. §3 average per document).
+    For ``"broad"`` it is the head's mean row entropy divided by the uniform entropy ``log n``
+    (1 = attends uniformly), with Clark's smoothing.
+
+    Args:
+        attn: attention probabilities, [layer, batch, head, query, key], padding already masked.
+        tokens: word pieces per sentence, used for token-based patterns and to find padding.
+        pattern: one of :data:`PATTERNS`, or a [batch, query, key] matrix of weights of your own
+            (e.g. 1 on a dependency's head word).
+
+    Returns:
+        [layer, head] scores.
+
+    >>> eye = torch.eye(3)[None, None, None].expand(1, 1, 2, 3, 3).clone()
+    >>> head_scores(eye, [["[CLS]", "a", "[SEP]"]], pattern="current")
+    tensor([[1., 1.]])
+
+    Introduced in nbs/04_head_specialisation.ipynb (Clark et al. 2019, §3).
+    """
+    attn = _check_attn(attn, tokens)
+    width = attn.shape[-1]
+    mask = _real_mask(tokens, width)  # [batch, pos]
+    n = mask.sum(1).to(attn.dtype)  # [batch]
+    if isinstance(pattern, str) and pattern == "broad":
+        ent = attention_entropy(attn, mask)  # [layer, batch, head]
+        uniform = torch.log(n).clamp_min(1e-12)[None, :, None]
+        return (ent / uniform).mean(1)
+    if isinstance(pattern, (Tensor, np.ndarray)):
+        target = torch.as_tensor(pattern, dtype=attn.dtype)
+        if target.shape != (attn.shape[1], width, width):
+            raise ValueError(
+                f"a pattern matrix must be [batch, query, key] = {(attn.shape[1], width, width)}, "
+                f"got {tuple(target.shape)}"
+            )
+        mass = (attn * target[None, :, None]).sum(-1)  # [layer, batch, head, query]
+    elif isinstance(pattern, str):
+        mass = _pattern_mass(attn, tokens, pattern)
+    else:
+        raise ValueError(f"pattern must be a name from {PATTERNS} or a [batch, query, key] tensor, got {type(pattern)}")
+    per_sentence = mass.sum(-1) / n[None, :, None]  # mean over real queries (padding rows are 0)
+    return per_sentence.mean(1)
+
+
+_OFFSETS = {"previous": -1, "current": 0, "next": 1}
+
+
+def _pattern_mass(attn: Tensor, tokens: Sequence[Sequence[str]], pattern: str) -> Tensor:
+    """[layer, batch, head, query] mass on a named pattern without building a [q, k] matrix:
+    positional patterns are diagonals, token patterns a product with a [key] indicator."""
+    width = attn.shape[-1]
+    if pattern in _OFFSETS:
+        o = _OFFSETS[pattern]
+        diag = attn.diagonal(offset=o, dim1=-2, dim2=-1)  # [layer, batch, head, width - |o|]
+        mass = torch.zeros(attn.shape[:-1], dtype=attn.dtype)
+        if o <= 0:
+            mass[..., -o:] = diag  # query q reads key q + o
+        else:
+            mass[..., : width - o] = diag
+        return mass  # padding rows and columns are 0 in attn already
+    if pattern in _TOKEN_PATTERNS:
+        names = _TOKEN_PATTERNS[pattern]
+        keys = torch.tensor([[t in names for t in toks] + [False] * (width - len(toks)) for toks in tokens])
+        return (attn @ keys.to(attn.dtype)[None, :, None, :, None]).squeeze(-1)
+    raise ValueError(f"unknown pattern {pattern!r}; use one of {PATTERNS} or pass a [batch, query, key] tensor")
+
+
+def js_divergence(
+    attn: Tensor, mask: Tensor, *, smoothing: float = JS_SMOOTHING, rows: Tensor | None = None
+) -> tuple[Tensor, int]:
+    """Summed Jensen–Shannon divergence between every pair of heads, over real query tokens.
+
+    For heads ``i, j`` and each query token, ``JS(P_i, P_j) = H(M) - (H(P_i) + H(P_j)) / 2`` with
+    ``M = (P_i + P_j) / 2`` and rows smoothed as ``(1 - s) p + s / n`` over the sentence's ``n``
+    real keys (Clark et al. §6 and their head_distances.py, ``s = 1e-3``).
+
+    Args:
+        attn: [layer, batch, head, query, key], padding zeroed.
+        mask: [batch, pos], True on real tokens.
+        smoothing: ``s``.
+        rows: optional [n] indices into the flattened real query rows (``batch * pos`` order,
+            padding excluded) to use a sample of query tokens; all real rows by default.
+
+    Returns:
+        ``(total [layer*head, layer*head], n_queries)``; divide to get the mean per query token.
+        Heads are flattened layer-major (index ``layer * n_heads + head``).
+
+    >>> a = torch.stack([torch.eye(2), torch.full((2, 2), 0.5)])[None, None]  # one-hot head vs uniform head
+    >>> total, n = js_divergence(a, torch.ones(1, 2).bool(), smoothing=0.0)
+    >>> round(total[0, 1].item() / n, 4)  # H([.75, .25]) - (0 + log 2) / 2
+    0.2158
+    """
+    n_layers, batch, n_heads, width, _ = attn.shape
+    n = mask.sum(1).to(attn.dtype)
+    keys = mask[None, :, None, None, :].to(attn.dtype)
+    p = (1 - smoothing) * attn + smoothing * keys / n[None, :, None, None, None]
+    p = p.permute(0, 2, 1, 3, 4).reshape(n_layers * n_heads, batch * width, width)  # [head, row, key]
+    p = p[:, mask.flatten()]  # real query rows only  [head, row, key]
+    if rows is not None:
+        p = p[:, rows]
+    ent = -torch.special.xlogy(p, p).sum(-1)  # [head, row]
+    total = torch.zeros(n_layers * n_heads, n_layers * n_heads, dtype=torch.float64)
+    for i in range(n_layers * n_heads - 1):
+        m = (p[i] + p[i + 1 :]) / 2  # [other heads, row, key]
+        h_m = -torch.special.xlogy(m, m).sum(-1)  # [other heads, row]
+        js = (h_m - (ent[i] + ent[i + 1 :]) / 2).sum(-1).double()
+        total[i, i + 1 :] = js
+        total[i + 1 :, i] = js
+    return total.clamp_min(0), p.shape[1]
+
+
+class HeadStatistics:
+    """Per-head statistics of Clark et al. §3 and §6, accumulated over a stream of batches.
+
+    Every statistic is a per-sentence mean (over real query tokens) averaged over sentences, so
+    batches of different widths combine exactly. Call :meth:`update` with each batch's attention and
+    tokens, then :meth:`result`.
+
+    Args:
+        js_fraction: fraction of the real query tokens of each batch, drawn at random (seeded), on
+            which to also accumulate Jensen–Shannon divergences between heads (Clark §6); 0 skips
+            them. They cost ``O(heads^2)`` per token, far more than everything else.
+        seed: seed of that draw.
+
+    >>> stats = HeadStatistics()
+    >>> stats.update(torch.eye(3)[None, None, None].expand(1, 1, 2, 3, 3), [["[CLS]", "a", "[SEP]"]])
+    >>> stats.result()["current"]
+    tensor([[1., 1.]])
+    """
+
+    SCORES = ("cls", "sep", "dot", "comma", "punct", "previous", "current", "next")
+
+    def __init__(self, *, js_fraction: float = 0.0, seed: int = 0):
+        if not 0.0 <= js_fraction <= 1.0:
+            raise ValueError(f"js_fraction must lie in [0, 1], got {js_fraction}")
+        self.js_fraction = js_fraction
+        self.n_sentences = 0
+        self._sums: dict[str, Tensor] = {}
+        self._js = None
+        self._js_rows = 0
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def update(self, attn: Tensor, tokens: Sequence[Sequence[str]]) -> None:
+        """Add one batch: ``attn`` [layer, batch, head, query, key] (padding zeroed) and its word pieces."""
+        attn = _check_attn(attn, tokens)
+        mask = _real_mask(tokens, attn.shape[-1])
+        batch = attn.shape[1]
+        scores = {name: head_scores(attn, tokens, pattern=name) for name in self.SCORES}
+        entropy = attention_entropy(attn, mask)  # [layer, batch, head]
+        n = mask.sum(1).to(attn.dtype)
+        scores["entropy"] = entropy.mean(1)
+        scores["broad"] = (entropy / torch.log(n)[None, :, None]).mean(1)
+        scores["uniform_entropy"] = torch.log(n).mean().expand(attn.shape[0], attn.shape[2])
+        # [SEP] attending to [SEP] versus other tokens attending to [SEP] (Clark Fig. 2, middle)
+        to_sep = _pattern_mass(attn, tokens, "sep")  # [layer, batch, head, query]
+        is_sep = torch.tensor(
+            [[t == "[SEP]" for t in toks] + [False] * (attn.shape[-1] - len(toks)) for toks in tokens]
+        )
+        others = (mask & ~is_sep).to(attn.dtype)  # [batch, query]
+        n_sep = is_sep.sum(1).clamp_min(1)[None, :, None]  # [1, batch, 1]
+        scores["sep_from_sep"] = ((to_sep * is_sep[None, :, None]).sum(-1) / n_sep).mean(1)
+        scores["sep_from_others"] = ((to_sep * others[None, :, None]).sum(-1) / others.sum(-1)[None, :, None]).mean(1)
+        for name, value in scores.items():
+            self._sums[name] = self._sums.get(name, 0) + value.double() * batch
+        self.n_sentences += batch
+        if self.js_fraction > 0:
+            n_rows = int(mask.sum())
+            take = max(1, round(self.js_fraction * n_rows))
+            rows = torch.randperm(n_rows, generator=self._generator)[:take].sort().values
+            total, used = js_divergence(attn, mask, rows=rows)
+            self._js = total if self._js is None else self._js + total
+            self._js_rows += used
+
+    def result(self) -> dict[str, Tensor]:
+        """``name -> [layer, head]`` means over all sentences seen, plus ``"js"`` [layer*head, layer*head]
+        (mean divergence per query token) when ``js_limit > 0``."""
+        if self.n_sentences == 0:
+            raise ValueError("no batch seen yet: call update() with at least one batch")
+        out = {name: (value / self.n_sentences).float() for name, value in self._sums.items()}
+        if self._js is not None:
+            out["js"] = (self._js / self._js_rows).float()
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Word-level attention and dependency probing (Clark et al. §4.2)
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_sentences(nlp, sentences: Sequence[str], *, batch_size: int = 64) -> list[dict]:
+    """Silver dependency parses from a spaCy pipeline: words, 0-based head indices and labels.
+
+    Whitespace tokens are dropped (BERT has no piece for them); an arc to a dropped token becomes
+    a self-loop, i.e. is not scored.
+
+    Args:
+        nlp: a spaCy pipeline with a parser (``helpers.assets.spacy_pipeline()``).
+        sentences: the texts.
+
+    Returns:
+        one ``{"words": [...], "heads": [...], "labels": [...]}`` per sentence (JSON-serialisable).
+    """
+    if isinstance(sentences, str) or len(sentences) == 0:
+        raise ValueError("sentences must be a non-empty list of strings")
+    parses = []
+    disable = [p for p in ("ner", "lemmatizer") if p in nlp.pipe_names]
+    for doc in nlp.pipe(sentences, batch_size=batch_size, disable=disable):
+        kept = [t for t in doc if not t.is_space]
+        new = {t.i: j for j, t in enumerate(kept)}
+        parses.append(
+            {
+                "words": [t.text for t in kept],
+                "heads": [new.get(t.head.i, j) for j, t in enumerate(kept)],
+                "labels": [t.dep_ for t in kept],
+            }
+        )
+    return parses
+
+
+def align_words(tokenizer, words: Sequence[Sequence[str]], *, max_length: int = 64) -> Tensor:
+    """Word index of every word piece when sentences are given as lists of words.
+
+    The layout is the one of :func:`word_attention`: ``[CLS]`` is word 0, the sentence's words are
+    1..n, ``[SEP]`` is n + 1 (n counts the words that survive truncation), padding is -1. Pieces
+    come from ``tokenizer(words, is_split_into_words=True)``, exactly as :func:`iter_attention`
+    tokenises lists of words, so the alignment is exact (no character arithmetic).
+
+    Args:
+        tokenizer: a fast Hugging Face tokenizer (``word_ids`` needed).
+        words: one list of words per sentence (e.g. spaCy tokens).
+        max_length: truncation length, as in :func:`iter_attention`.
+
+    Returns:
+        [batch, pos] long, padded with -1 to the longest sentence.
+    """
+    if isinstance(words, str) or len(words) == 0 or any(isinstance(w, str) or len(w) == 0 for w in words):
+        raise ValueError("words must be a non-empty list of non-empty lists of words")
+    enc = tokenizer([list(w) for w in words], truncation=True, max_length=max_length, is_split_into_words=True)
+    rows = []
+    for b in range(len(words)):
+        ids = enc.word_ids(b)
+        last = max(i for i in ids if i is not None)
+        rows.append([(0 if p == 0 else last + 2) if i is None else i + 1 for p, i in enumerate(ids)])
+    width = max(map(len, rows))
+    return torch.tensor([r + [-1] * (width - len(r)) for r in rows])
+
+
+def word_attention(attn: Tensor, word_index: Tensor) -> Tensor:
+    """Convert word-piece attention to word attention (Clark et al. §4.1).
+
+    Attention *to* a word is the sum over its pieces; attention *from* a word is the mean over its
+    pieces. Both are linear, so ``W = S_mean A S_sum^T`` with ``S`` the [word, piece] membership
+    matrix; rows of real words still sum to 1.
+
+    Args:
+        attn: [layer, batch, head, query, key] word-piece attention, padding zeroed.
+        word_index: [batch, pos] word of each piece (-1 on padding), e.g. from :func:`align_words`.
+
+    Returns:
+        [layer, batch, head, word, word], zero rows and columns beyond each sentence's words.
+
+    >>> a = torch.tensor([[0.5, 0.5, 0.0], [0.2, 0.4, 0.4], [0.0, 1.0, 0.0]])[None, None, None]
+    >>> word_attention(a, torch.tensor([[0, 1, 1]]))[0, 0, 0]   # pieces 1 and 2 form word 1
+    tensor([[0.5000, 0.5000],
+            [0.1000, 0.9000]])
+    """
+    attn = _check_attn(attn)
+    if word_index.shape != attn.shape[1:2] + attn.shape[-1:]:
+        raise ValueError(
+            f"word_index must be [batch, pos] = {(attn.shape[1], attn.shape[-1])}, got {tuple(word_index.shape)}"
+        )
+    n_words = int(word_index.max()) + 1
+    member = (word_index[:, None, :] == torch.arange(n_words)[None, :, None]).to(attn.dtype)  # [batch, word, pos]
+    mean = member / member.sum(-1, keepdim=True).clamp_min(1)
+    from_words = torch.einsum("bwp,lbhpk->lbhwk", mean, attn)
+    return torch.einsum("lbhwk,bvk->lbhwv", from_words, member)
+
+
+def head_predictions(word_attn: Tensor, n_words: Tensor, *, direction: str = "dep->head") -> Tensor:
+    """Each word's predicted syntactic head: the word it attends to most (or that attends to it most).
+
+    As in Clark et al.'s code, attention to itself and to ``[CLS]``/``[SEP]`` is ignored, so the
+    prediction is always another word of the sentence.
+
+    Args:
+        word_attn: [layer, batch, head, word, word] from :func:`word_attention` (``[CLS]`` = word 0).
+        n_words: [batch] number of real words (the layout's words 1..n).
+        direction: ``"dep->head"`` (the dependent attends to its head: argmax of its row) or
+            ``"head->dep"`` (the head attends to its dependent: argmax of the dependent's column).
+
+    Returns:
+        [layer, batch, head, word] long predicted head index in the same word layout.
+    """
+    if direction not in ("dep->head", "head->dep"):
+        raise ValueError(f"direction must be 'dep->head' or 'head->dep', got {direction!r}")
+    scores = word_attn if direction == "dep->head" else word_attn.transpose(-1, -2)
+    width = scores.shape[-1]
+    pos = torch.arange(width)
+    content = (pos[None, :] >= 1) & (pos[None, :] <= n_words[:, None])  # [batch, word]
+    allowed = content[:, None, :] & (pos[:, None] != pos[None, :])[None]  # [batch, query, key]
+    return scores.masked_fill(~allowed[None, :, None], -1.0).argmax(-1)
+
+
+class RelationProbe:
+    """Accuracy of every head at finding each word's syntactic head, per relation (Clark Table 1).
+
+    For every dependent of relation ``r`` (word ``d`` with gold head ``g``), a head of the model is
+    correct in direction ``dep->head`` when ``d`` attends most to ``g``, and in ``head->dep`` when
+    ``g`` is the word that attends most to ``d`` (Clark's "transpose" mode). The fixed-offset baseline predicts
+    ``g = d + o`` for the best constant offset ``o`` of each relation.
+
+    Args:
+        relations: relation labels to score (others are ignored, except in ``"all"``).
+        offsets: candidate offsets of the baseline.
+
+    Call :meth:`update` per batch, then :meth:`table`.
+    """
+
+    def __init__(self, relations: Sequence[str], *, offsets: Sequence[int] = (-5, -4, -3, -2, -1, 1, 2, 3, 4, 5)):
+        if len(relations) == 0:
+            raise ValueError("give at least one relation label, e.g. ['det', 'dobj']")
+        self.relations = list(relations)
+        self.offsets = list(offsets)
+        self._index = {r: i for i, r in enumerate(self.relations)}
+        self.correct = {d: 0 for d in ("dep->head", "head->dep")}
+        self.baseline = torch.zeros(len(self.offsets), len(self.relations) + 1, dtype=torch.long)
+        self.total = torch.zeros(len(self.relations) + 1, dtype=torch.long)
+
+    def update(self, word_attn: Tensor, gold_heads: Tensor, labels: Sequence[Sequence[str]], n_words: Tensor) -> None:
+        """Add one batch.
+
+        Args:
+            word_attn: [layer, batch, head, word, word] word attention (layout of :func:`align_words`).
+            gold_heads: [batch, word] gold head of each word in the same layout, -1 when there is
+                no arc to score (``[CLS]``/``[SEP]``, the root, words cut by truncation, padding).
+            labels: relation label of words 1..n of each sentence.
+            n_words: [batch] real words per sentence (after truncation).
+        """
+        batch, width = gold_heads.shape
+        if word_attn.shape[1] != batch or word_attn.shape[-1] != width:
+            raise ValueError(f"gold_heads {tuple(gold_heads.shape)} does not match word_attn {tuple(word_attn.shape)}")
+        rel = torch.full((batch, width), -1, dtype=torch.long)  # relation id; len(relations) = other
+        for b, labs in enumerate(labels):
+            for w in range(1, int(n_words[b]) + 1):
+                rel[b, w] = self._index.get(labs[w - 1], len(self.relations))
+        scored = (gold_heads >= 0) & (rel >= 0)
+        onehot = torch.zeros(batch, width, len(self.relations) + 1)
+        onehot[scored] = torch.nn.functional.one_hot(rel[scored], len(self.relations) + 1).float()
+        self.total += onehot.sum((0, 1)).long()
+        for direction in self.correct:
+            pred = head_predictions(word_attn, n_words, direction=direction)  # [layer, batch, head, word]
+            hit = (pred == gold_heads[None, :, None]).float()
+            self.correct[direction] = (
+                self.correct[direction] + torch.einsum("lbhw,bwr->lhr", hit, onehot).round().long()
+            )
+        pos = torch.arange(width)
+        for i, o in enumerate(self.offsets):
+            hit = (pos[None, :] + o == gold_heads).float()  # [batch, word]
+            self.baseline[i] += torch.einsum("bw,bwr->r", hit, onehot).round().long()
+
+    def accuracy(self, direction: str = "dep->head") -> Tensor:
+        """[layer, head, relation + "all"] accuracy of every head."""
+        correct = self.correct[direction]
+        if isinstance(correct, int):
+            raise ValueError("no batch seen yet: call update() first")
+        per_rel = correct.float() / self.total.clamp_min(1)
+        all_rel = correct.sum(-1).float() / self.total.sum().clamp_min(1)
+        return torch.cat([per_rel[..., : len(self.relations)], all_rel[..., None]], dim=-1)
+
+    def table(self):
+        """One row per relation (and ``"all"``): count, best head and direction, its accuracy, the
+        best offset and its accuracy. Layers and heads are numbered from 1, as in the paper."""
+        import pandas as pd
+
+        accs = {d: self.accuracy(d) for d in self.correct}  # [layer, head, rel + all]
+        base = self.baseline.float() / self.total.clamp_min(1)
+        base = torch.cat(
+            [base[:, : len(self.relations)], (self.baseline.sum(1) / self.total.sum()).float()[:, None]], 1
+        )
+        rows = []
+        counts = [*self.total[: len(self.relations)].tolist(), int(self.total.sum())]
+        for r, name in enumerate([*self.relations, "all"]):
+            best = max(((accs[d][:, :, r].max().item(), d) for d in accs), key=lambda t: t[0])
+            layer, head = np.unravel_index(int(accs[best[1]][:, :, r].argmax()), accs[best[1]].shape[:2])
+            o = int(base[:, r].argmax())
+            rows.append(
+                {
+                    "relation": name,
+                    "count": counts[r],
+                    "best head": f"L{layer + 1}·H{head + 1}",
+                    "direction": best[1],
+                    "accuracy": best[0],
+                    "best offset": self.offsets[o],
+                    "offset accuracy": base[o, r].item(),
+                }
+            )
+        return pd.DataFrame(rows).set_index("relation")
+
+
+# ---------------------------------------------------------------------------------------------
+# Ablation: masking heads and layers
+# ---------------------------------------------------------------------------------------------
+
+
+def _layers(model: nn.Module):
+    try:
+        return model.encoder.layer
+    except AttributeError as err:
+        raise ValueError(
+            "model must be a BERT-like encoder with model.encoder.layer[i].attention.output.dense"
+        ) from err
+
+
+@contextlib.contextmanager
+def head_mask(model: nn.Module, keep: Tensor) -> Iterator[None]:
+    """Mask attention heads inside the block: their output is zeroed before the output projection.
+
+    Equivalent to the ``head_mask`` argument older versions of transformers offered (which multiplied
+    each head's attention probabilities by 0 or 1): a head's context vector ``A^h V^h`` is scaled by
+    ``keep[layer, head]``. Implemented as a forward pre-hook on each layer's output projection
+    ``attention.output.dense``, always removed on exit.
+
+    Args:
+        model: a BERT-like encoder.
+        keep: [layer, head] of 1 (keep) / 0 (ablate); fractional values scale the head.
+
+    >>> from transformers import BertConfig, BertModel
+    >>> tiny = BertModel(BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8))
+    >>> with head_mask(tiny, torch.tensor([[1.0, 0.0]])):
+    ...     pass
+    >>> len(tiny.encoder.layer[0].attention.output.dense._forward_pre_hooks)
+    0
+    """
+    layers = _layers(model)
+    n_heads = model.config.num_attention_heads
+    if keep.shape != (len(layers), n_heads):
+        raise ValueError(f"keep must be [layer, head] = {(len(layers), n_heads)}, got {tuple(keep.shape)}")
+    handles = []
+
+    def hook_for(layer_keep: Tensor):
+        def hook(_module, args):
+            (context,) = args  # [batch, pos, d] heads concatenated
+            shape = context.shape
+            scaled = context.view(*shape[:-1], n_heads, -1) * layer_keep.to(context)[:, None]
+            return (scaled.view(shape),)
+
+        return hook
+
+    try:
+        for layer, layer_keep in zip(layers, keep, strict=True):
+            if bool((layer_keep != 1).any()):
+                handles.append(layer.attention.output.dense.register_forward_pre_hook(hook_for(layer_keep)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def ablated_embeddings(
+    model: nn.Module,
+    tokenizer,
+    texts: Sequence[str],
+    keep: Tensor,
+    *,
+    max_length: int = 64,
+    batch_size: int = 64,
+) -> Tensor:
+    """Mean-pooled sentence embeddings under several head masks, reusing the unablated lower layers.
+
+    Masking a head of layer ``l`` changes nothing below ``l``, so each batch is run once with its
+    hidden states kept, and every mask restarts from the hidden state entering its first masked
+    layer: on average this halves the cost of ablating every head of a 6-layer model.
+
+    Args:
+        model, tokenizer: a BERT-like encoder and its tokenizer.
+        texts: the sentences or passages.
+        keep: [config, layer, head] masks (1 keep, 0 ablate); an all-ones mask gives the unablated model.
+        max_length, batch_size: tokenisation and batching.
+
+    Returns:
+        [config, text, d] mean-pooled last hidden states (as MiniLM embeds sentences, not normalised).
+    """
+    layers = _layers(model)
+    if keep.ndim != 3 or keep.shape[1:] != (len(layers), model.config.num_attention_heads):
+        raise ValueError(
+            f"keep must be [config, layer, head] with {len(layers)} layers and "
+            f"{model.config.num_attention_heads} heads, got {tuple(keep.shape)}"
+        )
+    if isinstance(texts, str) or len(texts) == 0:
+        raise ValueError("texts must be a non-empty list of strings")
+    device = next(model.parameters()).device
+    first = [int((k != 1).any(1).float().argmax()) if bool((k != 1).any()) else len(layers) for k in keep]
+    seen: dict[str, Tensor] = {}
+
+    def grab_mask(_module, args, kwargs):
+        seen["mask"] = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+
+    out = torch.zeros(len(keep), len(texts), model.config.hidden_size)
+    for start in range(0, len(texts), batch_size):
+        enc = tokenizer(
+            list(texts[start : start + batch_size]),
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        ).to(device)
+        weights = enc["attention_mask"][..., None].float()  # [batch, pos, 1]
+        handle = layers[0].register_forward_pre_hook(grab_mask, with_kwargs=True)
+        try:
+            with torch.inference_mode():
+                hidden = model(**enc, output_hidden_states=True).hidden_states  # (layer + 1) x [batch, pos, d]
+        finally:
+            handle.remove()
+        for c, (k, lo) in enumerate(zip(keep, first, strict=True)):
+            h = hidden[lo]
+            with torch.inference_mode(), head_mask(model, k):
+                for layer in layers[lo:]:
+                    h = layer(h, seen["mask"])
+                    h = h[0] if isinstance(h, tuple) else h
+            out[c, start : start + len(enc["input_ids"])] = ((h * weights).sum(1) / weights.sum(1)).cpu()
+    return out
+
+
+def gold_heads(
+    heads: Sequence[Sequence[int]],
+    labels: Sequence[Sequence[str]],
+    n_words: Tensor,
+    width: int,
+    *,
+    skip: Sequence[str] = ("punct", "ROOT"),
+) -> Tensor:
+    """Gold head of every word in the layout of :func:`align_words`, -1 where no arc is scored.
+
+    Args:
+        heads: per sentence, the 0-based index of each word's head (a root points to itself, as in spaCy).
+        labels: per sentence, each word's relation label.
+        n_words: [batch] words kept after truncation; arcs to or from a cut word are not scored.
+        width: number of word slots (``word_attn.shape[-1]``).
+        skip: labels never scored (punctuation and the root, as in Clark et al.'s Table 1).
+
+    Returns:
+        [batch, width] long.
+
+    >>> gold_heads([[1, 1, 1]], [["det", "ROOT", "punct"]], torch.tensor([3]), 5)
+    tensor([[-1,  2, -1, -1, -1]])
+    """
+    out = torch.full((len(heads), width), -1, dtype=torch.long)
+    for b, (hs, labs) in enumerate(zip(heads, labels, strict=True)):
+        n = int(n_words[b])
+        for w, (h, lab) in enumerate(zip(hs[:n], labs[:n], strict=True)):
+            if h != w and h < n and lab not in skip:
+                out[b, w + 1] = h + 1
+    return out
+
+
+def row_sums_ok(attn: Tensor, mask: Tensor) -> bool:
+    """True when every real query row sums to 1 and every padding row to 0 (within ``ROW_TOL``)."""
+    sums = attn.sum(-1)  # [layer, batch, head, query]
+    target = mask[None, :, None, :].to(sums.dtype)
+    return bool(((sums - target).abs() <= ROW_TOL).all())
+
+
+def head_labels(n_layers: int, n_heads: int) -> list[str]:
+    """``["L1·H1", "L1·H2", ...]`` in layer-major order (layers and heads numbered from 1)."""
+    return [f"L{layer + 1}·H{head + 1}" for layer in range(n_layers) for head in range(n_heads)]
