@@ -27,8 +27,9 @@ from torch import Tensor, nn
 
 from helpers.attention import ROW_TOL, AttentionMaps
 
-PATTERNS = ("previous", "current", "next", "cls", "sep", "dot", "comma", "punct", "broad")
-"""Patterns known to :func:`head_scores`; ``punct`` is ``"."`` or ``","`` as in Clark et al."""
+PATTERNS = ("previous", "current", "next", "first", "cls", "sep", "dot", "comma", "punct", "broad")
+"""Patterns known to :func:`head_scores`; ``first`` is the first position (``[CLS]`` in BERT) and
+``punct`` is ``"."`` or ``","`` as in Clark et al."""
 
 ENTROPY_SMOOTHING = 1e-4  # Clark et al.'s smoothing of attention rows before taking entropies
 JS_SMOOTHING = 1e-3  # ... and before Jensen-Shannon divergences (their head_distances.py)
@@ -158,7 +159,8 @@ def pattern_matrix(tokens: Sequence[Sequence[str]], width: int, *, pattern: str)
     Args:
         tokens: word pieces per sentence (padding removed).
         width: padded length of the attention maps.
-        pattern: ``"previous"``, ``"current"``, ``"next"`` (relative positions) or ``"cls"``,
+        pattern: ``"previous"``, ``"current"``, ``"next"`` (relative positions), ``"first"``
+            (the first position), or ``"cls"``,
             ``"sep"``, ``"dot"``, ``"comma"``, ``"punct"`` (keys holding those word pieces).
 
     Returns:
@@ -175,6 +177,8 @@ def pattern_matrix(tokens: Sequence[Sequence[str]], width: int, *, pattern: str)
     offsets = {"previous": -1, "current": 0, "next": 1}
     if pattern in offsets:
         target = (pos[None, :] == pos[:, None] + offsets[pattern])[None]  # [1, query, key]
+    elif pattern == "first":
+        target = (pos == 0)[None, None, :]  # [1, 1, key]
     elif pattern in _TOKEN_PATTERNS:
         names = _TOKEN_PATTERNS[pattern]
         keys = torch.tensor([[t in names for t in toks] + [False] * (width - len(toks)) for toks in tokens])
@@ -273,6 +277,8 @@ def _pattern_mass(attn: Tensor, tokens: Sequence[Sequence[str]], pattern: str) -
         else:
             mass[..., : width - o] = diag
         return mass  # padding rows and columns are 0 in attn already
+    if pattern == "first":
+        return attn[..., 0].clone()
     if pattern in _TOKEN_PATTERNS:
         names = _TOKEN_PATTERNS[pattern]
         keys = torch.tensor([[t in names for t in toks] + [False] * (width - len(toks)) for toks in tokens])

@@ -115,13 +115,17 @@ def test_crafted_heads_rank_first(batches):
 def test_head_scores_agrees_with_a_pattern_matrix(batches):
     _, maps = batches[-1]
     width = maps.attn.shape[-1]
-    for name in ["previous", "current", "next", "cls", "sep", "punct"]:
+    for name in ["previous", "current", "next", "first", "cls", "sep", "punct"]:
         matrix = heads.pattern_matrix(maps.tokens, width, pattern=name)
         assert torch.allclose(
             heads.head_scores(maps.attn, maps.tokens, pattern=name),
             heads.head_scores(maps.attn, maps.tokens, pattern=matrix),
             atol=1e-6,
         )
+    assert torch.allclose(
+        heads.head_scores(maps.attn, maps.tokens, pattern="first"),
+        heads.head_scores(maps.attn, maps.tokens, pattern="cls"),
+    )
 
 
 def test_js_divergence_is_a_symmetric_zero_diagonal_matrix(batches):
