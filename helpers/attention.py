@@ -29,6 +29,7 @@ __all__ = [
     "AttentionMaps",
     "attention_maps",
     "capture",
+    "encode_batches",
     "manual_bert_layer",
     "output_weights",
     "read_out",
@@ -664,6 +665,30 @@ def sentence_embedding(model: nn.Module, *, input_ids=None, inputs_embeds=None, 
     out = model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask)
     weights = attention_mask.to(out.last_hidden_state.dtype)[..., None]  # [batch, pos, 1]
     return (out.last_hidden_state * weights).sum(1) / weights.sum(1)
+
+
+def encode_batches(tokenizer, texts: Sequence[str], *, batch_size: int = 64, max_length: int = 64, device=None):
+    """Tokenise ``texts`` in padded, truncated batches.
+
+    Yields:
+        ``(start, enc)``: the index of the batch's first text and its ``BatchEncoding``
+        (``input_ids``/``attention_mask`` [batch, pos]), moved to ``device`` when given.
+
+    Shared by the chapters that stream a corpus through an encoder (Chapters 4 and 7).
+    """
+    if isinstance(texts, str) or not isinstance(texts, Sequence) or len(texts) == 0:
+        raise ValueError("texts must be a non-empty list of strings (wrap a single text in a list)")
+    if batch_size < 1 or max_length < 2:
+        raise ValueError(f"need batch_size >= 1 and max_length >= 2, got {batch_size}, {max_length}")
+    for start in range(0, len(texts), batch_size):
+        enc = tokenizer(
+            list(texts[start : start + batch_size]),
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
+        yield start, (enc if device is None else enc.to(device))
 
 
 def _encode(tokenizer, sentences, max_length):

@@ -207,14 +207,9 @@ def pooled_features(
     device = next(encoder.parameters()).device
     parts = []
     with torch.inference_mode():
-        for start in range(0, len(texts), batch_size):
-            enc = tokenizer(
-                list(texts[start : start + batch_size]),
-                padding=True,
-                truncation=True,
-                max_length=max_length,
-                return_tensors="pt",
-            ).to(device)
+        for _, enc in attention.encode_batches(
+            tokenizer, texts, batch_size=batch_size, max_length=max_length, device=device
+        ):
             out = encoder(**enc).last_hidden_state
             weights = enc["attention_mask"][..., None].to(out.dtype)
             parts.append(((out * weights).sum(1) / weights.sum(1)).cpu())

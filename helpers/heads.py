@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from helpers.attention import ROW_TOL, AttentionMaps
+from helpers.attention import ROW_TOL, AttentionMaps, encode_batches
 
 PATTERNS = ("previous", "current", "next", "first", "cls", "sep", "dot", "comma", "punct", "broad")
 """Patterns known to :func:`head_scores`; ``first`` is the first position (``[CLS]`` in BERT) and
@@ -717,14 +717,7 @@ def ablated_embeddings(
         seen["mask"] = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
 
     out = torch.zeros(len(keep), len(texts), model.config.hidden_size)
-    for start in range(0, len(texts), batch_size):
-        enc = tokenizer(
-            list(texts[start : start + batch_size]),
-            padding=True,
-            truncation=True,
-            max_length=max_length,
-            return_tensors="pt",
-        ).to(device)
+    for start, enc in encode_batches(tokenizer, texts, batch_size=batch_size, max_length=max_length, device=device):
         weights = enc["attention_mask"][..., None].float()  # [batch, pos, 1]
         handle = layers[0].register_forward_pre_hook(grab_mask, with_kwargs=True)
         try:
