@@ -1,0 +1,555 @@
+"""Feed-forward layers read as key-value memories (Geva et al. 2021, 2022), on gated (SwiGLU) decoders.
+
+Geva, Schuster, Berant & Levy (2021, "Transformer Feed-Forward Layers Are Key-Value Memories") write
+a ReLU feed-forward layer as ``FF(x) = sum_i ReLU(x . k_i) v_i``: row ``i`` of the first matrix is a
+*key* that detects a pattern in the input, column ``i`` of the second matrix is a *value* that the
+layer adds to the residual stream, weighted by the *memory coefficient* ``m_i = ReLU(x . k_i)``.
+Llama-style models (SmolLM2) use a gated unit, ``FF(x) = W_down (silu(W_gate x) * W_up x)``, so here
+
+    m_i = silu(g_i . x) * (u_i . x),        FF(x) = sum_i m_i v_i,   v_i = W_down[:, i],
+
+with two keys per memory (a gate and an "up" key) and a coefficient that can be negative. A forward
+pre-hook on ``down_proj`` sees exactly the vector ``m`` (``[batch, pos, d_mlp]``).
+
+Geva, Caciularu, Wang & Goldberg (2022, "Transformer Feed-Forward Layers Build Predictions by
+Promoting Concepts in the Vocabulary Space") read each ``m_i v_i`` as a sub-update promoting tokens
+``E v_i`` and steer generation by setting chosen coefficients.
+
+Introduced in nbs/05_ffn_memories.ipynb (Chapter 5), which derives and uses every function here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "Triggers",
+    "TopK",
+    "capture_coefficients",
+    "coefficients",
+    "concept_scores",
+    "feed_forward_layers",
+    "intervene",
+    "mine_triggers",
+    "token_windows",
+    "value_logits",
+    "value_tokens",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# The model's feed-forward layers and their memory coefficients
+# ---------------------------------------------------------------------------------------------
+
+
+def _decoder(model: nn.Module) -> nn.Module:
+    """The bare decoder (``LlamaModel``) of a causal LM, or the model itself when it is already bare."""
+    inner = getattr(model, "model", None)
+    base = inner if inner is not None and hasattr(inner, "layers") else model
+    layers = getattr(base, "layers", None)
+    ok = layers is not None and len(layers) > 0
+    ok = ok and all(hasattr(getattr(layer, "mlp", None), n) for layer in layers for n in ("gate_proj", "up_proj"))
+    ok = ok and all(hasattr(layer.mlp, n) for layer in layers for n in ("down_proj", "act_fn"))
+    if not ok:
+        raise ValueError(
+            "model must be a Llama-style decoder with gated feed-forward layers (model.layers[i].mlp with "
+            "gate_proj, up_proj, down_proj, act_fn), e.g. the first value of helpers.assets.smollm2()"
+        )
+    return base
+
+
+def feed_forward_layers(model: nn.Module) -> list[nn.Module]:
+    """The gated feed-forward modules (``LlamaMLP``) of a Llama-style model, first layer first.
+
+    Args:
+        model: a ``LlamaForCausalLM`` or a bare ``LlamaModel``.
+
+    Returns:
+        one module per layer, each with ``gate_proj``, ``up_proj``, ``down_proj`` and ``act_fn``.
+
+    Introduced in nbs/05_ffn_memories.ipynb.
+    """
+    return [layer.mlp for layer in _decoder(model).layers]
+
+
+def _check_layers(model: nn.Module, layers: Sequence[int] | None) -> tuple[int, ...]:
+    n = len(_decoder(model).layers)
+    if layers is None:
+        return tuple(range(n))
+    layers = tuple(int(layer) for layer in layers)
+    if not layers:
+        raise ValueError("layers is empty: pass None for every layer, or a list of layer indices")
+    bad = [layer for layer in layers if not 0 <= layer < n]
+    if bad:
+        raise ValueError(f"layer {bad[0]} out of range: this model has layers 0..{n - 1}")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"layers must not repeat, got {list(layers)}")
+    return layers
+
+
+def coefficients(mlp: nn.Module, x: Tensor) -> Tensor:
+    """Memory coefficients of a gated feed-forward layer, ``m = act(gate(x)) * up(x)``.
+
+    The layer's output is ``down_proj(m) = sum_i m_i v_i`` with ``v_i`` column ``i`` of ``down_proj``.
+
+    Args:
+        mlp: one ``LlamaMLP`` (see :func:`feed_forward_layers`).
+        x: its input, ``[..., d]`` (the residual stream after the layer's RMSNorm).
+
+    Returns:
+        ``[..., d_mlp]``, the coefficient of every memory at every position.
+
+    >>> from transformers import LlamaConfig
+    >>> from transformers.models.llama.modeling_llama import LlamaMLP
+    >>> cfg = LlamaConfig(hidden_size=8, intermediate_size=16, num_attention_heads=2, num_key_value_heads=1)
+    >>> mlp = LlamaMLP(cfg); x = torch.randn(2, 8)
+    >>> torch.allclose(mlp.down_proj(coefficients(mlp, x)), mlp(x), atol=1e-6)
+    True
+
+    Geva et al. (2021), eq. 2, with the SwiGLU gate of Shazeer (2020).
+    """
+    if x.shape[-1] != mlp.gate_proj.in_features:
+        raise ValueError(f"x must end with the model width {mlp.gate_proj.in_features}, got shape {tuple(x.shape)}")
+    return mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
+
+
+@contextlib.contextmanager
+def capture_coefficients(model: nn.Module, *, layers: Sequence[int] | None = None) -> Iterator[dict[int, Tensor]]:
+    """Record the memory coefficients of chosen layers during the forward passes run inside the block.
+
+    A forward pre-hook on each ``down_proj`` stores its input, which is exactly ``m``. Hooks are always
+    removed on exit, even when the forward pass raises.
+
+    Args:
+        model: a Llama-style causal LM or decoder.
+        layers: layer indices (``None``: all).
+
+    Yields:
+        ``{layer: m}`` with ``m`` of shape ``[batch, pos, d_mlp]`` (a later forward pass overwrites it).
+
+    Introduced in nbs/05_ffn_memories.ipynb.
+    """
+    mlps = feed_forward_layers(model)
+    cache: dict[int, Tensor] = {}
+    handles = []
+
+    def hook_for(layer: int):
+        def hook(_module, inputs):
+            cache[layer] = inputs[0].detach()
+
+        return hook
+
+    try:
+        for layer in _check_layers(model, layers):
+            handles.append(mlps[layer].down_proj.register_forward_pre_hook(hook_for(layer)))
+        yield cache
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+# ---------------------------------------------------------------------------------------------
+# Trigger examples: a streaming top-k over a corpus
+# ---------------------------------------------------------------------------------------------
+
+
+def token_windows(tokenizer, texts: Sequence[str], *, length: int = 64, start_token: str | None = None) -> Tensor:
+    """Cut texts into windows of ``length`` tokens, each opened by a start-of-document token.
+
+    Each text is tokenised once and cut into consecutive, non-overlapping windows (a short tail is
+    dropped). The start token (by default the tokenizer's ``<|endoftext|>``-like document separator)
+    gives every window the same first position, which language models use as an attention sink;
+    :func:`mine_triggers` skips it by default.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+        texts: non-empty strings (articles, novels).
+        length: tokens per window, start token excluded.
+        start_token: the token put first; ``None`` for the tokenizer's ``eos_token`` /
+            ``<|endoftext|>``, ``""`` for none.
+
+    Returns:
+        ``[window, length + 1]`` token ids (``[window, length]`` without a start token), windows of
+        the first text first.
+
+    Introduced in nbs/05_ffn_memories.ipynb.
+    """
+    if isinstance(texts, str) or not texts or not any(t.strip() for t in texts):
+        raise ValueError("texts must be a non-empty list of non-empty strings (e.g. Wikipedia articles)")
+    if not isinstance(length, int) or length < 1:
+        raise ValueError(f"length must be a positive int, got {length!r}")
+    if start_token is None:
+        vocab = tokenizer.get_vocab()
+        start_token = "<|endoftext|>" if "<|endoftext|>" in vocab else tokenizer.eos_token
+    head = [tokenizer.convert_tokens_to_ids(start_token)] if start_token else []
+    rows = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        rows += [head + ids[s : s + length] for s in range(0, len(ids) - length + 1, length)]
+    if not rows:
+        raise ValueError(f"no text is {length} tokens long: pass longer texts or a smaller length")
+    return torch.tensor(rows, dtype=torch.long)
+
+
+class Triggers(NamedTuple):
+    """Result of :func:`mine_triggers`: the top-k trigger examples of every memory of chosen layers.
+
+    Attributes:
+        coef: ``[layer, d_mlp, k]`` memory coefficients, largest first (``-inf`` where fewer than k
+            candidates were seen).
+        doc: ``[layer, d_mlp, k]`` index of the window (row of the ``windows`` tensor), ``-1`` if none.
+        pos: ``[layer, d_mlp, k]`` position in that window; the trigger prefix is ``windows[doc, :pos + 1]``.
+        layers: the model layer of each entry of the layer axis.
+        n_tokens: how many token positions were scored (eligible positions of all windows).
+    """
+
+    coef: Tensor
+    doc: Tensor
+    pos: Tensor
+    layers: tuple[int, ...]
+    n_tokens: int
+
+
+class TopK:
+    """Streaming top-k of memory coefficients per (layer, memory), keeping (coefficient, window, position).
+
+    Memory stays ``O(layer x d_mlp x k)`` whatever the corpus size: each batch's coefficients are
+    merged into the buffer and dropped.
+
+    Args:
+        n_layers, d_mlp: buffer shape.
+        k: trigger examples kept per memory.
+        per_document: keep at most one position per window (its largest coefficient), so that the k
+            examples come from k different windows; otherwise rank every token position.
+
+    >>> top = TopK(1, 2, k=2)
+    >>> top.update(0, torch.tensor([[[1., 5.], [3., 0.]]]), docs=torch.tensor([7]))
+    >>> top.coef[0].tolist(), top.pos[0].tolist()
+    ([[3.0, -inf], [5.0, -inf]], [[1, -1], [0, -1]])
+    """
+
+    def __init__(self, n_layers: int, d_mlp: int, *, k: int = 25, per_document: bool = True):
+        if not isinstance(k, int) or k <= 0:
+            raise ValueError(f"k must be a positive int (trigger examples per memory), got {k!r}")
+        self.k, self.per_document = k, per_document
+        self.coef = torch.full((n_layers, d_mlp, k), float("-inf"))
+        self.doc = torch.full((n_layers, d_mlp, k), -1, dtype=torch.long)
+        self.pos = torch.full((n_layers, d_mlp, k), -1, dtype=torch.long)
+
+    def update(self, slot: int, m: Tensor, *, docs: Tensor, min_position: int = 0) -> None:
+        """Merge one batch of coefficients ``m`` [batch, pos, d_mlp] of windows ``docs`` [batch] into ``slot``."""
+        m = m.detach().float()
+        batch, n_pos, d_mlp = m.shape
+        if min_position:
+            m = m.clone()
+            m[:, :min_position] = float("-inf")
+        if self.per_document:
+            cand, where = m.max(dim=1)  # [batch, d_mlp]: the best position of each window
+            cand, where = cand.T, where.T  # [d_mlp, batch]
+            cand_doc = docs.view(1, batch).expand(d_mlp, batch)
+        else:
+            cand = m.reshape(batch * n_pos, d_mlp).T  # [d_mlp, batch * pos]
+            where = torch.arange(n_pos).repeat(batch).view(1, -1).expand(d_mlp, -1)
+            cand_doc = docs.repeat_interleave(n_pos).view(1, -1).expand(d_mlp, -1)
+        values = torch.cat([self.coef[slot], cand], dim=1)
+        best, idx = values.topk(self.k, dim=1)
+        self.coef[slot] = best
+        self.doc[slot] = torch.cat([self.doc[slot], cand_doc], dim=1).gather(1, idx)
+        self.pos[slot] = torch.cat([self.pos[slot], where], dim=1).gather(1, idx)
+        self.doc[slot][best == float("-inf")] = -1
+        self.pos[slot][best == float("-inf")] = -1
+
+
+@torch.inference_mode()
+def mine_triggers(
+    model: nn.Module,
+    windows: Tensor,
+    *,
+    k: int = 25,
+    layers: Sequence[int] | None = None,
+    batch_size: int = 16,
+    min_position: int = 1,
+    per_document: bool = True,
+    progress: bool = False,
+) -> Triggers:
+    """Top-k trigger examples of every memory: the prefixes on which its coefficient is largest.
+
+    Runs the decoder (without its vocabulary head) over ``windows`` in batches; a pre-hook on each
+    ``down_proj`` merges the batch's coefficients into a :class:`TopK` buffer, so no activation
+    tensor of the corpus is ever held in memory.
+
+    Args:
+        model: a Llama-style causal LM in eval mode (e.g. SmolLM2 from ``helpers.assets.smollm2``).
+        windows: ``[window, pos]`` token ids of equal length, e.g. from :func:`token_windows`.
+        k: trigger examples per memory (Geva et al. use 25).
+        layers: layers to mine (``None``: all).
+        batch_size: windows per forward pass.
+        min_position: positions before this one are never triggers (1 skips the start token).
+        per_document: at most one trigger per window (see :class:`TopK`).
+        progress: show a tqdm bar.
+
+    Returns:
+        a :class:`Triggers`; ``coef`` is ``[len(layers), d_mlp, k]``.
+
+    Introduced in nbs/05_ffn_memories.ipynb (Geva et al. 2021, §3.1).
+    """
+    layers = _check_layers(model, layers)
+    if not isinstance(k, int) or k <= 0:
+        raise ValueError(f"k must be a positive int (trigger examples per memory), got {k!r}")
+    if not isinstance(windows, Tensor) or windows.ndim != 2 or windows.dtype not in (torch.long, torch.int):
+        raise ValueError("windows must be a [window, pos] tensor of token ids (see ffn.token_windows)")
+    if windows.shape[0] == 0 or windows.shape[1] <= min_position:
+        raise ValueError(
+            f"windows is empty or too short (shape {tuple(windows.shape)}, min_position {min_position}): "
+            "pass at least one window longer than min_position"
+        )
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if model.training:
+        raise ValueError("model is in training mode; call model.eval() first")
+    decoder = _decoder(model)
+    mlps = feed_forward_layers(model)
+    top = TopK(len(layers), mlps[0].down_proj.in_features, k=k, per_document=per_document)
+    current = {"docs": torch.zeros(0, dtype=torch.long)}
+
+    def hook_for(slot: int):
+        def hook(_module, inputs):
+            top.update(slot, inputs[0], docs=current["docs"], min_position=min_position)
+
+        return hook
+
+    starts = range(0, windows.shape[0], batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="mining", unit="batch")
+    device = next(model.parameters()).device
+    handles = []
+    try:
+        for slot, layer in enumerate(layers):
+            handles.append(mlps[layer].down_proj.register_forward_pre_hook(hook_for(slot)))
+        last = max(layers)
+        for s in starts:
+            current["docs"] = torch.arange(s, min(s + batch_size, windows.shape[0]))
+            _run_until(decoder, windows[s : s + batch_size].to(device), last)
+    finally:
+        for handle in handles:
+            handle.remove()
+    n_tokens = windows.shape[0] * (windows.shape[1] - min_position)
+    return Triggers(top.coef, top.doc, top.pos, layers, n_tokens)
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the last layer of interest has run."""
+
+
+def _run_until(decoder: nn.Module, input_ids: Tensor, last: int) -> None:
+    """Forward ``input_ids`` through ``decoder`` and stop after layer ``last`` (later layers are not needed)."""
+    if last == len(decoder.layers) - 1:
+        decoder(input_ids=input_ids, use_cache=False)
+        return
+
+    def stop(_module, _inputs, _output):
+        raise _Stop
+
+    handle = decoder.layers[last].register_forward_hook(stop)
+    try:
+        decoder(input_ids=input_ids, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+
+
+# ---------------------------------------------------------------------------------------------
+# Values in the vocabulary space
+# ---------------------------------------------------------------------------------------------
+
+
+def _unembedding(model: nn.Module, final_norm: bool) -> tuple[Tensor, Tensor | None]:
+    decoder = _decoder(model)
+    head = getattr(model, "lm_head", None)
+    E = (head.weight if head is not None else decoder.embed_tokens.weight).detach()  # [vocab, d]
+    gamma = decoder.norm.weight.detach() if final_norm and hasattr(decoder, "norm") else None  # [d]
+    return E, gamma
+
+
+def _values(model: nn.Module, layer: int, dims: Sequence[int] | Tensor | None) -> Tensor:
+    (layer,) = _check_layers(model, [layer])
+    W = feed_forward_layers(model)[layer].down_proj.weight.detach()  # [d, d_mlp]
+    if dims is None:
+        return W.T
+    dims = torch.as_tensor(dims, dtype=torch.long).reshape(-1)
+    if dims.numel() == 0:
+        raise ValueError("dims is empty: pass memory indices, or None for all of them")
+    if int(dims.min()) < 0 or int(dims.max()) >= W.shape[1]:
+        raise ValueError(f"dims must lie in 0..{W.shape[1] - 1} (this layer has {W.shape[1]} memories)")
+    return W.T[dims]  # [n, d]
+
+
+@torch.no_grad()
+def value_logits(
+    model: nn.Module, *, layer: int, dims: Sequence[int] | Tensor | None = None, final_norm: bool = True
+) -> Tensor:
+    """Project values onto the vocabulary: ``E (gamma * v_i)`` for each chosen memory ``i`` of a layer.
+
+    ``gamma`` is the gain of the model's final RMSNorm: a value added to the residual stream reaches
+    the logits as ``E (gamma * v) / rms(x)``, and the per-token ``1 / rms(x)`` does not change the
+    ranking of tokens. Geva et al. (2021) project without a final norm (their model has none before
+    the output embedding); pass ``final_norm=False`` for that.
+
+    Args:
+        model: a Llama-style causal LM.
+        layer: which layer's values.
+        dims: memory indices (``None``: all ``d_mlp`` of them).
+        final_norm: multiply by the final norm's gain first.
+
+    Returns:
+        ``[len(dims), vocab]`` logits (unnormalised) that each value adds, per unit of coefficient.
+
+    Introduced in nbs/05_ffn_memories.ipynb (Geva et al. 2021, §4; Geva et al. 2022, §3).
+    """
+    E, gamma = _unembedding(model, final_norm)
+    v = _values(model, layer, dims)  # [n, d]
+    if gamma is not None:
+        v = v * gamma
+    return v @ E.T
+
+
+@torch.no_grad()
+def value_tokens(
+    model: nn.Module, *, layer: int, dims: Sequence[int] | Tensor, k: int = 10, final_norm: bool = True
+) -> tuple[Tensor, Tensor]:
+    """The ``k`` tokens each value promotes most (top of :func:`value_logits`).
+
+    Args:
+        model, layer, dims, final_norm: as for :func:`value_logits`.
+        k: tokens per value.
+
+    Returns:
+        ``(logits, token_ids)``, both ``[len(dims), k]``, highest first.
+
+    Introduced in nbs/05_ffn_memories.ipynb.
+    """
+    if not isinstance(k, int) or k <= 0:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    return value_logits(model, layer=layer, dims=dims, final_norm=final_norm).topk(k, dim=-1)
+
+
+@torch.no_grad()
+def concept_scores(
+    model: nn.Module, token_ids: Sequence[int] | Tensor, *, layers: Sequence[int] | None = None, final_norm: bool = True
+) -> Tensor:
+    """How strongly each value promotes a set of tokens: the z-score of their mean logit.
+
+    For value ``v`` with logits ``z = E (gamma * v)`` over the vocabulary, the score is
+    ``(mean_{t in tokens} z_t - mean(z)) / std(z)``. The mean and standard deviation over the whole
+    vocabulary come from the mean and covariance of the rows of ``E``, so no ``[value, vocab]``
+    matrix is ever formed: scoring all 30 x 1,536 values of SmolLM2 costs a few small matrix products.
+
+    Args:
+        model: a Llama-style causal LM.
+        token_ids: the concept's token ids (e.g. ``" music"``, ``" song"``, ...).
+        layers: layers to score (``None``: all).
+        final_norm: as for :func:`value_logits`.
+
+    Returns:
+        ``[len(layers), d_mlp]`` scores; large positive = promotes the concept, negative = suppresses it.
+
+    Introduced in nbs/05_ffn_memories.ipynb (Geva et al. 2022, §5).
+    """
+    layers = _check_layers(model, layers)
+    E, gamma = _unembedding(model, final_norm)
+    ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)
+    if ids.numel() == 0:
+        raise ValueError("token_ids is empty: pass the token ids of the concept's words")
+    if int(ids.min()) < 0 or int(ids.max()) >= E.shape[0]:
+        raise ValueError(f"token_ids must lie in 0..{E.shape[0] - 1}")
+    E64 = E.double()
+    mu = E64.mean(0)  # [d]
+    cov = torch.cov(E64.T, correction=0)  # [d, d]
+    concept = E64[ids].mean(0)  # [d]
+    out = []
+    for layer in layers:
+        v = _values(model, layer, None).double()  # [d_mlp, d]
+        if gamma is not None:
+            v = v * gamma.double()
+        std = ((v @ cov) * v).sum(-1).clamp_min(1e-30).sqrt()
+        out.append((v @ (concept - mu)) / std)
+    return torch.stack(out).float()
+
+
+# ---------------------------------------------------------------------------------------------
+# Intervening on memory coefficients
+# ---------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def intervene(
+    model: nn.Module,
+    memories: Mapping[int, Sequence[int]],
+    *,
+    scale: float | None = None,
+    value: float | None = None,
+) -> Iterator[None]:
+    """Inside the block, overwrite chosen memory coefficients at every position of every forward pass.
+
+    Either multiply them (``scale``: 0 switches the memories off, 2 doubles them) or set them to a
+    constant (``value``: Geva et al. 2022 "turn on" values by setting their coefficient). Hooks are
+    always removed on exit.
+
+    Args:
+        model: a Llama-style causal LM.
+        memories: ``{layer: [memory indices]}``.
+        scale: factor applied to the coefficients (exclusive with ``value``).
+        value: constant the coefficients are set to.
+
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> cfg = LlamaConfig(vocab_size=11, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+    ...                   num_attention_heads=2, num_key_value_heads=1)
+    >>> model = LlamaForCausalLM(cfg).eval(); ids = torch.tensor([[1, 2, 3]])
+    >>> with intervene(model, {0: [0, 1]}, value=0.0), capture_coefficients(model) as m:
+    ...     _ = model(ids)
+    >>> float(m[0][..., :2].abs().max()), len(feed_forward_layers(model)[0].down_proj._forward_pre_hooks)
+    (0.0, 0)
+
+    Introduced in nbs/05_ffn_memories.ipynb (Geva et al. 2022, §5).
+    """
+    if (scale is None) == (value is None):
+        raise ValueError("pass exactly one of scale= (multiply the coefficients) or value= (set them)")
+    if not isinstance(memories, Mapping) or not memories:
+        raise ValueError("memories must be a non-empty mapping {layer: [memory indices]}")
+    mlps = feed_forward_layers(model)
+    _check_layers(model, list(memories))
+    index = {}
+    for layer, dims in memories.items():
+        dims = torch.as_tensor(list(dims), dtype=torch.long)
+        d_mlp = mlps[layer].down_proj.in_features
+        if dims.numel() == 0 or int(dims.min()) < 0 or int(dims.max()) >= d_mlp:
+            raise ValueError(f"memories[{layer}] must be a non-empty list of indices in 0..{d_mlp - 1}")
+        index[layer] = dims
+
+    def hook_for(dims: Tensor):
+        def hook(_module, inputs):
+            m = inputs[0].clone()  # [batch, pos, d_mlp]
+            if scale is not None:
+                m[..., dims] = m[..., dims] * scale
+            else:
+                m[..., dims] = value
+            return (m, *inputs[1:])
+
+        return hook
+
+    handles = []
+    try:
+        for layer, dims in index.items():
+            handles.append(mlps[layer].down_proj.register_forward_pre_hook(hook_for(dims)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

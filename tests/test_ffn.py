@@ -1,0 +1,210 @@
+"""helpers.ffn: key-value memories on tiny random Llama models (known answers: brute force, the module itself)."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from helpers import ffn
+
+VOCAB, D, D_MLP, LAYERS = 40, 16, 24, 3
+
+
+def _llama(seed=0, layers=LAYERS):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=D,
+        intermediate_size=D_MLP,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.rand_like(p) + 0.5)  # gains != 1, so the final-norm option matters
+            else:
+                p.copy_(torch.randn_like(p) * 0.3)
+    return model
+
+
+def _windows(n=11, length=9, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (n, length), generator=g)
+
+
+def _all_coefficients(model, windows):
+    with ffn.capture_coefficients(model) as cache, torch.no_grad():
+        model.model(input_ids=windows)
+    return torch.stack([cache[layer] for layer in range(LAYERS)])  # [layer, window, pos, d_mlp]
+
+
+@pytest.mark.parametrize("batch_size", [1, 4, 11])
+def test_streaming_topk_per_token_equals_brute_force(batch_size):
+    model, windows, k = _llama(), _windows(), 7
+    trig = ffn.mine_triggers(model, windows, k=k, batch_size=batch_size, per_document=False, min_position=1)
+    m = _all_coefficients(model, windows)[:, :, 1:]  # [layer, window, pos - 1, d_mlp]
+    flat = m.permute(0, 3, 1, 2).reshape(LAYERS, D_MLP, -1)  # [layer, d_mlp, window * (pos - 1)]
+    best, idx = flat.topk(k, dim=-1)
+    n_pos = windows.shape[1] - 1
+    assert trig.coef.shape == (LAYERS, D_MLP, k)
+    torch.testing.assert_close(trig.coef, best, atol=1e-4, rtol=1e-4)  # batching changes the last float bits
+    assert torch.equal(trig.doc, idx // n_pos)
+    assert torch.equal(trig.pos, idx % n_pos + 1)
+    assert trig.n_tokens == windows.shape[0] * n_pos and trig.layers == (0, 1, 2)
+
+
+def test_streaming_topk_per_document_equals_brute_force():
+    model, windows, k = _llama(), _windows(), 5
+    trig = ffn.mine_triggers(model, windows, k=k, batch_size=3, layers=[0, 2])
+    m = _all_coefficients(model, windows)[[0, 2], :, 1:]
+    per_doc, where = m.max(dim=2)  # [layer, window, d_mlp]
+    best, doc = per_doc.permute(0, 2, 1).topk(k, dim=-1)
+    torch.testing.assert_close(trig.coef, best, atol=1e-4, rtol=1e-4)  # batching changes the last float bits
+    assert torch.equal(trig.doc, doc)
+    assert torch.equal(trig.pos, where.permute(0, 2, 1).gather(-1, doc) + 1)
+    # the prefix of each trigger reproduces its coefficient when run alone (causal model)
+    layer_slot, dim = 1, 3
+    d, p = int(trig.doc[layer_slot, dim, 0]), int(trig.pos[layer_slot, dim, 0])
+    with ffn.capture_coefficients(model, layers=[2]) as cache, torch.no_grad():
+        model(windows[d : d + 1, : p + 1])
+    torch.testing.assert_close(cache[2][0, -1, dim], trig.coef[layer_slot, dim, 0], atol=1e-5, rtol=1e-5)
+
+
+def test_fewer_candidates_than_k_are_marked_missing():
+    model = _llama()
+    trig = ffn.mine_triggers(model, _windows(n=2), k=4, layers=[1])
+    assert torch.isinf(trig.coef[..., 2:]).all() and (trig.doc[..., 2:] == -1).all()
+    assert torch.isfinite(trig.coef[..., :2]).all()
+
+
+def test_mining_early_layers_stops_and_matches_full_run():
+    model, windows = _llama(), _windows()
+    early = ffn.mine_triggers(model, windows, k=3, layers=[0])
+    full = ffn.mine_triggers(model, windows, k=3)
+    torch.testing.assert_close(early.coef[0], full.coef[0])
+    assert all(len(m.down_proj._forward_pre_hooks) == 0 for m in ffn.feed_forward_layers(model))
+    assert len(model.model.layers[0]._forward_hooks) == 0
+
+
+def test_down_proj_of_coefficients_is_the_mlp_output():
+    model = _llama()
+    x = torch.randn(2, 5, D)
+    for mlp in ffn.feed_forward_layers(model):
+        torch.testing.assert_close(mlp.down_proj(ffn.coefficients(mlp, x)), mlp(x), atol=1e-5, rtol=1e-5)
+
+
+def test_captured_coefficients_are_the_gated_product_of_the_mlp_input():
+    model, windows = _llama(), _windows(n=2)
+    inputs = {}
+    handle = model.model.layers[1].mlp.register_forward_pre_hook(lambda _m, a: inputs.setdefault("x", a[0]))
+    try:
+        m = _all_coefficients(model, windows)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(m[1], ffn.coefficients(model.model.layers[1].mlp, inputs["x"]), atol=1e-5, rtol=1e-5)
+
+
+def test_hooks_are_removed_when_the_forward_raises():
+    model = _llama()
+    mlps = ffn.feed_forward_layers(model)
+    with pytest.raises(RuntimeError), ffn.capture_coefficients(model):
+        model(torch.tensor([[1, 2]]))
+        raise RuntimeError("boom")
+    with pytest.raises(IndexError), ffn.intervene(model, {0: [1]}, scale=0.0):
+        model(torch.tensor([[1, VOCAB + 5]]))  # token id out of the vocabulary: the forward raises
+    with pytest.raises(IndexError):
+        ffn.mine_triggers(model, torch.tensor([[1, 2, VOCAB + 5]]), k=1)
+    assert all(len(m.down_proj._forward_pre_hooks) == 0 for m in mlps)
+    assert all(len(layer._forward_hooks) == 0 for layer in model.model.layers)
+
+
+def test_value_projection_shapes_and_definition():
+    model = _llama()
+    logits = ffn.value_logits(model, layer=2, dims=[0, 5, 7])
+    assert logits.shape == (3, VOCAB)
+    E, gamma = model.model.embed_tokens.weight, model.model.norm.weight
+    v = model.model.layers[2].mlp.down_proj.weight[:, 5]
+    torch.testing.assert_close(logits[1], E @ (gamma * v), atol=1e-5, rtol=1e-5)
+    raw = ffn.value_logits(model, layer=2, dims=[5], final_norm=False)
+    torch.testing.assert_close(raw[0], E @ v, atol=1e-5, rtol=1e-5)
+    assert ffn.value_logits(model, layer=0).shape == (D_MLP, VOCAB)
+    scores, ids = ffn.value_tokens(model, layer=2, dims=[0, 5, 7], k=4)
+    assert scores.shape == ids.shape == (3, 4)
+    assert torch.equal(ids[:, 0], logits.argmax(-1))
+
+
+def test_concept_scores_match_explicit_z_scores():
+    model, concept = _llama(), [4, 9, 17]
+    z = ffn.concept_scores(model, concept, layers=[1])
+    assert z.shape == (1, D_MLP)
+    logits = ffn.value_logits(model, layer=1).double()
+    expected = (logits[:, concept].mean(1) - logits.mean(1)) / logits.std(1, unbiased=False)
+    torch.testing.assert_close(z[0].double(), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_intervention_moves_the_output_and_is_undone():
+    model, ids = _llama(), torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        before = model(ids).logits
+        with ffn.intervene(model, {1: [0, 3]}, value=4.0), ffn.capture_coefficients(model, layers=[1]) as m:
+            during = model(ids).logits
+        after = model(ids).logits
+        with ffn.intervene(model, {1: list(range(D_MLP))}, scale=0.0):
+            no_mlp = model.model.layers[1].mlp(torch.randn(1, 2, D))
+    assert torch.all(m[1][..., [0, 3]] == 4.0)
+    assert not torch.allclose(before, during)
+    torch.testing.assert_close(before, after)
+    assert float(no_mlp.abs().max()) == 0.0
+
+
+def test_token_windows():
+    class Tok:
+        eos_token = "<eos>"
+
+        def get_vocab(self):
+            return {"<eos>": 0}
+
+        def convert_tokens_to_ids(self, token):
+            return 0
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [len(w) for w in text.split()]}
+
+    w = ffn.token_windows(Tok(), ["a bb ccc dddd eeeee", "x y"], length=2)
+    assert w.tolist() == [[0, 1, 2], [0, 3, 4], [0, 1, 1]]
+    assert ffn.token_windows(Tok(), ["a bb ccc"], length=3, start_token="").tolist() == [[1, 2, 3]]
+
+
+def test_bad_inputs_say_what_to_do():
+    model, windows = _llama(), _windows()
+    with pytest.raises(ValueError, match="out of range"):
+        ffn.mine_triggers(model, windows, layers=[LAYERS])
+    with pytest.raises(ValueError, match="out of range"):
+        ffn.value_logits(model, layer=-1)
+    with pytest.raises(ValueError, match="k must be a positive"):
+        ffn.mine_triggers(model, windows, k=0)
+    with pytest.raises(ValueError, match="k must be a positive"):
+        ffn.value_tokens(model, layer=0, dims=[0], k=-2)
+    with pytest.raises(ValueError, match="empty"):
+        ffn.mine_triggers(model, windows[:0])
+    with pytest.raises(ValueError, match="token ids"):
+        ffn.mine_triggers(model, windows.float())
+    with pytest.raises(ValueError, match="non-empty"):
+        ffn.token_windows(None, [])
+    with pytest.raises(ValueError, match="non-empty"):
+        ffn.token_windows(None, ["", "  "])
+    with pytest.raises(ValueError, match="dims"):
+        ffn.value_logits(model, layer=0, dims=[D_MLP])
+    with pytest.raises(ValueError, match="token_ids"):
+        ffn.concept_scores(model, [])
+    with pytest.raises(ValueError, match="exactly one"):
+        with ffn.intervene(model, {0: [1]}):
+            pass
+    with pytest.raises(ValueError, match="Llama-style"):
+        ffn.feed_forward_layers(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="training mode"):
+        ffn.mine_triggers(model.train(), windows)
