@@ -1,0 +1,665 @@
+"""SINr: sparse interpretable word embeddings from the community structure of a co-occurrence graph.
+
+The pipeline (Prouteau et al. 2021; 2024, "From communities to interpretable network and word
+embedding"): a corpus → word co-occurrence counts in a window → edges kept where their PMI is
+positive → Louvain communities at resolution γ → each word's *node recall* NR(u, C), the share of its
+weighted degree that goes to community C → the top-k dimensions per word → dimensions filtered by
+their number of non-zeros. Every dimension is a community of words, so it can be read by its words.
+
+Evaluation helpers (word-similarity Spearman, the word-intrusion measure DistRatio) accept any
+``[word, dim]`` matrix, so the dense baselines (PPMI + SVD, word2vec) are scored by the same code.
+
+Introduced in nbs/02_sinr_embeddings.ipynb.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+from scipy import sparse, stats
+from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS as _SKLEARN_STOP_WORDS
+
+from helpers import common
+
+# sklearn's English stop-word list (Glasgow IR group, 318 words); the corpus cache key includes the
+# list itself, so a library update that changes it rebuilds the corpus rather than reusing a stale one.
+
+STOP_WORDS: frozenset[str] = frozenset(_SKLEARN_STOP_WORDS) | frozenset({"mr", "mrs", "miss", "said"})
+"""Stop words removed from the corpus: sklearn's English list plus Austen's ubiquitous forms of address."""
+
+_CLITIC = re.compile(r"(?:'s|n't|'ll|'ve|'re|'d|'m)\b")
+_WORD = re.compile(r"[a-z]+")
+
+# ---------------------------------------------------------------------------------------------
+# Corpus
+# ---------------------------------------------------------------------------------------------
+
+
+def tokenize(text: str, *, stop_words: Iterable[str] = STOP_WORDS) -> list[str]:
+    """Lower-case alphabetic tokens of two letters or more, clitics and stop words removed.
+
+    >>> tokenize("Elizabeth's sister wouldn't dance with Mr. Darcy in 1811.")
+    ['elizabeth', 'sister', 'dance', 'darcy']
+    """
+    stop = stop_words if isinstance(stop_words, (set, frozenset)) else frozenset(stop_words)
+    words = _WORD.findall(_CLITIC.sub(" ", text.lower().replace("\u2019", "'")))
+    return [w for w in words if len(w) > 1 and w not in stop]
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A tokenised corpus as flat word ids: document ``i`` is ``ids[offsets[i]:offsets[i + 1]]``.
+
+    Attributes:
+        words: the vocabulary, most frequent first, ``[vocab]``.
+        counts: corpus frequency of each word, ``[vocab]``.
+        ids: word ids of every kept token, in order, ``[tokens]``.
+        offsets: start of each document in ``ids`` plus the end, ``[documents + 1]``.
+        raw_tokens: alphabetic tokens before stop-word and frequency filtering.
+    """
+
+    words: tuple[str, ...]
+    counts: np.ndarray
+    ids: np.ndarray
+    offsets: np.ndarray
+    raw_tokens: int = 0
+    index: dict[str, int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "index", {w: i for i, w in enumerate(self.words)})
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.ids.size)
+
+    @property
+    def n_documents(self) -> int:
+        return int(self.offsets.size - 1)
+
+    def documents(self) -> list[list[str]]:
+        """The documents as lists of words (what gensim and the reference package take)."""
+        words = np.asarray(self.words, dtype=object)
+        return [words[self.ids[a:b]].tolist() for a, b in zip(self.offsets[:-1], self.offsets[1:], strict=True)]
+
+
+def corpus_from_documents(documents: Iterable[str], *, min_count: int = 5,
+                          stop_words: Iterable[str] = STOP_WORDS) -> Corpus:
+    """Tokenise documents, drop words seen fewer than ``min_count`` times, and index the rest.
+
+    Args:
+        documents: texts; a co-occurrence window never crosses from one document to the next.
+        min_count: minimum corpus frequency of a kept word (after stop-word removal).
+        stop_words: words to drop before counting.
+
+    Returns:
+        a :class:`Corpus`; empty documents (after filtering) are dropped.
+
+    >>> c = corpus_from_documents(["the cat sat", "a cat ran", "dogs ran"], min_count=2)
+    >>> c.words, c.ids.tolist(), c.offsets.tolist()
+    (('cat', 'ran'), [0, 0, 1, 1], [0, 1, 3, 4])
+    """
+    if not isinstance(min_count, int) or min_count < 1:
+        raise ValueError(f"min_count must be a positive int, got {min_count!r}")
+    stop = frozenset(stop_words)
+    raw = 0
+    tokenised = []
+    for text in documents:
+        raw += len(_WORD.findall(text.lower()))
+        tokenised.append(tokenize(text, stop_words=stop))
+    counts = Counter(w for doc in tokenised for w in doc)
+    kept = sorted((w for w, n in counts.items() if n >= min_count), key=lambda w: (-counts[w], w))
+    if not kept:
+        raise ValueError(
+            f"the corpus is empty after tokenisation (no word occurs {min_count} times or more); "
+            "pass more text or lower min_count"
+        )
+    index = {w: i for i, w in enumerate(kept)}
+    ids, offsets = [], [0]
+    for doc in tokenised:
+        doc_ids = [index[w] for w in doc if w in index]
+        if doc_ids:
+            ids.extend(doc_ids)
+            offsets.append(len(ids))
+    return Corpus(
+        words=tuple(kept),
+        counts=np.array([counts[w] for w in kept], dtype=np.int64),
+        ids=np.array(ids, dtype=np.int32),
+        offsets=np.array(offsets, dtype=np.int64),
+        raw_tokens=raw,
+    )
+
+
+def book_documents() -> list[tuple[str, str]]:
+    """The chapter's corpus as ``(source, paragraph)`` pairs: the Wikipedia subset, then Austen's novels.
+
+    Paragraphs are the documents: a window may cross a sentence boundary but not a paragraph.
+    """
+    from helpers.assets import austen_novels, wikipedia_articles
+
+    docs = []
+    for _, text in wikipedia_articles():
+        docs += [("wikipedia", p) for p in text.split("\n") if p.strip()]
+    for title, text in austen_novels().items():
+        docs += [(title, p.replace("\n", " ")) for p in re.split(r"\n\s*\n", text) if p.strip()]
+    return docs
+
+
+CORPUS_VERSION = 1
+
+
+def book_corpus(*, min_count: int = 5) -> Corpus:
+    """Wikipedia subset + Austen's six novels, tokenised by :func:`tokenize` and cached (npz, hash-verified).
+
+    Args:
+        min_count: minimum frequency of a kept word.
+
+    Returns:
+        the :class:`Corpus` (about 1.2M raw tokens; about 0.55M after stop words and rare words).
+    """
+    recipe = {"v": CORPUS_VERSION, "min_count": min_count, "stop": sorted(STOP_WORDS), "tokenizer": _WORD.pattern}
+    path = common.cache_dir("data") / f"sinr-corpus-{common.content_hash(recipe)}.npz"
+
+    def build(out: Path) -> None:
+        corpus = corpus_from_documents([text for _, text in book_documents()], min_count=min_count)
+        with open(out, "wb") as fh:
+            np.savez_compressed(fh, words=np.array(json.dumps(corpus.words)), counts=corpus.counts, ids=corpus.ids,
+                                offsets=corpus.offsets, raw_tokens=np.array(corpus.raw_tokens))
+
+    with np.load(common.cached_file(path, build)) as data:
+        return Corpus(words=tuple(json.loads(str(data["words"]))), counts=data["counts"], ids=data["ids"],
+                      offsets=data["offsets"], raw_tokens=int(data["raw_tokens"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Graph: co-occurrence, PMI filter, communities, node recall
+# ---------------------------------------------------------------------------------------------
+
+
+def cooccurrence(corpus: Corpus, *, window: int = 5) -> sparse.csr_matrix:
+    """Symmetric co-occurrence counts: ``C[u, v]`` = times u and v occur at most ``window`` tokens apart.
+
+    Each pair of positions (i, j) with 0 < j - i <= window in the same document counts once, for
+    both orders; a word never co-occurs with itself (zero diagonal), as in the SINr package.
+
+    Returns:
+        ``[vocab, vocab]`` CSR matrix of float64 counts.
+
+    >>> c = corpus_from_documents(["cat dog owl cat"], min_count=1, stop_words=())
+    >>> c.words, cooccurrence(c, window=1).toarray().astype(int).tolist()
+    (('cat', 'dog', 'owl'), [[0, 1, 1], [1, 0, 1], [1, 1, 0]])
+    """
+    if not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be a positive int (tokens on each side), got {window!r}")
+    if corpus.n_tokens == 0:
+        raise ValueError("the corpus has no tokens; build it from non-empty documents")
+    n = len(corpus.words)
+    doc = np.repeat(np.arange(corpus.n_documents), np.diff(corpus.offsets))
+    rows, cols = [], []
+    for k in range(1, window + 1):
+        same = doc[:-k] == doc[k:]
+        a, b = corpus.ids[:-k][same], corpus.ids[k:][same]
+        keep = a != b
+        rows.append(np.minimum(a[keep], b[keep]))
+        cols.append(np.maximum(a[keep], b[keep]))
+    r, c = np.concatenate(rows), np.concatenate(cols)
+    upper = sparse.coo_matrix((np.ones(r.size), (r, c)), shape=(n, n)).tocsr()  # sums duplicate pairs
+    return (upper + upper.T).tocsr()
+
+
+def _check_adjacency(adjacency) -> sparse.csr_matrix:
+    if not sparse.issparse(adjacency) or adjacency.ndim != 2 or adjacency.shape[0] != adjacency.shape[1]:
+        raise ValueError(f"adjacency must be a square scipy.sparse matrix, got {type(adjacency).__name__}")
+    adjacency = sparse.csr_matrix(adjacency)
+    if adjacency.nnz and adjacency.data.min() < 0:
+        raise ValueError("adjacency has negative weights; SINr needs non-negative co-occurrence weights")
+    return adjacency
+
+
+def pmi(adjacency: sparse.spmatrix) -> sparse.csr_matrix:
+    """PMI of every edge, with the SINr package's marginals: log(w(u,v) · W / (d(u) · d(v))).
+
+    W is the total weight of the edges counted once and d(u) the weighted degree; this is the usual
+    PMI of a symmetric co-occurrence matrix minus log 2 (each pair is counted once, not twice).
+
+    Returns:
+        ``[vocab, vocab]`` CSR matrix with the PMI on the edges of ``adjacency`` (other entries absent).
+    """
+    adjacency = _check_adjacency(adjacency)
+    coo = sparse.triu(adjacency, k=1).tocoo()
+    total = coo.data.sum()
+    degree = np.asarray(adjacency.sum(axis=1)).ravel()
+    values = np.log(coo.data * total / (degree[coo.row] * degree[coo.col]))
+    upper = sparse.coo_matrix((values, (coo.row, coo.col)), shape=adjacency.shape)
+    return (upper + upper.T).tocsr()
+
+
+def pmi_filter(adjacency: sparse.spmatrix, *, min_pmi: float = 0.0) -> sparse.csr_matrix:
+    """Keep the co-occurrence counts of the edges whose :func:`pmi` exceeds ``min_pmi``; drop the rest.
+
+    Edges between two frequent words that meet no more often than chance (PMI <= 0) are what makes a
+    co-occurrence graph one big hairball; removing them lets communities appear (SINr's ``pmi_filter``).
+
+    Returns:
+        ``[vocab, vocab]`` CSR matrix: the same weights as ``adjacency`` on the kept edges.
+    """
+    adjacency = _check_adjacency(adjacency)
+    scores = pmi(adjacency)
+    keep = scores.copy()
+    keep.data = (scores.data > min_pmi).astype(np.float64)
+    out = adjacency.multiply(keep).tocsr()
+    out.eliminate_zeros()
+    return out
+
+
+def louvain(adjacency: sparse.spmatrix, *, gamma: float = 1.0, seed: int = 0) -> np.ndarray:
+    """Louvain communities (igraph's C implementation) at resolution ``gamma``, deterministic under ``seed``.
+
+    Maximises the modularity with resolution, Q = 1/2m Σ_uv (w(u,v) − γ d(u) d(v) / 2m) [c(u) = c(v)]:
+    the larger γ, the more and smaller the communities (Blondel et al. 2008; Reichardt & Bornholdt 2006).
+
+    Args:
+        adjacency: ``[vocab, vocab]`` symmetric non-negative weights.
+        gamma: resolution, > 0.
+        seed: igraph draws node orders from Python's ``random``; it is seeded here.
+
+    Returns:
+        ``[vocab]`` int64 community of each node, numbered 0..C-1 by decreasing size (ties by first node).
+    """
+    import igraph
+
+    adjacency = _check_adjacency(adjacency)
+    if not np.isfinite(gamma) or gamma <= 0:
+        raise ValueError(f"gamma (the Louvain resolution) must be > 0, got {gamma!r}")
+    upper = sparse.triu(adjacency, k=1).tocoo()
+    graph = igraph.Graph(n=adjacency.shape[0], edges=np.column_stack([upper.row, upper.col]).tolist(),
+                         edge_attrs={"weight": upper.data.tolist()})
+    state = random.getstate()
+    try:
+        random.seed(seed)
+        igraph.set_random_number_generator(random)
+        membership = np.asarray(graph.community_multilevel(weights="weight", resolution=gamma).membership)
+    finally:
+        random.setstate(state)
+    return _renumber(membership)
+
+
+def _renumber(membership: np.ndarray) -> np.ndarray:
+    """Number communities 0..C-1 by decreasing size, ties broken by their first node."""
+    labels, first, sizes = np.unique(membership, return_index=True, return_counts=True)
+    order = np.lexsort((first, -sizes))
+    new = np.empty(labels.size, dtype=np.int64)
+    new[order] = np.arange(labels.size)
+    return new[np.searchsorted(labels, membership)]
+
+
+def membership_matrix(membership: np.ndarray, n_communities: int | None = None) -> sparse.csr_matrix:
+    """One-hot ``[node, community]`` matrix of a membership vector (-1 = no community)."""
+    membership = np.asarray(membership)
+    n_communities = int(membership.max()) + 1 if n_communities is None else n_communities
+    rows = np.flatnonzero(membership >= 0)
+    return sparse.csr_matrix((np.ones(rows.size), (rows, membership[rows])),
+                             shape=(membership.size, n_communities))
+
+
+def _check_membership(adjacency, membership) -> tuple[sparse.csr_matrix, np.ndarray]:
+    adjacency = _check_adjacency(adjacency)
+    membership = np.asarray(membership)
+    if membership.ndim != 1 or membership.size != adjacency.shape[0]:
+        raise ValueError(f"membership must be [{adjacency.shape[0]}] (one community per node), "
+                         f"got shape {membership.shape}")
+    if not np.issubdtype(membership.dtype, np.integer) or membership.min() < 0:
+        raise ValueError("membership must hold non-negative integer community ids")
+    return adjacency, membership
+
+
+def node_recall(adjacency: sparse.spmatrix, membership: np.ndarray) -> sparse.csr_matrix:
+    """NR(u, C) = Σ_{v∈C} w(u,v) / d(u): the share of u's weighted degree that goes to community C.
+
+    Rows of non-isolated nodes sum to 1; an isolated node's row is zero.
+
+    Returns:
+        ``[node, community]`` CSR matrix.
+
+    >>> A = sparse.csr_matrix(np.array([[0, 2, 1], [2, 0, 0], [1, 0, 0]], float))
+    >>> node_recall(A, np.array([0, 0, 1])).toarray().round(3).tolist()
+    [[0.667, 0.333], [1.0, 0.0], [1.0, 0.0]]
+    """
+    adjacency, membership = _check_membership(adjacency, membership)
+    degree = np.asarray(adjacency.sum(axis=1)).ravel()
+    inv = np.divide(1.0, degree, out=np.zeros_like(degree), where=degree > 0)
+    return (sparse.diags(inv) @ adjacency @ membership_matrix(membership)).tocsr()
+
+
+def node_predominance(adjacency: sparse.spmatrix, membership: np.ndarray) -> sparse.csr_matrix:
+    """NP(u, C) = Σ_{v∈C} w(u,v) / Σ_{v∈C} d(v): how much of community C's total weight touches u.
+
+    Returns:
+        ``[node, community]`` CSR matrix; large values mark a community's central words.
+    """
+    adjacency, membership = _check_membership(adjacency, membership)
+    member = membership_matrix(membership)
+    links = (adjacency @ member).tocsr()                             # [node, community]: Σ_{v∈C} w(u,v)
+    weight = np.asarray(links.sum(axis=0)).ravel()                   # [community]: Σ_{v∈C} d(v)
+    inv = np.divide(1.0, weight, out=np.zeros_like(weight), where=weight > 0)
+    return (links @ sparse.diags(inv)).tocsr()
+
+
+def sparsify(vectors: sparse.spmatrix, k: int) -> sparse.csr_matrix:
+    """Keep each row's ``k`` largest values (ties: lower column first) and zero the rest.
+
+    >>> sparsify(sparse.csr_matrix([[0.1, 0.5, 0.4], [0.0, 0.3, 0.0]]), 1).toarray().tolist()
+    [[0.0, 0.5, 0.0], [0.0, 0.3, 0.0]]
+    """
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive int (dimensions kept per word), got {k!r}")
+    csr = sparse.csr_matrix(vectors, copy=True)
+    csr.eliminate_zeros()
+    csr.sort_indices()
+    rows = np.repeat(np.arange(csr.shape[0]), np.diff(csr.indptr))
+    order = np.lexsort((csr.indices, -csr.data, rows))               # by row, then value desc, then column
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size) - csr.indptr[rows[order]]
+    keep = rank < k
+    return sparse.csr_matrix((csr.data[keep], (rows[keep], csr.indices[keep])), shape=csr.shape)
+
+
+def filter_dimensions(vectors: sparse.spmatrix, *, min_nnz: int = 1,
+                      max_nnz: int | None = None) -> tuple[sparse.csr_matrix, np.ndarray]:
+    """Drop the dimensions used by fewer than ``min_nnz`` or more than ``max_nnz`` words.
+
+    Returns:
+        ``(vectors[:, kept], kept)``: the filtered ``[word, kept_dim]`` matrix and the kept column indices.
+    """
+    csr = sparse.csr_matrix(vectors)
+    nnz = np.diff(csr.tocsc().indptr)
+    keep = nnz >= min_nnz
+    if max_nnz is not None:
+        keep &= nnz <= max_nnz
+    kept = np.flatnonzero(keep)
+    if kept.size == 0:
+        raise ValueError(f"no dimension has between {min_nnz} and {max_nnz} non-zeros; relax the bounds")
+    return csr[:, kept].tocsr(), kept
+
+
+# ---------------------------------------------------------------------------------------------
+# The interpretable embedding
+# ---------------------------------------------------------------------------------------------
+
+
+def _normalise_rows(x) -> np.ndarray | sparse.csr_matrix:
+    if sparse.issparse(x):
+        norms = np.sqrt(np.asarray(x.multiply(x).sum(axis=1)).ravel())
+        inv = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
+        return (sparse.diags(inv) @ x).tocsr()
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.divide(x, norms, out=np.zeros_like(x, dtype=np.float64), where=norms > 0)
+
+
+@dataclass
+class SinrEmbedding:
+    """Sparse word vectors whose dimensions are communities of words.
+
+    Attributes:
+        words: ``[word]`` vocabulary (words isolated by the PMI filter are not in it).
+        vectors: ``[word, dim]`` CSR node-recall matrix (sparsified and filtered as built).
+        membership: ``[word]`` dimension of each word's own community, -1 if that dimension was filtered out.
+        predominance: ``[word, dim]`` node predominance (names dimensions by their central words), or None.
+        info: how the embedding was built (window, γ, timings, ...).
+    """
+
+    words: tuple[str, ...]
+    vectors: sparse.csr_matrix
+    membership: np.ndarray
+    predominance: sparse.csr_matrix | None = None
+    info: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.vectors.shape[0] != len(self.words) or self.membership.shape != (len(self.words),):
+            raise ValueError(f"vectors {self.vectors.shape} and membership {self.membership.shape} must have one "
+                             f"row per word ({len(self.words)})")
+        self.index = {w: i for i, w in enumerate(self.words)}
+        self._unit = _normalise_rows(self.vectors)
+
+    @property
+    def n_dims(self) -> int:
+        return int(self.vectors.shape[1])
+
+    def __contains__(self, word: str) -> bool:
+        return word in self.index
+
+    def _id(self, word: str) -> int:
+        try:
+            return self.index[word]
+        except KeyError:
+            raise KeyError(f"{word!r} is not in the vocabulary ({len(self.words)} words, lower-case, stop words "
+                           "and rare words removed); check the spelling or lower min_count") from None
+
+    def vector(self, word: str) -> np.ndarray:
+        """The dense ``[dim]`` vector of a word."""
+        return self.vectors[self._id(word)].toarray().ravel()
+
+    def similarity(self, first: str, second: str) -> float:
+        """Cosine similarity of two words (0 when either vector is empty)."""
+        a, b = self._unit[self._id(first)], self._unit[self._id(second)]
+        return float(a.multiply(b).sum())
+
+    def most_similar(self, word: str, topn: int = 10) -> list[tuple[str, float]]:
+        """The ``topn`` nearest words by cosine similarity, the word itself excluded."""
+        if not isinstance(topn, int) or topn < 1:
+            raise ValueError(f"topn must be a positive int, got {topn!r}")
+        i = self._id(word)
+        sims = np.asarray((self._unit @ self._unit[i].T).todense()).ravel()
+        sims[i] = -np.inf
+        best = np.argsort(-sims, kind="stable")[:topn]
+        return [(self.words[j], float(sims[j])) for j in best]
+
+    def _check_dim(self, dim: int) -> int:
+        if not isinstance(dim, (int, np.integer)) or not 0 <= dim < self.n_dims:
+            raise ValueError(f"dimension must be an int in [0, {self.n_dims}), got {dim!r}")
+        return int(dim)
+
+    def dimension_words(self, dim: int, k: int = 10, *, by: str = "recall") -> list[tuple[str, float]]:
+        """The ``k`` words with the highest value on a dimension: its descriptors.
+
+        Args:
+            dim: dimension index.
+            k: how many words.
+            by: ``"recall"`` (the words most devoted to the community, SINr's "stereotypes") or
+                ``"predominance"`` (the community's central words; needs ``predominance``).
+        """
+        dim = self._check_dim(dim)
+        if by not in ("recall", "predominance"):
+            raise ValueError(f"by must be 'recall' or 'predominance', got {by!r}")
+        source = self.vectors if by == "recall" else self.predominance
+        if source is None:
+            raise ValueError("this embedding was built without node predominance; use by='recall'")
+        column = source[:, dim].toarray().ravel()
+        best = np.argsort(-column, kind="stable")[:k]
+        return [(self.words[j], float(column[j])) for j in best if column[j] > 0]
+
+    def describe(self, word: str, dims: int = 5, k: int = 5) -> list[tuple[int, float, list[str]]]:
+        """A word's strongest dimensions: ``(dim, value, descriptor words)`` by decreasing value."""
+        row = self.vectors[self._id(word)]
+        order = np.argsort(-row.data, kind="stable")[:dims]
+        return [(int(row.indices[j]), float(row.data[j]), [w for w, _ in self.dimension_words(row.indices[j], k)])
+                for j in order]
+
+    def sparsity(self) -> dict[str, float]:
+        """Vocabulary size, number of dimensions, mean non-zeros per word, and the share of non-zero entries."""
+        nnz = np.diff(self.vectors.indptr)
+        return {"words": len(self.words), "dims": self.n_dims, "mean_nnz_per_word": float(nnz.mean()),
+                "max_nnz_per_word": int(nnz.max()), "pct_nonzero": 100.0 * self.vectors.nnz / max(1, np.prod(
+                    self.vectors.shape))}
+
+    def sparsified(self, k: int) -> SinrEmbedding:
+        """A copy with each word's top-``k`` dimensions only (:func:`sparsify`)."""
+        return SinrEmbedding(self.words, sparsify(self.vectors, k), self.membership.copy(), self.predominance,
+                             dict(self.info, topk=k))
+
+    def filtered(self, *, min_nnz: int = 1, max_nnz: int | None = None) -> SinrEmbedding:
+        """A copy without the dimensions used by too few or too many words (:func:`filter_dimensions`)."""
+        vectors, kept = filter_dimensions(self.vectors, min_nnz=min_nnz, max_nnz=max_nnz)
+        remap = np.full(self.n_dims, -1)
+        remap[kept] = np.arange(kept.size)
+        member = np.where(self.membership >= 0, remap[np.maximum(self.membership, 0)], -1)
+        pred = None if self.predominance is None else self.predominance[:, kept].tocsr()
+        return SinrEmbedding(self.words, vectors, member, pred, dict(self.info, min_nnz=min_nnz, max_nnz=max_nnz))
+
+
+class Timings(NamedTuple):
+    graph_s: float
+    communities_s: float
+    vectors_s: float
+
+
+def train(corpus: Corpus, *, window: int = 5, gamma: float = 1.0, min_pmi: float = 0.0, seed: int = 0,
+          cooc: sparse.csr_matrix | None = None) -> SinrEmbedding:
+    """Build SINr vectors end to end: co-occurrence → PMI filter → Louvain(γ) → node recall.
+
+    Words left without an edge by the PMI filter are dropped (as the SINr package keeps only the
+    non-isolated nodes). Sparsify and filter the result with :meth:`SinrEmbedding.sparsified` and
+    :meth:`SinrEmbedding.filtered`.
+
+    Args:
+        corpus: a :class:`Corpus`.
+        window: co-occurrence window, tokens on each side.
+        gamma: Louvain resolution.
+        min_pmi: PMI threshold for keeping an edge.
+        seed: seed of the community detection.
+        cooc: the corpus's co-occurrence matrix, when already computed with this window.
+
+    Returns:
+        a :class:`SinrEmbedding` with ``info["timings"]`` = (graph, communities, vectors) seconds.
+
+    Prouteau et al. 2021 (SINr); taught in nbs/02_sinr_embeddings.ipynb.
+    """
+    t0 = time.perf_counter()
+    if cooc is None:
+        cooc = cooccurrence(corpus, window=window)
+    elif cooc.shape != (len(corpus.words),) * 2:
+        raise ValueError(f"cooc is {cooc.shape} but the corpus has {len(corpus.words)} words")
+    graph = pmi_filter(cooc, min_pmi=min_pmi)
+    alive = np.flatnonzero(np.diff(graph.indptr) > 0)
+    graph = graph[alive][:, alive].tocsr()
+    t1 = time.perf_counter()
+    membership = louvain(graph, gamma=gamma, seed=seed)
+    t2 = time.perf_counter()
+    vectors = node_recall(graph, membership)
+    pred = node_predominance(graph, membership)
+    t3 = time.perf_counter()
+    info = {"window": window, "gamma": gamma, "min_pmi": min_pmi, "seed": seed, "edges": graph.nnz // 2,
+            "dropped_isolated": len(corpus.words) - alive.size,
+            "timings": Timings(t1 - t0, t2 - t1, t3 - t2)}
+    return SinrEmbedding(tuple(corpus.words[i] for i in alive), vectors, membership, pred, info)
+
+
+# ---------------------------------------------------------------------------------------------
+# Baselines and evaluation (any [word, dim] matrix)
+# ---------------------------------------------------------------------------------------------
+
+
+def ppmi_svd(cooc: sparse.spmatrix, dim: int, *, seed: int = 0) -> np.ndarray:
+    """Dense baseline: positive PMI (the usual definition) factorised by truncated SVD, U·√S (Levy et al. 2015).
+
+    Returns:
+        ``[vocab, dim]`` float64 vectors; the first ``d`` columns are the ``d``-dimensional embedding
+        for any ``d <= dim`` (the components come out sorted by singular value).
+    """
+    from sklearn.utils.extmath import randomized_svd
+
+    cooc = _check_adjacency(cooc)
+    if not isinstance(dim, int) or not 1 <= dim < min(cooc.shape):
+        raise ValueError(f"dim must be an int in [1, {min(cooc.shape)}), got {dim!r}")
+    scores = pmi(cooc)
+    scores.data += np.log(2.0)                                        # back to the usual, ordered-pair PMI
+    scores.data = np.maximum(scores.data, 0.0)
+    scores.eliminate_zeros()
+    u, s, _ = randomized_svd(scores, dim, n_iter=5, random_state=seed)
+    return u * np.sqrt(s)
+
+
+def similarity_correlation(vectors, words: Sequence[str] | dict[str, int],
+                           pairs: Sequence[tuple[str, str, float]]) -> tuple[float, float]:
+    """Spearman correlation between cosine similarities and human scores, over the covered pairs.
+
+    Args:
+        vectors: ``[word, dim]`` dense array or sparse matrix.
+        words: the row labels (a sequence, or a word → row dict).
+        pairs: ``(word1, word2, score)`` triples (lower-cased before lookup).
+
+    Returns:
+        ``(rho, coverage)``: Spearman's ρ and the fraction of pairs whose two words are in the vocabulary.
+    """
+    index = words if isinstance(words, dict) else {w: i for i, w in enumerate(words)}
+    if not pairs:
+        raise ValueError("pairs is empty; pass (word1, word2, score) triples, e.g. assets.word_similarity()")
+    covered = [(index[a.lower()], index[b.lower()], s) for a, b, s in pairs
+               if a.lower() in index and b.lower() in index]
+    if len(covered) < 3:
+        raise ValueError(f"only {len(covered)} of {len(pairs)} pairs are in the vocabulary; a correlation needs 3+")
+    unit = _normalise_rows(vectors)
+    i, j, gold = (np.array(x) for x in zip(*covered, strict=True))
+    if sparse.issparse(unit):
+        cos = np.asarray(unit[i].multiply(unit[j]).sum(axis=1)).ravel()
+    else:
+        cos = (unit[i] * unit[j]).sum(axis=1)
+    return float(stats.spearmanr(cos, gold).statistic), len(covered) / len(pairs)
+
+
+def dist_ratio(vectors, *, top: int = 5, bottom: float = 0.5, top_share: float = 0.1, seed: int = 0,
+               per_dimension: bool = False):
+    """Automated word intrusion: DistRatio = mean over dimensions of InterDist / IntraDist (Sun et al. 2016).
+
+    For each dimension d: its ``top`` highest words; an intruder drawn at random among words that are
+    in the bottom ``bottom`` share of d *and* among the top ``top_share`` of some other dimension (with
+    a positive value there); IntraDist = mean cosine distance among the top words; InterDist = mean
+    cosine distance between the intruder and the top words. Interpretable dimensions gather close
+    words and push intruders away: DistRatio > 1, and the higher the better.
+
+    Args:
+        vectors: ``[word, dim]`` dense array or sparse matrix.
+        top, bottom, top_share: as above (SINr's defaults: 5, 50 %, 10 %).
+        seed: seed of the intruder draws.
+        per_dimension: also return the ``[dim]`` ratios (NaN where no intruder or no spread exists).
+
+    Returns:
+        the DistRatio (float), or ``(dist_ratio, ratios)`` when ``per_dimension``.
+    """
+    n, d = vectors.shape
+    if n < 2 * top or d < 2:
+        raise ValueError(f"need at least {2 * top} words and 2 dimensions, got shape {(n, d)}")
+    if not 0 < bottom < 1 or not 0 < top_share < 1:
+        raise ValueError(f"bottom and top_share must lie in (0, 1), got {bottom}, {top_share}")
+    dense = vectors.toarray() if sparse.issparse(vectors) else np.asarray(vectors, dtype=np.float64)
+    unit = _normalise_rows(dense)
+    rng = np.random.default_rng(seed)
+    order = np.argsort(-dense, axis=0, kind="stable").astype(np.int32)   # [rank, dim]: words by value, per dim
+    n_top = max(1, int(round(top_share * n)))
+    cut = np.take_along_axis(dense, order[[n_top - 1, min(n - 1, int((1 - bottom) * n))]], axis=0)  # [2, dim]
+    in_top = (dense >= cut[0]) & (dense > 0)                              # [word, dim]: in the top share
+    top_count = in_top.sum(axis=1)                                        # [word]: dims where it is top
+    ratios = np.full(d, np.nan)
+    for dim in range(d):
+        tops = order[:top, dim]
+        elsewhere = top_count - in_top[:, dim]                            # top of another dimension
+        # the bottom share, ties at the boundary included (a sparse dimension's bottom is all its zeros)
+        candidates = np.flatnonzero((dense[:, dim] <= cut[1, dim]) & (elsewhere > 0))
+        if candidates.size == 0:
+            continue
+        intruder = rng.choice(candidates)
+        block = unit[tops] @ unit[tops].T
+        intra = 1.0 - block[np.triu_indices(top, 1)].mean()
+        inter = 1.0 - (unit[tops] @ unit[intruder]).mean()
+        if intra > 1e-12:
+            ratios[dim] = inter / intra
+    value = float(np.nanmean(ratios)) if np.isfinite(ratios).any() else float("nan")
+    return (value, ratios) if per_dimension else value

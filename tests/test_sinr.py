@@ -1,0 +1,202 @@
+"""helpers.sinr: known answers on toy graphs with planted communities, properties, and bad input."""
+
+import numpy as np
+import pytest
+from scipy import sparse
+
+from helpers import sinr
+
+
+def _two_triangles():
+    """Nodes 0-2 and 3-5 form two weighted triangles joined by one light edge 2-3."""
+    a = np.zeros((6, 6))
+    for u, v, w in [(0, 1, 3), (0, 2, 2), (1, 2, 1), (3, 4, 2), (3, 5, 2), (4, 5, 4), (2, 3, 1)]:
+        a[u, v] = a[v, u] = w
+    return sparse.csr_matrix(a)
+
+
+def test_louvain_recovers_planted_communities_and_nr_matches_hand_computation():
+    adj = _two_triangles()
+    membership = sinr.louvain(adj, gamma=1.0, seed=0)
+    assert membership.tolist() == [0, 0, 0, 1, 1, 1]
+    nr = sinr.node_recall(adj, membership).toarray()
+    # node 2: degree 2 + 1 + 1 = 4, of which 3 inside its triangle and 1 towards node 3
+    np.testing.assert_allclose(nr[2], [3 / 4, 1 / 4])
+    np.testing.assert_allclose(nr[3], [1 / 5, 4 / 5])            # degree 2 + 2 + 1 = 5
+    np.testing.assert_allclose(nr[0], [1, 0])
+    np.testing.assert_allclose(nr.sum(axis=1), 1.0)
+    npred = sinr.node_predominance(adj, membership).toarray()
+    # community 0 has total degree 5 + 4 + 4 = 13 (nodes 0, 1, 2); node 3 sends it weight 1
+    np.testing.assert_allclose(npred[3, 0], 1 / 13)
+    np.testing.assert_allclose(npred[:, 0].sum(), 1.0)
+
+
+def test_nr_rows_sum_to_one_except_isolated_nodes():
+    rng = np.random.default_rng(0)
+    dense = np.triu(rng.random((40, 40)) * (rng.random((40, 40)) < 0.2), 1)
+    dense[7] = dense[:, 7] = 0                                      # node 7 is isolated
+    adj = sparse.csr_matrix(dense + dense.T)
+    membership = sinr.louvain(adj, gamma=1.0, seed=1)
+    sums = np.asarray(sinr.node_recall(adj, membership).sum(axis=1)).ravel()
+    degree = np.asarray(adj.sum(axis=1)).ravel()
+    np.testing.assert_allclose(sums[degree > 0], 1.0)
+    assert sums[7] == 0
+
+
+def test_louvain_is_deterministic_under_a_seed_and_gamma_controls_granularity():
+    rng = np.random.default_rng(0)
+    dense = np.triu(rng.random((120, 120)) * (rng.random((120, 120)) < 0.1), 1)
+    adj = sparse.csr_matrix(dense + dense.T)
+    first = sinr.louvain(adj, gamma=2.0, seed=3)
+    assert np.array_equal(first, sinr.louvain(adj, gamma=2.0, seed=3))
+    assert len(np.unique(sinr.louvain(adj, gamma=0.5))) < len(np.unique(sinr.louvain(adj, gamma=8.0)))
+    sizes = np.bincount(first)
+    assert (np.diff(sizes) <= 0).all(), "communities are numbered by decreasing size"
+
+
+def test_cooccurrence_counts_pairs_within_the_window_and_never_across_documents():
+    corpus = sinr.corpus_from_documents(["alpha beta gamma alpha", "gamma delta"], min_count=1, stop_words=())
+    w = corpus.index
+    c1 = sinr.cooccurrence(corpus, window=1).toarray()
+    assert c1[w["alpha"], w["beta"]] == 1 and c1[w["beta"], w["gamma"]] == 1
+    assert c1[w["gamma"], w["alpha"]] == 1 and c1[w["gamma"], w["delta"]] == 1
+    assert c1[w["alpha"], w["delta"]] == 0                          # "alpha" ends doc 1, "gamma" starts doc 2
+    c2 = sinr.cooccurrence(corpus, window=3).toarray()
+    assert c2[w["alpha"], w["gamma"]] == 2                          # distances 2 and 1
+    assert np.array_equal(c2, c2.T) and np.all(np.diag(c2) == 0)   # alpha-alpha (distance 3) is not counted
+
+
+def test_pmi_and_filter_follow_the_definition():
+    adj = _two_triangles()
+    dense = adj.toarray()
+    total = np.triu(dense, 1).sum()
+    degree = dense.sum(1)
+    expected = np.log(dense[0, 1] * total / (degree[0] * degree[1]))
+    assert sinr.pmi(adj)[0, 1] == pytest.approx(expected)
+    kept = sinr.pmi_filter(adj).toarray()
+    with np.errstate(divide="ignore"):
+        positive = (dense > 0) & (np.log(dense * total / np.outer(degree, degree)) > 0)
+    np.testing.assert_array_equal(kept, np.where(positive, dense, 0))
+
+
+def test_sparsify_keeps_exactly_the_k_largest_per_word():
+    rng = np.random.default_rng(0)
+    dense = rng.random((30, 12)) * (rng.random((30, 12)) < 0.7)
+    out = sinr.sparsify(sparse.csr_matrix(dense), 3).toarray()
+    for row, full in zip(out, dense, strict=True):
+        n = min(3, int((full > 0).sum()))
+        assert (row > 0).sum() == n
+        np.testing.assert_allclose(np.sort(row[row > 0]), np.sort(full)[::-1][:n][::-1])
+
+
+def test_filter_dimensions_by_nonzeros():
+    vectors = sparse.csr_matrix(np.array([[1, 0, 1], [1, 0, 0], [1, 1, 0]], float))
+    out, kept = sinr.filter_dimensions(vectors, min_nnz=2)
+    assert kept.tolist() == [0] and out.shape == (3, 1)
+    out, kept = sinr.filter_dimensions(vectors, min_nnz=1, max_nnz=2)
+    assert kept.tolist() == [1, 2]
+
+
+def _planted(n_dims=20, per_dim=15, seed=0):
+    """Words of cluster j are strong on dimension j: interpretable by construction."""
+    rng = np.random.default_rng(seed)
+    n = n_dims * per_dim
+    vectors = rng.random((n, n_dims)) * 0.05
+    vectors[np.arange(n), np.arange(n) // per_dim] += 1 + rng.random(n)
+    return vectors
+
+
+def test_dist_ratio_is_high_on_planted_dimensions_and_near_one_without_structure():
+    vectors = _planted()
+    assert sinr.dist_ratio(vectors) > 3
+    # i.i.d. Gaussian vectors: a dimension's top words share nothing but one coordinate out of 300
+    noise = np.random.default_rng(1).standard_normal((3000, 300))
+    assert abs(sinr.dist_ratio(noise) - 1) < 0.1
+    value, per_dim = sinr.dist_ratio(sparse.csr_matrix(vectors), per_dimension=True)
+    assert per_dim.shape == (20,) and value == pytest.approx(np.nanmean(per_dim))
+
+
+def test_similarity_correlation_is_perfect_when_cosines_follow_the_scores():
+    angles = np.linspace(0, np.pi / 2, 6)
+    vectors = np.column_stack([np.cos(angles), np.sin(angles)])
+    words = [f"w{i}" for i in range(6)]
+    pairs = [("w0", f"w{i}", 10 - i) for i in range(1, 6)] + [("w0", "unknown", 5.0)]
+    rho, coverage = sinr.similarity_correlation(vectors, words, pairs)
+    assert rho == pytest.approx(1.0) and coverage == pytest.approx(5 / 6)
+
+
+def _embedding():
+    docs = ["cats purr and cats meow softly", "dogs bark and dogs growl loudly"] * 20
+    corpus = sinr.corpus_from_documents(docs, min_count=1)
+    return sinr.train(corpus, window=2, gamma=1.0, seed=0), corpus
+
+
+def test_train_end_to_end_on_two_topics():
+    emb, corpus = _embedding()
+    assert set(emb.words) <= set(corpus.words)
+    assert emb.membership[emb.index["cats"]] == emb.membership[emb.index["purr"]]
+    assert emb.membership[emb.index["cats"]] != emb.membership[emb.index["dogs"]]
+    assert emb.most_similar("cats", 2)[0][0] in {"purr", "meow", "softly"}
+    assert emb.similarity("cats", "purr") > emb.similarity("cats", "bark")
+    dim, value, words = emb.describe("dogs", dims=1, k=3)[0]
+    assert dim == emb.membership[emb.index["dogs"]] and "dogs" in words and 0 < value <= 1
+    stats = emb.sparsity()
+    assert stats["words"] == len(emb.words) and stats["dims"] == emb.n_dims
+    again, _ = _embedding()
+    assert (again.vectors != emb.vectors).nnz == 0
+
+
+def test_sparsified_and_filtered_embeddings_keep_their_bookkeeping():
+    emb, _ = _embedding()
+    one = emb.sparsified(1)
+    assert (np.diff(one.vectors.indptr) <= 1).all()
+    big = emb.filtered(min_nnz=3)
+    assert big.n_dims <= emb.n_dims and big.predominance.shape == big.vectors.shape
+    if big.membership[0] >= 0:
+        assert big.dimension_words(int(big.membership[0]), 50)[0][1] > 0
+    assert {w for w, _ in big.dimension_words(0, 100, by="predominance")} <= set(emb.words)
+
+
+def test_ppmi_svd_matches_the_exact_top_singular_values():
+    rng = np.random.default_rng(0)
+    dense = np.triu(rng.integers(0, 4, (60, 60)) * (rng.random((60, 60)) < 0.3), 1).astype(float)
+    cooc = sparse.csr_matrix(dense + dense.T)
+    vectors = sinr.ppmi_svd(cooc, 4)
+    assert vectors.shape == (60, 4)
+    degree, total = dense.sum(0) + dense.sum(1), dense.sum()
+    with np.errstate(divide="ignore"):
+        ppmi = np.maximum(np.log((dense + dense.T) * 2 * total / np.outer(degree, degree)), 0)
+    exact = np.linalg.svd(ppmi, compute_uv=False)[:4]
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=0) ** 2, exact, rtol=0.02)
+
+
+def test_tokenize_lowercases_and_drops_stop_words_clitics_and_digits():
+    assert sinr.tokenize("The Bennets' house, Longbourn, wasn't far in 1811!") == ["bennets", "house", "longbourn",
+                                                                                   "far"]
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda: sinr.corpus_from_documents([]), ValueError, "empty"),
+        (lambda: sinr.corpus_from_documents(["the of and"]), ValueError, "empty"),
+        (lambda: sinr.corpus_from_documents(["cats"], min_count=0), ValueError, "min_count"),
+        (lambda: sinr.cooccurrence(sinr.corpus_from_documents(["cats purr"], min_count=1), window=0), ValueError,
+         "window"),
+        (lambda: sinr.louvain(_two_triangles(), gamma=0), ValueError, "gamma"),
+        (lambda: sinr.louvain(_two_triangles(), gamma=-1.0), ValueError, "gamma"),
+        (lambda: sinr.louvain(np.eye(3)), ValueError, "sparse"),
+        (lambda: sinr.node_recall(_two_triangles(), np.zeros(4, int)), ValueError, "membership"),
+        (lambda: sinr.sparsify(_two_triangles(), 0), ValueError, "k must"),
+        (lambda: sinr.filter_dimensions(_two_triangles(), min_nnz=99), ValueError, "relax"),
+        (lambda: _embedding()[0].vector("unicorn"), KeyError, "not in the vocabulary"),
+        (lambda: _embedding()[0].dimension_words(10_000), ValueError, "dimension"),
+        (lambda: _embedding()[0].most_similar("cats", 0), ValueError, "topn"),
+        (lambda: sinr.similarity_correlation(np.eye(3), ["a", "b", "c"], []), ValueError, "empty"),
+        (lambda: sinr.ppmi_svd(_two_triangles(), 6), ValueError, "dim"),
+        (lambda: sinr.dist_ratio(np.eye(3)), ValueError, "at least"),
+    ],
+)
+def test_bad_input_gives_a_clear_error(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
