@@ -85,6 +85,15 @@ class Corpus:
     def n_documents(self) -> int:
         return int(self.offsets.size - 1)
 
+    def fingerprint(self) -> str:
+        """A content hash of the tokenised corpus (vocabulary and token ids), to key derived caches."""
+        import hashlib
+
+        digest = hashlib.sha256("\n".join(self.words).encode())
+        digest.update(np.ascontiguousarray(self.ids).tobytes())
+        digest.update(np.ascontiguousarray(self.offsets).tobytes())
+        return digest.hexdigest()[:16]
+
     def documents(self) -> list[list[str]]:
         """The documents as lists of words (what gensim and the reference package take)."""
         words = np.asarray(self.words, dtype=object)
@@ -585,6 +594,36 @@ def ppmi_svd(cooc: sparse.spmatrix, dim: int, *, seed: int = 0) -> np.ndarray:
     scores.eliminate_zeros()
     u, s, _ = randomized_svd(scores, dim, n_iter=5, random_state=seed)
     return u * np.sqrt(s)
+
+
+def word2vec(corpus: Corpus, *, dim: int = 300, window: int = 5, epochs: int = 15, negative: int = 5,
+             seed: int = 0) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Dense baseline: skip-gram word2vec (gensim) on the same documents, cached by content hash.
+
+    Trained with one worker thread so that the vectors are identical from run to run (gensim's
+    multi-threaded training is not deterministic).
+
+    Returns:
+        ``(vectors, words)``: ``[vocab, dim]`` float32 vectors and their words (gensim's order).
+
+    Mikolov et al. 2013; the word2vec baseline of nbs/02_sinr_embeddings.ipynb.
+    """
+    from gensim.models import Word2Vec
+
+    if not isinstance(dim, int) or dim < 1 or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"dim and epochs must be positive ints, got {dim!r}, {epochs!r}")
+    recipe = {"corpus": corpus.fingerprint(), "dim": dim, "window": window, "epochs": epochs, "negative": negative,
+              "seed": seed, "sg": 1, "gensim": "4.4"}
+    path = common.cache_dir("models", "word2vec") / f"w2v-{common.content_hash(recipe)}.npz"
+
+    def build(out: Path) -> None:
+        model = Word2Vec(corpus.documents(), vector_size=dim, window=window, min_count=1, sg=1, negative=negative,
+                         epochs=epochs, workers=1, seed=seed)
+        with open(out, "wb") as fh:
+            np.savez(fh, vectors=model.wv.vectors, words=np.array(json.dumps(model.wv.index_to_key)))
+
+    with np.load(common.cached_file(path, build)) as data:
+        return data["vectors"], tuple(json.loads(str(data["words"])))
 
 
 def similarity_correlation(vectors, words: Sequence[str] | dict[str, int],

@@ -1,0 +1,135 @@
+"""Chapter 2's SINr against the reference package (PyPI ``sinr==1.4.2``), side by side in one run.
+
+Both implementations get the identical tokenised corpus (``helpers.sinr.book_corpus()``: Wikipedia
+subset + Austen, stop words and words seen < 5 times removed), the same window and the same
+Louvain resolution γ. The reference runs in its own virtual environment (it pins spacy 3.7, so it
+must not enter the book's), created on first use under the book cache with ``pip install sinr==1.4.2``;
+``benchmarks/sinr_reference_worker.py`` drives it with its documented workflow (``Cooccurrence`` →
+``pmi_filter`` → ``SINr.load_from_cooc_pkl`` → ``detect_communities`` → ``extract_embeddings`` →
+``InterpretableWordsModelBuilder``).
+
+Recorded per system: wall time of graph building (co-occurrence + PMI filter + graph), community
+detection and vector extraction (median of ``--repeats`` alternating runs, since the CPU may be
+shared), the number of edges and dimensions, and quality measured by the *same* code on both
+node-recall matrices (helpers.sinr: WS353 and SimLex-999 Spearman with coverage, DistRatio).
+``time_ratio`` = ours / reference over the three stages (goal <= 1.0, at WS353 within 0.02).
+Writes ``benchmarks/results/sinr_reference.json``.
+
+Usage: ``python benchmarks/sinr_reference.py [--window 5] [--gamma 10] [--repeats 3]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from scipy import sparse
+
+from helpers import common, sinr
+from helpers.assets import word_similarity
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "sinr_reference.json"
+WORKER = ROOT / "benchmarks" / "sinr_reference_worker.py"
+REFERENCE = "sinr==1.4.2"
+
+
+def reference_python() -> Path:
+    """The interpreter of the reference's isolated virtual environment, created on first use."""
+    venv = common.cache_dir("venvs") / REFERENCE.replace("==", "-")
+    python = venv / "bin" / "python"
+    if not python.exists() or subprocess.run([python, "-c", "import sinr.graph_embeddings"],
+                                             capture_output=True).returncode != 0:
+        print(f"creating {venv} with {REFERENCE} (first run only)", flush=True)
+        base = getattr(sys, "_base_executable", sys.executable)
+        subprocess.run([base, "-m", "venv", "--clear", venv], check=True)
+        subprocess.run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check", REFERENCE], check=True)
+    return python
+
+
+def run_reference(python: Path, corpus_pkl: Path, window: int, gamma: float, work: Path) -> dict:
+    """Run the reference once; returns its timings, vocabulary and node-recall matrix."""
+    for f in work.glob("*"):
+        f.unlink()
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    subprocess.run([python, WORKER, corpus_pkl, work, "--window", str(window), "--gamma", str(gamma)],
+                   check=True, capture_output=True, env=env)
+    result = json.loads((work / "result.json").read_text())
+    with np.load(work / "vectors.npz") as z:
+        result["vectors"] = sparse.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=tuple(z["shape"]))
+    return result
+
+
+def run_ours(corpus: sinr.Corpus, window: int, gamma: float) -> dict:
+    """Run helpers.sinr once with the same stage boundaries as the reference."""
+    emb = sinr.train(corpus, window=window, gamma=gamma, seed=0)
+    t = emb.info["timings"]
+    return {"vocab": list(emb.words), "vectors": emb.vectors, "graph_s": t.graph_s, "communities_s": t.communities_s,
+            "vectors_s": t.vectors_s, "edges": emb.info["edges"]}
+
+
+def quality(vectors: sparse.csr_matrix, vocab: list[str]) -> dict:
+    index = {w: i for i, w in enumerate(vocab)}
+    out = {"dims": int(vectors.shape[1]), "words": int(vectors.shape[0])}
+    for name in ("ws353", "simlex999"):
+        rho, coverage = sinr.similarity_correlation(vectors, index, word_similarity(name))
+        out[name] = round(rho, 4)
+        out[f"{name}_coverage"] = round(coverage, 4)
+    out["dist_ratio"] = round(sinr.dist_ratio(vectors), 4)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--window", type=int, default=5)
+    parser.add_argument("--gamma", type=float, default=10.0)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    corpus = sinr.book_corpus()
+    python = reference_python()
+    stages = ("graph_s", "communities_s", "vectors_s")
+    runs = {"ours": [], "reference": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        corpus_pkl = work / "corpus.pkl"
+        corpus_pkl.write_bytes(pickle.dumps(corpus.documents()))
+        (work / "ref").mkdir()
+        for _ in range(args.repeats):
+            runs["reference"].append(run_reference(python, corpus_pkl, args.window, args.gamma, work / "ref"))
+            runs["ours"].append(run_ours(corpus, args.window, args.gamma))
+
+    report = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{os.cpu_count()} CPU cores ({platform.machine()})",
+        "reference": REFERENCE,
+        "corpus": {"raw_tokens": corpus.raw_tokens, "tokens": corpus.n_tokens, "documents": corpus.n_documents,
+                   "vocab": len(corpus.words), "same_input_for_both": True},
+        "window": args.window,
+        "gamma": args.gamma,
+        "repeats": args.repeats,
+    }
+    for name, rs in runs.items():
+        times = {s: round(statistics.median(r[s] for r in rs), 3) for s in stages}
+        times["total_s"] = round(sum(times.values()), 3)
+        report[name] = {**times, "edges": rs[0]["edges"], **quality(rs[0]["vectors"], rs[0]["vocab"])}
+    report["time_ratio"] = round(report["ours"]["total_s"] / report["reference"]["total_s"], 3)
+    report["stage_ratios"] = {s: round(report["ours"][s] / report["reference"][s], 3) for s in stages}
+    report["ws353_gap"] = round(report["ours"]["ws353"] - report["reference"]["ws353"], 4)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
