@@ -10,7 +10,9 @@ Markdown table between the ``bench`` markers of the README.
 
 Budgets (developers' guide): < 180 s and < 4 GB per notebook on 2 CPU cores, < 15 min in all.
 
-Usage: ``python benchmarks/book_build.py [NOTEBOOK ...]`` (default: every notebook in ``nbs/``).
+Usage: ``python benchmarks/book_build.py [NOTEBOOK ...]`` (default: every notebook in ``nbs/``). Naming
+notebooks re-measures only those: their rows replace the old ones, and the rows of the other
+notebooks that still exist are kept (each row records the date it was measured).
 """
 
 from __future__ import annotations
@@ -85,8 +87,10 @@ def run_notebook(path: Path, cache: Path) -> dict:
 
 
 def render_table(rows: list[dict], machine: dict) -> str:
+    dates = sorted({r.get("date", machine["date"]) for r in rows})
+    when = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
     lines = [
-        f"Measured {machine['date']} on {machine['cpus']} CPU cores ({machine['processor']}), "
+        f"Measured {when} on {machine['cpus']} CPU cores ({machine['processor']}), "
         f"torch {machine['torch']}, `python benchmarks/book_build.py`. Cold: empty cache (first run "
         "for a new reader, derived data and trained artefacts rebuilt); warm: rerun with that cache.",
         "",
@@ -144,7 +148,13 @@ def main(argv: list[str] | None = None) -> int:
             name = p.relative_to(ROOT).as_posix()
             for label, run in runs.items():
                 print(f"{name} ({label}): {run['wall_s']} s, {run['peak_rss_gb']} GB, ok={run['ok']}", flush=True)
-            rows.append({"notebook": name, **runs})
+            rows.append({"notebook": name, "date": machine["date"], **runs})
+    if args.notebooks and RESULTS.exists():
+        measured = {r["notebook"] for r in rows}
+        old = json.loads(RESULTS.read_text())
+        kept = [{"date": old["machine"]["date"], **r} for r in old["notebooks"]
+                if r["notebook"] not in measured and (ROOT / r["notebook"]).is_file()]
+        rows = sorted(kept + rows, key=lambda r: r["notebook"])
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(
         json.dumps(

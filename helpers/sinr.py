@@ -496,11 +496,16 @@ class SinrEmbedding:
         return [(self.words[j], float(column[j])) for j in best if column[j] > 0]
 
     def describe(self, word: str, dims: int = 5, k: int = 5) -> list[tuple[int, float, list[str]]]:
-        """A word's strongest dimensions: ``(dim, value, descriptor words)`` by decreasing value."""
+        """A word's strongest dimensions: ``(dim, value, descriptor words)`` by decreasing value.
+
+        Dimensions are named by their central words (node predominance) when the embedding has
+        them, else by their most devoted words (node recall).
+        """
         row = self.vectors[self._id(word)]
         order = np.argsort(-row.data, kind="stable")[:dims]
-        return [(int(row.indices[j]), float(row.data[j]), [w for w, _ in self.dimension_words(row.indices[j], k)])
-                for j in order]
+        by = "recall" if self.predominance is None else "predominance"
+        return [(int(row.indices[j]), float(row.data[j]),
+                 [w for w, _ in self.dimension_words(row.indices[j], k, by=by)]) for j in order]
 
     def sparsity(self) -> dict[str, float]:
         """Vocabulary size, number of dimensions, mean non-zeros per word, and the share of non-zero entries."""
