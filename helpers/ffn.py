@@ -158,20 +158,22 @@ def capture_coefficients(model: nn.Module, *, layers: Sequence[int] | None = Non
 # ---------------------------------------------------------------------------------------------
 
 
-def token_windows(tokenizer, texts: Sequence[str], *, length: int = 64, start_token: str | None = None) -> Tensor:
+def token_windows(
+    tokenizer, texts: Sequence[str], *, length: int = 64, start_token: str | None = None, per_text: int | None = None
+) -> Tensor:
     """Cut texts into windows of ``length`` tokens, each opened by a start-of-document token.
 
-    Each text is tokenised once and cut into consecutive, non-overlapping windows (a short tail is
-    dropped). The start token (by default the tokenizer's ``<|endoftext|>``-like document separator)
-    gives every window the same first position, which language models use as an attention sink;
-    :func:`mine_triggers` skips it by default.
+    The texts are tokenised in one call and each is cut into consecutive, non-overlapping windows
+    (a short tail is dropped). The start token (by default ``<|endoftext|>`` when the vocabulary has
+    it, else the tokenizer's ``eos_token``) gives every window the same first position, which
+    language models use as an attention sink; :func:`mine_triggers` skips it by default.
 
     Args:
         tokenizer: a Hugging Face tokenizer.
-        texts: non-empty strings (articles, novels).
+        texts: non-empty strings (articles, novels, passages).
         length: tokens per window, start token excluded.
-        start_token: the token put first; ``None`` for the tokenizer's ``eos_token`` /
-            ``<|endoftext|>``, ``""`` for none.
+        start_token: the token put first; ``None`` for the default above, ``""`` for none.
+        per_text: keep at most this many windows of each text (``None``: all).
 
     Returns:
         ``[window, length + 1]`` token ids (``[window, length]`` without a start token), windows of
@@ -183,14 +185,18 @@ def token_windows(tokenizer, texts: Sequence[str], *, length: int = 64, start_to
         raise ValueError("texts must be a non-empty list of non-empty strings (e.g. Wikipedia articles)")
     if not isinstance(length, int) or length < 1:
         raise ValueError(f"length must be a positive int, got {length!r}")
+    if per_text is not None and (not isinstance(per_text, int) or per_text < 1):
+        raise ValueError(f"per_text must be a positive int or None, got {per_text!r}")
     if start_token is None:
-        vocab = tokenizer.get_vocab()
-        start_token = "<|endoftext|>" if "<|endoftext|>" in vocab else tokenizer.eos_token
+        # round trip through the vocabulary: a token missing from it comes back as the unknown token
+        eot = "<|endoftext|>"
+        known = tokenizer.convert_ids_to_tokens(tokenizer.convert_tokens_to_ids(eot)) == eot
+        start_token = eot if known else tokenizer.eos_token
     head = [tokenizer.convert_tokens_to_ids(start_token)] if start_token else []
     rows = []
-    for text in texts:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        rows += [head + ids[s : s + length] for s in range(0, len(ids) - length + 1, length)]
+    for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
+        starts = list(range(0, len(ids) - length + 1, length))[:per_text]
+        rows += [head + ids[s : s + length] for s in starts]
     if not rows:
         raise ValueError(f"no text is {length} tokens long: pass longer texts or a smaller length")
     return torch.tensor(rows, dtype=torch.long)
@@ -218,14 +224,16 @@ class Triggers(NamedTuple):
 class TopK:
     """Streaming top-k of memory coefficients per (layer, memory), keeping (coefficient, window, position).
 
-    Memory stays ``O(layer x d_mlp x k)`` whatever the corpus size: each batch's coefficients are
-    merged into the buffer and dropped.
+    Memory stays ``O(layer x d_mlp x (k + merge_every))`` whatever the corpus size: each batch's
+    candidates wait in a small queue and are merged into the buffer (and dropped) once
+    ``merge_every`` of them have piled up, so the merge runs once per several batches.
 
     Args:
         n_layers, d_mlp: buffer shape.
         k: trigger examples kept per memory.
         per_document: keep at most one position per window (its largest coefficient), so that the k
             examples come from k different windows; otherwise rank every token position.
+        merge_every: candidates per memory queued before a merge.
 
     >>> top = TopK(1, 2, k=2)
     >>> top.update(0, torch.tensor([[[1., 5.], [3., 0.]]]), docs=torch.tensor([7]))
@@ -233,36 +241,61 @@ class TopK:
     ([[3.0, -inf], [5.0, -inf]], [[1, -1], [0, -1]])
     """
 
-    def __init__(self, n_layers: int, d_mlp: int, *, k: int = 25, per_document: bool = True):
+    def __init__(self, n_layers: int, d_mlp: int, *, k: int = 25, per_document: bool = True, merge_every: int = 256):
         if not isinstance(k, int) or k <= 0:
             raise ValueError(f"k must be a positive int (trigger examples per memory), got {k!r}")
-        self.k, self.per_document = k, per_document
-        self.coef = torch.full((n_layers, d_mlp, k), float("-inf"))
-        self.doc = torch.full((n_layers, d_mlp, k), -1, dtype=torch.long)
-        self.pos = torch.full((n_layers, d_mlp, k), -1, dtype=torch.long)
+        self.k, self.per_document, self.merge_every = k, per_document, merge_every
+        self._coef = torch.full((n_layers, d_mlp, k), float("-inf"))
+        self._doc = torch.full((n_layers, d_mlp, k), -1, dtype=torch.long)
+        self._pos = torch.full((n_layers, d_mlp, k), -1, dtype=torch.long)
+        self._queue: list[list[tuple[Tensor, Tensor, Tensor]]] = [[] for _ in range(n_layers)]
 
     def update(self, slot: int, m: Tensor, *, docs: Tensor, min_position: int = 0) -> None:
-        """Merge one batch of coefficients ``m`` [batch, pos, d_mlp] of windows ``docs`` [batch] into ``slot``."""
-        m = m.detach().float()
+        """Queue one batch of coefficients ``m`` [batch, pos, d_mlp] of windows ``docs`` [batch] for ``slot``."""
+        m = m.detach()[:, min_position:].float()  # positions before min_position never trigger
         batch, n_pos, d_mlp = m.shape
-        if min_position:
-            m = m.clone()
-            m[:, :min_position] = float("-inf")
         if self.per_document:
             cand, where = m.max(dim=1)  # [batch, d_mlp]: the best position of each window
-            cand, where = cand.T, where.T  # [d_mlp, batch]
-            cand_doc = docs.view(1, batch).expand(d_mlp, batch)
+            where, cand_doc = where + min_position, docs.view(batch, 1).expand(batch, d_mlp)
         else:
-            cand = m.reshape(batch * n_pos, d_mlp).T  # [d_mlp, batch * pos]
-            where = torch.arange(n_pos).repeat(batch).view(1, -1).expand(d_mlp, -1)
-            cand_doc = docs.repeat_interleave(n_pos).view(1, -1).expand(d_mlp, -1)
-        values = torch.cat([self.coef[slot], cand], dim=1)
-        best, idx = values.topk(self.k, dim=1)
-        self.coef[slot] = best
-        self.doc[slot] = torch.cat([self.doc[slot], cand_doc], dim=1).gather(1, idx)
-        self.pos[slot] = torch.cat([self.pos[slot], where], dim=1).gather(1, idx)
-        self.doc[slot][best == float("-inf")] = -1
-        self.pos[slot][best == float("-inf")] = -1
+            cand = m.reshape(batch * n_pos, d_mlp)  # [batch * pos, d_mlp]
+            where = (torch.arange(n_pos) + min_position).repeat(batch).view(-1, 1).expand(-1, d_mlp)
+            cand_doc = docs.repeat_interleave(n_pos).view(-1, 1).expand(-1, d_mlp)
+        self._queue[slot].append((cand, cand_doc, where))
+        if sum(c.shape[0] for c, _, _ in self._queue[slot]) >= self.merge_every:
+            self._merge(slot)
+
+    def _merge(self, slot: int) -> None:
+        if not self._queue[slot]:
+            return
+        queue = self._queue[slot]
+        cand, cand_doc, where = (torch.cat([q[n] for q in queue]).T for n in range(3))  # [d_mlp, queued]
+        self._queue[slot] = []
+        best, idx = torch.cat([self._coef[slot], cand], dim=1).topk(self.k, dim=1)
+        missing = best == float("-inf")
+        self._coef[slot] = best
+        self._doc[slot] = torch.cat([self._doc[slot], cand_doc], dim=1).gather(1, idx).masked_fill(missing, -1)
+        self._pos[slot] = torch.cat([self._pos[slot], where], dim=1).gather(1, idx).masked_fill(missing, -1)
+
+    def _flushed(self, buffer: Tensor) -> Tensor:
+        for slot in range(len(self._queue)):
+            self._merge(slot)
+        return buffer
+
+    @property
+    def coef(self) -> Tensor:
+        """[layer, d_mlp, k] coefficients, largest first (``-inf`` where fewer than k candidates were seen)."""
+        return self._flushed(self._coef)
+
+    @property
+    def doc(self) -> Tensor:
+        """[layer, d_mlp, k] window indices (``-1`` where missing)."""
+        return self._flushed(self._doc)
+
+    @property
+    def pos(self) -> Tensor:
+        """[layer, d_mlp, k] positions in the window (``-1`` where missing)."""
+        return self._flushed(self._pos)
 
 
 @torch.inference_mode()

@@ -162,21 +162,26 @@ def test_intervention_moves_the_output_and_is_undone():
 
 
 def test_token_windows():
-    class Tok:
+    class Tok:  # word length as token id; id 0 is the document separator
         eos_token = "<eos>"
 
-        def get_vocab(self):
-            return {"<eos>": 0}
-
         def convert_tokens_to_ids(self, token):
-            return 0
+            return {"<|endoftext|>": 0}.get(token, 99)
 
-        def __call__(self, text, add_special_tokens=False):
-            return {"input_ids": [len(w) for w in text.split()]}
+        def convert_ids_to_tokens(self, i):
+            return {0: "<|endoftext|>"}.get(i, "<unk>")
+
+        def __call__(self, texts, add_special_tokens=False):
+            return {"input_ids": [[len(w) for w in text.split()] for text in texts]}
 
     w = ffn.token_windows(Tok(), ["a bb ccc dddd eeeee", "x y"], length=2)
     assert w.tolist() == [[0, 1, 2], [0, 3, 4], [0, 1, 1]]
+    assert ffn.token_windows(Tok(), ["a bb ccc dddd eeeee", "x y"], length=2, per_text=1).tolist() == [
+        [0, 1, 2],
+        [0, 1, 1],
+    ]
     assert ffn.token_windows(Tok(), ["a bb ccc"], length=3, start_token="").tolist() == [[1, 2, 3]]
+    assert ffn.token_windows(Tok(), ["a bb"], length=1, start_token="<eos>").tolist() == [[99, 1], [99, 2]]
 
 
 def test_bad_inputs_say_what_to_do():
@@ -197,6 +202,8 @@ def test_bad_inputs_say_what_to_do():
         ffn.token_windows(None, [])
     with pytest.raises(ValueError, match="non-empty"):
         ffn.token_windows(None, ["", "  "])
+    with pytest.raises(ValueError, match="per_text"):
+        ffn.token_windows(None, ["a b"], per_text=0)
     with pytest.raises(ValueError, match="dims"):
         ffn.value_logits(model, layer=0, dims=[D_MLP])
     with pytest.raises(ValueError, match="token_ids"):
