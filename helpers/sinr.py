@@ -511,8 +511,8 @@ class SinrEmbedding:
         """Vocabulary size, number of dimensions, mean non-zeros per word, and the share of non-zero entries."""
         nnz = np.diff(self.vectors.indptr)
         return {"words": len(self.words), "dims": self.n_dims, "mean_nnz_per_word": float(nnz.mean()),
-                "max_nnz_per_word": int(nnz.max()), "pct_nonzero": 100.0 * self.vectors.nnz / max(1, np.prod(
-                    self.vectors.shape))}
+                "max_nnz_per_word": int(nnz.max()),
+                "pct_nonzero": 100.0 * self.vectors.nnz / max(1, self.vectors.shape[0] * self.vectors.shape[1])}
 
     def sparsified(self, k: int) -> SinrEmbedding:
         """A copy with each word's top-``k`` dimensions only (:func:`sparsify`)."""
