@@ -576,6 +576,20 @@ def train(corpus: Corpus, *, window: int = 5, gamma: float = 1.0, min_pmi: float
     return SinrEmbedding(tuple(corpus.words[i] for i in alive), vectors, membership, pred, info)
 
 
+BOOK_CONFIG = {"min_count": 5, "window": 5, "gamma": 5.0, "topk": 50, "min_nnz": 10, "seed": 0}
+"""Chapter 2's configuration of SINr on the book corpus."""
+
+
+def book_embedding() -> SinrEmbedding:
+    """The SINr embedding built in Chapter 2 (:data:`BOOK_CONFIG`), rebuilt in a few seconds from the cached corpus.
+
+    Used by nbs/03_interpretable_classifier.ipynb.
+    """
+    c = BOOK_CONFIG
+    emb = train(book_corpus(min_count=c["min_count"]), window=c["window"], gamma=c["gamma"], seed=c["seed"])
+    return emb.sparsified(c["topk"]).filtered(min_nnz=c["min_nnz"])
+
+
 # ---------------------------------------------------------------------------------------------
 # Baselines and evaluation (any [word, dim] matrix)
 # ---------------------------------------------------------------------------------------------
