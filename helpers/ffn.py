@@ -224,16 +224,16 @@ class Triggers(NamedTuple):
 class TopK:
     """Streaming top-k of memory coefficients per (layer, memory), keeping (coefficient, window, position).
 
-    Memory stays ``O(layer x d_mlp x (k + merge_every))`` whatever the corpus size: each batch's
-    candidates wait in a small queue and are merged into the buffer (and dropped) once
-    ``merge_every`` of them have piled up, so the merge runs once per several batches.
+    Memory is fixed at creation, ``O(layer x d_mlp x (k + capacity))`` whatever the corpus size:
+    each batch's candidates are copied into free columns after the current best ``k`` and merged
+    (one ``topk``) when the columns are full, so no allocation survives a batch.
 
     Args:
         n_layers, d_mlp: buffer shape.
         k: trigger examples kept per memory.
         per_document: keep at most one position per window (its largest coefficient), so that the k
             examples come from k different windows; otherwise rank every token position.
-        merge_every: candidates per memory queued before a merge.
+        capacity: candidate columns per memory between merges.
 
     >>> top = TopK(1, 2, k=2)
     >>> top.update(0, torch.tensor([[[1., 5.], [3., 0.]]]), docs=torch.tensor([7]))
@@ -241,61 +241,74 @@ class TopK:
     ([[3.0, -inf], [5.0, -inf]], [[1, -1], [0, -1]])
     """
 
-    def __init__(self, n_layers: int, d_mlp: int, *, k: int = 25, per_document: bool = True, merge_every: int = 256):
+    def __init__(self, n_layers: int, d_mlp: int, *, k: int = 25, per_document: bool = True, capacity: int = 128):
         if not isinstance(k, int) or k <= 0:
             raise ValueError(f"k must be a positive int (trigger examples per memory), got {k!r}")
-        self.k, self.per_document, self.merge_every = k, per_document, merge_every
-        self._coef = torch.full((n_layers, d_mlp, k), float("-inf"))
-        self._doc = torch.full((n_layers, d_mlp, k), -1, dtype=torch.long)
-        self._pos = torch.full((n_layers, d_mlp, k), -1, dtype=torch.long)
-        self._queue: list[list[tuple[Tensor, Tensor, Tensor]]] = [[] for _ in range(n_layers)]
+        if not isinstance(capacity, int) or capacity <= 0:
+            raise ValueError(f"capacity must be a positive int, got {capacity!r}")
+        self.k, self.per_document, self.capacity = k, per_document, capacity
+        self._coef = torch.full((n_layers, d_mlp, k + capacity), float("-inf"))
+        self._doc = torch.full((n_layers, d_mlp, k + capacity), -1, dtype=torch.int32)
+        self._pos = torch.full((n_layers, d_mlp, k + capacity), -1, dtype=torch.int32)
+        self._fill = [k] * n_layers  # first free column of each slot
 
     def update(self, slot: int, m: Tensor, *, docs: Tensor, min_position: int = 0) -> None:
-        """Queue one batch of coefficients ``m`` [batch, pos, d_mlp] of windows ``docs`` [batch] for ``slot``."""
+        """Add one batch of coefficients ``m`` [batch, pos, d_mlp] of windows ``docs`` [batch] to ``slot``."""
         m = m.detach()[:, min_position:].float()  # positions before min_position never trigger
         batch, n_pos, d_mlp = m.shape
         if self.per_document:
             cand, where = m.max(dim=1)  # [batch, d_mlp]: the best position of each window
-            where, cand_doc = where + min_position, docs.view(batch, 1).expand(batch, d_mlp)
+            self._add(slot, cand, docs.view(batch, 1), where + min_position)
         else:
-            cand = m.reshape(batch * n_pos, d_mlp)  # [batch * pos, d_mlp]
-            where = (torch.arange(n_pos) + min_position).repeat(batch).view(-1, 1).expand(-1, d_mlp)
-            cand_doc = docs.repeat_interleave(n_pos).view(-1, 1).expand(-1, d_mlp)
-        self._queue[slot].append((cand, cand_doc, where))
-        if sum(c.shape[0] for c, _, _ in self._queue[slot]) >= self.merge_every:
+            flat = m.reshape(batch * n_pos, d_mlp)  # [batch * pos, d_mlp]
+            where = (torch.arange(n_pos) + min_position).repeat(batch).view(-1, 1)
+            doc = docs.repeat_interleave(n_pos).view(-1, 1)
+            for s in range(0, flat.shape[0], self.capacity):
+                self._add(slot, flat[s : s + self.capacity], doc[s : s + self.capacity], where[s : s + self.capacity])
+
+    def _add(self, slot: int, cand: Tensor, doc: Tensor, where: Tensor) -> None:
+        """Copy candidates [n, d_mlp] (with their window [n, 1] and position [n, 1 or d_mlp]) into free columns."""
+        n = cand.shape[0]
+        if self._fill[slot] + n > self.k + self.capacity:
             self._merge(slot)
+        at = slice(self._fill[slot], self._fill[slot] + n)
+        self._coef[slot, :, at] = cand.T
+        self._doc[slot, :, at] = doc.T.to(torch.int32)
+        self._pos[slot, :, at] = where.T.to(torch.int32)
+        self._fill[slot] += n
 
     def _merge(self, slot: int) -> None:
-        if not self._queue[slot]:
+        fill = self._fill[slot]
+        if fill == self.k:
             return
-        queue = self._queue[slot]
-        cand, cand_doc, where = (torch.cat([q[n] for q in queue]).T for n in range(3))  # [d_mlp, queued]
-        self._queue[slot] = []
-        best, idx = torch.cat([self._coef[slot], cand], dim=1).topk(self.k, dim=1)
+        best, idx = self._coef[slot, :, :fill].topk(self.k, dim=1)
         missing = best == float("-inf")
-        self._coef[slot] = best
-        self._doc[slot] = torch.cat([self._doc[slot], cand_doc], dim=1).gather(1, idx).masked_fill(missing, -1)
-        self._pos[slot] = torch.cat([self._pos[slot], where], dim=1).gather(1, idx).masked_fill(missing, -1)
+        self._doc[slot, :, : self.k] = self._doc[slot, :, :fill].gather(1, idx).masked_fill(missing, -1)
+        self._pos[slot, :, : self.k] = self._pos[slot, :, :fill].gather(1, idx).masked_fill(missing, -1)
+        self._coef[slot, :, : self.k] = best
+        self._fill[slot] = self.k
 
-    def _flushed(self, buffer: Tensor) -> Tensor:
-        for slot in range(len(self._queue)):
+    def _flush(self) -> None:
+        for slot in range(len(self._fill)):
             self._merge(slot)
-        return buffer
 
     @property
     def coef(self) -> Tensor:
         """[layer, d_mlp, k] coefficients, largest first (``-inf`` where fewer than k candidates were seen)."""
-        return self._flushed(self._coef)
+        self._flush()
+        return self._coef[:, :, : self.k].clone()
 
     @property
     def doc(self) -> Tensor:
         """[layer, d_mlp, k] window indices (``-1`` where missing)."""
-        return self._flushed(self._doc)
+        self._flush()
+        return self._doc[:, :, : self.k].long()
 
     @property
     def pos(self) -> Tensor:
         """[layer, d_mlp, k] positions in the window (``-1`` where missing)."""
-        return self._flushed(self._pos)
+        self._flush()
+        return self._pos[:, :, : self.k].long()
 
 
 @torch.inference_mode()
