@@ -20,9 +20,6 @@ Usage: ``python benchmarks/ffn.py [--repeats 3] [--threads 1]``.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import resource
 import statistics
 import threading
 import time
@@ -31,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import torch
+from report import write_report
 
 from helpers import ffn
 from helpers.assets import austen_novels, smollm2, wikipedia_articles
@@ -118,19 +116,13 @@ def main() -> None:
         "overhead_ratio": round(med["mine_s"] / med["forward_s"], 3),
         "tokens_per_s_forward": round(n_tokens / med["forward_s"], 1),
         "tokens_per_s_mine": round(n_tokens / med["mine_s"], 1),
-        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
         "mining_rss_growth_gb_half_corpus": round(growth_half, 3),
         "mining_rss_growth_gb_full_corpus": round(max(growth_full), 3),
         "topk_buffers_gb": round(buffers_gb, 3),
         "goal_overhead_ratio": 1.5,
         "runs": {k: [round(x, 3) for x in v] for k, v in runs.items()},
-        "threads": args.threads,
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}",
-        "date": time.strftime("%Y-%m-%d"),
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_report(result, RESULTS, threads=args.threads)
 
 
 if __name__ == "__main__":

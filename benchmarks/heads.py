@@ -19,14 +19,12 @@ Usage: ``python benchmarks/heads.py [--sentences 1000] [--repeats 3] [--threads 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import resource
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from report import write_report
 
 from helpers import heads
 from helpers.assets import minilm, wikipedia_sentences
@@ -87,16 +85,10 @@ def main() -> None:
         "overhead_ratio_with_js": round(med["stats_js_s"] / med["forward_s"], 3),
         "tokens_per_s_forward": round(n_tokens / med["forward_s"], 1),
         "tokens_per_s_stats": round(n_tokens / med["stats_s"], 1),
-        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
         "goal_overhead_ratio": 1.3,
         "runs": {k: [round(x, 3) for x in v] for k, v in runs.items()},
-        "threads": args.threads,
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}",
-        "date": time.strftime("%Y-%m-%d"),
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_report(result, RESULTS, threads=args.threads)
 
 
 if __name__ == "__main__":
