@@ -1,7 +1,9 @@
 """Helper package for *Interpretable Transformers*: one module per chapter topic.
 
 Modules: ``common`` (seeds, device, cache, style), ``assets`` (offline loaders for every model and
-data set), ``attention`` (chapter 1).
+data set), ``attention`` (chapter 1), ``sinr`` (chapter 2), ``interpretable_classifier`` (chapter 3),
+``heads`` (chapter 4), ``ffn`` (chapter 5), ``dissect`` (chapter 6), ``attribution`` and
+``evaluation`` (chapter 7).
 """
 
 __version__ = "0.1.0"
