@@ -3,6 +3,7 @@
 #   dataset-fashion-mnist  -> /usr/share/datasets/fashion-mnist   (apt-get install)
 #   wordnet-base           -> /usr/share/wordnet                  (apt-get install)
 #   r-cran-janeaustenr     -> $CACHE/system/janeaustenr           (apt-get download + dpkg-deb -x: no R needed)
+#   chromium               -> /usr/bin/chromium                    (optional: the offline browser test)
 # Idempotent: does nothing when everything is present. Never fails with a bare traceback: when a
 # package cannot be installed (not root, not Debian) it says so and tries the fallback download,
 # which only works online.
@@ -68,6 +69,13 @@ if ! install_deb wordnet-base /usr/share/wordnet/data.noun; then
         warn "WordNet is unavailable: install the Debian package wordnet-base, or go online and rerun 'make setup'"
         status=1
     fi
+fi
+
+# --- Chromium (headless), for the offline browser test of the built book ----------------------
+# Optional: tests/test_book.py skips its browser check when Chromium is missing, so a failure here
+# only warns.
+if ! command -v chromium >/dev/null 2>&1 && ! install_deb chromium /usr/bin/chromium; then
+    warn "Chromium is not installed: the browser test of the book will be skipped ('apt-get install chromium')"
 fi
 
 # --- Jane Austen's novels (R data package, extracted without installing R) --------------------
