@@ -299,8 +299,7 @@ def task_vector_dimensions(model: nn.Module, emb: sinr.SinrEmbedding, k: int = 5
     """The ``k`` largest coordinates of the task vector u, with each dimension's central words."""
     u = model.query.detach()
     top = torch.argsort(u, descending=True, stable=True)[:k]
-    by = "recall" if emb.predominance is None else "predominance"
-    return [(int(d), float(u[d]), [w for w, _ in emb.dimension_words(int(d), words, by=by)]) for d in top]
+    return [(int(d), float(u[d]), emb.label(int(d), words)) for d in top]
 
 
 def class_dimensions(explanation: Explanation, emb: sinr.SinrEmbedding, row: int, target: int, k: int = 5,
@@ -308,9 +307,7 @@ def class_dimensions(explanation: Explanation, emb: sinr.SinrEmbedding, row: int
     """The dimensions that pushed class ``target`` most for document ``row``: (dim, W·z, words)."""
     contrib = explanation.contributions[row, target].detach()
     top = torch.argsort(contrib, descending=True, stable=True)[:k]
-    by = "recall" if emb.predominance is None else "predominance"
-    return [(int(d), float(contrib[d]), [w for w, _ in emb.dimension_words(int(d), words, by=by)])
-            for d in top if contrib[d] > 0]
+    return [(int(d), float(contrib[d]), emb.label(int(d), words)) for d in top if contrib[d] > 0]
 
 
 def load_labelled_csv(

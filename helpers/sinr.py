@@ -503,9 +503,13 @@ class SinrEmbedding:
         """
         row = self.vectors[self._id(word)]
         order = np.argsort(-row.data, kind="stable")[:dims]
+        return [(int(row.indices[j]), float(row.data[j]), self.label(row.indices[j], k)) for j in order]
+
+    def label(self, dim: int, k: int = 5) -> list[str]:
+        """A dimension's name: its ``k`` central words (node predominance), or its most devoted words
+        (node recall) when the embedding has no predominance."""
         by = "recall" if self.predominance is None else "predominance"
-        return [(int(row.indices[j]), float(row.data[j]),
-                 [w for w, _ in self.dimension_words(row.indices[j], k, by=by)]) for j in order]
+        return [w for w, _ in self.dimension_words(dim, k, by=by)]
 
     def sparsity(self) -> dict[str, float]:
         """Vocabulary size, number of dimensions, mean non-zeros per word, and the share of non-zero entries."""
