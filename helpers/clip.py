@@ -1,0 +1,768 @@
+"""A small CLIP-style model for Fashion-MNIST, zero-shot classification and concept scores (chapter 10).
+
+No registry package ships CLIP or ViT weights, so the book trains its own CLIP-style model
+(Radford et al. 2021) on Fashion-MNIST images paired with generated captions:
+
+* image tower: the chapter-8 ViT architecture (:func:`helpers.vision.fashion_vit`, 16 patches + CLS,
+  width 64), trained *from scratch* here, so it shares no weights with the black box it will help
+  explain (``vision.pretrained("vit")``), + a linear projection;
+* text tower: the real pretrained MiniLM-L6 sentence encoder (mean pooling), *frozen*, + a linear
+  projection; because it is frozen, the MiniLM embedding of every distinct caption is computed once;
+* symmetric InfoNCE with a learned temperature.
+
+Captions combine a class name, attributes computed from the pixels (tone, texture, silhouette) and
+parts known per class, in several templates; :data:`HELD_OUT_TEMPLATES` are never seen in training.
+
+Everything downstream (zero-shot classification, retrieval, concept scores) talks to a
+:class:`ClipLike` object: the model trained here (:class:`FashionClip`) or a Hugging Face
+``CLIPModel`` wrapped by :class:`HFClip` (e.g. ``openai/clip-vit-base-patch32`` for a reader who has
+those weights). Chapters 11 and 12 reuse :func:`pretrained_clip`, :func:`zero_shot_weights`,
+:func:`concept_probabilities` and :class:`ConceptBank`.
+
+Tensors: images are ``[batch, 1, 28, 28]`` normalised as in :mod:`helpers.vision`; embeddings are
+L2-normalised ``[n, d]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from helpers import common, vision
+
+CLASS_TEXT = (
+    "t-shirt",
+    "pair of trousers",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle boot",
+)
+"""How captions name the ten Fashion-MNIST classes (``assets.FASHION_CLASSES`` order)."""
+
+SYNONYMS = ("tee", "pair of pants", "sweater", "gown", "jacket", "flip-flop", "blouse", "trainer", "handbag", "boot")
+"""Other names for the classes, never used in training (a test of how far the text tower generalises)."""
+
+CLASS_PARTS = (
+    ("short sleeves", "a round neckline"),
+    ("two long legs", "a waistband"),
+    ("long sleeves", "a ribbed hem"),
+    ("a long skirt", "a fitted waist"),
+    ("long sleeves", "buttons down the front"),
+    ("thin straps", "an open toe"),
+    ("a collar", "buttons down the front"),
+    ("laces", "a flat rubber sole"),
+    ("a handle", "a rectangular shape"),
+    ("a heel", "an ankle-high shaft"),
+)
+"""Two parts per class that captions may mention ("a sneaker with laces"); known per class, not measured."""
+
+TRAIN_TEMPLATES = (
+    "a photo of a {}.",
+    "a picture of a {}.",
+    "a {}.",
+    "an image of a {}.",
+    "a product photo of a {}.",
+    "a black and white photo of a {}.",
+)
+HELD_OUT_TEMPLATES = (
+    "a low resolution photo of a {}.",
+    "a close-up of a {}.",
+    "this is a {}.",
+    "a catalogue image showing a {}.",
+)
+"""Templates never seen in training: zero-shot accuracy with them tests prompt generalisation."""
+
+TONES, TEXTURES, SHAPES = ("dark", "grey", "light"), ("plain", "patterned"), ("slim", "", "wide")
+
+
+# ---------------------------------------------------------------------------------------------
+# The interface every chapter uses
+# ---------------------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class ClipLike(Protocol):
+    """What chapters 10-12 need from a CLIP-style model.
+
+    ``encode_image(images [B, 1, 28, 28]) -> [B, d]`` and ``encode_text(texts) -> [T, d]`` return
+    L2-normalised embeddings in one shared space; ``logit_scale`` (a float) multiplies cosine
+    similarities into logits.
+    """
+
+    logit_scale: float
+
+    def encode_image(self, images: Tensor) -> Tensor: ...
+
+    def encode_text(self, texts: list[str]) -> Tensor: ...
+
+
+def _check_texts(texts: Sequence[str], name: str = "texts") -> list[str]:
+    if isinstance(texts, str) or not isinstance(texts, Sequence) or len(texts) == 0:
+        raise ValueError(f"{name} must be a non-empty list of strings (wrap a single text in a list)")
+    if not all(isinstance(t, str) and t.strip() for t in texts):
+        raise ValueError(f"every entry of {name} must be a non-empty string")
+    return list(texts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Text tower: frozen MiniLM-L6, mean pooling, cached per distinct text
+# ---------------------------------------------------------------------------------------------
+
+
+class MiniLMText:
+    """Frozen MiniLM-L6 sentence embeddings (mean of the last hidden states over real tokens), ``[T, 384]``.
+
+    Loaded lazily from the installed package (:func:`helpers.assets.minilm`); every distinct text is
+    encoded once and kept in memory, since the tower never changes.
+    """
+
+    dim = 384
+
+    def __init__(self, name_or_path: str | os.PathLike | None = None, *, batch_size: int = 256):
+        self.name_or_path, self.batch_size = name_or_path, batch_size
+        self._model = self._tokenizer = None
+        self._cache: dict[str, Tensor] = {}
+
+    def _load(self) -> None:
+        if self._model is None:
+            from helpers.assets import minilm
+
+            self._model, self._tokenizer = minilm(self.name_or_path, attn_implementation="sdpa")
+            self._model.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def __call__(self, texts: Sequence[str]) -> Tensor:
+        texts = _check_texts(texts)
+        todo = sorted({t for t in texts if t not in self._cache})
+        if todo:
+            self._load()
+            for start in range(0, len(todo), self.batch_size):
+                chunk = todo[start : start + self.batch_size]
+                enc = self._tokenizer(chunk, padding=True, truncation=True, max_length=64, return_tensors="pt")
+                hidden = self._model(**enc).last_hidden_state  # [batch, pos, 384]
+                mask = enc["attention_mask"][..., None].float()
+                pooled = (hidden * mask).sum(1) / mask.sum(1)  # [batch, 384]
+                self._cache.update(zip(chunk, pooled, strict=True))
+        return torch.stack([self._cache[t] for t in texts])
+
+
+_TEXT_TOWER: MiniLMText | None = None
+
+
+def text_tower() -> MiniLMText:
+    """The process-wide frozen MiniLM text tower (one copy, one cache)."""
+    global _TEXT_TOWER
+    if _TEXT_TOWER is None:
+        _TEXT_TOWER = MiniLMText()
+    return _TEXT_TOWER
+
+
+# ---------------------------------------------------------------------------------------------
+# The CLIP-style model
+# ---------------------------------------------------------------------------------------------
+
+
+class FashionClip(nn.Module):
+    """ViT image tower + frozen MiniLM text tower, each followed by a linear projection to ``dim``.
+
+    ``image_features(images)`` and ``text_features(minilm [T, 384])`` are the trainable paths (no
+    normalisation); :meth:`encode_image` / :meth:`encode_text` give the normalised embeddings of the
+    :class:`ClipLike` interface. ``logit_scale`` is ``exp`` of the learned ``log_scale`` (clamped to 100,
+    as in CLIP).
+    """
+
+    def __init__(self, *, dim: int = 128, text: MiniLMText | None = None):
+        super().__init__()
+        self.vit = vision.fashion_vit()
+        self.vit.reset_classifier(0)  # the CLS token's final-LayerNorm vector, [batch, 64]
+        self.image_proj = nn.Linear(self.vit.embed_dim, dim, bias=False)
+        self.text_proj = nn.Linear(MiniLMText.dim, dim, bias=False)
+        self.log_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self._text = text
+
+    @property
+    def text(self) -> MiniLMText:
+        return self._text if self._text is not None else text_tower()
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.log_scale.detach().clamp(max=math.log(100)).exp())
+
+    def image_features(self, images: Tensor) -> Tensor:
+        return self.image_proj(self.vit(images))  # [batch, dim]
+
+    def text_features(self, minilm: Tensor) -> Tensor:
+        return self.text_proj(minilm)  # [T, dim]
+
+    @torch.no_grad()
+    def encode_image(self, images: Tensor, *, batch_size: int = 1000) -> Tensor:
+        images = vision.check_images(images)
+        was = self.training
+        self.eval()
+        out = torch.cat([self.image_features(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+        self.train(was)
+        return F.normalize(out, dim=-1)
+
+    @torch.no_grad()
+    def encode_text(self, texts: list[str]) -> Tensor:
+        return F.normalize(self.text_features(self.text(texts)), dim=-1)
+
+
+def contrastive_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor | float) -> Tensor:
+    """Symmetric InfoNCE of CLIP: cross-entropy of image→text and text→image logits, pair ``i`` ↔ ``i``.
+
+    Args:
+        image_emb: ``[batch, d]`` and text_emb ``[batch, d]``, L2-normalised, row ``i`` a matching pair.
+        logit_scale: the (positive) inverse temperature.
+
+    Returns:
+        a scalar, ``(CE(s I Tᵀ, diag) + CE(s T Iᵀ, diag)) / 2``.
+
+    >>> e = torch.eye(4)
+    >>> bool(contrastive_loss(e, e, 10.0) < contrastive_loss(e, e[[1, 2, 3, 0]], 10.0))
+    True
+    """
+    if image_emb.ndim != 2 or image_emb.shape != text_emb.shape:
+        raise ValueError(f"need two [batch, d] tensors of the same shape, got {tuple(image_emb.shape)} and "
+                         f"{tuple(text_emb.shape)}")
+    logits = logit_scale * image_emb @ text_emb.T  # [image, text]
+    target = torch.arange(len(logits), device=logits.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Captions from class names, pixel attributes and known parts
+# ---------------------------------------------------------------------------------------------
+
+
+def pixel_attributes(images: Tensor, labels: Tensor) -> dict[str, Tensor]:
+    """Visual attributes measured on the pixels: tone, texture and silhouette, as indices ``[N]``.
+
+    * tone (:data:`TONES`): mean brightness of the item's pixels (pixel > 0.1), cut at 0.55 and 0.72
+      (about the tertiles of the training set);
+    * texture (:data:`TEXTURES`): "patterned" when the mean absolute difference between neighbouring
+      item pixels exceeds 0.12 (stripes, prints, knit), else "plain";
+    * shape (:data:`SHAPES`): the item's area relative to the median of its class: < 0.85 "slim",
+      > 1.15 "wide", otherwise unnamed.
+
+    Args:
+        images: ``[N, 1, 28, 28]`` normalised; labels: ``[N]``.
+    """
+    pixels = vision.unnormalise(vision.check_images(images))  # [N, 28, 28] in [0, 1]
+    item = pixels > 0.1
+    count = item.sum((1, 2)).clamp_min(1).float()
+    brightness = (pixels * item).sum((1, 2)) / count
+    tone = (brightness > 0.55).long() + (brightness > 0.72).long()
+    dx = (pixels[:, :, 1:] - pixels[:, :, :-1]).abs() * (item[:, :, 1:] & item[:, :, :-1])
+    dy = (pixels[:, 1:] - pixels[:, :-1]).abs() * (item[:, 1:] & item[:, :-1])
+    pairs = (item[:, :, 1:] & item[:, :, :-1]).sum((1, 2)) + (item[:, 1:] & item[:, :-1]).sum((1, 2))
+    roughness = (dx.sum((1, 2)) + dy.sum((1, 2))) / pairs.clamp_min(1)
+    texture = (roughness > 0.12).long()
+    median = torch.stack([count[labels == c].median() if (labels == c).any() else count.new_tensor(1.0)
+                          for c in range(len(CLASS_TEXT))])
+    ratio = count / median[labels]
+    shape = torch.where(ratio < 0.85, 0, torch.where(ratio > 1.15, 2, 1))
+    return {"tone": tone, "texture": texture, "shape": shape}
+
+
+def describe(label: int, *, tone: int | None = None, texture: int | None = None, shape: int | None = None,
+             part: int | None = None, names: Sequence[str] = CLASS_TEXT) -> str:
+    """The noun phrase of a caption, e.g. ``"dark patterned pullover with long sleeves"``.
+
+    >>> describe(2, tone=0, texture=1, part=0)
+    'dark patterned pullover with long sleeves'
+    """
+    words = [TONES[tone] if tone is not None else "", TEXTURES[texture] if texture is not None else "",
+             SHAPES[shape] if shape is not None else "", names[label]]
+    phrase = " ".join(w for w in words if w)
+    return phrase + (f" with {CLASS_PARTS[label][part]}" if part is not None else "")
+
+
+def caption_table(templates: Sequence[str] = TRAIN_TEMPLATES) -> list[str]:
+    """Every caption the training recipe can draw, indexed by :func:`caption_index` (10 x T x 4 x 3 x 4 x 3)."""
+    out = []
+    for label in range(len(CLASS_TEXT)):
+        for template in templates:
+            for tone in (None, 0, 1, 2):
+                for texture in (None, 0, 1):
+                    for shape in (None, 0, 1, 2):
+                        for part in (None, 0, 1):
+                            phrase = describe(label, tone=tone, texture=texture, shape=shape, part=part)
+                            out.append(template.format(phrase))
+    return out
+
+
+def caption_index(labels: Tensor, template: Tensor, tone: Tensor, texture: Tensor, shape: Tensor, part: Tensor,
+                  *, n_templates: int = len(TRAIN_TEMPLATES)) -> Tensor:
+    """Row of :func:`caption_table` for each example; attribute index ``-1`` means "not mentioned"."""
+    index = labels * n_templates + template
+    index = index * 4 + (tone + 1)
+    index = index * 3 + (texture + 1)
+    index = index * 4 + (shape + 1)
+    return index * 3 + (part + 1)
+
+
+def sample_captions(attributes: dict[str, Tensor], labels: Tensor, generator: torch.Generator, *,
+                    p_mention: float = 0.5, n_templates: int = len(TRAIN_TEMPLATES)) -> Tensor:
+    """Draw one caption index per image: a random template; each attribute and one part mentioned with ``p_mention``.
+
+    The unnamed middle silhouette (``SHAPES[1] == ""``) is never mentioned.
+    """
+    n = len(labels)
+
+    def maybe(values: Tensor) -> Tensor:
+        keep = torch.rand(n, generator=generator) < p_mention
+        return torch.where(keep, values, -1)
+
+    template = torch.randint(n_templates, (n,), generator=generator)
+    shape = maybe(attributes["shape"])
+    shape = torch.where(shape == 1, -1, shape)
+    part = maybe(torch.randint(2, (n,), generator=generator))
+    return caption_index(labels, template, maybe(attributes["tone"]), maybe(attributes["texture"]), shape, part,
+                         n_templates=n_templates)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training recipe, cached / committed weights
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipRecipe:
+    """Everything that determines the trained CLIP-style model; its content hash names the weights file."""
+
+    epochs: float = 5.0
+    batch_size: int = 256
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    dim: int = 128
+    p_mention: float = 0.5
+    n_train: int | None = None  # None: all 60,000 training images
+    seed: int = 0
+    version: int = 1
+
+    def key(self) -> str:
+        return common.content_hash(dataclasses.asdict(self), length=12)
+
+
+RECIPE = ClipRecipe()
+"""The book's default recipe (chapter 10): about 2-3 minutes on 2 CPU cores, so its weights are committed."""
+
+
+def train_clip(recipe: ClipRecipe = RECIPE, *, progress: bool = True,
+               text: MiniLMText | None = None) -> tuple[FashionClip, dict]:
+    """Train a :class:`FashionClip` by ``recipe`` on Fashion-MNIST images and generated captions.
+
+    The MiniLM embeddings of all :func:`caption_table` captions are computed first (the text tower is
+    frozen), so each step costs one ViT forward/backward and two small projections.
+
+    Returns:
+        ``(model in eval mode, history)`` with ``history`` lists ``"step"``, ``"loss"``, ``"seconds"``
+        (every 50 steps) and the MiniLM encoding time ``"caption_seconds"``.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small batches: one thread is faster, and immune to a busy machine
+    try:
+        return _train_clip(recipe, progress=progress, text=text)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_clip(recipe: ClipRecipe, *, progress: bool, text: MiniLMText | None) -> tuple[FashionClip, dict]:
+    from tqdm.auto import tqdm
+
+    common.set_seed(recipe.seed)
+    x_train, y_train = vision.fashion_tensors("train")
+    if recipe.n_train is not None:
+        x_train, y_train = x_train[: recipe.n_train], y_train[: recipe.n_train]
+    attributes = pixel_attributes(x_train, y_train)
+    steps_per_epoch = math.ceil(len(x_train) / recipe.batch_size)
+    total = max(1, round(recipe.epochs * steps_per_epoch))
+    generator = torch.Generator().manual_seed(recipe.seed)
+    epochs = []  # (image order, caption index per image) for every epoch, drawn up front
+    for _ in range(math.ceil(total / steps_per_epoch)):
+        order = torch.randperm(len(x_train), generator=generator)
+        epochs.append((order, sample_captions(attributes, y_train, generator, p_mention=recipe.p_mention)))
+    t0 = time.perf_counter()
+    table = caption_table()
+    used = torch.unique(torch.cat([c for _, c in epochs]))
+    minilm = torch.zeros(len(table), MiniLMText.dim)  # [captions, 384]; only the drawn ones are encoded
+    minilm[used] = (text or text_tower())([table[i] for i in used.tolist()])
+    caption_seconds = time.perf_counter() - t0
+    model = FashionClip(dim=recipe.dim, text=text)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    warmup = min(recipe.warmup_steps, total // 2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: vision._schedule(s, total, max(1, warmup)))
+    history: dict = {"step": [], "loss": [], "seconds": [], "caption_seconds": caption_seconds,
+                     "n_captions": len(used)}
+    start, step, losses = time.perf_counter(), 0, []
+    model.train()
+    bar = tqdm(total=total, desc="training CLIP-style model", disable=not progress)
+    for order, captions in epochs:
+        for i in range(0, len(order), recipe.batch_size):
+            if step >= total:
+                break
+            batch = order[i : i + recipe.batch_size]
+            image_emb = F.normalize(model.image_features(x_train[batch]), dim=-1)
+            text_emb = F.normalize(model.text_features(minilm[captions[batch]]), dim=-1)
+            loss = contrastive_loss(image_emb, text_emb, model.log_scale.clamp(max=math.log(100)).exp())
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            scheduler.step()
+            losses.append(loss.item())
+            step += 1
+            bar.update()
+            if step % 50 == 0 or step == total:
+                history["step"].append(step)
+                history["loss"].append(float(np.mean(losses[-50:])))
+                history["seconds"].append(time.perf_counter() - start)
+    bar.close()
+    return model.eval(), history
+
+
+def _weights_name(recipe: ClipRecipe) -> str:
+    return f"fashion_clip-{recipe.key()}.pt"
+
+
+def _save(model: FashionClip, recipe: ClipRecipe, history: dict, path: Path) -> None:
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    blob = {"state_dict": state, "recipe": dataclasses.asdict(recipe), "history": json.dumps(history)}
+    with open(path, "wb") as fh:
+        torch.save(blob, fh)
+
+
+def pretrained_clip(recipe: ClipRecipe = RECIPE, *, progress: bool = True) -> FashionClip:
+    """The book's trained CLIP-style model (committed weights, else cache, else trained by ``recipe``).
+
+    Returns:
+        a :class:`FashionClip` in eval mode with ``model.history`` and ``model.recipe`` attached.
+
+    Introduced in nbs/10_clip_concepts.ipynb; reused by chapters 11 and 12.
+    """
+    if not isinstance(recipe, ClipRecipe):
+        raise ValueError(f"recipe must be a ClipRecipe, got {type(recipe).__name__}")
+    committed = vision.WEIGHTS_DIR / _weights_name(recipe)
+    if vision._verified(committed):
+        path = committed
+    else:
+        def build(target: Path) -> None:
+            model, history = train_clip(recipe, progress=progress)
+            _save(model, recipe, history, target)
+
+        path = common.cached_file(common.cache_dir("models", "clip") / _weights_name(recipe), build)
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    model = FashionClip(dim=recipe.dim)
+    model.load_state_dict(blob["state_dict"])
+    model.history = json.loads(blob["history"])
+    model.recipe = recipe
+    return model.eval().requires_grad_(False)
+
+
+def write_committed_weights() -> Path:
+    """Train :data:`RECIPE` and write its weights (with a SHA-256 sidecar) to ``helpers/weights/``.
+
+    Removes older ``fashion_clip-*`` files. Run as ``python -m helpers.clip``.
+    """
+    vision.WEIGHTS_DIR.mkdir(exist_ok=True)
+    path = vision.WEIGHTS_DIR / _weights_name(RECIPE)
+    for old in vision.WEIGHTS_DIR.glob("fashion_clip-*.pt*"):
+        old.unlink()
+    model, history = train_clip(RECIPE)
+    _save(model, RECIPE, history, path)
+    path.with_name(path.name + ".sha256").write_text(common.file_sha256(path) + "\n")
+    print(f"CLIP-style model: final loss {history['loss'][-1]:.3f} in {history['seconds'][-1]:.0f} s -> {path}")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Zero-shot classification and retrieval
+# ---------------------------------------------------------------------------------------------
+
+
+def zero_shot_weights(model: ClipLike, class_names: Sequence[str] = CLASS_TEXT,
+                      templates: Sequence[str] = TRAIN_TEMPLATES) -> Tensor:
+    """One text embedding per class: the normalised mean over templates (prompt ensembling), ``[C, d]``."""
+    class_names, templates = _check_texts(class_names, "class_names"), _check_texts(templates, "templates")
+    if not all("{}" in t for t in templates):
+        raise ValueError("every template must contain '{}' where the class name goes, e.g. 'a photo of a {}.'")
+    texts = [t.format(c) for c in class_names for t in templates]
+    emb = model.encode_text(texts).reshape(len(class_names), len(templates), -1)  # [class, template, d]
+    return F.normalize(F.normalize(emb, dim=-1).mean(1), dim=-1)
+
+
+def zero_shot_logits(model: ClipLike, images: Tensor, weights: Tensor) -> Tensor:
+    """``logit_scale * cos(image, class text)``, ``[N, C]``, for class embeddings from :func:`zero_shot_weights`."""
+    return model.logit_scale * model.encode_image(images) @ weights.T
+
+
+def retrieval_recall(image_emb: Tensor, text_emb: Tensor, image_keys: Sequence, text_keys: Sequence, *,
+                     ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+    """Image→text and text→image recall@k, where a hit is a retrieved item with the same key.
+
+    Keys say which texts describe which images (several images may share a caption, so "the same
+    caption string" is the natural key).
+
+    Returns:
+        ``{"image_to_text@k": ..., "text_to_image@k": ...}`` for each ``k``.
+
+    >>> e = torch.eye(3)
+    >>> retrieval_recall(e, e, [0, 1, 2], [0, 1, 2], ks=(1,))
+    {'image_to_text@1': 1.0, 'text_to_image@1': 1.0}
+    """
+    if len(image_emb) != len(image_keys) or len(text_emb) != len(text_keys):
+        raise ValueError("need one key per image and one per text")
+    codes = {k: i for i, k in enumerate(dict.fromkeys([*image_keys, *text_keys]))}
+    ik = torch.tensor([codes[k] for k in image_keys])
+    tk = torch.tensor([codes[k] for k in text_keys])
+    sim = image_emb @ text_emb.T  # [image, text]
+    out = {}
+    for k in ks:
+        i2t = (tk[sim.topk(k, dim=1).indices] == ik[:, None]).any(1).float().mean()
+        t2i = (ik[sim.T.topk(k, dim=1).indices] == tk[:, None]).any(1).float().mean()
+        out[f"image_to_text@{k}"], out[f"text_to_image@{k}"] = float(i2t), float(t2i)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Concept bank and concept scores (CB2)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ConceptBank:
+    """Named visual concepts written as prompts, grouped for a hierarchical aggregation.
+
+    Args:
+        names: short names (``"laces"``), one per concept.
+        prompts: what the text tower reads (``"a shoe with laces"``).
+        groups: a group name per concept (``"footwear"``); the Choquet student aggregates groups first.
+    """
+
+    names: tuple[str, ...]
+    prompts: tuple[str, ...]
+    groups: tuple[str, ...]
+
+    def __post_init__(self):
+        if len(self.names) == 0:
+            raise ValueError("the concept bank is empty: give at least one concept (name, prompt, group)")
+        if not len(self.names) == len(self.prompts) == len(self.groups):
+            raise ValueError(f"names, prompts and groups must have one entry per concept, got {len(self.names)}, "
+                             f"{len(self.prompts)}, {len(self.groups)}")
+        if len(set(self.names)) != len(self.names):
+            raise ValueError("concept names must be unique")
+        _check_texts(list(self.prompts), "prompts")
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[tuple[str, str, str]]) -> ConceptBank:
+        """From ``(name, prompt, group)`` rows."""
+        if len(rows) == 0:
+            raise ValueError("the concept bank is empty: give at least one concept (name, prompt, group)")
+        names, prompts, groups = zip(*rows, strict=True)
+        return cls(tuple(names), tuple(prompts), tuple(groups))
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def group_indices(self) -> dict[str, list[int]]:
+        """Group name → concept indices, groups in order of first appearance."""
+        out: dict[str, list[int]] = {}
+        for i, g in enumerate(self.groups):
+            out.setdefault(g, []).append(i)
+        return out
+
+
+FASHION_CONCEPTS = ConceptBank.from_rows([
+    # upper body
+    ("sleeves", "a garment with sleeves", "upper body"),
+    ("long sleeves", "a garment with long sleeves", "upper body"),
+    ("short sleeves", "a garment with short sleeves", "upper body"),
+    ("sleeveless", "a sleeveless garment", "upper body"),
+    ("collar", "a garment with a collar", "upper body"),
+    ("hood", "a garment with a hood", "upper body"),
+    ("buttons", "a garment with buttons", "upper body"),
+    ("zipper", "a garment with a zipper", "upper body"),
+    ("neckline", "a garment with a round neckline", "upper body"),
+    ("pockets", "a garment with pockets", "upper body"),
+    # lower body and length
+    ("legs", "a garment with two legs", "lower body"),
+    ("waistband", "a garment with a waistband", "lower body"),
+    ("skirt", "a garment with a skirt", "lower body"),
+    ("fitted waist", "a garment with a fitted waist", "lower body"),
+    ("hem", "a garment with a ribbed hem", "lower body"),
+    ("belt", "a garment with a belt", "lower body"),
+    # footwear
+    ("heel", "a shoe with a heel", "footwear"),
+    ("laces", "a shoe with laces", "footwear"),
+    ("sole", "a shoe with a flat rubber sole", "footwear"),
+    ("straps", "a shoe with thin straps", "footwear"),
+    ("open toe", "a shoe with an open toe", "footwear"),
+    ("ankle shaft", "a shoe with an ankle-high shaft", "footwear"),
+    ("buckle", "a shoe with a buckle", "footwear"),
+    ("toe cap", "a shoe with a rounded toe cap", "footwear"),
+    # accessories
+    ("handle", "an item with a handle", "accessory"),
+    ("rectangular", "an item with a rectangular shape", "accessory"),
+    ("shoulder strap", "an item with a shoulder strap", "accessory"),
+    ("clasp", "an item with a metal clasp", "accessory"),
+    # silhouette
+    ("long", "a long item", "silhouette"),
+    ("short", "a short item", "silhouette"),
+    ("loose", "a loose-fitting item", "silhouette"),
+    ("tight", "a tight-fitting item", "silhouette"),
+    ("wide", "a wide item", "silhouette"),
+    ("slim", "a slim item", "silhouette"),
+    ("symmetric", "a symmetric item", "silhouette"),
+    ("low", "a low, flat item", "silhouette"),
+    # appearance
+    ("dark", "a dark item", "appearance"),
+    ("light", "a light item", "appearance"),
+    ("grey", "a grey item", "appearance"),
+    ("patterned", "a patterned item", "appearance"),
+    ("plain", "a plain item", "appearance"),
+    ("striped", "a striped item", "appearance"),
+    ("logo", "an item with a printed logo", "appearance"),
+    # material and use
+    ("knitted", "a knitted item", "material and use"),
+    ("leather", "a leather item", "material and use"),
+    ("denim", "a denim item", "material and use"),
+    ("for winter", "an item worn in winter", "material and use"),
+    ("for summer", "an item worn in summer", "material and use"),
+    ("for sport", "an item worn for sport", "material and use"),
+    ("formal", "a formal item", "material and use"),
+])  # fmt: skip
+"""The chapter-10 concept bank: 50 visual concepts of clothing, footwear and bags, in 7 groups."""
+
+
+def concept_probabilities(model: ClipLike, images: Tensor, prompts: Sequence[str] | ConceptBank) -> Tensor:
+    """CB2's concept scores before standardisation: softmax over concepts of ``logit_scale * cos(image, prompt)``.
+
+    Args:
+        model: any :class:`ClipLike`.
+        images: ``[N, 1, 28, 28]``.
+        prompts: concept prompts, or a :class:`ConceptBank`.
+
+    Returns:
+        ``[N, K]`` rows summing to 1.
+    """
+    prompts = list(prompts.prompts) if isinstance(prompts, ConceptBank) else prompts
+    if not isinstance(prompts, Sequence) or isinstance(prompts, str) or len(prompts) == 0:
+        raise ValueError("concepts list is empty: pass at least one concept prompt (or a ConceptBank)")
+    text = model.encode_text(_check_texts(prompts, "prompts"))  # [K, d]
+    return (model.logit_scale * model.encode_image(images) @ text.T).softmax(-1)
+
+
+@dataclasses.dataclass
+class Standardiser:
+    """Per-concept z-scores with the mean and standard deviation of a reference set (the training images)."""
+
+    mean: Tensor
+    std: Tensor
+
+    @classmethod
+    def fit(cls, scores: Tensor) -> Standardiser:
+        if scores.ndim != 2 or len(scores) < 2:
+            raise ValueError(f"fit on [N >= 2, K] scores, got shape {tuple(scores.shape)}")
+        return cls(scores.mean(0), scores.std(0).clamp_min(1e-8))
+
+    def __call__(self, scores: Tensor) -> Tensor:
+        if scores.ndim != 2 or scores.shape[1] != len(self.mean):
+            raise ValueError(f"scores must be [N, {len(self.mean)}], got shape {tuple(scores.shape)}")
+        return (scores - self.mean) / self.std
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face CLIPModel adapter
+# ---------------------------------------------------------------------------------------------
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class HFClip:
+    """Wrap a Hugging Face ``CLIPModel`` (and its tokenizer) as a :class:`ClipLike` for grey 28 x 28 images.
+
+    Images are un-normalised to [0, 1], replicated to 3 channels, resized (bilinear) to the vision
+    tower's ``image_size`` and normalised with the processor's mean/std (OpenAI's by default).
+
+    Use :meth:`from_pretrained` with a local directory or, with the network or a populated cache,
+    ``"openai/clip-vit-base-patch32"``.
+    """
+
+    def __init__(self, model, tokenizer, *, image_mean: Sequence[float] = OPENAI_CLIP_MEAN,
+                 image_std: Sequence[float] = OPENAI_CLIP_STD, batch_size: int = 256):
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.size = int(model.config.vision_config.image_size)
+        self.mean = torch.tensor(image_mean, dtype=torch.float32)[:, None, None]
+        self.std = torch.tensor(image_std, dtype=torch.float32)[:, None, None]
+        self.batch_size = batch_size
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs) -> HFClip:
+        from transformers import AutoTokenizer, CLIPModel
+
+        try:
+            model = CLIPModel.from_pretrained(name_or_path)
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        except OSError as err:
+            raise FileNotFoundError(
+                f"could not load a CLIPModel from {name_or_path!r}: give a directory saved with save_pretrained "
+                "(model + tokenizer), or a hub name with the network or a populated Hugging Face cache"
+            ) from err
+        mean, std = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+        config = Path(name_or_path) / "preprocessor_config.json"
+        if config.is_file():
+            pre = json.loads(config.read_text())
+            mean, std = pre.get("image_mean", mean), pre.get("image_std", std)
+        return cls(model, tokenizer, image_mean=mean, image_std=std, **kwargs)
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.model.logit_scale.exp())
+
+    def preprocess(self, images: Tensor) -> Tensor:
+        """``[B, 1, 28, 28]`` book images → ``[B, 3, size, size]`` CLIP pixel values."""
+        pixels = vision.unnormalise(vision.check_images(images))[:, None]  # [B, 1, 28, 28] in [0, 1]
+        pixels = F.interpolate(pixels, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        return (pixels.expand(-1, 3, -1, -1) - self.mean) / self.std
+
+    @staticmethod
+    def _tensor(out) -> Tensor:
+        # transformers >= 5 may return a model output instead of a tensor
+        return out if isinstance(out, Tensor) else out.pooler_output
+
+    @torch.no_grad()
+    def encode_image(self, images: Tensor) -> Tensor:
+        out = [self._tensor(self.model.get_image_features(pixel_values=self.preprocess(chunk)))
+               for chunk in images.split(self.batch_size)]
+        return F.normalize(torch.cat(out), dim=-1)
+
+    @torch.no_grad()
+    def encode_text(self, texts: list[str]) -> Tensor:
+        texts = _check_texts(texts)
+        max_length = int(self.model.config.text_config.max_position_embeddings)
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        out = self.model.get_text_features(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+        return F.normalize(self._tensor(out), dim=-1)
+
+
+if __name__ == "__main__":
+    write_committed_weights()

@@ -1,0 +1,152 @@
+"""helpers.choquet: capacities and Choquet integrals against brute force, the hierarchical student, bad input."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import choquet
+
+
+def _random_node(n=4, seed=0):
+    torch.manual_seed(seed)
+    node = choquet.ChoquetNode(n, 3)
+    with torch.no_grad():
+        node.logits.normal_(0, 1.5)
+    return node
+
+
+def test_capacity_axioms_of_a_2_additive_node():
+    node = _random_node()
+    for c in range(3):
+        mu = node.capacity(c)
+        assert mu[0] == pytest.approx(0) and mu[-1] == pytest.approx(1)
+        choquet.check_capacity(mu)  # monotone: raises otherwise
+        for s, i in itertools.product(range(16), range(4)):
+            assert mu[s | (1 << i)] >= mu[s] - 1e-12
+
+
+def test_check_capacity_rejects_non_capacities():
+    with pytest.raises(ValueError, match="empty set"):
+        choquet.check_capacity([0.1, 0.5, 0.5, 1])
+    with pytest.raises(ValueError, match="mu\\(N\\) = 1"):
+        choquet.check_capacity([0, 0.5, 0.5, 0.9])
+    with pytest.raises(ValueError, match="not monotone"):
+        choquet.check_capacity([0, 0.8, 0.5, 0.7, 0.2, 0.9, 0.6, 1])
+    with pytest.raises(ValueError, match="2\\*\\*n"):
+        choquet.check_capacity([0, 0.5, 1])
+
+
+def test_closed_form_matches_the_sorting_definition_and_its_bounds():
+    node = _random_node(n=5, seed=1)
+    rng = np.random.default_rng(0)
+    x = torch.tensor(rng.random((50, 5)), dtype=torch.float32)
+    fast = node(x[:, None, :].expand(-1, 3, -1)).detach()  # [50, 3]
+    for c in range(3):
+        mu = node.capacity(c)
+        slow = [choquet.choquet_integral(row, mu) for row in x.numpy()]
+        np.testing.assert_allclose(fast[:, c].numpy(), slow, atol=1e-5)
+    assert (fast >= x.min(1).values[:, None] - 1e-6).all() and (fast <= x.max(1).values[:, None] + 1e-6).all()
+    const = node(torch.full((1, 3, 5), 0.37)).detach()
+    np.testing.assert_allclose(const.numpy(), 0.37, atol=1e-6)
+
+
+def test_shapley_and_interactions_match_brute_force():
+    node = _random_node(n=4, seed=2)
+    phi, inter = node.shapley().detach(), node.interactions().detach()
+    for c in range(3):
+        mu = node.capacity(c)
+        np.testing.assert_allclose(phi[c].numpy(), choquet.shapley_values(mu), atol=1e-6)
+        np.testing.assert_allclose(inter[c].numpy(), choquet.interaction_indices(mu), atol=1e-6)
+        assert phi[c].sum().item() == pytest.approx(1, abs=1e-6)
+        m = choquet.mobius_from_capacity(mu)
+        higher = [m[s] for s in range(16) if bin(s).count("1") > 2]
+        np.testing.assert_allclose(higher, 0, atol=1e-9)  # 2-additive: no mass beyond pairs
+        np.testing.assert_allclose(choquet.capacity_from_mobius(m), mu, atol=1e-12)
+
+
+def test_known_capacities():
+    # minimum, maximum and mean of two criteria
+    assert choquet.choquet_integral([0.2, 0.7], [0, 0, 0, 1]) == pytest.approx(0.2)
+    assert choquet.choquet_integral([0.2, 0.7], [0, 1, 1, 1]) == pytest.approx(0.7)
+    assert choquet.choquet_integral([0.2, 0.7], [0, 0.5, 0.5, 1]) == pytest.approx(0.45)
+    np.testing.assert_allclose(choquet.interaction_indices([0, 0, 0, 1]), [[0, 1], [1, 0]])   # complementary
+    np.testing.assert_allclose(choquet.interaction_indices([0, 1, 1, 1]), [[0, -1], [-1, 0]])  # redundant
+    # a symmetric capacity on 3 criteria: every Shapley value is 1/3
+    mu = [0, 0.2, 0.2, 0.6, 0.2, 0.6, 0.6, 1]
+    np.testing.assert_allclose(choquet.shapley_values(mu), [1 / 3] * 3)
+
+
+def test_node_decomposition_sums_to_the_output():
+    node = _random_node(n=6, seed=3)
+    x = torch.rand(20, 3, 6)
+    parts = choquet.node_contributions(x, node.weights().detach())
+    np.testing.assert_allclose(parts.sum(-1).numpy(), node(x).detach().numpy(), atol=1e-5)
+
+
+def _student(utility="signed"):
+    torch.manual_seed(0)
+    student = choquet.ChoquetStudent([[0, 1, 2], [3, 4], [5]], 4, utility=utility)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    return student
+
+
+def test_hierarchy_global_and_local_explanations():
+    student = _student()
+    z = torch.randn(30, 6)
+    values = student.scores(z)
+    assert values.shape == (30, 4) and (values >= 0).all() and (values <= 1).all()
+    phi = student.choquet.shapley()
+    np.testing.assert_allclose(phi.sum(1).numpy(), 1, atol=1e-6)
+    assert (phi >= -1e-9).all()
+    local = student.choquet.local_contributions(z)
+    np.testing.assert_allclose(local.sum(-1).numpy(), values.numpy(), atol=1e-5)
+    inter = student.choquet.interactions()
+    assert inter.shape == (4, 6, 6) and torch.allclose(inter, inter.transpose(1, 2))
+    assert (inter[:, 0, 3] == 0).all()  # different groups interact only at the root
+
+
+def test_utilities_are_monotone_in_the_score():
+    student = _student("increasing")
+    z = torch.zeros(2, 6)
+    z[1, 2] = 1.0  # raise one concept's score
+    values = student.scores(z)
+    assert (values[1] >= values[0] - 1e-7).all()
+
+
+def test_distillation_recovers_a_choquet_teacher():
+    teacher = _student()
+    z = torch.randn(2000, 6)
+    logits = teacher(z).detach()
+    fresh = choquet.ChoquetStudent([[0, 1, 2], [3, 4], [5]], 4)
+    before = choquet.agreement(fresh(z).detach(), logits)
+    losses = choquet.distil(fresh, z, logits, epochs=40, batch_size=256, lr=0.05)
+    assert losses[-1] < losses[0]
+    assert choquet.agreement(fresh(z).detach(), logits) > max(0.9, before)
+
+
+def test_concepts_for_mass():
+    phi = torch.tensor([[0.7, 0.1, 0.1, 0.1], [0.25, 0.25, 0.25, 0.25]])
+    assert choquet.concepts_for_mass(phi, 0.8).tolist() == [2, 4]
+
+
+def test_bad_input_gives_clear_errors():
+    student = _student()
+    with pytest.raises(ValueError, match="one score per concept"):
+        student(torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="NaN"):
+        student(torch.tensor([[math.nan] * 6]))
+    with pytest.raises(ValueError, match="pass a batch"):
+        student(torch.zeros(6))
+    with pytest.raises(ValueError, match="non-empty"):
+        choquet.ChoquetStudent([], 3)
+    with pytest.raises(ValueError, match="exactly one group"):
+        choquet.ChoquetStudent([[0, 1], [1, 2]], 3)
+    with pytest.raises(ValueError, match="utility"):
+        choquet.ChoquetStudent([[0]], 3, utility="concave")
+    with pytest.raises(ValueError, match="temperature"):
+        choquet.distil(student, torch.zeros(4, 6), torch.zeros(4, 4), temperature=0)
