@@ -1,0 +1,765 @@
+"""Prototype layers: "this looks like that" on ViT patch tokens, and prototypes for recommendation (chapter 9).
+
+Two halves, one idea: a prediction is a linear function of similarities to a few prototypes, and each
+prototype is *projected* onto a real training example, so an explanation can show it.
+
+*Images* (ProtoPNet, Chen et al. 2019): the book's ViT (chapter 8, kept frozen) gives 16 patch tokens
+per Fashion-MNIST image; :class:`PrototypeHead` maps them through ProtoPNet's add-on layers, compares
+them with ``m`` prototypes per class by the log-similarity of the closest patch, and classifies with
+a last layer. :func:`train_prototype_head` runs ProtoPNet's stages (warm-up with cluster and
+separation costs, push with :func:`push_prototypes`, last-layer optimisation);
+:func:`similarity_maps`, :func:`part_masks` and :func:`prototype_purity` give the explanations and
+their measures.
+
+*Recommendation* (SASRec, Kang & McAuley 2018): :func:`simulate_shop` generates interaction
+sequences over Fashion-MNIST items from a stated preference model (so the ground truth is known);
+:class:`SequentialRecommender` is a small causal transformer whose next-item scores come either from
+a dot product with item embeddings (plain SASRec) or from a prototype layer whose prototypes are
+projected onto real item embeddings; :func:`hit_rate_ndcg` scores rankings.
+
+Tensors: patch tokens ``[batch, 16, width]`` (CLS removed), latent patches ``[batch, 16, dim]``,
+prototypes ``[P, dim]``, similarity maps ``[batch, P, 4, 4]``; sequences ``[users, time]`` of item
+ids, with ``n_items`` as the padding id.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from helpers import common
+
+GRID = 4  # the book's ViT: 28 x 28 images, 7 x 7 patches -> 4 x 4 grid
+N_PATCHES = GRID * GRID
+
+
+# ---------------------------------------------------------------------------------------------
+# Images: a ProtoPNet head on frozen ViT patch tokens
+# ---------------------------------------------------------------------------------------------
+
+
+def log_similarity(distances: Tensor, *, eps: float = 1e-4) -> Tensor:
+    """ProtoPNet's similarity ``log((d + 1) / (d + eps))`` of squared distances ``d >= 0`` (same shape).
+
+    Large (about ``log(1/eps)``) when a patch sits on the prototype, near 0 far away.
+
+    >>> [round(v, 3) for v in log_similarity(torch.tensor([0.0, 1.0, 1e6])).tolist()]
+    [9.21, 0.693, 0.0]
+
+    Chen et al. (2019), "This looks like that", eq. in §2.1.
+    """
+    return torch.log((distances + 1) / (distances + eps))
+
+
+def _check_tokens(tokens: Tensor, width: int | None = None) -> Tensor:
+    if not isinstance(tokens, Tensor) or tokens.ndim != 3 or tokens.shape[1] != N_PATCHES:
+        shape = tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__
+        raise ValueError(
+            f"tokens must be patch tokens [batch, {N_PATCHES}, width] (vision.vit_tokens(vit, x)[:, 1:]), got {shape}"
+        )
+    if width is not None and tokens.shape[2] != width:
+        raise ValueError(f"tokens have width {tokens.shape[2]}, the head expects {width}")
+    return tokens.float()
+
+
+class PrototypeHead(nn.Module):
+    """ProtoPNet's head on patch tokens: add-on layers, ``per_class`` prototypes per class, last layer.
+
+    ``latent`` maps tokens ``[batch, 16, width]`` to ``[batch, 16, dim]`` in ``(0, 1)`` (two linear
+    layers with ReLU then sigmoid: ProtoPNet's 1 x 1 convolutions); each prototype ``p_j`` belongs to
+    class ``prototype_class[j]``; the logits are ``last_layer(max_patch log_similarity(||z - p_j||^2))``.
+
+    >>> head = PrototypeHead(width=8, n_classes=3, per_class=2, dim=4)
+    >>> logits, min_d = head(torch.randn(5, 16, 8))
+    >>> tuple(logits.shape), tuple(min_d.shape), head.prototype_class.tolist()
+    ((5, 3), (5, 6), [0, 0, 1, 1, 2, 2])
+    """
+
+    def __init__(self, width: int = 64, *, n_classes: int = 10, per_class: int = 3, dim: int = 32, eps: float = 1e-4):
+        super().__init__()
+        self.width, self.n_classes, self.per_class, self.dim, self.eps = width, n_classes, per_class, dim, eps
+        self.add_on = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, dim), nn.Sigmoid())
+        self.prototypes = nn.Parameter(torch.rand(n_classes * per_class, dim))  # [P, dim], uniform as in ProtoPNet
+        self.register_buffer("prototype_class", torch.arange(n_classes).repeat_interleave(per_class))
+        self.last_layer = nn.Linear(n_classes * per_class, n_classes, bias=False)
+        self.set_last_layer(incorrect=-0.5)
+
+    @property
+    def identity(self) -> Tensor:
+        """``[P, classes]`` one-hot class membership of the prototypes."""
+        return F.one_hot(self.prototype_class, self.n_classes).float()
+
+    @torch.no_grad()
+    def set_last_layer(self, *, incorrect: float = -0.5) -> None:
+        """ProtoPNet's initial last layer: weight 1 from a prototype to its class, ``incorrect`` elsewhere."""
+        ident = self.identity.T  # [classes, P]
+        self.last_layer.weight.copy_(ident + incorrect * (1 - ident))
+
+    def latent(self, tokens: Tensor) -> Tensor:
+        """Add-on features of the patches: ``[batch, 16, width] -> [batch, 16, dim]``."""
+        return self.add_on(tokens)
+
+    def distances(self, tokens: Tensor) -> Tensor:
+        """Squared L2 distances from every patch to every prototype: ``[batch, P, 16]``."""
+        z = self.latent(_check_tokens(tokens, self.width))  # [batch, patch, dim]
+        d = (z**2).sum(-1)[:, None, :] - 2 * torch.einsum("bnd,pd->bpn", z, self.prototypes)
+        return (d + (self.prototypes**2).sum(-1)[None, :, None]).clamp_min(0)
+
+    def forward(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """``(logits [batch, classes], min_distances [batch, P])`` from patch tokens ``[batch, 16, width]``."""
+        min_d = self.distances(tokens).min(-1).values  # [batch, P]
+        return self.last_layer(log_similarity(min_d, eps=self.eps)), min_d
+
+
+class ProtoViT(nn.Module):
+    """The frozen book ViT followed by a :class:`PrototypeHead`: images ``[batch, 1, 28, 28]`` -> logits."""
+
+    def __init__(self, backbone: nn.Module, head: PrototypeHead):
+        super().__init__()
+        self.backbone, self.head = backbone.eval().requires_grad_(False), head
+
+    def patch_tokens(self, images: Tensor) -> Tensor:
+        """``[batch, 16, width]`` final-LayerNorm patch tokens (the CLS token dropped)."""
+        from helpers import vision
+
+        return vision.vit_tokens(self.backbone, images)[:, 1:]
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.head(self.patch_tokens(images))[0]
+
+
+def patch_tokens(backbone: nn.Module, images: Tensor, *, batch_size: int = 2000) -> Tensor:
+    """Frozen ViT patch tokens of many images, in batches: ``[N, 1, 28, 28] -> [N, 16, width]``."""
+    from helpers import vision
+
+    images = vision.check_images(images)
+    chunks = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
+    return torch.cat([vision.vit_tokens(backbone, chunk)[:, 1:] for chunk in chunks])
+
+
+def prototype_losses(head: PrototypeHead, min_distances: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """ProtoPNet's cluster and separation costs (Chen et al. 2019, §2.2), both ``[]``.
+
+    Cluster: mean over images of the smallest distance to a prototype *of the image's class*
+    (pull every image close to one of its class's prototypes). Separation: mean smallest distance to a
+    prototype of *another* class (subtracted in the loss, so it pushes those away).
+    """
+    own = head.identity[:, labels].T.bool()  # [batch, P]
+    big = min_distances.detach().max() + 1
+    cluster = torch.where(own, min_distances, big).min(1).values.mean()
+    separation = torch.where(~own, min_distances, big).min(1).values.mean()
+    return cluster, separation
+
+
+@dataclasses.dataclass(frozen=True)
+class ProtoRecipe:
+    """Everything that determines a trained :class:`PrototypeHead` (its hash names the cache file)."""
+
+    per_class: int = 3
+    dim: int = 32
+    n_train: int = 20000  # training images whose frozen tokens the head sees (first n of the training set)
+    warm_epochs: int = 8
+    last_epochs: int = 4
+    batch_size: int = 250
+    lr: float = 3e-3
+    lr_last: float = 1e-3
+    clst: float = 0.8  # ProtoPNet's lambda_1
+    sep: float = 0.08  # ProtoPNet's lambda_2
+    l1: float = 1e-4  # ProtoPNet's lambda for wrong-class last-layer weights
+    seed: int = 0
+    version: int = 1
+
+    def key(self) -> str:
+        return common.content_hash(dataclasses.asdict(self), length=12)
+
+
+def _epochs(head, params, tokens, labels, *, epochs, lr, batch_size, generator, loss_fn) -> list[float]:
+    optimiser = torch.optim.Adam(params, lr=lr)
+    losses = []
+    for _ in range(epochs):
+        order = torch.randperm(len(tokens), generator=generator)
+        total = 0.0
+        for i in range(0, len(order), batch_size):
+            b = order[i : i + batch_size]
+            logits, min_d = head(tokens[b])
+            loss = loss_fn(logits, min_d, labels[b])
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            total += loss.item() * len(b)
+        losses.append(total / len(tokens))
+    return losses
+
+
+def train_prototype_head(
+    tokens: Tensor, labels: Tensor, recipe: ProtoRecipe = ProtoRecipe()
+) -> tuple[PrototypeHead, dict]:
+    """Train a :class:`PrototypeHead` on frozen patch tokens by ProtoPNet's three stages.
+
+    1. *Warm-up/joint* (the backbone stays frozen, so they coincide): add-on layers and prototypes
+       with the last layer fixed, loss ``CE + clst * Clst - sep * Sep``.
+    2. *Push*: every prototype becomes its nearest latent training patch of its own class
+       (:func:`push_prototypes`).
+    3. *Last layer*: only the last layer, loss ``CE + l1 * |wrong-class weights|_1``.
+
+    Args:
+        tokens: ``[N, 16, width]`` patch tokens of the training images; labels: ``[N]``.
+        recipe: sizes and optimisation settings.
+
+    Returns:
+        ``(head in eval mode, history)`` with ``history["warm_loss"]``, ``history["last_loss"]`` per
+        epoch and ``history["push"]`` (see :func:`push_prototypes`); ``history["state_before_push"]``
+        holds the head's weights before the push, to measure what the push costs.
+    """
+    tokens = _check_tokens(tokens)
+    labels = torch.as_tensor(labels).long()
+    if labels.shape != (len(tokens),):
+        raise ValueError(f"labels must be [N] = [{len(tokens)}], got {tuple(labels.shape)}")
+    common.set_seed(recipe.seed)
+    head = PrototypeHead(tokens.shape[2], n_classes=int(labels.max()) + 1, per_class=recipe.per_class, dim=recipe.dim)
+    generator = torch.Generator().manual_seed(recipe.seed)
+
+    def warm_loss(logits, min_d, y):
+        cluster, separation = prototype_losses(head, min_d, y)
+        return F.cross_entropy(logits, y) + recipe.clst * cluster - recipe.sep * separation
+
+    def last_loss(logits, _min_d, y):
+        wrong = head.last_layer.weight * (1 - head.identity.T)
+        return F.cross_entropy(logits, y) + recipe.l1 * wrong.abs().sum()
+
+    head.train()
+    history = {"warm_loss": _epochs(head, [*head.add_on.parameters(), head.prototypes], tokens, labels,
+                                    epochs=recipe.warm_epochs, lr=recipe.lr, batch_size=recipe.batch_size,
+                                    generator=generator, loss_fn=warm_loss)}  # fmt: skip
+    history["state_before_push"] = {k: v.detach().clone() for k, v in head.state_dict().items()}
+    history["push"] = push_prototypes(head, tokens, labels)
+    history["last_loss"] = _epochs(head, list(head.last_layer.parameters()), tokens, labels, epochs=recipe.last_epochs,
+                                   lr=recipe.lr_last, batch_size=recipe.batch_size, generator=generator,
+                                   loss_fn=last_loss)  # fmt: skip
+    return head.eval(), history
+
+
+@torch.no_grad()
+def latent_patches(head: PrototypeHead, tokens: Tensor, *, batch_size: int = 5000) -> Tensor:
+    """Add-on features of every patch: ``[N, 16, width] -> [N, 16, dim]`` (what push searches)."""
+    tokens = _check_tokens(tokens, head.width)
+    return torch.cat([head.latent(tokens[i : i + batch_size]) for i in range(0, len(tokens), batch_size)])
+
+
+@torch.no_grad()
+def push_prototypes(head: PrototypeHead, tokens: Tensor, labels: Tensor, *, batch_size: int = 5000) -> dict:
+    """Project every prototype onto its nearest latent training patch of its own class (ProtoPNet's push).
+
+    After the call, ``head.prototypes[j]`` *is* ``latent_patches(head, tokens)[image[j], patch[j]]``,
+    bit for bit, so the prototype can be shown as that 7 x 7 patch of that training image.
+
+    Args:
+        head: the head to modify in place; tokens: ``[N, 16, width]``; labels: ``[N]``.
+
+    Returns:
+        ``{"image": [P] long, "patch": [P] long, "distance": [P] float}``: where each prototype went
+        and how far it moved (squared distance).
+    """
+    labels = torch.as_tensor(labels).long()
+    z = latent_patches(head, tokens, batch_size=batch_size)  # [N, patch, dim]
+    flat = z.reshape(-1, z.shape[-1])  # [N * patch, dim]
+    patch_class = labels.repeat_interleave(z.shape[1])  # [N * patch]
+    image, patch, distance = [], [], []
+    for j, proto in enumerate(head.prototypes.detach()):
+        d = ((flat - proto) ** 2).sum(-1)
+        d[patch_class != head.prototype_class[j]] = float("inf")
+        if not torch.isfinite(d).any():
+            raise ValueError(f"no training image of class {int(head.prototype_class[j])}: cannot push prototype {j}")
+        best = int(d.argmin())
+        image.append(best // z.shape[1])
+        patch.append(best % z.shape[1])
+        distance.append(float(d[best]))
+        head.prototypes[j] = flat[best]
+    return {"image": torch.tensor(image), "patch": torch.tensor(patch), "distance": torch.tensor(distance)}
+
+
+@torch.no_grad()
+def head_accuracy(head: PrototypeHead, tokens: Tensor, labels: Tensor, *, batch_size: int = 5000) -> float:
+    """Top-1 accuracy of the head on patch tokens ``[N, 16, width]``."""
+    tokens = _check_tokens(tokens, head.width)
+    pred = torch.cat([head(tokens[i : i + batch_size])[0].argmax(1) for i in range(0, len(tokens), batch_size)])
+    return float((pred == torch.as_tensor(labels)).float().mean())
+
+
+@torch.no_grad()
+def similarity_maps(head: PrototypeHead, tokens: Tensor) -> Tensor:
+    """Per-patch log-similarity to every prototype: ``[batch, 16, width] -> [batch, P, 4, 4]``.
+
+    The maximum of a map over its 16 patches is the activation the last layer sees.
+    """
+    return log_similarity(head.distances(tokens), eps=head.eps).reshape(len(tokens), -1, GRID, GRID)
+
+
+def part_masks(maps: Tensor, *, size: int = 28, quantile: float = 0.9) -> tuple[Tensor, Tensor]:
+    """Upsample patch-level maps to pixels (bilinear, as ProtoPNet) and keep the most activated pixels.
+
+    Args:
+        maps: ``[batch, P, h, w]`` similarity maps.
+        size: output side in pixels.
+        quantile: a pixel is in the part when its upsampled similarity is at least this quantile of
+            its own map (ProtoPNet draws boxes around the top 5 %, ``quantile=0.95``).
+
+    Returns:
+        ``(upsampled [batch, P, size, size], masks [batch, P, size, size] bool)``.
+
+    >>> up, mask = part_masks(torch.arange(16.0).reshape(1, 1, 4, 4), size=8, quantile=0.75)
+    >>> tuple(mask.shape), int(mask.sum()), bool(mask[0, 0, -1, -1])
+    ((1, 1, 8, 8), 16, True)
+    """
+    if maps.ndim != 4:
+        raise ValueError(f"maps must be [batch, P, h, w], got shape {tuple(maps.shape)}")
+    if not 0 <= quantile < 1:
+        raise ValueError(f"quantile must be in [0, 1), got {quantile}")
+    b, p = maps.shape[:2]
+    up = F.interpolate(maps.reshape(b * p, 1, *maps.shape[2:]).float(), size=(size, size), mode="bilinear",
+                       align_corners=False).reshape(b, p, size, size)  # fmt: skip
+    cut = torch.quantile(up.reshape(b, p, -1), quantile, dim=-1)[..., None, None]
+    return up, up >= cut
+
+
+@torch.no_grad()
+def prototype_purity(head: PrototypeHead, tokens: Tensor, labels: Tensor, *, k: int = 10) -> tuple[Tensor, Tensor]:
+    """Class consistency of each prototype's ``k`` nearest training images (nearest by their closest patch).
+
+    Args:
+        head: a trained head; tokens: ``[N, 16, width]``; labels: ``[N]``.
+        k: neighbours per prototype.
+
+    Returns:
+        ``(purity [P], neighbours [P, k])``: the fraction of the ``k`` images whose label is the
+        prototype's class, and their indices (nearest first).
+    """
+    labels = torch.as_tensor(labels).long()
+    if not 1 <= k <= len(labels):
+        raise ValueError(f"k must be between 1 and the number of images ({len(labels)}), got {k}")
+    min_d = torch.cat([head(tokens[i : i + 5000])[1] for i in range(0, len(tokens), 5000)])  # [N, P]
+    neighbours = min_d.topk(k, dim=0, largest=False).indices.T  # [P, k]
+    purity = (labels[neighbours] == head.prototype_class[:, None]).float().mean(1)
+    return purity, neighbours
+
+
+# ---------------------------------------------------------------------------------------------
+# Recommendation: a simulated shop over Fashion-MNIST items
+# ---------------------------------------------------------------------------------------------
+
+
+def item_attributes(images: np.ndarray | Tensor, *, foreground: float = 0.1) -> np.ndarray:
+    """Two visual attributes computed from pixels: ``[N, 28, 28]`` uint8 -> ``[N, 2]`` (brightness, size).
+
+    Brightness is the mean intensity (in [0, 1]) of the foreground pixels (those above
+    ``foreground``); size is the fraction of the image that is foreground.
+
+    >>> img = np.zeros((1, 28, 28), np.uint8); img[0, :14] = 255
+    >>> item_attributes(img).round(3).tolist()
+    [[1.0, 0.5]]
+    """
+    x = np.asarray(images, dtype=np.float64) / 255.0
+    if x.ndim != 3 or x.shape[1:] != (28, 28):
+        raise ValueError(f"images must be uint8 [N, 28, 28], got shape {x.shape}")
+    fg = x > foreground
+    size = fg.mean((1, 2))
+    brightness = (x * fg).sum((1, 2)) / np.maximum(fg.sum((1, 2)), 1)
+    return np.stack([brightness, size], 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShopConfig:
+    """The generative model of the simulated shop (see :func:`simulate_shop`)."""
+
+    n_users: int = 2000
+    n_items: int = 1000  # drawn evenly over the 10 classes
+    length: int = 25  # interactions per user
+    liked: tuple[int, ...] = (2, 3)  # a user likes 2 or 3 classes (uniformly)
+    alpha: float = 3.0  # utility of a liked class
+    beta: float = 1.0  # weight of the attribute taste w_u . x_i
+    gamma: float = 1.0  # bonus for staying in the class of the previous item
+    temperature: float = 1.0
+    repeats: bool = False
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class Shop:
+    """A simulated shop: items, users' hidden preferences and their interaction sequences."""
+
+    config: ShopConfig
+    item_index: np.ndarray  # [I] index of each item in the source image set
+    item_class: np.ndarray  # [I] class label
+    item_attrs: np.ndarray  # [I, 2] standardised (brightness, size)
+    liked: np.ndarray  # [U, classes] bool
+    taste: np.ndarray  # [U, 2] attribute weights w_u
+    sequences: np.ndarray  # [U, length] item ids in time order
+
+    def utility(self, users: np.ndarray | Sequence[int], previous: np.ndarray | None = None) -> np.ndarray:
+        """The stated utility ``U[u, i]``, ``[len(users), I]``; with ``previous`` items, the stay-in-class bonus too."""
+        users = self.check_users(users)
+        c = self.config
+        u = c.alpha * self.liked[users][:, self.item_class] + c.beta * self.taste[users] @ self.item_attrs.T
+        if previous is not None:
+            u = u + c.gamma * (self.item_class[None, :] == self.item_class[np.asarray(previous)][:, None])
+        return u
+
+    def check_users(self, users: np.ndarray | Sequence[int]) -> np.ndarray:
+        """Validate user ids (``ValueError`` for an unknown user) and return them as an int array."""
+        users = np.atleast_1d(np.asarray(users))
+        if users.dtype.kind not in "iu" or ((users < 0) | (users >= len(self.liked))).any():
+            raise ValueError(f"unknown user id(s) {users.tolist()[:5]}: users are 0..{len(self.liked) - 1}")
+        return users.astype(np.int64)
+
+
+def simulate_shop(images: np.ndarray, labels: np.ndarray, config: ShopConfig = ShopConfig()) -> Shop:
+    """Generate a shop's interaction sequences from a stated preference model.
+
+    Items: ``n_items`` images, the same number per class, with class ``c_i`` and standardised
+    attributes ``x_i`` (:func:`item_attributes`). Users: a set ``L_u`` of ``|L_u| ~ U{liked}``
+    classes and a taste ``w_u ~ N(0, I_2)``. At step ``t`` user ``u`` picks item ``i`` with
+
+    ``P(i_t = i) ∝ exp(U_t(u, i) / temperature)`` over items not yet chosen (unless ``repeats``), where
+    ``U_t(u, i) = alpha 1[c_i ∈ L_u] + beta w_u·x_i + gamma 1[c_i = c_{i_{t-1}}]`` (no bonus at t = 0).
+
+    Args:
+        images: uint8 ``[N, 28, 28]`` candidate item images; labels: ``[N]`` their classes.
+        config: sizes and weights; ``config.seed`` makes the shop deterministic.
+
+    Returns:
+        a :class:`Shop`.
+    """
+    labels = np.asarray(labels)
+    n_classes = int(labels.max()) + 1
+    if config.n_items % n_classes:
+        raise ValueError(f"n_items must be a multiple of the number of classes ({n_classes}), got {config.n_items}")
+    if not config.repeats and config.length > config.n_items:
+        raise ValueError(f"length {config.length} > n_items {config.n_items}: allow repeats or shorten the sequences")
+    rng = np.random.default_rng(config.seed)
+    per = config.n_items // n_classes
+    item_index = np.concatenate([rng.choice(np.flatnonzero(labels == c), per, replace=False) for c in range(n_classes)])
+    attrs = item_attributes(images[item_index])
+    attrs = (attrs - attrs.mean(0)) / attrs.std(0)
+    liked = np.zeros((config.n_users, n_classes), bool)
+    for u in range(config.n_users):
+        liked[u, rng.choice(n_classes, rng.choice(config.liked), replace=False)] = True
+    taste = rng.normal(size=(config.n_users, 2))
+    shop = Shop(config, item_index, labels[item_index], attrs, liked, taste, np.zeros((config.n_users, 0), np.int64))
+    users = np.arange(config.n_users)
+    base = shop.utility(users)  # [U, I]
+    chosen = np.zeros((config.n_users, config.n_items), bool)
+    seq = np.zeros((config.n_users, config.length), np.int64)
+    for t in range(config.length):
+        u_t = base.copy()
+        if t:
+            u_t += config.gamma * (shop.item_class[None, :] == shop.item_class[seq[:, t - 1]][:, None])
+        logits = u_t / config.temperature
+        if not config.repeats:
+            logits[chosen] = -np.inf
+        p = np.exp(logits - logits.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        # inverse-CDF sampling, one uniform per user (vectorised and seeded)
+        seq[:, t] = np.minimum((p.cumsum(1) < rng.random((config.n_users, 1))).sum(1), config.n_items - 1)
+        chosen[users, seq[:, t]] = True
+    shop.sequences = seq
+    return shop
+
+
+def split_by_time(sequences: np.ndarray, *, n_test: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Leave-last-out split: ``(train [U, T - n_test], test [U, n_test])``; the last items are held out."""
+    sequences = np.asarray(sequences)
+    if sequences.ndim != 2 or not 1 <= n_test < sequences.shape[1]:
+        raise ValueError(f"need sequences [users, time] longer than n_test={n_test}, got shape {sequences.shape}")
+    return sequences[:, :-n_test], sequences[:, -n_test:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Recommendation: SASRec with an optional prototype layer
+# ---------------------------------------------------------------------------------------------
+
+
+class SequentialRecommender(nn.Module):
+    """A SASRec-style next-item model, optionally scoring through prototypes projected onto real items.
+
+    Item embeddings are ``e_i = free_i + A f_i``, where ``f_i`` are frozen features of the item's
+    image (the ViT's CLS token) and ``A`` is learned; positions are learned; ``n_blocks`` causal
+    self-attention blocks give ``h_t`` at every position. Scores for the next item:
+
+    * plain (``n_prototypes = 0``): ``s_i = h_t · e_i`` (SASRec's shared embedding);
+    * prototypes: ``a_k = softmax_k(cos(h_t, p_k) / tau)`` and
+      ``s_i = scale · Σ_k a_k cos(p_k, e_i) + b_i``, a linear function of the prototype activations
+      ``a_k``, whose coefficients say how much item ``i`` resembles prototype ``k``.
+
+    >>> model = SequentialRecommender(torch.randn(20, 6), dim=8, max_len=5, n_prototypes=4)
+    >>> tuple(model(torch.tensor([[1, 2, 3]])).shape)
+    (1, 3, 20)
+    """
+
+    def __init__(self, item_features: Tensor, *, dim: int = 64, max_len: int = 30, n_blocks: int = 2, n_heads: int = 1,
+                 dropout: float = 0.2, n_prototypes: int = 0, tau: float = 0.1):  # fmt: skip
+        super().__init__()
+        feats = torch.as_tensor(item_features).float()
+        if feats.ndim != 2:
+            raise ValueError(f"item_features must be [items, features], got shape {tuple(feats.shape)}")
+        self.n_items, self.max_len, self.tau = len(feats), max_len, tau
+        self.register_buffer("features", (feats - feats.mean(0)) / feats.std(0).clamp_min(1e-6))
+        self.free = nn.Embedding(self.n_items + 1, dim, padding_idx=self.n_items)  # last row: padding
+        nn.init.normal_(self.free.weight, std=0.01)
+        with torch.no_grad():
+            self.free.weight[self.n_items].zero_()
+        self.feature_map = nn.Linear(feats.shape[1], dim, bias=False)
+        self.position = nn.Embedding(max_len, dim)
+        layer = nn.TransformerEncoderLayer(dim, n_heads, dim_feedforward=dim, dropout=dropout, batch_first=True,
+                                           norm_first=True)  # fmt: skip
+        self.blocks = nn.TransformerEncoder(layer, n_blocks, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+        self.n_prototypes = n_prototypes
+        if n_prototypes:
+            self.prototypes = nn.Parameter(torch.randn(n_prototypes, dim) * 0.1)  # [K, dim]
+            self.scale = nn.Parameter(torch.tensor(10.0))
+            self.bias = nn.Parameter(torch.zeros(self.n_items))
+        self.prototype_items: Tensor | None = None  # [K] item ids after projection
+
+    def item_embeddings(self) -> Tensor:
+        """``[items, dim]`` embeddings (padding row excluded)."""
+        return self.free.weight[: self.n_items] + self.feature_map(self.features)
+
+    def encode(self, sequences: Tensor) -> Tensor:
+        """Hidden states ``h_t`` ``[batch, time, dim]`` of left-padded item sequences ``[batch, time]``."""
+        emb = torch.cat([self.item_embeddings(), torch.zeros_like(self.free.weight[-1:])])
+        t = sequences.shape[1]
+        x = emb[sequences] * math.sqrt(emb.shape[1]) + self.position(torch.arange(self.max_len - t, self.max_len))
+        causal = torch.triu(torch.full((t, t), float("-inf")), 1)
+        pad = sequences == self.n_items
+        h = self.blocks(self.dropout(x), mask=causal, src_key_padding_mask=pad if pad.any() else None)
+        return self.norm(h)
+
+    def activations(self, hidden: Tensor) -> Tensor:
+        """Prototype activations ``a_k`` ``[..., K]`` (softmax over prototypes of scaled cosines)."""
+        return (F.normalize(hidden, dim=-1) @ F.normalize(self.prototypes, dim=-1).T / self.tau).softmax(-1)
+
+    def scores_from_hidden(self, hidden: Tensor) -> Tensor:
+        emb = self.item_embeddings()
+        if not self.n_prototypes:
+            return hidden @ emb.T
+        kernel = F.normalize(self.prototypes, dim=-1) @ F.normalize(emb, dim=-1).T  # [K, items]
+        return self.scale * self.activations(hidden) @ kernel + self.bias
+
+    def forward(self, sequences: Tensor) -> Tensor:
+        """Next-item scores ``[batch, time, items]`` after every position of ``sequences`` ``[batch, time]``."""
+        return self.scores_from_hidden(self.encode(sequences))
+
+    @torch.no_grad()
+    def project_prototypes(self) -> Tensor:
+        """Push: replace each prototype by the nearest (cosine) real item embedding; returns the ``[K]`` item ids.
+
+        Distinct prototypes may land on the same item; the returned ids say which.
+        """
+        if not self.n_prototypes:
+            raise ValueError("this recommender has no prototype layer (n_prototypes=0)")
+        emb = self.item_embeddings()
+        nearest = (F.normalize(self.prototypes, dim=-1) @ F.normalize(emb, dim=-1).T).argmax(1)
+        self.prototypes.copy_(emb[nearest])
+        self.prototype_items = nearest.clone()
+        return nearest
+
+
+def pad_histories(histories: Sequence[Sequence[int]], *, n_items: int, max_len: int) -> Tensor:
+    """Left-pad (and left-truncate to ``max_len``) item histories into ``[batch, time]`` with pad id ``n_items``."""
+    if len(histories) == 0:
+        raise ValueError("no histories given")
+    rows = []
+    for h in histories:
+        h = [int(i) for i in h][-max_len:]
+        if not h:
+            raise ValueError("empty history: a sequential recommender needs at least one past item; "
+                             "use the popularity baseline for new users")  # fmt: skip
+        if min(h) < 0 or max(h) >= n_items:
+            raise ValueError(f"unknown item id in history {h}: items are 0..{n_items - 1}")
+        rows.append(h)
+    width = max(len(r) for r in rows)
+    return torch.tensor([[n_items] * (width - len(r)) + r for r in rows])
+
+
+@torch.no_grad()
+def next_item_scores(model: SequentialRecommender, histories: Sequence[Sequence[int]], *, exclude_seen: bool = True,
+                     batch_size: int = 512) -> Tensor:  # fmt: skip
+    """Scores ``[batch, items]`` for each history's next item; items already in the history get ``-inf``."""
+    model.eval()
+    out = []
+    for s in range(0, len(histories), batch_size):
+        chunk = histories[s : s + batch_size]
+        seq = pad_histories(chunk, n_items=model.n_items, max_len=model.max_len)
+        scores = model(seq)[:, -1]
+        if exclude_seen:
+            scores[seen_mask(chunk, model.n_items)] = float("-inf")
+        out.append(scores)
+    return torch.cat(out)
+
+
+def seen_mask(histories: Sequence[Sequence[int]], n_items: int) -> Tensor:
+    """``[batch, items]`` bool, True where the item occurs in the history."""
+    mask = torch.zeros(len(histories), n_items, dtype=torch.bool)
+    for r, h in enumerate(histories):
+        mask[r, torch.as_tensor(list(h), dtype=torch.long)] = True
+    return mask
+
+
+@dataclasses.dataclass(frozen=True)
+class RecRecipe:
+    """Training settings of a :class:`SequentialRecommender` (its hash, with the shop's, names the cache file)."""
+
+    dim: int = 64
+    n_blocks: int = 2
+    n_heads: int = 1
+    dropout: float = 0.2
+    n_prototypes: int = 0
+    tau: float = 0.1
+    epochs: int = 20
+    finetune_epochs: int = 4  # after the push (prototypes and item embeddings frozen)
+    batch_size: int = 128
+    lr: float = 2e-3
+    clst: float = 0.1  # pull h_t towards its nearest prototype
+    align: float = 0.1  # pull each prototype towards its nearest item embedding
+    seed: int = 0
+    version: int = 1
+
+    def key(self) -> str:
+        return common.content_hash(dataclasses.asdict(self), length=12)
+
+
+def _rec_loss(model: SequentialRecommender, seq: Tensor, recipe: RecRecipe) -> Tensor:
+    inputs, targets = seq[:, :-1], seq[:, 1:]
+    hidden = model.encode(inputs)  # [batch, time, dim]
+    loss = F.cross_entropy(model.scores_from_hidden(hidden).flatten(0, 1), targets.flatten())
+    if model.n_prototypes and model.prototype_items is None:
+        cos_hp = F.normalize(hidden, dim=-1) @ F.normalize(model.prototypes, dim=-1).T  # [batch, time, K]
+        cos_pe = F.normalize(model.prototypes, dim=-1) @ F.normalize(model.item_embeddings(), dim=-1).T  # [K, items]
+        loss = loss + recipe.clst * (1 - cos_hp.max(-1).values).mean()
+        loss = loss + recipe.align * (1 - cos_pe.max(-1).values).mean()
+    return loss
+
+
+def train_recommender(item_features: Tensor, train_sequences: np.ndarray, recipe: RecRecipe = RecRecipe(),
+                      *, progress: bool = False) -> tuple[SequentialRecommender, dict]:  # fmt: skip
+    """Train a :class:`SequentialRecommender` on next-item prediction over the training sequences.
+
+    Every position predicts the next item (softmax cross-entropy over all items). With prototypes:
+    ``recipe.epochs`` epochs with the cluster/alignment terms, then the push
+    (:meth:`SequentialRecommender.project_prototypes`), then ``recipe.finetune_epochs`` epochs of the
+    encoder and item biases with prototypes and item embeddings frozen (so they stay real items).
+
+    Returns:
+        ``(model in eval mode, history)`` with per-epoch ``"loss"`` and, with prototypes,
+        ``"state_before_push"``.
+    """
+    seqs = torch.as_tensor(np.asarray(train_sequences)).long()
+    if seqs.ndim != 2 or seqs.shape[1] < 2:
+        raise ValueError(f"train_sequences must be [users, time >= 2], got shape {tuple(seqs.shape)}")
+    from tqdm.auto import tqdm
+
+    common.set_seed(recipe.seed)
+    model = SequentialRecommender(item_features, dim=recipe.dim, max_len=seqs.shape[1], n_blocks=recipe.n_blocks,
+                                  n_heads=recipe.n_heads, dropout=recipe.dropout, n_prototypes=recipe.n_prototypes,
+                                  tau=recipe.tau)  # fmt: skip
+    if int(seqs.max()) >= model.n_items:
+        raise ValueError(f"item id {int(seqs.max())} in the sequences but only {model.n_items} item features")
+    generator = torch.Generator().manual_seed(recipe.seed)
+    history: dict = {"loss": []}
+
+    def run(params, epochs, desc):
+        optimiser = torch.optim.Adam(params, lr=recipe.lr)
+        for _ in tqdm(range(epochs), desc=desc, disable=not progress):
+            model.train()
+            order = torch.randperm(len(seqs), generator=generator)
+            total = 0.0
+            for i in range(0, len(order), recipe.batch_size):
+                loss = _rec_loss(model, seqs[order[i : i + recipe.batch_size]], recipe)
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+                total += loss.item()
+            history["loss"].append(total / math.ceil(len(order) / recipe.batch_size))
+
+    run(list(model.parameters()), recipe.epochs, "training")
+    if recipe.n_prototypes:
+        history["state_before_push"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        model.project_prototypes()
+        frozen = {"prototypes", "free.weight", "feature_map.weight"}
+        run([p for n, p in model.named_parameters() if n not in frozen], recipe.finetune_epochs, "fine-tuning")
+    return model.eval(), history
+
+
+# ---------------------------------------------------------------------------------------------
+# Ranking metrics
+# ---------------------------------------------------------------------------------------------
+
+
+def target_rank(scores: Tensor, targets: Tensor) -> Tensor:
+    """0-based rank of each target among its row's scores (ties counted against the target): ``[batch]``."""
+    scores = torch.as_tensor(scores, dtype=torch.float64)
+    targets = torch.as_tensor(targets).long()
+    if scores.ndim != 2 or targets.shape != (scores.shape[0],):
+        raise ValueError(
+            f"need scores [batch, items] and targets [batch], got {tuple(scores.shape)} and {tuple(targets.shape)}"
+        )
+    if ((targets < 0) | (targets >= scores.shape[1])).any():
+        raise ValueError(f"target item ids must be in 0..{scores.shape[1] - 1}")
+    target_score = scores.gather(1, targets[:, None])
+    if torch.isinf(target_score).any() and (target_score < 0).any():
+        raise ValueError("a target item has score -inf (was it excluded as already seen?)")
+    better = (scores > target_score).sum(1)
+    ties = (scores == target_score).sum(1) - 1
+    return better + ties
+
+
+def hit_rate_ndcg(scores: Tensor, targets: Tensor, *, k: int = 10) -> tuple[float, float]:
+    """HitRate@k and NDCG@k of one held-out item per row (Kang & McAuley 2018, §4.2).
+
+    ``HR@k = mean 1[rank < k]``; ``NDCG@k = mean 1[rank < k] / log2(rank + 2)`` with 0-based ranks
+    (one relevant item, so the ideal DCG is 1).
+
+    >>> scores = torch.tensor([[0.9, 0.1, 0.5], [0.2, 0.3, 0.1]])
+    >>> hit_rate_ndcg(scores, torch.tensor([2, 0]), k=1)
+    (0.0, 0.0)
+    >>> hr, ndcg = hit_rate_ndcg(scores, torch.tensor([2, 0]), k=2)
+    >>> hr, round(ndcg, 4)
+    (1.0, 0.6309)
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    rank = target_rank(scores, targets)
+    hit = (rank < k).double()
+    return float(hit.mean()), float((hit / torch.log2(rank.double() + 2)).mean())
+
+
+def sampled_scores(
+    scores: Tensor, targets: Tensor, seen: Tensor, *, n_negatives: int = 100, seed: int = 0
+) -> tuple[Tensor, Tensor]:
+    """SASRec's evaluation protocol: rank each target among ``n_negatives`` random unseen items.
+
+    Returns ``(scores [batch, 1 + n_negatives], targets [batch] = 0)``: column 0 is the target.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for r in range(len(scores)):
+        allowed = ~seen[r]
+        allowed[targets[r]] = False
+        pool = allowed.nonzero().flatten()
+        if len(pool) < n_negatives:
+            raise ValueError(f"row {r} has only {len(pool)} unseen items for {n_negatives} negatives")
+        rows.append(torch.cat([targets[r : r + 1], pool[torch.randperm(len(pool), generator=gen)[:n_negatives]]]))
+    idx = torch.stack(rows)
+    return scores.gather(1, idx), torch.zeros(len(scores), dtype=torch.long)
+
+
+def popularity_scores(train_sequences: np.ndarray, n_items: int) -> Tensor:
+    """``[items]`` interaction counts in the training sequences (the popularity baseline's scores)."""
+    return torch.as_tensor(np.bincount(np.asarray(train_sequences).ravel(), minlength=n_items)).double()
