@@ -1,0 +1,168 @@
+"""helpers.vision: the shared Fashion-MNIST models, attention capture, deletion/insertion, sanity checks."""
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from helpers import common, vision
+
+
+@pytest.fixture(scope="module")
+def test_set():
+    x, y = vision.fashion_tensors("test")
+    return x[:500], y[:500]
+
+
+@pytest.fixture(scope="module")
+def vit():
+    return vision.pretrained("vit", progress=False)
+
+
+def test_committed_weights_are_verified_and_accurate(vit, test_set):
+    for name in vision.RECIPES:
+        path = vision.WEIGHTS_DIR / vision._weights_name(vision.RECIPES[name])
+        assert vision._verified(path), (
+            f"committed weights for {name!r} missing or altered: run python -m helpers.vision"
+        )
+    assert sum(p.numel() for p in vit.parameters()) == 139_018
+    assert vit.history["test_accuracy"][-1] > 0.86
+    assert vision.accuracy(vit, *test_set) > 0.84
+
+
+def test_altered_weights_are_rebuilt(tmp_path, monkeypatch):
+    """A corrupt cached file is retrained (here: a tiny recipe, so the test stays fast)."""
+    monkeypatch.setenv(common.CACHE_ENV, str(tmp_path))
+    recipe = vision.Recipe(arch="vit", epochs=1, n_train=256, batch_size=64)
+    first = vision.pretrained(recipe, progress=False)
+    cached = tmp_path / "models" / "vision" / vision._weights_name(recipe)
+    cached.write_bytes(b"corrupt")
+    again = vision.pretrained(recipe, progress=False)
+    for (k, a), b in zip(first.state_dict().items(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b), f"short recipe is not deterministic under its seed ({k})"
+
+
+def test_short_recipe_learns(tmp_path, monkeypatch, test_set):
+    """The recipe of the committed weights, shortened: it must beat chance by far on held-out images."""
+    monkeypatch.setenv(common.CACHE_ENV, str(tmp_path))
+    recipe = dataclasses.replace(vision.RECIPES["vit"], epochs=2, n_train=6000)
+    model = vision.pretrained(recipe, progress=False)
+    assert vision.accuracy(model, *test_set) > 0.6
+
+
+def test_cnn_architecture():
+    cnn = vision.SmallCNN()
+    assert cnn(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_attention_capture_matches_the_fused_forward(vit, test_set):
+    x = test_set[0][:8]
+    logits, attn = vision.vit_attentions(vit, x)
+    assert attn.shape == (4, 8, 4, 17, 17)
+    torch.testing.assert_close(attn.sum(-1), torch.ones(4, 8, 4, 17))
+    torch.testing.assert_close(logits, vision.predict_logits(vit, x), atol=1e-5, rtol=1e-5)
+    assert all(b.attn.fused_attn for b in vit.blocks) or not any(b.attn.fused_attn for b in vit.blocks)
+
+
+def test_cls_rollout_rows(vit, test_set):
+    _, attn = vision.vit_attentions(vit, test_set[0][:4])
+    full = vision.cls_rollout(attn)
+    assert full.shape == (4, 4, 4) and (full >= 0).all()
+    from helpers.attention import rollout
+
+    rows = rollout(attn)[:, 0]  # [batch, key]
+    torch.testing.assert_close(rows.sum(-1), torch.ones(4))
+    torch.testing.assert_close(full.flatten(1), rows[:, 1:])
+
+
+def test_tokens_shape(vit, test_set):
+    assert vision.vit_tokens(vit, test_set[0][:3]).shape == (3, 17, 64)
+
+
+class _Linear(nn.Module):
+    """p(class 1) = sigmoid(w . x): deleting positive-weight pixels can only lower it."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, x):
+        z = (x[:, 0] * self.weight).flatten(1).sum(1)
+        p = torch.sigmoid(z)
+        return torch.stack([1 - p, p], dim=1)
+
+
+def test_deletion_and_insertion_on_a_known_model():
+    torch.manual_seed(0)
+    weight = torch.rand(6, 6)
+    model = _Linear(weight)
+    images = torch.rand(3, 1, 6, 6)
+    target = torch.ones(3, dtype=torch.long)
+    saliency = (images[:, 0] * weight).expand(3, 6, 6)  # exact contributions
+    deletion = vision.perturbation_curve(model, images, saliency, target=target, steps=36)
+    insertion = vision.perturbation_curve(model, images, saliency, target=target, mode="insertion", steps=36)
+    assert deletion.shape == (3, 37)
+    assert (deletion.diff(dim=1) <= 1e-7).all(), "deletion must be monotone for non-negative contributions"
+    assert (insertion.diff(dim=1) >= -1e-7).all()
+    torch.testing.assert_close(deletion[:, 0], insertion[:, -1])
+    torch.testing.assert_close(deletion[:, -1], torch.full((3,), 0.5))
+    # the exact ordering beats the reverse ordering and a random one
+    reverse = vision.perturbation_curve(model, images, -saliency, target=target, steps=36)
+    shuffled = vision.perturbation_curve(model, images, torch.rand(3, 6, 6), target=target, steps=36)
+    assert (vision.auc(deletion) < vision.auc(shuffled)).all() and (vision.auc(shuffled) < vision.auc(reverse)).all()
+
+
+def test_auc_known_values():
+    torch.testing.assert_close(vision.auc(torch.ones(2, 5)), torch.ones(2, dtype=torch.float64))
+    torch.testing.assert_close(vision.auc(torch.linspace(1, 0, 11)[None]), torch.tensor([0.5], dtype=torch.float64))
+
+
+def test_cascading_randomisation_changes_weights_in_order(vit):
+    layers = ["head", "blocks.3", "blocks.2"]
+    original = {k: v.clone() for k, v in vit.state_dict().items()}
+    seen = []
+    for name, model in vision.cascading_randomisation(vit, layers):
+        seen.append(name)
+        state = model.state_dict()
+        for done in seen:
+            key = f"{done}.weight" if done == "head" else f"{done}.mlp.fc1.weight"
+            assert not torch.equal(state[key], original[key])
+        assert torch.equal(state["blocks.0.attn.qkv.weight"], original["blocks.0.attn.qkv.weight"])
+    assert seen == layers
+    for k, v in vit.state_dict().items():
+        assert torch.equal(v, original[k]), "the trained model must be left untouched"
+
+
+def test_rank_correlation():
+    a = torch.rand(4, 5, 5)
+    torch.testing.assert_close(vision.rank_correlation(a, 2 * a + 1), torch.ones(4, dtype=torch.float64))
+    torch.testing.assert_close(vision.rank_correlation(a, -a), -torch.ones(4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (torch.zeros(2, 28, 28), "channel axis"),
+        (torch.zeros(2, 3, 28, 28), "grey images"),
+        (torch.zeros(2, 1, 32, 32), r"\[batch, 1, 28, 28\]"),
+        (torch.full((1, 1, 28, 28), float("nan")), "NaN"),
+    ],
+)
+def test_bad_images_are_rejected(vit, bad, message):
+    with pytest.raises(ValueError, match=message):
+        vision.vit_attentions(vit, bad)
+
+
+def test_bad_arguments_are_rejected(vit):
+    images = torch.zeros(2, 1, 28, 28)
+    with pytest.raises(ValueError, match="unknown model"):
+        vision.pretrained("resnet")
+    with pytest.raises(ValueError, match="saliency must be"):
+        vision.perturbation_curve(vit, images, torch.zeros(2, 4, 4), target=torch.zeros(2))
+    with pytest.raises(ValueError, match="mode"):
+        vision.perturbation_curve(vit, images, torch.zeros(2, 28, 28), target=torch.zeros(2), mode="erase")
+    with pytest.raises(ValueError, match="unknown layer"):
+        next(vision.cascading_randomisation(vit, ["blocks.9"]))
+    with pytest.raises(ValueError, match="VisionTransformer"):
+        vision.vit_attentions(vision.SmallCNN(), images)
