@@ -666,7 +666,8 @@ def train_recommender(item_features: Tensor, train_sequences: np.ndarray, recipe
     from tqdm.auto import tqdm
 
     common.set_seed(recipe.seed)
-    model = SequentialRecommender(item_features, dim=recipe.dim, max_len=seqs.shape[1], n_blocks=recipe.n_blocks,
+    # inputs are sequences[:, :-1]: their length is the longest history the model sees
+    model = SequentialRecommender(item_features, dim=recipe.dim, max_len=seqs.shape[1] - 1, n_blocks=recipe.n_blocks,
                                   n_heads=recipe.n_heads, dropout=recipe.dropout, n_prototypes=recipe.n_prototypes,
                                   tau=recipe.tau)  # fmt: skip
     if int(seqs.max()) >= model.n_items:
