@@ -1,0 +1,750 @@
+"""More universal representations for transfer: specialist, generalist and MuCaLe features (chapter 13).
+
+Tamaazousti, Le Borgne & Hudelot (CVPR 2017) train a *specialist* network on fine categories and a
+*generalist* network on coarser categories of the same images, and concatenate their features
+(MuCaLe-Net): the two granularities see different things, so the concatenation serves more target
+problems than either. This module holds the chapter's reusable parts:
+
+- the source problem: Fashion-MNIST at two granularities (:data:`COARSE_GROUPS`), with some fine
+  classes (:data:`HELD_OUT`) kept out of source training so that they can serve as a target;
+- :class:`SourceNet`, the book's ViT trunk with one or two classification heads, trained by a
+  fixed-seed :class:`SourceRecipe` (:data:`RECIPES`: specialist, generalist, multi-task and budget
+  controls); weights are committed under ``helpers/weights/`` (rebuild: ``python -m helpers.transfer``);
+- transfer targets (:func:`transfer_targets`), frozen features (:func:`features`), a linear probe
+  (:func:`linear_probe`) and fine-tuning (:func:`fine_tune`);
+- the universality metric (:func:`nrg`, :func:`mnrg`) and a per-dimension purity score
+  (:func:`dimension_purity`).
+
+Tensors: images are ``[batch, 1, 28, 28]`` normalised as in :mod:`helpers.vision`; features are
+``[item, dim]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from helpers import assets, common, vision
+
+CLASSES = assets.FASHION_CLASSES
+COARSE_GROUPS: dict[str, tuple[str, ...]] = {
+    "tops": ("T-shirt/top", "Pullover", "Dress", "Coat", "Shirt"),
+    "bottoms": ("Trouser",),
+    "footwear": ("Sandal", "Sneaker", "Ankle boot"),
+    "bags": ("Bag",),
+}
+"""The coarse granularity: four groups of the ten Fashion-MNIST classes (upper-body and one-piece
+garments, leg garments, footwear, bags). WordNet agrees on footwear (``footwear.n.02``), bags
+(``container.n.01``) and garments (``garment.n.01``); the split of garments into tops and bottoms
+follows the WordNet glosses ("worn on the upper half of the body"); see :data:`WORDNET_SYNSETS`."""
+
+WORDNET_SYNSETS: dict[str, str] = {
+    "T-shirt/top": "jersey.n.03",
+    "Trouser": "trouser.n.01",
+    "Pullover": "pullover.n.01",
+    "Dress": "dress.n.01",
+    "Coat": "coat.n.01",
+    "Sandal": "sandal.n.01",
+    "Shirt": "shirt.n.01",
+    "Sneaker": "gym_shoe.n.01",
+    "Bag": "bag.n.04",
+    "Ankle boot": "boot.n.01",
+}
+"""The WordNet 3.0 noun sense of each class name (the first sense when it is the garment; ``T-shirt``
+is ``jersey.n.03``, ``sneaker`` is ``gym_shoe.n.01``, a handbag is ``bag.n.04``)."""
+
+HELD_OUT: tuple[str, ...] = ("Pullover", "Shirt", "Sandal")
+"""Fine classes kept out of every source network's training: the "held-out classes" target."""
+
+SOURCE_POOL = 50_000
+"""Source networks train on the first images of the training split below this index; targets draw
+their training images from the rest (indices 50,000-59,999), so source and target never share an image."""
+
+DOMAIN_SHIFTS = ("rotate", "invert", "edges")
+
+
+# ---------------------------------------------------------------------------------------------
+# Granularities
+# ---------------------------------------------------------------------------------------------
+
+
+def class_indices(names: Sequence[str]) -> list[int]:
+    """Fashion-MNIST label of each class name; a clear error for a name that is not a class.
+
+    >>> class_indices(["Trouser", "Bag"])
+    [1, 8]
+    """
+    if isinstance(names, str):
+        raise ValueError(f"names must be a sequence of class names, got the string {names!r}; wrap it in a list")
+    unknown = [n for n in names if n not in CLASSES]
+    if unknown:
+        raise ValueError(f"unknown class name(s) {unknown}; Fashion-MNIST classes are {list(CLASSES)}")
+    return [CLASSES.index(n) for n in names]
+
+
+def coarse_mapping(groups: Mapping[str, Sequence[str]] = COARSE_GROUPS) -> tuple[list[str], list[int]]:
+    """Map every fine class to a coarse group.
+
+    Args:
+        groups: coarse name -> fine class names; together they must cover each of the 10 classes once.
+
+    Returns:
+        ``(group names, group index of each fine label [10])``.
+
+    >>> names, of_class = coarse_mapping()
+    >>> names, of_class
+    (['tops', 'bottoms', 'footwear', 'bags'], [0, 1, 0, 0, 0, 2, 0, 2, 3, 2])
+    """
+    if not groups:
+        raise ValueError("groups is empty; give coarse name -> fine class names covering all 10 classes")
+    of_class = [-1] * len(CLASSES)
+    for g, members in enumerate(groups.values()):
+        for label in class_indices(list(members)):
+            if of_class[label] != -1:
+                raise ValueError(f"class {CLASSES[label]!r} is in two coarse groups; each class belongs to one")
+            of_class[label] = g
+    missing = [CLASSES[i] for i, g in enumerate(of_class) if g == -1]
+    if missing:
+        raise ValueError(f"coarse groups leave out {missing}; every fine class needs a coarse group")
+    return list(groups), of_class
+
+
+def hypernym_paths(synsets: Mapping[str, str] = WORDNET_SYNSETS) -> dict[str, str]:
+    """Each class's WordNet hypernym path (below ``artifact.n.01``), as ``"a > b > c"`` text.
+
+    The first path through ``covering.n.02`` or ``instrumentality.n.03`` is shown (WordNet also
+    files clothing under ``commodity.n.01``). Reads WordNet through :func:`helpers.assets.wordnet`.
+    """
+    wn = assets.wordnet()
+    out = {}
+    for name, synset in synsets.items():
+        paths = wn.synset(synset).hypernym_paths()
+        paths.sort(key=lambda p: "commodity.n.01" in [s.name() for s in p])
+        names = [s.name() for s in paths[0]]
+        start = names.index("artifact.n.01") + 1 if "artifact.n.01" in names else 0
+        out[name] = " > ".join(n.split(".")[0] for n in names[start:])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Source networks
+# ---------------------------------------------------------------------------------------------
+
+TASKS = ("fine", "coarse")
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceRecipe:
+    """Everything that determines a source network; its content hash names the weights file.
+
+    ``tasks`` picks the heads: ``("fine",)`` a specialist, ``("coarse",)`` a generalist, both a
+    multi-task network (losses summed). All recipes share the book's ViT trunk (chapter 8) and the
+    optimiser of :class:`helpers.vision.Recipe`.
+    """
+
+    tasks: tuple[str, ...] = ("fine",)
+    epochs: int = 3
+    n_train: int = 20_000
+    held_out: tuple[str, ...] = HELD_OUT
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 0.5
+    width: int = 64
+    depth: int = 4
+    seed: int = 0
+    version: int = 1
+
+    def __post_init__(self):
+        if not self.tasks or any(t not in TASKS for t in self.tasks) or len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"tasks must be a non-empty tuple of distinct names from {TASKS}, got {self.tasks!r}")
+        class_indices(list(self.held_out))
+        if self.epochs < 1 or self.n_train < 1:
+            raise ValueError(f"epochs and n_train must be >= 1, got {self.epochs}, {self.n_train}")
+
+    def key(self) -> str:
+        return common.content_hash(dataclasses.asdict(self), length=12)
+
+    def source_classes(self) -> list[int]:
+        """Fine labels (of the 10) the source network is trained on, in label order."""
+        held = set(class_indices(list(self.held_out)))
+        return [c for c in range(len(CLASSES)) if c not in held]
+
+
+RECIPES: dict[str, SourceRecipe] = {
+    "specialist": SourceRecipe(tasks=("fine",)),
+    "generalist": SourceRecipe(tasks=("coarse",)),
+    "multitask": SourceRecipe(tasks=("fine", "coarse")),
+    "specialist_seed1": SourceRecipe(tasks=("fine",), seed=1),
+    "specialist_long": SourceRecipe(tasks=("fine",), epochs=6),
+    "specialist_short": SourceRecipe(tasks=("fine",), epochs=1),
+}
+"""The chapter's source networks: same trunk, data and optimiser; 3 epochs over 20,000 images of the 7
+source classes unless stated. ``specialist_long`` has the budget of specialist + generalist together
+(6 epochs), ``specialist_short`` a third of the budget; ``specialist_seed1`` is the specialist
+re-trained from another seed (the "two specialists" control of MuCaLe)."""
+
+
+class SourceNet(nn.Module):
+    """The book's ViT trunk (:func:`helpers.vision.fashion_vit`, classifier removed) with named heads.
+
+    ``forward(x)`` returns ``{task: logits}``; :meth:`embed` returns the CLS features ``[batch, width]``
+    that transfer uses.
+    """
+
+    def __init__(self, n_classes: Mapping[str, int], *, width: int = 64, depth: int = 4):
+        super().__init__()
+        self.trunk = vision.fashion_vit(width=width, depth=depth)
+        self.trunk.reset_classifier(0)
+        self.heads = nn.ModuleDict({task: nn.Linear(width, n) for task, n in n_classes.items()})
+        self.width = width
+
+    def embed(self, x: Tensor) -> Tensor:
+        return self.trunk(x)  # [batch, width]
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        h = self.embed(x)
+        return {task: head(h) for task, head in self.heads.items()}
+
+
+def source_data(recipe: SourceRecipe, split: str = "train") -> tuple[Tensor, dict[str, Tensor]]:
+    """Images and labels of the source problem.
+
+    Args:
+        recipe: which classes are held out and (for ``"train"``) how many images to use.
+        split: ``"train"`` (the first ``n_train`` source-class images below :data:`SOURCE_POOL`) or
+            ``"test"`` (every test image of the source classes).
+
+    Returns:
+        ``(images [N, 1, 28, 28], {"fine": [N] in 0..n_source-1, "coarse": [N] group index})``.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    x, y = vision.fashion_tensors(split)
+    if split == "train":
+        x, y = x[:SOURCE_POOL], y[:SOURCE_POOL]
+    source = recipe.source_classes()
+    keep = torch.isin(y, torch.tensor(source))
+    x, y = x[keep], y[keep]
+    if split == "train":
+        x, y = x[: recipe.n_train], y[: recipe.n_train]
+    fine = torch.full((len(CLASSES),), -1, dtype=torch.long)
+    fine[torch.tensor(source)] = torch.arange(len(source))
+    _, of_class = coarse_mapping()
+    return x, {"fine": fine[y], "coarse": torch.tensor(of_class)[y]}
+
+
+def build_source_net(recipe: SourceRecipe) -> SourceNet:
+    """An untrained :class:`SourceNet` for ``recipe``, initialised from its seed."""
+    common.set_seed(recipe.seed)
+    n = {"fine": len(recipe.source_classes()), "coarse": len(coarse_mapping()[0])}
+    return SourceNet({t: n[t] for t in recipe.tasks}, width=recipe.width, depth=recipe.depth)
+
+
+@torch.no_grad()
+def _source_accuracy(model: SourceNet, x: Tensor, labels: dict[str, Tensor]) -> dict[str, float]:
+    model.eval()
+    logits = {t: [] for t in model.heads}
+    for i in range(0, len(x), 1000):
+        for t, z in model(x[i : i + 1000]).items():
+            logits[t].append(z)
+    return {t: float((torch.cat(z).argmax(1) == labels[t]).float().mean()) for t, z in logits.items()}
+
+
+def train_source(recipe: SourceRecipe, *, progress: bool = True, evaluate: bool = True) -> tuple[SourceNet, dict]:
+    """Train a source network by ``recipe`` (AdamW, warm-up + cosine, summed cross-entropies).
+
+    Returns:
+        ``(model in eval mode, history)``; history holds per-epoch ``train_loss``, ``test_accuracy``
+        (``{task: [epoch]}`` on the source classes of the test split; empty when ``evaluate`` is
+        false), ``seconds`` and ``cpu_seconds``.
+    """
+    from tqdm.auto import tqdm
+
+    x, labels = source_data(recipe, "train")
+    x_test, labels_test = source_data(recipe, "test") if evaluate else (x[:0], {})
+    model = build_source_net(recipe)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    steps_per_epoch = math.ceil(len(x) / recipe.batch_size)
+    total, warmup = recipe.epochs * steps_per_epoch, int(recipe.warmup_epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: vision._schedule(s, total, warmup))
+    generator = torch.Generator().manual_seed(recipe.seed)
+    history: dict = {"train_loss": [], "test_accuracy": {t: [] for t in recipe.tasks}, "seconds": [],
+                     "cpu_seconds": [], "threads": torch.get_num_threads(), "n_train": len(x)}  # fmt: skip
+    start, cpu_start = time.perf_counter(), time.process_time()
+    for _ in tqdm(range(recipe.epochs), desc=f"training {'+'.join(recipe.tasks)}", disable=not progress):
+        model.train()
+        order = torch.randperm(len(x), generator=generator)
+        losses = []
+        for i in range(0, len(order), recipe.batch_size):
+            batch = order[i : i + recipe.batch_size]
+            out = model(x[batch])
+            loss = sum(F.cross_entropy(out[t], labels[t][batch]) for t in recipe.tasks)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            scheduler.step()
+            losses.append(loss.item())
+        history["train_loss"].append(float(np.mean(losses)))
+        history["seconds"].append(time.perf_counter() - start)
+        history["cpu_seconds"].append(time.process_time() - cpu_start)
+        if evaluate:
+            for t, acc in _source_accuracy(model, x_test, labels_test).items():
+                history["test_accuracy"][t].append(acc)
+    return model.eval(), history
+
+
+def _weights_name(recipe: SourceRecipe) -> str:
+    return f"transfer_{'_'.join(recipe.tasks)}-{recipe.key()}.pt"
+
+
+def _save(model: SourceNet, recipe: SourceRecipe, history: dict, path: Path) -> None:
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    blob = {"state_dict": state, "recipe": json.dumps(dataclasses.asdict(recipe)), "history": json.dumps(history)}
+    with open(path, "wb") as fh:
+        torch.save(blob, fh)
+
+
+def source_network(name: str | SourceRecipe = "specialist", *, progress: bool = True) -> SourceNet:
+    """A trained source network: a name from :data:`RECIPES` or any :class:`SourceRecipe`.
+
+    Looks for verified weights in ``helpers/weights/`` (committed), then in the cache; trains by the
+    recipe (about a minute per 3 epochs on one CPU thread) when neither holds a verified copy.
+
+    Returns:
+        the model in eval mode with gradients off, ``model.history`` and ``model.recipe`` attached.
+
+    Introduced in nbs/13_universal_representations.ipynb.
+    """
+    recipe = RECIPES.get(name) if isinstance(name, str) else name
+    if not isinstance(recipe, SourceRecipe):
+        raise ValueError(f"unknown source network {name!r}; choose from {sorted(RECIPES)} or pass a SourceRecipe")
+    committed = vision.WEIGHTS_DIR / _weights_name(recipe)
+    if vision._verified(committed):
+        path = committed
+    else:
+
+        def build(target: Path) -> None:
+            model, history = train_source(recipe, progress=progress)
+            _save(model, recipe, history, target)
+
+        path = common.cached_file(common.cache_dir("models", "transfer") / _weights_name(recipe), build)
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    model = build_source_net(recipe)
+    model.load_state_dict(blob["state_dict"])
+    model.history = json.loads(blob["history"])
+    model.recipe = recipe
+    return model.eval().requires_grad_(False)
+
+
+def write_committed_weights(names: Sequence[str] | None = None) -> list[Path]:
+    """Train :data:`RECIPES` and write their weights (with SHA-256 sidecars) to ``helpers/weights/``.
+
+    Removes ``transfer_*`` files that no current recipe names. Run as ``python -m helpers.transfer``.
+    """
+    names = list(RECIPES) if names is None else list(names)
+    vision.WEIGHTS_DIR.mkdir(exist_ok=True)
+    keep = {_weights_name(r) for r in RECIPES.values()}
+    for old in vision.WEIGHTS_DIR.glob("transfer_*.pt"):
+        if old.name not in keep:
+            old.unlink()
+            old.with_name(old.name + ".sha256").unlink(missing_ok=True)
+    written = []
+    for name in names:
+        recipe = RECIPES[name]
+        path = vision.WEIGHTS_DIR / _weights_name(recipe)
+        model, history = train_source(recipe)
+        _save(model, recipe, history, path)
+        path.with_name(path.name + ".sha256").write_text(common.file_sha256(path) + "\n")
+        accs = ", ".join(f"{t} {v[-1]:.4f}" for t, v in history["test_accuracy"].items())
+        print(f"{name}: source test accuracy {accs} in {history['seconds'][-1]:.0f} s -> {path.name}")
+        written.append(path)
+    return written
+
+
+# ---------------------------------------------------------------------------------------------
+# Target problems
+# ---------------------------------------------------------------------------------------------
+
+
+def digits_images(size: int = 28) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 8 x 8 handwritten digits, upscaled (bilinear) to ``size`` x ``size`` uint8.
+
+    Returns:
+        ``(images [1797, size, size] uint8 in 0-255, labels [1797] in 0-9)``; white digits on black,
+        as Fashion-MNIST's items are light on a dark background.
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.as_tensor(digits.images, dtype=torch.float32)[:, None] / 16.0  # [N, 1, 8, 8] in [0, 1]
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8).numpy(), digits.target.astype(np.int64)
+
+
+def shift_domain(images: np.ndarray, kind: str) -> np.ndarray:
+    """A shifted copy of uint8 images ``[N, H, W]``: ``"rotate"`` (90 degrees counter-clockwise),
+    ``"invert"`` (255 - x) or ``"edges"`` (Sobel gradient magnitude, rescaled to 0-255 per image).
+
+    >>> shift_domain(np.array([[[0, 255], [0, 0]]], dtype=np.uint8), "rotate")[0].tolist()
+    [[255, 0], [0, 0]]
+    """
+    images = np.asarray(images)
+    if images.ndim != 3 or images.dtype != np.uint8:
+        raise ValueError(f"images must be uint8 [N, H, W], got {images.dtype} {images.shape}")
+    if kind == "rotate":
+        return np.ascontiguousarray(np.rot90(images, 1, axes=(1, 2)))
+    if kind == "invert":
+        return 255 - images
+    if kind == "edges":
+        from scipy import ndimage
+
+        x = images.astype(np.float64)
+        mag = np.hypot(ndimage.sobel(x, axis=1), ndimage.sobel(x, axis=2))
+        peak = mag.reshape(len(x), -1).max(1).reshape(-1, 1, 1)
+        return np.round(255 * mag / np.maximum(peak, 1e-9)).astype(np.uint8)
+    raise ValueError(f"unknown domain shift {kind!r}; choose from {DOMAIN_SHIFTS}")
+
+
+@dataclasses.dataclass
+class Target:
+    """A transfer target: training and test images (normalised) with labels, and class names."""
+
+    name: str
+    x_train: Tensor  # [n_train, 1, 28, 28]
+    y_train: Tensor  # [n_train]
+    x_test: Tensor  # [n_test, 1, 28, 28]
+    y_test: Tensor  # [n_test]
+    classes: tuple[str, ...]
+
+    def __repr__(self) -> str:
+        return (f"Target({self.name!r}: {len(self.classes)} classes, {len(self.y_train)} train, "
+                f"{len(self.y_test)} test)")  # fmt: skip
+
+
+def _per_class(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of ``n`` random items of each class (fewer if a class has fewer), sorted."""
+    picks = [rng.permutation(np.flatnonzero(labels == c))[:n] for c in np.unique(labels)]
+    return np.sort(np.concatenate(picks))
+
+
+def transfer_targets(*, n_train_per_class: int = 100, n_test: int = 2000, seed: int = 0,
+                     held_out: Sequence[str] = HELD_OUT) -> dict[str, Target]:  # fmt: skip
+    """The chapter's target problems, none of whose images a source network has seen.
+
+    - ``held-out classes``: the :data:`HELD_OUT` fine classes (never in source training);
+    - ``fashion-10``: all ten fine classes (a re-labelling: 7 source classes + 3 new ones);
+    - ``rotated`` and ``edges``: all ten classes in a shifted domain (:func:`shift_domain`);
+    - ``digits``: scikit-learn's handwritten digits (:func:`digits_images`), another domain.
+
+    Fashion targets train on images from the target pool of the training split (indices >= :data:`SOURCE_POOL`)
+    and test on a random subset of the test split; digits are split at random per class.
+
+    Args:
+        n_train_per_class: labelled images per class for the target's training set (a few-shot-ish regime).
+        n_test: test images per target (at most).
+        seed: seeds the draws.
+        held_out: class names of the held-out target.
+
+    Returns:
+        ``{name: Target}`` in the order above.
+    """
+    if n_train_per_class < 1 or n_test < 1:
+        raise ValueError(f"n_train_per_class and n_test must be >= 1, got {n_train_per_class}, {n_test}")
+    rng = np.random.default_rng(seed)
+    held = class_indices(list(held_out))
+    train_x, train_y = assets.fashion_mnist("train")
+    pool_x, pool_y = train_x[SOURCE_POOL:], train_y[SOURCE_POOL:]
+    test_x, test_y = assets.fashion_mnist("test")
+
+    def fashion(name, classes, transform=None):
+        tr = _per_class(pool_y[np.isin(pool_y, classes)], n_train_per_class, rng)
+        tr = np.flatnonzero(np.isin(pool_y, classes))[tr]
+        te = np.flatnonzero(np.isin(test_y, classes))
+        te = np.sort(rng.permutation(te)[:n_test])
+        remap = {c: i for i, c in enumerate(classes)}
+        xs = [pool_x[tr], test_x[te]]
+        if transform is not None:
+            xs = [shift_domain(x, transform) for x in xs]
+        ys = [torch.tensor([remap[int(v)] for v in y]) for y in (pool_y[tr], test_y[te])]
+        return Target(name, vision.normalise(xs[0]), ys[0], vision.normalise(xs[1]), ys[1],
+                      tuple(CLASSES[c] for c in classes))  # fmt: skip
+
+    everything = list(range(len(CLASSES)))
+    targets = {
+        "held-out classes": fashion("held-out classes", held),
+        "fashion-10": fashion("fashion-10", everything),
+        "rotated": fashion("rotated", everything, "rotate"),
+        "edges": fashion("edges", everything, "edges"),
+    }
+    dx, dy = digits_images()
+    tr = _per_class(dy, n_train_per_class, rng)
+    te = np.setdiff1d(np.arange(len(dy)), tr)
+    te = np.sort(rng.permutation(te)[:n_test])
+    x_tr, x_te = vision.normalise(dx[tr]), vision.normalise(dx[te])
+    digit_names = tuple(map(str, range(10)))
+    targets["digits"] = Target("digits", x_tr, torch.as_tensor(dy[tr]), x_te, torch.as_tensor(dy[te]), digit_names)
+    return targets
+
+
+# ---------------------------------------------------------------------------------------------
+# Transfer: frozen features, linear probe, fine-tuning
+# ---------------------------------------------------------------------------------------------
+
+
+def _embedders(models: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
+    models = [models] if isinstance(models, nn.Module) else list(models)
+    if not models:
+        raise ValueError("give at least one model to take features from")
+    return models
+
+
+@torch.no_grad()
+def features(models: nn.Module | Sequence[nn.Module], images: Tensor, *, batch_size: int = 1000) -> Tensor:
+    """Frozen features of one network, or of several concatenated (MuCaLe when given S and G).
+
+    Args:
+        models: a :class:`SourceNet` (its :meth:`~SourceNet.embed`), any module mapping images to
+            ``[batch, d]``, or a sequence of them.
+        images: ``[N, 1, 28, 28]``.
+
+    Returns:
+        ``[N, sum of the models' d]``, the models' features side by side in the given order.
+    """
+    images = vision.check_images(images)
+    parts = []
+    for model in _embedders(models):
+        was_training = model.training
+        model.eval()
+        embed = model.embed if hasattr(model, "embed") else model
+        parts.append(torch.cat([embed(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]))
+        model.train(was_training)
+    return concat_features(*parts)
+
+
+def concat_features(*parts: Tensor) -> Tensor:
+    """Concatenate ``[N, d_k]`` feature blocks of the same N items into ``[N, sum d_k]``.
+
+    >>> concat_features(torch.zeros(3, 2), torch.ones(3, 5)).shape
+    torch.Size([3, 7])
+    """
+    if not parts:
+        raise ValueError("give at least one feature block")
+    if any(p.ndim != 2 for p in parts):
+        raise ValueError(f"feature blocks must be [item, dim], got shapes {[tuple(p.shape) for p in parts]}")
+    if len({p.shape[0] for p in parts}) != 1:
+        raise ValueError(f"feature blocks describe different numbers of items: {[p.shape[0] for p in parts]}")
+    return torch.cat(parts, dim=1)
+
+
+def _check_xy(x, y, what: str) -> tuple[np.ndarray, np.ndarray]:
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y)
+    if x.ndim != 2:
+        raise ValueError(f"{what} features must be [item, dim], got shape {x.shape}")
+    if len(x) == 0:
+        raise ValueError(f"{what} set is empty: a target needs labelled items to train and test on")
+    if len(x) != len(y):
+        raise ValueError(f"{what} features describe {len(x)} items but there are {len(y)} labels; they must match")
+    return x, y
+
+
+def linear_probe(train_x, train_y, test_x, test_y, *, C: float = 1.0, return_model: bool = False):
+    """Accuracy of a logistic regression trained on frozen features (standardised per dimension).
+
+    Args:
+        train_x, test_x: ``[n, dim]`` features (tensor or array); train_y, test_y: ``[n]`` labels.
+        C: inverse L2 regularisation strength of scikit-learn's ``LogisticRegression``.
+        return_model: also return the fitted pipeline.
+
+    Returns:
+        test accuracy (float), or ``(accuracy, pipeline)``.
+
+    >>> x = np.array([[0.0], [1.0], [0.1], [0.9]]); y = np.array([0, 1, 0, 1])
+    >>> linear_probe(x, y, x, y)
+    1.0
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    train_x, train_y = _check_xy(train_x, train_y, "training")
+    test_x, test_y = _check_xy(test_x, test_y, "test")
+    if train_x.shape[1] != test_x.shape[1]:
+        raise ValueError(f"training and test features differ in width: {train_x.shape[1]} vs {test_x.shape[1]}")
+    if len(np.unique(train_y)) < 2:
+        raise ValueError("the training labels hold a single class; a probe needs at least two")
+    unseen = sorted(set(np.unique(test_y).tolist()) - set(np.unique(train_y).tolist()))
+    if unseen:
+        raise ValueError(f"test labels {unseen} never occur in the training labels; give each class training items")
+    probe = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000))
+    probe.fit(train_x, train_y)
+    acc = float((probe.predict(test_x) == test_y).mean())
+    return (acc, probe) if return_model else acc
+
+
+class TransferNet(nn.Module):
+    """Source trunks (one or several, features concatenated) with a new linear head for a target."""
+
+    def __init__(self, trunks: Sequence[nn.Module], n_classes: int):
+        super().__init__()
+        self.trunks = nn.ModuleList(trunks)
+        width = sum(t.width if hasattr(t, "width") else t.embed_dim for t in trunks)
+        self.head = nn.Linear(width, n_classes)
+
+    def embed(self, x: Tensor) -> Tensor:
+        return torch.cat([t.embed(x) if hasattr(t, "embed") else t(x) for t in self.trunks], dim=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.embed(x))
+
+
+def fine_tune(models: nn.Module | Sequence[nn.Module], target: Target, *, epochs: int = 8, lr: float = 1e-3,
+              batch_size: int = 64, seed: int = 0) -> tuple[TransferNet, dict]:  # fmt: skip
+    """Fine-tune copies of source networks (all weights) with a new head on a target's training set.
+
+    AdamW with a cosine schedule; the head starts at zero so the first steps follow the source
+    features. The given models are left untouched.
+
+    Returns:
+        ``(TransferNet in eval mode, {"test_accuracy": float, "seconds": float})``.
+    """
+    import copy
+
+    if len(target.y_train) == 0 or len(target.y_test) == 0:
+        raise ValueError(f"target {target.name!r} has an empty training or test set")
+    common.set_seed(seed)
+    trunks = [copy.deepcopy(m).requires_grad_(True) for m in _embedders(models)]
+    net = TransferNet(trunks, len(target.classes))
+    nn.init.zeros_(net.head.weight)
+    nn.init.zeros_(net.head.bias)
+    optimiser = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.05)
+    total = epochs * math.ceil(len(target.y_train) / batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: vision._schedule(s, total, 0))
+    generator = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    for _ in range(epochs):
+        net.train()
+        order = torch.randperm(len(target.y_train), generator=generator)
+        for i in range(0, len(order), batch_size):
+            batch = order[i : i + batch_size]
+            loss = F.cross_entropy(net(target.x_train[batch]), target.y_train[batch])
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            scheduler.step()
+    net.eval().requires_grad_(False)
+    acc = float((vision.predict_logits(net, target.x_test).argmax(1) == target.y_test).float().mean())
+    return net, {"test_accuracy": acc, "seconds": time.perf_counter() - start}
+
+
+# ---------------------------------------------------------------------------------------------
+# Universality: normalised relative gain
+# ---------------------------------------------------------------------------------------------
+
+NORMALISATIONS = ("headroom", "best")
+
+
+def nrg(scores: Mapping[str, Sequence[float]], *, reference: str, normalisation: str = "headroom",
+        max_score: float = 1.0) -> dict[str, np.ndarray]:  # fmt: skip
+    """Normalised relative gain of each representation over a reference, target by target.
+
+    ``"headroom"`` (Tamaazousti et al.'s NRG as we read it):
+    ``NRG_t(r) = (s_t(r) - s_t(ref)) / (max_score - s_t(ref))``, the share of the reference's
+    remaining error that ``r`` removes. ``"best"``: the gain divided by the largest absolute gain of
+    any compared representation on that target, ``(s_t(r) - s_t(ref)) / max_r' |s_t(r') - s_t(ref)|``,
+    so the best representation scores 1 (0 for all when nothing differs from the reference).
+
+    Args:
+        scores: representation -> one score per target (same targets, same order, e.g. accuracies).
+        reference: the representation gains are measured against (it gets 0 everywhere).
+        normalisation: ``"headroom"`` or ``"best"``.
+        max_score: the best possible score (1.0 for accuracy, 100 for percentages).
+
+    Returns:
+        representation -> ``[target]`` NRG values.
+
+    >>> nrg({"S": [0.8, 0.5], "M": [0.9, 0.6]}, reference="S")["M"].round(3).tolist()
+    [0.5, 0.2]
+    """
+    if normalisation not in NORMALISATIONS:
+        raise ValueError(f"unknown normalisation {normalisation!r}; choose from {NORMALISATIONS}")
+    if not scores:
+        raise ValueError("scores is empty: give representation -> one score per target")
+    if reference not in scores:
+        raise ValueError(f"reference {reference!r} is not among the representations {list(scores)}")
+    table = {name: np.asarray(s, dtype=np.float64).reshape(-1) for name, s in scores.items()}
+    lengths = {name: len(s) for name, s in table.items()}
+    if len(set(lengths.values())) != 1:
+        raise ValueError(f"every representation needs one score per target, got lengths {lengths}")
+    if lengths[reference] == 0:
+        raise ValueError("no targets: each representation's score list is empty")
+    values = np.stack(list(table.values()))  # [representation, target]
+    if not np.isfinite(values).all() or (values < 0).any() or (values > max_score).any():
+        raise ValueError(f"scores must be finite and lie in [0, max_score={max_score}]; use max_score=100 for %")
+    ref = table[reference]
+    if normalisation == "headroom":
+        if (ref >= max_score).any():
+            raise ValueError("the reference has a perfect score on a target: there is no headroom to normalise by")
+        denom = max_score - ref
+    else:
+        denom = np.abs(values - ref).max(0)  # [target]
+        denom = np.where(denom > 0, denom, 1.0)
+    return {name: (s - ref) / denom for name, s in table.items()}
+
+
+def mnrg(scores: Mapping[str, Sequence[float]], *, reference: str, normalisation: str = "headroom",
+         max_score: float = 1.0) -> dict[str, float]:  # fmt: skip
+    """Mean normalised relative gain over targets, in percent: ``100 * mean_t NRG_t(r)`` (see :func:`nrg`).
+
+    Tamaazousti et al., "Learning more universal representations for transfer-learning" (TPAMI 2020),
+    the universality metric of the MuCaLe-Net line of work (CVPR 2017).
+
+    >>> mnrg({"S": [0.8, 0.5], "M": [0.9, 0.6]}, reference="S")
+    {'S': 0.0, 'M': 35.0}
+    """
+    table = nrg(scores, reference=reference, normalisation=normalisation, max_score=max_score)
+    return {name: round(float(100 * v.mean()), 10) for name, v in table.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Interpretability of feature dimensions
+# ---------------------------------------------------------------------------------------------
+
+
+def dimension_purity(feats, labels, *, top: int = 20) -> np.ndarray:
+    """Class purity of each feature dimension's most activating items.
+
+    For every dimension: the ``top`` items with the highest value, and the share of them that carry
+    their most common label. 1 means the dimension fires for one class only; ``1 / classes`` is what
+    a random dimension over balanced classes gives.
+
+    Args:
+        feats: ``[item, dim]`` features; labels: ``[item]`` class labels.
+        top: how many top-activating items to inspect per dimension.
+
+    Returns:
+        ``[dim]`` purity in ``(0, 1]``.
+
+    >>> dimension_purity(np.array([[3.0, 0.0], [2.0, 1.0], [0.0, 2.0], [1.0, 3.0]]), [0, 0, 1, 2], top=2).tolist()
+    [1.0, 0.5]
+    """
+    feats, labels = _check_xy(feats, labels, "purity")
+    if not 1 <= top <= len(feats):
+        raise ValueError(f"top must be between 1 and the number of items ({len(feats)}), got {top}")
+    order = np.argsort(-feats, axis=0, kind="stable")[:top]  # [top, dim]
+    tops = labels[order]  # [top, dim]
+    return np.array([np.unique(col, return_counts=True)[1].max() / top for col in tops.T])
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)  # the book's machines are shared; one thread trains as fast per core
+    write_committed_weights()
