@@ -409,7 +409,7 @@ def _train_clip(recipe: ClipRecipe, *, progress: bool, text: MiniLMText | None) 
     model = FashionClip(dim=recipe.dim, text=text)
     optimiser = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     warmup = min(recipe.warmup_steps, total // 2)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: vision._schedule(s, total, max(1, warmup)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: _schedule(s, total, max(1, warmup)))
     history: dict = {"step": [], "loss": [], "seconds": [], "caption_seconds": caption_seconds,
                      "n_captions": len(used)}
     start, step, losses = time.perf_counter(), 0, []
@@ -438,6 +438,19 @@ def _train_clip(recipe: ClipRecipe, *, progress: bool, text: MiniLMText | None) 
     return model.eval(), history
 
 
+def _schedule(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up then cosine decay, as a multiplier of the learning rate."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def _verified(path: Path) -> bool:
+    """True when ``path`` exists and matches the SHA-256 in its ``.sha256`` sidecar."""
+    sidecar = path.with_name(path.name + ".sha256")
+    return path.is_file() and sidecar.is_file() and sidecar.read_text().strip() == common.file_sha256(path)
+
+
 def _weights_name(recipe: ClipRecipe) -> str:
     return f"fashion_clip-{recipe.key()}.pt"
 
@@ -460,7 +473,7 @@ def pretrained_clip(recipe: ClipRecipe = RECIPE, *, progress: bool = True) -> Fa
     if not isinstance(recipe, ClipRecipe):
         raise ValueError(f"recipe must be a ClipRecipe, got {type(recipe).__name__}")
     committed = vision.WEIGHTS_DIR / _weights_name(recipe)
-    if vision._verified(committed):
+    if _verified(committed):
         path = committed
     else:
         def build(target: Path) -> None:

@@ -113,7 +113,7 @@ def test_short_training_run_learns_and_committed_weights_verify():
     assert emb.shape == (8, recipe.dim) and torch.allclose(emb.norm(dim=-1), torch.ones(8), atol=1e-5)
     committed = vision.WEIGHTS_DIR / clip._weights_name(clip.RECIPE)
     if committed.exists():
-        assert vision._verified(committed), "committed CLIP weights do not match their .sha256 sidecar"
+        assert clip._verified(committed), "committed CLIP weights do not match their .sha256 sidecar"
 
 
 def _tiny_clip_dir(tmp_path):
