@@ -1,0 +1,900 @@
+"""Continual adaptation of the CLIP-style model to a stream of tasks, and the ZSCL metrics (chapter 12).
+
+A pretrained multimodal model meets new domains and new classes one task at a time; it may not keep
+all the data, and it should not lose what it knew (zero-shot ability, earlier tasks). This module
+holds:
+
+* the **task stream** (:func:`make_stream`): shifted Fashion-MNIST domains (inverted, edge maps,
+  rotated) and scikit-learn's handwritten digits upscaled to 28 x 28 as new classes, plus a held-out
+  **zero-shot set** (:func:`zero_shot_set`: original Fashion-MNIST test images, held-out prompt
+  templates) that no method trains on;
+* a model wrapper (:class:`ContinualClip`) around chapter 10's :class:`helpers.clip.FashionClip`
+  that can also carry per-task linear heads and learned prompt context vectors;
+* the **methods**, all with one signature ``method(model, task, *, state) -> model`` (:data:`METHODS`):
+  zero-shot, sequential fine-tuning, linear probe, prompt learning (CoOp), WiSE-FT, LwF, ZSCL-style
+  feature distillation and a small replay buffer;
+* the ZSCL **metrics** of an accuracy matrix (:func:`stream_metrics`: Transfer, Avg, Last, forgetting);
+* yes/no **visual questions** answered zero-shot through text prompts (:func:`answer_questions`).
+
+Only the image tower, the two projections, linear heads or context vectors are ever trained: the
+MiniLM text tower stays frozen, so the MiniLM embedding of every prompt is computed once.
+
+Tensors: images ``[N, 1, 28, 28]`` normalised as in :mod:`helpers.vision`; class embeddings ``[C, d]``.
+Introduced in nbs/12_continual_adaptation.ipynb.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from helpers import clip, common, vision
+
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+DIGIT_TEMPLATES = ("a photo of the digit {}.", "a picture of the number {}.", "a handwritten {}.")
+"""Captions of the new classes: "a photo of the digit three"."""
+
+DOMAINS = ("inverted", "digits", "edges", "rotated")
+"""The default stream: domain shift, new classes, domain shift, domain shift."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Tasks and the stream
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Task:
+    """One step of the stream: images, labels and the prompts that name its classes.
+
+    Args:
+        name: short name (``"digits"``).
+        class_names: what the prompts call each class, ``C`` entries.
+        templates: prompt templates with ``{}`` for the class name; class embeddings average over them.
+        x_train, y_train, x_test, y_test: ``[N, 1, 28, 28]`` images and ``[N]`` labels in ``[0, C)``.
+    """
+
+    name: str
+    class_names: tuple[str, ...]
+    templates: tuple[str, ...]
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+
+    def __post_init__(self):
+        if len(self.class_names) == 0 or len(self.templates) == 0:
+            raise ValueError(f"task {self.name!r} needs at least one class name and one template")
+        if not all("{}" in t for t in self.templates):
+            raise ValueError(f"task {self.name!r}: every template must contain '{{}}' for the class name")
+        for split in ("train", "test"):
+            x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
+            if len(x) == 0:
+                raise ValueError(f"task {self.name!r} has an empty {split} set: give it at least one image")
+            vision.check_images(x, name=f"x_{split}")
+            if y.shape != (len(x),):
+                raise ValueError(f"task {self.name!r}: y_{split} must be [{len(x)}], got {tuple(y.shape)}")
+            if int(y.min()) < 0 or int(y.max()) >= len(self.class_names):
+                raise ValueError(f"task {self.name!r}: labels must lie in [0, {len(self.class_names)})")
+
+    @property
+    def prompts(self) -> list[str]:
+        """Every (class, template) prompt, class-major: ``C * T`` strings."""
+        return [t.format(c) for c in self.class_names for t in self.templates]
+
+
+def _renormalise(pixels: Tensor) -> Tensor:
+    """Pixels ``[N, 28, 28]`` in [0, 1] → model input ``[N, 1, 28, 28]``."""
+    return ((pixels - vision.FASHION_MEAN) / vision.FASHION_STD)[:, None].float()
+
+
+def shift(images: Tensor, kind: str) -> Tensor:
+    """Apply a domain shift to normalised images ``[N, 1, 28, 28]`` → ``[N, 1, 28, 28]``.
+
+    ``"inverted"``: ``1 - pixel``; ``"edges"``: Sobel gradient magnitude, scaled to a maximum of 1
+    per image; ``"rotated"``: a quarter turn counter-clockwise; ``"none"``: unchanged.
+
+    >>> x = _renormalise(torch.zeros(1, 28, 28))
+    >>> float(vision.unnormalise(shift(x, "inverted")).min())
+    1.0
+    """
+    pixels = vision.unnormalise(vision.check_images(images))  # [N, 28, 28]
+    if kind == "none":
+        out = pixels
+    elif kind == "inverted":
+        out = 1 - pixels
+    elif kind == "rotated":
+        out = torch.rot90(pixels, 1, dims=(-2, -1))
+    elif kind == "edges":
+        sobel = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+        kernels = torch.stack([sobel, sobel.T])[:, None]  # [2, 1, 3, 3]
+        grad = F.conv2d(pixels[:, None], kernels, padding=1)  # [N, 2, 28, 28]
+        magnitude = grad.pow(2).sum(1).sqrt()
+        out = magnitude / magnitude.amax((1, 2), keepdim=True).clamp_min(1e-6)
+    else:
+        raise ValueError(f"unknown shift {kind!r}; choose from 'none', 'inverted', 'edges', 'rotated'")
+    return _renormalise(out)
+
+
+def digits_tensors() -> tuple[Tensor, Tensor]:
+    """scikit-learn's 1,797 handwritten digits (8 x 8, 0-16) upscaled to 20 x 20 and padded to 28 x 28 like MNIST.
+
+    Returns:
+        ``([1797, 1, 28, 28] normalised images, [1797] labels)``.
+    """
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    small = torch.as_tensor(data.images, dtype=torch.float32)[:, None] / 16.0  # [N, 1, 8, 8]
+    big = F.interpolate(small, size=(20, 20), mode="bilinear", align_corners=False).clamp(0, 1)
+    return _renormalise(F.pad(big, (4, 4, 4, 4))[:, 0]), torch.as_tensor(data.target).long()
+
+
+ZERO_SHOT_SIZE = 1000
+"""Fashion-MNIST test images ``[0, 1000)`` form the zero-shot set; task test images come after them."""
+TASK_POOL = 50_000
+"""Tasks draw training images from Fashion-MNIST's first 50,000; ZSCL's reference set from the rest."""
+
+
+def make_stream(domains: Sequence[str] = DOMAINS, *, n_train: int = 2000, n_test: int = 400,
+                seed: int = 0) -> list[Task]:
+    """The task stream: one :class:`Task` per domain, drawn deterministically from ``seed``.
+
+    Fashion-MNIST domains (``"inverted"``, ``"edges"``, ``"rotated"``, ``"none"``) take disjoint
+    random subsets of the training set and of the test images after the zero-shot set; ``"digits"``
+    splits the 1,797 scikit-learn digits (test first, ``n_test`` images; training from the rest).
+
+    Args:
+        domains: one entry per step.
+        n_train, n_test: images per task (digits have at most ``1797 - n_test`` training images).
+        seed: fixes every draw.
+
+    Returns:
+        ``len(domains)`` tasks.
+    """
+    if len(domains) == 0:
+        raise ValueError("the stream is empty: give at least one domain, e.g. DOMAINS")
+    if n_train < 1 or n_test < 1:
+        raise ValueError(f"n_train and n_test must be >= 1, got {n_train} and {n_test}")
+    generator = torch.Generator().manual_seed(seed)
+    x_train, y_train = vision.fashion_tensors("train")
+    x_test, y_test = vision.fashion_tensors("test")
+    train_order = torch.randperm(TASK_POOL, generator=generator)
+    test_order = ZERO_SHOT_SIZE + torch.randperm(len(x_test) - ZERO_SHOT_SIZE, generator=generator)
+    tasks, used_train, used_test = [], 0, 0
+    for kind in domains:
+        if kind == "digits":
+            x, y = digits_tensors()
+            order = torch.randperm(len(x), generator=generator)
+            test, train = order[:n_test], order[n_test : n_test + n_train]
+            tasks.append(Task("digits", DIGIT_NAMES, DIGIT_TEMPLATES, x[train], y[train], x[test], y[test]))
+            continue
+        tr = train_order[used_train : used_train + n_train]
+        te = test_order[used_test : used_test + n_test]
+        used_train, used_test = used_train + n_train, used_test + n_test
+        if len(te) < n_test or len(tr) < n_train:
+            raise ValueError(f"not enough Fashion-MNIST images for {len(domains)} tasks of {n_train} + {n_test}")
+        tasks.append(Task(kind, clip.CLASS_TEXT, clip.TRAIN_TEMPLATES, shift(x_train[tr], kind), y_train[tr],
+                          shift(x_test[te], kind), y_test[te]))
+    return tasks
+
+
+def zero_shot_set(n: int = ZERO_SHOT_SIZE) -> Task:
+    """The held-out transfer set: the first ``n`` original Fashion-MNIST test images, held-out templates.
+
+    Its "training" split is empty of meaning (a single image, never used): no method trains on it.
+    """
+    if not 1 <= n <= ZERO_SHOT_SIZE:
+        raise ValueError(f"n must be in [1, {ZERO_SHOT_SIZE}], got {n}")
+    x, y = vision.fashion_tensors("test")
+    return Task("zero-shot", clip.CLASS_TEXT, clip.HELD_OUT_TEMPLATES, x[:1], y[:1], x[:n], y[:n])
+
+
+def reference_images(n: int = 1000, *, seed: int = 0) -> Tensor:
+    """ZSCL's reference set: ``n`` original Fashion-MNIST training images (pre-training domain), ``[n, 1, 28, 28]``.
+
+    Drawn from training images ``[TASK_POOL, 60000)``, which no task uses; no labels are kept.
+    """
+    x, _ = vision.fashion_tensors("train")
+    if not 1 <= n <= len(x) - TASK_POOL:
+        raise ValueError(f"n must be in [1, {len(x) - TASK_POOL}], got {n}")
+    order = TASK_POOL + torch.randperm(len(x) - TASK_POOL, generator=torch.Generator().manual_seed(seed))
+    return x[order[:n]]
+
+
+# ---------------------------------------------------------------------------------------------
+# The model: FashionClip + optional per-task heads + optional prompt context
+# ---------------------------------------------------------------------------------------------
+
+
+class PromptContext(nn.Module):
+    """CoOp's learnable context (Zhou et al. 2022): ``M`` vectors that replace a prompt's template words.
+
+    The prompt ``[CLS] v_1 ... v_M <class name> . [SEP]`` is fed to the frozen MiniLM text tower
+    through ``inputs_embeds``; ``v_1..v_M`` start as the word embeddings of ``init`` ("a photo of a"),
+    so before training the learned prompt equals the hand-written one.
+    """
+
+    def __init__(self, text: clip.MiniLMText, *, init: str = "a photo of a"):
+        super().__init__()
+        text._load()  # the same frozen encoder (and tokenizer) as the model's text tower
+        self._encoder, self._tokenizer = [text._model], text._tokenizer  # a list keeps it out of state_dict
+        ids = self._tokenizer(init, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+        with torch.no_grad():
+            vectors = self.encoder.get_input_embeddings()(ids).clone()  # [M, 384]
+        self.vectors = nn.Parameter(vectors)
+
+    @property
+    def encoder(self) -> nn.Module:
+        return self._encoder[0]
+
+    def __deepcopy__(self, memo: dict) -> PromptContext:
+        # copies share the frozen encoder (22M parameters); only the context vectors are copied
+        new = PromptContext.__new__(PromptContext)
+        nn.Module.__init__(new)
+        new._encoder, new._tokenizer = self._encoder, self._tokenizer
+        new.vectors = nn.Parameter(self.vectors.detach().clone(), requires_grad=self.vectors.requires_grad)
+        return new
+
+    def forward(self, class_names: Sequence[str]) -> Tensor:
+        """MiniLM mean-pooled embeddings of the learned prompts, ``[C, 384]`` (differentiable in ``vectors``)."""
+        m = len(self.vectors)
+        texts = [" ".join(["x"] * m) + f" {name}." for name in class_names]
+        enc = self._tokenizer(texts, padding=True, return_tensors="pt")
+        embeds = self.encoder.get_input_embeddings()(enc["input_ids"])  # [C, pos, 384]
+        embeds = torch.cat([embeds[:, :1], self.vectors.expand(len(texts), -1, -1), embeds[:, 1 + m :]], 1)
+        hidden = self.encoder(inputs_embeds=embeds, attention_mask=enc["attention_mask"]).last_hidden_state
+        mask = enc["attention_mask"][..., None].float()
+        return (hidden * mask).sum(1) / mask.sum(1)
+
+
+class ContinualClip(nn.Module):
+    """A :class:`helpers.clip.FashionClip` plus what the methods add: per-task linear heads, a prompt context.
+
+    :meth:`class_embeddings` gives the ``[C, d]`` classifier of a task: its linear head if one was
+    trained, else the learned prompt context if there is one, else the prompt ensemble of the
+    task's templates through the (trainable) text projection.
+    """
+
+    def __init__(self, model: clip.FashionClip):
+        super().__init__()
+        self.clip = model
+        self.heads = nn.ParameterDict()
+        self.context: PromptContext | None = None
+
+    @property
+    def logit_scale(self) -> float:
+        return self.clip.logit_scale
+
+    def image_embeddings(self, images: Tensor) -> Tensor:
+        """``[N, d]`` normalised, differentiable (use :meth:`encode_images` for evaluation)."""
+        return F.normalize(self.clip.image_features(images), dim=-1)
+
+    @torch.no_grad()
+    def encode_images(self, images: Tensor, *, batch_size: int = 1000) -> Tensor:
+        return self.clip.encode_image(images, batch_size=batch_size)
+
+    def prompt_embeddings(self, names: Sequence[str], templates: Sequence[str]) -> Tensor:
+        """Hand-written prompt ensemble, ``[C, d]`` normalised, differentiable in the text projection."""
+        texts = [t.format(c) for c in names for t in templates]
+        minilm = self.clip.text(texts)  # [C * T, 384], frozen and cached
+        emb = F.normalize(self.clip.text_features(minilm), dim=-1).reshape(len(names), len(templates), -1)
+        return F.normalize(emb.mean(1), dim=-1)
+
+    def class_embeddings(self, task: Task) -> Tensor:
+        if task.name in self.heads:
+            return F.normalize(self.heads[task.name], dim=-1)
+        if self.context is not None:
+            return F.normalize(self.clip.text_features(self.context(task.class_names)), dim=-1)
+        return self.prompt_embeddings(task.class_names, task.templates)
+
+    def logits(self, images: Tensor, task: Task) -> Tensor:
+        """``logit_scale * cos(image, class)``, ``[N, C]`` (differentiable)."""
+        return self.logit_scale * self.image_embeddings(images) @ self.class_embeddings(task).T
+
+
+def n_parameters(module: nn.Module | None, *, trainable_only: bool = False) -> int:
+    """Number of parameters (optionally only those with ``requires_grad``)."""
+    if module is None:
+        return 0
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+# ---------------------------------------------------------------------------------------------
+# WiSE-FT: weight-space interpolation
+# ---------------------------------------------------------------------------------------------
+
+
+def wise_ft(zero_shot: nn.Module, fine_tuned: nn.Module, alpha: float) -> nn.Module:
+    """WiSE-FT (Wortsman et al. 2022): ``θ(α) = (1 - α) θ_zero-shot + α θ_fine-tuned``, a new model.
+
+    Args:
+        zero_shot, fine_tuned: two models of the same architecture (same state-dict keys and shapes).
+        alpha: in ``[0, 1]``; 0 returns a copy of ``zero_shot``, 1 a copy of ``fine_tuned`` (exactly).
+
+    Returns:
+        a deep copy of ``fine_tuned`` carrying the interpolated weights (non-float buffers from ``fine_tuned``).
+
+    >>> a, b = nn.Linear(2, 1), nn.Linear(2, 1)
+    >>> torch.equal(wise_ft(a, b, 0.0).weight, a.weight), torch.equal(wise_ft(a, b, 1.0).weight, b.weight)
+    (True, True)
+    """
+    alpha = float(alpha)
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1] (0: zero-shot weights, 1: fine-tuned weights), got {alpha}")
+    za, fb = zero_shot.state_dict(), fine_tuned.state_dict()
+    if za.keys() != fb.keys() or any(za[k].shape != fb[k].shape for k in za):
+        raise ValueError("the two models must have the same architecture (same state-dict keys and shapes)")
+    out = copy.deepcopy(fine_tuned)
+    mixed = {}
+    for k, b in fb.items():
+        a = za[k]
+        if alpha == 0.0:
+            mixed[k] = a.clone()
+        elif alpha == 1.0 or not b.is_floating_point():
+            mixed[k] = b.clone()
+        else:
+            mixed[k] = (1 - alpha) * a + alpha * b
+    out.load_state_dict(mixed)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Replay buffer
+# ---------------------------------------------------------------------------------------------
+
+
+class ReplayBuffer:
+    """At most ``size`` stored examples ``(image, label, task index)``, split evenly between the tasks seen.
+
+    When a task is added, every task's share is cut to ``size // n_tasks`` (a random subset, fixed by
+    the generator) and the new task fills its share.
+    """
+
+    def __init__(self, size: int, *, seed: int = 0):
+        if not isinstance(size, int) or size < 1:
+            raise ValueError(f"buffer size must be a positive int, got {size!r}")
+        self.size = size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.images = torch.zeros(0, 1, vision.IMAGE_SIZE, vision.IMAGE_SIZE)
+        self.labels = torch.zeros(0, dtype=torch.long)
+        self.task_ids = torch.zeros(0, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def add(self, images: Tensor, labels: Tensor, task_id: int) -> None:
+        if len(images) == 0 or len(images) != len(labels):
+            raise ValueError("add a non-empty batch with one label per image")
+        n_tasks = len(set(self.task_ids.tolist()) | {task_id})
+        share = self.size // n_tasks
+        keep = []
+        for t in sorted(set(self.task_ids.tolist())):
+            rows = torch.nonzero(self.task_ids == t)[:, 0]
+            keep.append(rows[torch.randperm(len(rows), generator=self.generator)[:share]])
+        new = torch.randperm(len(images), generator=self.generator)[: self.size - sum(len(k) for k in keep)]
+        keep_rows = torch.cat(keep) if keep else torch.zeros(0, dtype=torch.long)
+        self.images = torch.cat([self.images[keep_rows], images[new]])
+        self.labels = torch.cat([self.labels[keep_rows], labels[new]])
+        self.task_ids = torch.cat([self.task_ids[keep_rows], torch.full((len(new),), task_id)])
+
+    def sample(self, n: int) -> tuple[Tensor, Tensor, Tensor]:
+        """``n`` random stored ``(images, labels, task ids)`` (fewer when the buffer holds fewer)."""
+        rows = torch.randperm(len(self), generator=self.generator)[:n]
+        return self.images[rows], self.labels[rows], self.task_ids[rows]
+
+
+# ---------------------------------------------------------------------------------------------
+# Methods: method(model, task, *, state) -> model
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class StepRecipe:
+    """Optimisation settings shared by every method (per task of the stream)."""
+
+    steps: int = 50
+    batch_size: int = 64
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    probe_steps: int = 100
+    probe_lr: float = 1e-2
+    coop_steps: int = 25
+    coop_lr: float = 2e-3
+    alpha: float = 0.5  # WiSE-FT
+    distil_weight: float = 1.0  # LwF and ZSCL
+    temperature: float = 2.0  # LwF
+    n_reference: int = 1000  # ZSCL images
+    n_reference_texts: int = 100  # ZSCL texts
+    reference_batch: int = 32
+    buffer_size: int = 200  # replay, images
+    replay_batch: int = 32
+    seed: int = 0
+    version: int = 1
+
+
+@dataclasses.dataclass
+class State:
+    """What a method may keep between tasks (besides the model it returns).
+
+    ``initial``: the pre-trained model (WiSE-FT's anchor, ZSCL's teacher); ``seen``: the tasks trained
+    on so far (this one excluded while it trains); ``buffer``: the replay memory; ``reference``: ZSCL's
+    unlabelled images ``[n, 1, 28, 28]`` and texts; ``step``: the index of the current task.
+    """
+
+    initial: ContinualClip
+    recipe: StepRecipe = StepRecipe()
+    seen: list[Task] = dataclasses.field(default_factory=list)
+    buffer: ReplayBuffer | None = None
+    reference_images: Tensor | None = None
+    reference_texts: list[str] | None = None
+    step: int = 0
+
+
+def _check(model: ContinualClip, task: Task, state: State) -> None:
+    if not isinstance(model, ContinualClip):
+        raise ValueError(f"model must be a ContinualClip (wrap a FashionClip), got {type(model).__name__}")
+    if not isinstance(task, Task):
+        raise ValueError(f"task must be a Task, got {type(task).__name__}")
+    if not isinstance(state, State):
+        raise ValueError(f"state must be a State, got {type(state).__name__}")
+
+
+def _tower_parameters(model: ContinualClip) -> list[nn.Parameter]:
+    """Image tower + both projections (the learned temperature and the MiniLM text tower stay fixed)."""
+    c = model.clip
+    return [*c.vit.parameters(), *c.image_proj.parameters(), *c.text_proj.parameters()]
+
+
+def _batches(n: int, recipe: StepRecipe, generator: torch.Generator, steps: int) -> list[Tensor]:
+    out: list[Tensor] = []
+    while len(out) < steps:
+        order = torch.randperm(n, generator=generator)
+        out += [order[i : i + recipe.batch_size] for i in range(0, n, recipe.batch_size)]
+    return out[:steps]
+
+
+def _fine_tune(model: ContinualClip, task: Task, state: State,
+               extra: Callable[[ContinualClip, Tensor, torch.Generator], Tensor] | None = None) -> ContinualClip:
+    """Cross-entropy over the task's class prompts, image tower + projections trained (+ an extra loss)."""
+    recipe = state.recipe
+    model = copy.deepcopy(model)
+    model.requires_grad_(False)
+    params = _tower_parameters(model)
+    for p in params:
+        p.requires_grad_(True)
+    optimiser = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    generator = torch.Generator().manual_seed(recipe.seed * 1000 + state.step)
+    model.train()
+    for batch in _batches(len(task.x_train), recipe, generator, recipe.steps):
+        x = task.x_train[batch]
+        loss = F.cross_entropy(model.logits(x, task), task.y_train[batch])
+        if extra is not None:
+            loss = loss + extra(model, x, generator)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+    return model.eval().requires_grad_(False)
+
+
+def zero_shot(model: ContinualClip, task: Task, *, state: State) -> ContinualClip:
+    """No training: the pre-trained model, prompts only (the reference every method is compared with)."""
+    _check(model, task, state)
+    return model
+
+
+def finetune(model: ContinualClip, task: Task, *, state: State) -> ContinualClip:
+    """Sequential full fine-tuning of the image tower and both projections on each task in turn."""
+    _check(model, task, state)
+    return _fine_tune(model, task, state)
+
+
+def linear_probe(model: ContinualClip, task: Task, *, state: State) -> ContinualClip:
+    """A linear head per task on frozen image embeddings, initialised from the task's prompt embeddings.
+
+    Full-batch Adam on cross-entropy; the tower never changes, so earlier tasks keep their heads
+    (at test time the task is known: heads are looked up by task name; unseen tasks use prompts).
+    """
+    _check(model, task, state)
+    recipe = state.recipe
+    model = copy.deepcopy(model)
+    features = model.encode_images(task.x_train)  # [N, d], frozen
+    with torch.no_grad():
+        init = model.prompt_embeddings(task.class_names, task.templates)
+    weight = nn.Parameter(init.clone())
+    optimiser = torch.optim.Adam([weight], lr=recipe.probe_lr)
+    for _ in range(recipe.probe_steps):
+        loss = F.cross_entropy(model.logit_scale * features @ F.normalize(weight, dim=-1).T, task.y_train)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+    model.heads[task.name] = nn.Parameter(weight.detach(), requires_grad=False)
+    return model
+
+
+def coop(model: ContinualClip, task: Task, *, state: State) -> ContinualClip:
+    """Prompt learning (CoOp, Zhou et al. 2022): only the shared context vectors are trained, task after task.
+
+    Images are embedded once by the frozen tower; each step re-encodes the task's learned prompts
+    through the frozen MiniLM and takes a cross-entropy step on a batch of image embeddings.
+    """
+    _check(model, task, state)
+    recipe = state.recipe
+    model = copy.deepcopy(model)
+    if model.context is None:
+        model.context = PromptContext(model.clip.text)
+    model.requires_grad_(False)
+    model.context.vectors.requires_grad_(True)
+    features = model.encode_images(task.x_train)  # [N, d]
+    optimiser = torch.optim.Adam([model.context.vectors], lr=recipe.coop_lr)
+    generator = torch.Generator().manual_seed(recipe.seed * 1000 + state.step)
+    wide = dataclasses.replace(recipe, batch_size=4 * recipe.batch_size)  # image side is free: big batches
+    for batch in _batches(len(features), wide, generator, recipe.coop_steps):
+        text = F.normalize(model.clip.text_features(model.context(task.class_names)), dim=-1)
+        loss = F.cross_entropy(model.logit_scale * features[batch] @ text.T, task.y_train[batch])
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+    model.context.vectors.requires_grad_(False)
+    return model
+
+
+def wise_ft_method(model: ContinualClip, task: Task, *, state: State) -> ContinualClip:
+    """Fine-tune on the task, then interpolate with the *initial* model: ``θ_t = (1-α) θ_0 + α FT(θ_{t-1})``."""
+    _check(model, task, state)
+    return wise_ft(state.initial, _fine_tune(model, task, state), state.recipe.alpha)
+
+
+def _kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """``T² KL(softmax(teacher/T) ‖ softmax(student/T))``, mean over rows."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student_logits / t, -1), F.log_softmax(teacher_logits / t, -1),
+                    log_target=True, reduction="batchmean") * t * t
+
+
+def lwf(model: ContinualClip, task: Task, *, state: State) -> ContinualClip:
+    """Learning without Forgetting (Li & Hoiem 2017): fine-tune + distil the previous model's old-class outputs.
+
+    "Old classes" are the classes of the pre-training head (Fashion-MNIST, training templates) and
+    of every task seen so far; the previous model's softened probabilities over them, on the
+    *current* task's images, are the targets (temperature ``recipe.temperature``).
+    """
+    _check(model, task, state)
+    teacher = copy.deepcopy(model).eval()
+    old = {(tuple(clip.CLASS_TEXT), tuple(clip.TRAIN_TEMPLATES))}
+    old |= {(t.class_names, t.templates) for t in state.seen}
+    old_prompts = [(list(n), list(t)) for n, t in sorted(old)]
+    with torch.no_grad():
+        teacher_text = torch.cat([teacher.prompt_embeddings(n, t) for n, t in old_prompts])  # [C_old, d]
+
+    def distil(student: ContinualClip, x: Tensor, _g: torch.Generator) -> Tensor:
+        with torch.no_grad():
+            target = teacher.logit_scale * teacher.image_embeddings(x) @ teacher_text.T
+        text = torch.cat([student.prompt_embeddings(n, t) for n, t in old_prompts])
+        logits = student.logit_scale * student.image_embeddings(x) @ text.T
+        return state.recipe.distil_weight * _kl(logits, target, state.recipe.temperature)
+
+    return _fine_tune(model, task, state, distil)
+
+
+def zscl(model: ContinualClip, task: Task, *, state: State) -> ContinualClip:
+    """ZSCL-style distillation (Zheng et al. 2023) in feature space, on a reference set, from the *initial* model.
+
+    Each step adds, on a batch of reference images (pre-training domain, no labels) and the
+    reference texts (captions of the pre-training data), the KL divergence between the initial and
+    the current model's image→text and text→image similarity distributions (ZSCL's weight-ensemble
+    part is not used here).
+    """
+    _check(model, task, state)
+    if state.reference_images is None or not state.reference_texts:
+        raise ValueError("ZSCL needs state.reference_images and state.reference_texts (see reference_images())")
+    teacher, recipe = state.initial, state.recipe
+    with torch.no_grad():
+        minilm = model.clip.text(state.reference_texts)  # [R, 384]
+        teacher_text = F.normalize(teacher.clip.text_features(minilm), dim=-1)
+
+    def distil(student: ContinualClip, _x: Tensor, g: torch.Generator) -> Tensor:
+        rows = torch.randint(len(state.reference_images), (recipe.reference_batch,), generator=g)
+        ref = state.reference_images[rows]
+        with torch.no_grad():
+            target = teacher.logit_scale * teacher.image_embeddings(ref) @ teacher_text.T  # [B, R]
+        logits = student.logit_scale * student.image_embeddings(ref) @ F.normalize(
+            student.clip.text_features(minilm), dim=-1).T
+        return recipe.distil_weight * (_kl(logits, target) + _kl(logits.T, target.T)) / 2
+
+    return _fine_tune(model, task, state, distil)
+
+
+def replay(model: ContinualClip, task: Task, *, state: State) -> ContinualClip:
+    """Fine-tune with a small replay buffer: each step adds a batch of stored earlier-task examples.
+
+    Stored examples are scored against their own task's class prompts. After the task, its
+    examples join ``state.buffer`` (created with ``recipe.buffer_size`` images if missing).
+    """
+    _check(model, task, state)
+    recipe = state.recipe
+    if state.buffer is None:
+        state.buffer = ReplayBuffer(recipe.buffer_size, seed=recipe.seed)
+    buffer, seen = state.buffer, list(state.seen)
+
+    def rehearse(student: ContinualClip, _x: Tensor, _g: torch.Generator) -> Tensor:
+        if len(buffer) == 0:
+            return torch.zeros(())
+        images, labels, task_ids = buffer.sample(recipe.replay_batch)
+        emb = student.image_embeddings(images)
+        losses = []
+        for t in task_ids.unique().tolist():
+            rows = task_ids == t
+            logits = student.logit_scale * emb[rows] @ student.class_embeddings(seen[t]).T
+            losses.append(F.cross_entropy(logits, labels[rows], reduction="sum"))
+        return torch.stack(losses).sum() / len(labels)
+
+    out = _fine_tune(model, task, state, rehearse)
+    buffer.add(task.x_train, task.y_train, len(seen))
+    return out
+
+
+METHODS: dict[str, Callable[..., ContinualClip]] = {
+    "zero-shot": zero_shot,
+    "fine-tune": finetune,
+    "linear probe": linear_probe,
+    "CoOp": coop,
+    "WiSE-FT": wise_ft_method,
+    "LwF": lwf,
+    "ZSCL": zscl,
+    "replay": replay,
+}
+"""Every method of the chapter, by display name, each ``method(model, task, *, state) -> model``."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation: accuracy matrix, ZSCL metrics, visual questions
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def task_accuracy(model: ContinualClip, task: Task) -> float:
+    """Top-1 accuracy on the task's test images with the model's classifier for that task."""
+    emb = model.encode_images(task.x_test)
+    pred = (emb @ model.class_embeddings(task).T).argmax(1)
+    return float((pred == task.y_test).float().mean())
+
+
+def stream_metrics(matrix: np.ndarray | Tensor) -> dict[str, float]:
+    """ZSCL's metrics of a ``[T, T]`` accuracy matrix, ``matrix[t, j]`` = accuracy on task ``j`` after step ``t``.
+
+    * Transfer: for each task ``j >= 2``, the mean accuracy *before* it is trained on (rows ``t < j``,
+      the upper triangle), then the mean over those tasks;
+    * Avg: the mean of each task's column over all steps, then over tasks (= the matrix mean);
+    * Last: the mean of the last row;
+    * Forgetting (Chaudhry et al. 2018): for tasks ``j < T``, the best accuracy reached after it was
+      learned (rows ``j .. T-1``) minus the final one, averaged.
+
+    >>> m = stream_metrics([[0.9, 0.2], [0.6, 0.8]])
+    >>> [round(m[k], 3) for k in ("transfer", "avg", "last", "forgetting")]
+    [0.2, 0.625, 0.7, 0.3]
+    """
+    a = np.asarray(matrix, dtype=np.float64)
+    if a.ndim != 2 or a.shape[0] != a.shape[1] or a.shape[0] == 0:
+        raise ValueError(f"matrix must be square [steps, tasks] with at least one task, got shape {a.shape}")
+    if not np.isfinite(a).all():
+        raise ValueError("matrix contains NaN or infinite accuracies")
+    n = len(a)
+    transfer = float(np.mean([a[:j, j].mean() for j in range(1, n)])) if n > 1 else float("nan")
+    forgetting = float(np.mean([a[j:n - 1, j].max() - a[-1, j] for j in range(n - 1)])) if n > 1 else 0.0
+    return {"transfer": transfer, "avg": float(a.mean(0).mean()), "last": float(a[-1].mean()),
+            "forgetting": forgetting}
+
+
+@dataclasses.dataclass(frozen=True)
+class Question:
+    """A yes/no question about an image, answered by comparing two sets of prompts.
+
+    ``p(yes) = Σ_yes softmax(s · cos(image, prompt))`` over the yes and no prompts together; the
+    answer is yes when ``p(yes) > 1/2``. ``truth(labels, images)`` gives the correct ``[N]`` bools.
+    """
+
+    text: str
+    yes: tuple[str, ...]
+    no: tuple[str, ...]
+    truth: Callable[[Tensor, Tensor], Tensor]
+
+
+def _group(indices: Sequence[int]) -> Callable[[Tensor, Tensor], Tensor]:
+    return lambda labels, _images: torch.isin(labels, torch.tensor(list(indices)))
+
+
+def _dark(labels: Tensor, images: Tensor) -> Tensor:
+    return clip.pixel_attributes(images, labels)["tone"] == 0
+
+
+def _class_prompts(indices: Sequence[int], template: str = "a photo of a {}.") -> tuple[str, ...]:
+    return tuple(template.format(clip.CLASS_TEXT[i]) for i in indices)
+
+
+_FOOTWEAR, _SLEEVES, _BAG = (5, 7, 9), (0, 2, 4, 6), (8,)
+_REST = lambda group: [i for i in range(10) if i not in group]  # noqa: E731
+
+QUESTIONS = (
+    Question("Is this footwear?", _class_prompts(_FOOTWEAR), _class_prompts(_REST(_FOOTWEAR)), _group(_FOOTWEAR)),
+    Question("Does it have sleeves?", _class_prompts(_SLEEVES), _class_prompts(_REST(_SLEEVES)), _group(_SLEEVES)),
+    Question("Is this a bag?", _class_prompts(_BAG), _class_prompts(_REST(_BAG)), _group(_BAG)),
+    Question("Is it dark?", tuple(f"a photo of a dark {c}." for c in clip.CLASS_TEXT),
+             tuple(f"a photo of a {tone} {c}." for tone in ("grey", "light") for c in clip.CLASS_TEXT), _dark),
+)
+"""The chapter's questions: three by class-group aggregation, one about a pixel attribute (tone)."""
+
+NEGATION_QUESTIONS = (
+    Question("Is this footwear?", ("a photo of footwear.",), ("a photo of something that is not footwear.",),
+             _group(_FOOTWEAR)),
+    Question("Does it have sleeves?", ("a photo of a garment with sleeves.",),
+             ("a photo of a garment without sleeves.",), _group(_SLEEVES)),
+    Question("Is this a bag?", ("a photo of a bag.",), ("a photo of something that is not a bag.",), _group(_BAG)),
+    Question("Is it dark?", ("a photo of a dark item.",), ("a photo of an item that is not dark.",), _dark),
+)
+"""The same questions asked with one positive and one negated prompt (the naive way)."""
+
+
+@torch.no_grad()
+def answer_questions(model: ContinualClip, images: Tensor, questions: Sequence[Question] = QUESTIONS, *,
+                     image_emb: Tensor | None = None) -> Tensor:
+    """``p(yes)`` for every image and question, ``[N, Q]``, from the model's image tower and hand prompts.
+
+    Args:
+        model: a :class:`ContinualClip` (heads and learned context are not used: questions are prompts).
+        images: ``[N, 1, 28, 28]``.
+        questions: :class:`Question` objects.
+        image_emb: precomputed ``encode_images(images)`` ``[N, d]``, to save a forward pass.
+    """
+    if len(questions) == 0:
+        raise ValueError("no questions: pass at least one Question")
+    emb = model.encode_images(images) if image_emb is None else image_emb
+    out = []
+    for q in questions:
+        prompts = list(q.yes) + list(q.no)
+        text = F.normalize(model.clip.text_features(model.clip.text(prompts)), dim=-1)
+        probs = (model.logit_scale * emb @ text.T).softmax(-1)  # [N, yes + no]
+        out.append(probs[:, : len(q.yes)].sum(1))
+    return torch.stack(out, 1)
+
+
+def balanced_accuracy(p_yes: Tensor, truth: Tensor) -> float:
+    """Mean of the true-positive and true-negative rates of ``p_yes > 1/2`` (0.5 = chance, whatever the base rate).
+
+    >>> round(balanced_accuracy(torch.tensor([0.9, 0.2, 0.8, 0.1]), torch.tensor([True, False, False, False])), 3)
+    0.833
+    """
+    truth = truth.bool()
+    if truth.all() or not truth.any():
+        raise ValueError("balanced accuracy needs both yes and no examples among the images")
+    said = p_yes > 0.5
+    return float(((said & truth).sum() / truth.sum() + (~said & ~truth).sum() / (~truth).sum()) / 2)
+
+
+def question_scores(model: ContinualClip, task: Task, questions: Sequence[Question] = QUESTIONS, *,
+                    image_emb: Tensor | None = None) -> list[float]:
+    """Balanced accuracy of each question on ``task``'s test images (labels and pixels give the truth)."""
+    p = answer_questions(model, task.x_test, questions, image_emb=image_emb)
+    return [balanced_accuracy(p[:, k], q.truth(task.y_test, task.x_test)) for k, q in enumerate(questions)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a method over the stream (cached)
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(model: ContinualClip, tasks: Sequence[Task], zero_shot_task: Task,
+             questions: Sequence[Question] = QUESTIONS, *, image_emb: list[Tensor] | None = None) -> dict:
+    """Accuracy on every task, on the zero-shot set, and the questions' balanced accuracy on the zero-shot set.
+
+    Args:
+        image_emb: the test-image embeddings of ``[*tasks, zero_shot_task]`` when already known (a
+            frozen tower); they are computed otherwise and returned under ``"image_emb"``.
+    """
+    everything = [*tasks, zero_shot_task]
+    if image_emb is None:
+        image_emb = [model.encode_images(t.x_test) for t in everything]
+    acc = [float(((e @ model.class_embeddings(t).T).argmax(1) == t.y_test).float().mean())
+           for e, t in zip(image_emb, everything, strict=True)]
+    return {"tasks": acc[:-1], "zero_shot": acc[-1], "image_emb": image_emb,
+            "questions": question_scores(model, zero_shot_task, questions, image_emb=image_emb[-1])}
+
+
+def run_stream(method: str | Callable[..., ContinualClip], initial: clip.FashionClip, tasks: Sequence[Task],
+               zero_shot_task: Task, *, recipe: StepRecipe = StepRecipe(), progress: bool = False
+               ) -> tuple[dict, ContinualClip]:
+    """Train ``method`` on ``tasks`` in order, evaluating before training and after every step.
+
+    Returns:
+        ``(result, final model)``; ``result`` holds ``"matrix"`` ``[T + 1][T]`` (row 0: before any
+        training), ``"zero_shot"`` and ``"questions"`` (``[T + 1]`` and ``[T + 1][Q]``, on the
+        zero-shot set), ``"seconds"`` per step (training only, one torch thread), and the memory
+        accounting ``"trained_params"``, ``"stored_params"`` (extra model copies, heads, contexts)
+        and ``"stored_images"`` (buffer or reference set).
+    """
+    if isinstance(method, str) and method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
+    fn = METHODS[method] if isinstance(method, str) else method
+    if len(tasks) == 0:
+        raise ValueError("the stream is empty: give at least one Task")
+    from tqdm.auto import tqdm
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        common.set_seed(recipe.seed)
+        start = ContinualClip(copy.deepcopy(initial)).eval().requires_grad_(False)
+        state = State(initial=ContinualClip(copy.deepcopy(initial)).eval().requires_grad_(False), recipe=recipe)
+        name = method if isinstance(method, str) else fn.__name__
+        if fn is zscl:
+            state.reference_images = reference_images(recipe.n_reference, seed=recipe.seed)
+            table = clip.caption_table()
+            pick = torch.randperm(len(table), generator=torch.Generator().manual_seed(recipe.seed))
+            state.reference_texts = [table[i] for i in pick[: recipe.n_reference_texts].tolist()]
+        model, rows, seconds = start, [evaluate(start, tasks, zero_shot_task)], []
+        for step, task in enumerate(tqdm(tasks, desc=name, disable=not progress)):
+            state.step = step
+            before = {k: v.clone() for k, v in model.clip.state_dict().items()}
+            t0 = time.perf_counter()
+            model = fn(model, task, state=state)
+            seconds.append(time.perf_counter() - t0)
+            state.seen.append(task)
+            after = model.clip.state_dict()
+            frozen = all(torch.equal(v, after[k]) for k, v in before.items())  # tower unchanged: reuse embeddings
+            rows.append(evaluate(model, tasks, zero_shot_task, image_emb=rows[-1]["image_emb"] if frozen else None))
+    finally:
+        torch.set_num_threads(threads)
+    tower = n_parameters(nn.ModuleList([model.clip.vit, model.clip.image_proj, model.clip.text_proj]))
+    trained = {"zero-shot": 0, "linear probe": sum(h.numel() for h in model.heads.values()),
+               "CoOp": model.context.vectors.numel() if model.context is not None else 0}.get(name, tower)
+    stored = {"WiSE-FT": tower, "LwF": tower, "ZSCL": tower}.get(name, 0)
+    stored += sum(h.numel() for h in model.heads.values())
+    stored += model.context.vectors.numel() if model.context is not None else 0
+    images = len(state.buffer) if state.buffer is not None else 0
+    images += len(state.reference_images) if state.reference_images is not None else 0
+    result = {"method": name, "tasks": [t.name for t in tasks], "matrix": [r["tasks"] for r in rows],
+              "zero_shot": [r["zero_shot"] for r in rows], "questions": [r["questions"] for r in rows],
+              "seconds": seconds, "trained_params": int(trained), "stored_params": int(stored),
+              "stored_images": int(images)}
+    return result, model
+
+
+def cached_run(method: str, initial: clip.FashionClip, tasks: Sequence[Task], zero_shot_task: Task, *,
+               recipe: StepRecipe = StepRecipe(), stream_key: object = None, progress: bool = False
+               ) -> tuple[dict, dict]:
+    """:func:`run_stream`, cached under a content hash of (method, recipe, stream, initial model).
+
+    Args:
+        stream_key: a JSON-able description of how ``tasks`` were made (e.g. the arguments of
+            :func:`make_stream`); it keys the cache together with the initial model's recipe.
+
+    Returns:
+        ``(result, final clip state dict)``; the ``"seconds"`` are those measured when the cache was built.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
+    key = {"method": method, "recipe": dataclasses.asdict(recipe), "stream": stream_key,
+           "tasks": [(t.name, len(t.x_train), len(t.x_test)) for t in tasks],
+           "initial": getattr(getattr(initial, "recipe", None), "key", lambda: None)(), "zero_shot": len(
+               zero_shot_task.x_test), "questions": [q.text for q in QUESTIONS]}
+    slug = method.lower().replace(" ", "_").replace("-", "_")
+    path = common.cache_dir("models", "continual") / f"{slug}-{common.content_hash(key)}.pt"
+
+    def build(target: Path) -> None:
+        result, model = run_stream(method, initial, tasks, zero_shot_task, recipe=recipe, progress=progress)
+        blob = {"result": json.dumps(result), "state_dict": {k: v.clone() for k, v in model.clip.state_dict().items()}}
+        with open(target, "wb") as fh:
+            torch.save(blob, fh)
+
+    blob = torch.load(common.cached_file(path, build), map_location="cpu", weights_only=True)
+    return json.loads(blob["result"]), blob["state_dict"]
