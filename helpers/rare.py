@@ -1,0 +1,745 @@
+"""Rare classes with 1 % labels: an unaware CLIP-style model, ontology concepts, CAVs, self-training (chapter 11).
+
+The research setting of Inria's OceanIA project, scaled down to Fashion-MNIST: millions of images, about 1 %
+annotated, and rare classes whose sub-concepts a generic multimodal model barely knows. Here:
+
+* :func:`rare_split`: a pool of training images in which a few classes are rare (a small fraction of
+  their images is kept), and a stratified ~1 % of it labelled (at least ``min_labelled`` per class);
+* :class:`RareClipRecipe` / :func:`pretrained_rare_clip`: chapter 10's CLIP-style model trained
+  *without* the rare classes' images and without their parts in any caption, so the multimodal
+  embedding does not know them (weights committed under ``helpers/weights/``);
+* :func:`wordnet_concepts` and :func:`ground_concepts`: a concept dictionary built from WordNet
+  (hypernyms, part meronyms, gloss nouns of each class's synset), kept where the CLIP-style model
+  grounds the word on the few labelled images; :func:`random_concepts` is the control;
+* :func:`concept_activation_vectors`: concept directions learned from labelled examples in the image
+  embedding space (CAVs, Kim et al. 2018);
+* :func:`self_train`: pseudo-labelling with a consistency check, seeded by zero-shot predictions,
+  on frozen image embeddings (Lee 2013; Sohn et al. 2020).
+
+Reuses :mod:`helpers.clip` (model, captions, concept bank) and :mod:`helpers.choquet` (the student).
+Introduced in nbs/11_rare_classes.ipynb.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from helpers import clip, common, vision
+
+RARE_CLASSES = (5, 6, 8)
+"""Sandal, shirt and bag: the classes made rare and hidden from the CLIP-style model."""
+
+FASHION_SYNSETS = {
+    "T-shirt/top": "jersey.n.03",
+    "Trouser": "trouser.n.01",
+    "Pullover": "pullover.n.01",
+    "Dress": "dress.n.01",
+    "Coat": "coat.n.01",
+    "Sandal": "sandal.n.01",
+    "Shirt": "shirt.n.01",
+    "Sneaker": "sneaker.n.01",
+    "Bag": "bag.n.04",
+    "Ankle boot": "boot.n.01",
+}
+"""The WordNet 3.0 noun sense of each Fashion-MNIST class (``bag`` is the handbag sense; there is no ankle boot)."""
+
+PART_CONCEPTS = {
+    "short sleeves": "short sleeves", "a round neckline": "neckline", "two long legs": "legs",
+    "a waistband": "waistband", "long sleeves": "long sleeves", "a ribbed hem": "hem", "a long skirt": "skirt",
+    "a fitted waist": "fitted waist", "buttons down the front": "buttons", "thin straps": "straps",
+    "an open toe": "open toe", "a collar": "collar", "laces": "laces", "a flat rubber sole": "sole",
+    "a handle": "handle", "a rectangular shape": "rectangular", "a heel": "heel",
+    "an ankle-high shaft": "ankle shaft",
+}  # fmt: skip
+"""Each part of :data:`helpers.clip.CLASS_PARTS` → the :data:`helpers.clip.FASHION_CONCEPTS` concept that names it."""
+
+
+def _check_classes(classes: Sequence[int], n_classes: int = len(clip.CLASS_TEXT)) -> tuple[int, ...]:
+    classes = tuple(int(c) for c in classes)
+    if not classes or len(set(classes)) != len(classes) or not all(0 <= c < n_classes for c in classes):
+        raise ValueError(f"rare classes must be distinct class indices in 0..{n_classes - 1}, got {classes}")
+    return classes
+
+
+def part_classes(parts: Sequence[str] | None = None) -> dict[str, tuple[int, ...]]:
+    """Which classes have each part of :data:`helpers.clip.CLASS_PARTS` (class-level annotation).
+
+    >>> part_classes(["buttons down the front"])
+    {'buttons down the front': (4, 6)}
+    """
+    table: dict[str, list[int]] = {}
+    for c, row in enumerate(clip.CLASS_PARTS):
+        for part in row:
+            table.setdefault(part, []).append(c)
+    parts = list(table) if parts is None else list(parts)
+    unknown = [p for p in parts if p not in table]
+    if unknown:
+        raise ValueError(f"unknown parts {unknown}: choose among {list(table)}")
+    return {p: tuple(table[p]) for p in parts}
+
+
+def hidden_parts(rare_classes: Sequence[int] = RARE_CLASSES) -> tuple[str, ...]:
+    """The parts of the rare classes (they are removed from every caption, whichever class it describes).
+
+    >>> hidden_parts((5, 8))
+    ('thin straps', 'an open toe', 'a handle', 'a rectangular shape')
+    """
+    return tuple(p for c in _check_classes(rare_classes) for p in clip.CLASS_PARTS[c])
+
+
+# ---------------------------------------------------------------------------------------------
+# The split: a pool with rare classes, ~1 % of it labelled
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RareSplit:
+    """Indices into the training set: the ``labelled`` few and the ``unlabelled`` rest of a pool.
+
+    ``labelled`` and ``unlabelled`` are disjoint (checked); the test set never enters a split.
+    """
+
+    labelled: np.ndarray
+    unlabelled: np.ndarray
+    rare_classes: tuple[int, ...]
+
+    def __post_init__(self):
+        if np.intersect1d(self.labelled, self.unlabelled).size:
+            raise ValueError("labelled and unlabelled indices overlap")
+
+    @property
+    def pool(self) -> np.ndarray:
+        """All pool indices, labelled first."""
+        return np.concatenate([self.labelled, self.unlabelled])
+
+
+def rare_split(labels: Tensor | np.ndarray, *, rare_classes: Sequence[int] = RARE_CLASSES, rare_fraction: float = 0.05,
+               label_fraction: float = 0.01, min_labelled: int = 5, n_per_class: int | None = None,
+               seed: int = 0) -> RareSplit:
+    """Make some classes rare in a pool of training images, and label a stratified fraction of the pool.
+
+    Args:
+        labels: ``[N]`` training labels (used to stratify; only ``labelled`` ones are ever read afterwards).
+        rare_classes: classes of which only ``rare_fraction`` of the images enter the pool.
+        rare_fraction: in (0, 1].
+        label_fraction: share of each class's pool images that are labelled, in (0, 1].
+        min_labelled: at least this many labelled images per class (rare classes would get almost none).
+        n_per_class: cap on a common class's images before thinning (``None``: all of them).
+        seed: the random draw.
+
+    Returns:
+        a :class:`RareSplit`.
+
+    >>> s = rare_split(np.repeat(np.arange(3), 1000), rare_classes=[2], rare_fraction=0.1, label_fraction=0.01)
+    >>> len(s.labelled), len(s.unlabelled)
+    (25, 2075)
+    """
+    for name, value in (("label_fraction", label_fraction), ("rare_fraction", rare_fraction)):
+        if not isinstance(value, int | float) or not 0 < value <= 1:
+            raise ValueError(f"{name} must be in (0, 1], e.g. 0.01 for 1 %; got {value!r}")
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or len(labels) == 0:
+        raise ValueError(f"labels must be a non-empty [N] array, got shape {labels.shape}")
+    rare_classes = _check_classes(rare_classes, int(labels.max()) + 1)
+    rng = np.random.default_rng(seed)
+    labelled, unlabelled = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        if n_per_class is not None:
+            idx = idx[:n_per_class]
+        if c in rare_classes:
+            idx = idx[: max(min_labelled + 1, round(rare_fraction * len(idx)))]
+        n_lab = min(len(idx) - 1, max(min_labelled, round(label_fraction * len(idx))))
+        labelled.append(idx[:n_lab])
+        unlabelled.append(idx[n_lab:])
+    return RareSplit(np.sort(np.concatenate(labelled)), np.sort(np.concatenate(unlabelled)), rare_classes)
+
+
+# ---------------------------------------------------------------------------------------------
+# A CLIP-style model that never saw the rare classes nor their parts
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RareClipRecipe:
+    """Chapter 10's recipe, minus the ``hidden_classes`` images and the ``hidden_parts`` in every caption."""
+
+    base: clip.ClipRecipe = clip.RECIPE
+    hidden_classes: tuple[int, ...] = RARE_CLASSES
+    hidden_parts: tuple[str, ...] = hidden_parts(RARE_CLASSES)
+
+    def key(self) -> str:
+        return common.content_hash(dataclasses.asdict(self), length=12)
+
+
+RARE_RECIPE = RareClipRecipe()
+"""The chapter's recipe: about 3 minutes on 2 CPU cores, so its weights are committed."""
+
+
+def rare_captions(attributes: dict[str, Tensor], labels: Tensor, generator: torch.Generator, *,
+                  hidden_parts: Sequence[str], p_mention: float = 0.5) -> Tensor:
+    """:func:`helpers.clip.sample_captions`, except that a drawn part in ``hidden_parts`` is not mentioned."""
+    n = len(labels)
+    template = torch.randint(len(clip.TRAIN_TEMPLATES), (n,), generator=generator)
+
+    def maybe(values: Tensor) -> Tensor:
+        keep = torch.rand(n, generator=generator) < p_mention
+        return torch.where(keep, values, -1)
+
+    shape = maybe(attributes["shape"])
+    shape = torch.where(shape == 1, -1, shape)
+    part = maybe(torch.randint(2, (n,), generator=generator))
+    hidden = torch.tensor([[p in hidden_parts for p in row] for row in clip.CLASS_PARTS])  # [class, 2]
+    part = torch.where((part >= 0) & hidden[labels, part.clamp_min(0)], -1, part)
+    return clip.caption_index(labels, template, maybe(attributes["tone"]), maybe(attributes["texture"]), shape, part)
+
+
+def train_rare_clip(recipe: RareClipRecipe = RARE_RECIPE, *, progress: bool = True) -> tuple[clip.FashionClip, dict]:
+    """Train a :class:`helpers.clip.FashionClip` by ``recipe`` (chapter 10's loop on the filtered data and captions).
+
+    Returns:
+        ``(model in eval mode, history)`` as :func:`helpers.clip.train_clip`, plus ``history["n_images"]``.
+    """
+    if not isinstance(recipe, RareClipRecipe):
+        raise ValueError(f"recipe must be a RareClipRecipe, got {type(recipe).__name__}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small batches: one thread is faster, and immune to a busy machine
+    try:
+        return _train_rare_clip(recipe, progress=progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_rare_clip(recipe: RareClipRecipe, *, progress: bool) -> tuple[clip.FashionClip, dict]:
+    from tqdm.auto import tqdm
+
+    base = recipe.base
+    common.set_seed(base.seed)
+    x_train, y_train = vision.fashion_tensors("train")
+    if base.n_train is not None:
+        x_train, y_train = x_train[: base.n_train], y_train[: base.n_train]
+    keep = ~torch.isin(y_train, torch.tensor(recipe.hidden_classes, dtype=torch.long))
+    x_train, y_train = x_train[keep], y_train[keep]
+    attributes = clip.pixel_attributes(x_train, y_train)
+    steps_per_epoch = math.ceil(len(x_train) / base.batch_size)
+    total = max(1, round(base.epochs * steps_per_epoch))
+    generator = torch.Generator().manual_seed(base.seed)
+    epochs = []
+    for _ in range(math.ceil(total / steps_per_epoch)):
+        order = torch.randperm(len(x_train), generator=generator)
+        captions = rare_captions(attributes, y_train, generator, hidden_parts=recipe.hidden_parts,
+                                 p_mention=base.p_mention)
+        epochs.append((order, captions))
+    t0 = time.perf_counter()
+    table = clip.caption_table()
+    used = torch.unique(torch.cat([c for _, c in epochs]))
+    minilm = torch.zeros(len(table), clip.MiniLMText.dim)  # [captions, 384]
+    minilm[used] = clip.text_tower()([table[i] for i in used.tolist()])
+    history: dict = {"step": [], "loss": [], "seconds": [], "caption_seconds": time.perf_counter() - t0,
+                     "n_captions": len(used), "n_images": len(x_train)}
+    model = clip.FashionClip(dim=base.dim)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=base.lr, weight_decay=base.weight_decay)
+    warmup = max(1, min(base.warmup_steps, total // 2))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: vision._schedule(s, total, warmup))
+    start, step, losses = time.perf_counter(), 0, []
+    model.train()
+    bar = tqdm(total=total, desc="training CLIP-style model without the rare classes", disable=not progress)
+    for order, captions in epochs:
+        for i in range(0, len(order), base.batch_size):
+            if step >= total:
+                break
+            batch = order[i : i + base.batch_size]
+            image_emb = F.normalize(model.image_features(x_train[batch]), dim=-1)
+            text_emb = F.normalize(model.text_features(minilm[captions[batch]]), dim=-1)
+            loss = clip.contrastive_loss(image_emb, text_emb, model.log_scale.clamp(max=math.log(100)).exp())
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            scheduler.step()
+            losses.append(loss.item())
+            step += 1
+            bar.update()
+            if step % 50 == 0 or step == total:
+                history["step"].append(step)
+                history["loss"].append(float(np.mean(losses[-50:])))
+                history["seconds"].append(time.perf_counter() - start)
+    bar.close()
+    return model.eval(), history
+
+
+def _weights_name(recipe: RareClipRecipe) -> str:
+    return f"rare_clip-{recipe.key()}.pt"
+
+
+def _save(model: clip.FashionClip, recipe: RareClipRecipe, history: dict, path: Path) -> None:
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    blob = {"state_dict": state, "recipe": json.dumps(dataclasses.asdict(recipe)), "history": json.dumps(history)}
+    with open(path, "wb") as fh:
+        torch.save(blob, fh)
+
+
+def pretrained_rare_clip(recipe: RareClipRecipe = RARE_RECIPE, *, progress: bool = True) -> clip.FashionClip:
+    """The CLIP-style model that never saw the rare classes (committed weights, else cache, else trained).
+
+    Returns:
+        a :class:`helpers.clip.FashionClip` in eval mode with ``history`` and ``recipe`` attached.
+    """
+    if not isinstance(recipe, RareClipRecipe):
+        raise ValueError(f"recipe must be a RareClipRecipe, got {type(recipe).__name__}")
+    committed = vision.WEIGHTS_DIR / _weights_name(recipe)
+    if vision._verified(committed):
+        path = committed
+    else:
+        def build(target: Path) -> None:
+            model, history = train_rare_clip(recipe, progress=progress)
+            _save(model, recipe, history, target)
+
+        path = common.cached_file(common.cache_dir("models", "clip") / _weights_name(recipe), build)
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    model = clip.FashionClip(dim=recipe.base.dim)
+    model.load_state_dict(blob["state_dict"])
+    model.history = json.loads(blob["history"])
+    model.recipe = recipe
+    return model.eval().requires_grad_(False)
+
+
+def write_committed_weights() -> Path:
+    """Train :data:`RARE_RECIPE` and write its weights (with a SHA-256 sidecar) to ``helpers/weights/``.
+
+    Removes older ``rare_clip-*`` files. Run as ``python -m helpers.rare``.
+    """
+    vision.WEIGHTS_DIR.mkdir(exist_ok=True)
+    path = vision.WEIGHTS_DIR / _weights_name(RARE_RECIPE)
+    for old in vision.WEIGHTS_DIR.glob("rare_clip-*.pt*"):
+        old.unlink()
+    model, history = train_rare_clip(RARE_RECIPE)
+    _save(model, RARE_RECIPE, history, path)
+    path.with_name(path.name + ".sha256").write_text(common.file_sha256(path) + "\n")
+    print(f"rare CLIP-style model: final loss {history['loss'][-1]:.3f} in {history['seconds'][-1]:.0f} s -> {path}")
+    return path
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Concept dictionaries: WordNet, grounding filter, random control, edits
+# ---------------------------------------------------------------------------------------------
+
+RELATIONS = {"hypernym": "is a (hypernyms)", "part": "has part (meronyms)", "gloss": "gloss words"}
+"""Where a WordNet concept comes from → the name of its group in the Choquet student."""
+
+PROMPTS = {"hypernym": "a photo of {}.", "part": "an item with {}.", "gloss": "an item with {}."}
+"""How a WordNet word is written as a prompt (``{}`` gets the word with its article)."""
+
+_STOPWORDS = frozenset(
+    "the and for with that has have used worn usually especially often made from into over who which its one two "
+    "upper lower part each small something someone such other very this may can are was being some more most "
+    "designed relating particular general outer".split()
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class WordNetConcept:
+    """A candidate concept: a ``word``, the ``relation`` that produced it, and the ``classes`` it came from."""
+
+    word: str
+    relation: str
+    classes: tuple[int, ...]
+
+    @property
+    def prompt(self) -> str:
+        return PROMPTS[self.relation].format(_with_article(self.word))
+
+
+def _with_article(word: str) -> str:
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
+
+def _lemma(synset) -> str:
+    return synset.lemma_names()[0].replace("_", " ").lower()
+
+
+def class_synsets(class_names: Sequence[str], *, wn=None, synsets: Mapping[str, str] | None = None) -> list:
+    """One WordNet noun synset per class: ``synsets[name]`` when given, else the first noun sense of the name.
+
+    Raises:
+        ValueError: a class name with no noun sense in WordNet (pass ``synsets={name: "word.n.01"}``), or an
+        unknown synset name.
+    """
+    if isinstance(class_names, str) or len(class_names) == 0:
+        raise ValueError("class_names must be a non-empty list of class names")
+    wn = wn if wn is not None else _wordnet()
+    synsets = dict(synsets or {})
+    out = []
+    for name in class_names:
+        if name in synsets:
+            try:
+                out.append(wn.synset(synsets[name]))
+            except Exception as err:  # nltk raises WordNetError or ValueError
+                raise ValueError(f"{synsets[name]!r} (for class {name!r}) is not a WordNet synset name such as "
+                                 "'sandal.n.01'") from err
+            continue
+        found = wn.synsets(name.strip().lower().replace(" ", "_"), pos="n")
+        if not found:
+            raise ValueError(f"class name {name!r} is not in WordNet: pass synsets={{{name!r}: 'word.n.01'}} with a "
+                             "sense you chose (look one up with helpers.assets.wordnet().synsets('word'))")
+        out.append(found[0])
+    return out
+
+
+def _wordnet():
+    from helpers.assets import wordnet
+
+    return wordnet()
+
+
+def wordnet_concepts(class_names: Sequence[str], *, wn=None, synsets: Mapping[str, str] | None = None,
+                     hypernym_depth: int = 2, inherit_parts: bool = True, gloss: bool = True) -> list[WordNetConcept]:
+    """Candidate concepts for each class from WordNet: hypernyms, part meronyms and nouns of the gloss.
+
+    Args:
+        class_names: the classes, e.g. ``assets.FASHION_CLASSES``.
+        wn: a WordNet reader (default :func:`helpers.assets.wordnet`).
+        synsets: class name → synset name where the first noun sense is wrong or missing
+            (:data:`FASHION_SYNSETS`).
+        hypernym_depth: how many levels of hypernyms to climb ("sandal" → "shoe" → "footwear").
+        inherit_parts: also take the part meronyms of the direct hypernyms (a sandal has a shoe's parts).
+        gloss: also take the nouns of the definition ("a shoe consisting of a sole fastened by straps").
+
+    Returns:
+        one :class:`WordNetConcept` per distinct word, with every class it came from; a word found by several
+        relations keeps the first of hypernym, part, gloss. The classes' own names are left out.
+    """
+    wn = wn if wn is not None else _wordnet()
+    if hypernym_depth < 0:
+        raise ValueError(f"hypernym_depth must be >= 0, got {hypernym_depth}")
+    targets = class_synsets(class_names, wn=wn, synsets=synsets)
+    own = {n.replace("_", " ").lower() for s in targets for n in s.lemma_names()}
+    found: dict[str, tuple[str, set[int]]] = {}
+
+    def add(word: str, relation: str, c: int) -> None:
+        word = word.replace("_", " ").lower()
+        if word in own:
+            return
+        if word not in found:
+            found[word] = (relation, set())
+        elif list(RELATIONS).index(relation) < list(RELATIONS).index(found[word][0]):
+            found[word] = (relation, found[word][1])
+        found[word][1].add(c)
+
+    for c, synset in enumerate(targets):
+        level = [synset]
+        for _ in range(hypernym_depth):
+            level = [h for s in level for h in s.hypernyms()]
+            for h in level:
+                add(_lemma(h), "hypernym", c)
+        holders = [synset] + (synset.hypernyms() if inherit_parts else [])
+        for holder in holders:
+            for part in holder.part_meronyms():
+                add(_lemma(part), "part", c)
+        if gloss:
+            for token in re.findall(r"[a-z]+", synset.definition().lower()):
+                noun = wn.morphy(token, "n")
+                if len(token) >= 3 and token not in _STOPWORDS and noun and noun not in _STOPWORDS:
+                    add(noun, "gloss", c)
+    return [WordNetConcept(w, r, tuple(sorted(cs))) for w, (r, cs) in found.items()]
+
+
+def concept_auc(scores: Tensor | np.ndarray, positives: Tensor | np.ndarray) -> np.ndarray:
+    """Per-concept ROC AUC of ``scores [N, K]`` for separating ``positives [N, K]`` (bool) from the rest.
+
+    The Mann-Whitney statistic with average ranks for ties; ``nan`` where a concept has no positive or
+    no negative image.
+
+    >>> concept_auc(np.array([[0.1], [0.4], [0.35], [0.8]]), np.array([[0], [0], [1], [1]], bool)).tolist()
+    [0.75]
+    """
+    from scipy.stats import rankdata
+
+    scores, positives = np.asarray(scores, dtype=float), np.asarray(positives, dtype=bool)
+    if scores.ndim != 2 or scores.shape != positives.shape:
+        raise ValueError(f"scores and positives must both be [N, K], got {scores.shape} and {positives.shape}")
+    ranks = rankdata(scores, axis=0)
+    n_pos = positives.sum(0)
+    n_neg = len(scores) - n_pos
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = ((ranks * positives).sum(0) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    return np.where((n_pos > 0) & (n_neg > 0), auc, np.nan)
+
+
+def class_positives(labels: Tensor | np.ndarray, classes: Sequence[Sequence[int]]) -> np.ndarray:
+    """``[N, K]`` bool: image ``n`` has concept ``k`` when its label is one of ``classes[k]`` (class-level truth)."""
+    labels = np.asarray(labels)
+    return np.stack([np.isin(labels, list(cs)) for cs in classes], 1)
+
+
+def ground_concepts(model: clip.ClipLike, candidates: Sequence[WordNetConcept], image_emb: Tensor, labels: Tensor, *,
+                    min_auc: float = 0.75, max_concepts: int = 50) -> tuple[list[WordNetConcept], np.ndarray]:
+    """Keep the candidates the multimodal model grounds: AUC of ``cos(image, prompt)`` on labelled images.
+
+    A word is grounded when its prompt's similarity ranks the images of the classes the word came from
+    above the others (AUC >= ``min_auc``); the best ``max_concepts`` are kept.
+
+    Args:
+        image_emb: ``[N, d]`` normalised image embeddings of *labelled* images; labels ``[N]``.
+
+    Returns:
+        ``(kept candidates, best first; AUC of every candidate [len(candidates)])``.
+    """
+    if len(candidates) == 0:
+        raise ValueError("no candidate concepts: build them with wordnet_concepts(class_names)")
+    if not 0 <= min_auc <= 1 or max_concepts < 1:
+        raise ValueError(f"need min_auc in [0, 1] and max_concepts >= 1, got {min_auc}, {max_concepts}")
+    text = model.encode_text([c.prompt for c in candidates])  # [K, d]
+    auc = concept_auc((image_emb @ text.T).numpy(), class_positives(labels, [c.classes for c in candidates]))
+    order = [int(i) for i in np.argsort(-np.nan_to_num(auc, nan=-1), kind="stable") if auc[i] >= min_auc]
+    return [candidates[i] for i in order[:max_concepts]], auc
+
+
+def wordnet_bank(concepts: Sequence[WordNetConcept]) -> clip.ConceptBank:
+    """A :class:`helpers.clip.ConceptBank` of WordNet concepts, grouped by relation (:data:`RELATIONS`)."""
+    rows = sorted(((c.word, c.prompt, RELATIONS[c.relation]) for c in concepts),
+                  key=lambda r: list(RELATIONS.values()).index(r[2]))
+    return clip.ConceptBank.from_rows(rows)
+
+
+def random_concepts(n: int, *, wn=None, n_groups: int = 3, seed: int = 0,
+                    exclude: Sequence[str] = ()) -> clip.ConceptBank:
+    """The control dictionary: ``n`` random single-word WordNet nouns in ``n_groups`` random groups.
+
+    Prompts are ``"a photo of a <word>."``; ``exclude`` words (e.g. the other dictionaries') are never drawn.
+    """
+    if n < 1 or n_groups < 1:
+        raise ValueError(f"need n >= 1 and n_groups >= 1, got {n}, {n_groups}")
+    wn = wn if wn is not None else _wordnet()
+    skip = {w.lower() for w in exclude}
+    words = sorted(w for w in wn.all_lemma_names(pos="n") if w.isalpha() and w.islower() and 4 <= len(w) <= 10
+                   and w not in skip)
+    rng = np.random.default_rng(seed)
+    chosen = [words[i] for i in rng.choice(len(words), size=n, replace=False)]
+    rows = [(w, f"a photo of {_with_article(w)}.", f"random {1 + k % n_groups}") for k, w in enumerate(chosen)]
+    return clip.ConceptBank.from_rows(sorted(rows, key=lambda r: r[2]))
+
+
+def edit_bank(bank: clip.ConceptBank, *, remove: Sequence[str] = (),
+              add: Sequence[tuple[str, str, str]] = ()) -> clip.ConceptBank:
+    """A copy of ``bank`` without the concepts named in ``remove`` and with ``(name, prompt, group)`` rows added.
+
+    >>> edit_bank(clip.FASHION_CONCEPTS, remove=["laces"], add=[("zip", "a bag with a zip", "accessory")]).names[-1]
+    'zip'
+    """
+    unknown = [r for r in remove if r not in bank.names]
+    if unknown:
+        raise ValueError(f"cannot remove {unknown}: not in the bank")
+    rows = [(n, p, g) for n, p, g in zip(bank.names, bank.prompts, bank.groups, strict=True) if n not in set(remove)]
+    return clip.ConceptBank.from_rows([*rows, *add])
+
+
+def concept_scores(model: clip.ClipLike, image_emb: Tensor, bank: clip.ConceptBank | Sequence[str]) -> Tensor:
+    """CB2's concept probabilities from precomputed image embeddings ``[N, d]`` → ``[N, K]`` (rows sum to 1).
+
+    The same as :func:`helpers.clip.concept_probabilities` without re-encoding the images for every bank.
+    """
+    prompts = list(bank.prompts) if isinstance(bank, clip.ConceptBank) else list(bank)
+    text = model.encode_text(prompts)  # [K, d]
+    return (model.logit_scale * image_emb @ text.T).softmax(-1)
+
+
+def group_lists(groups: Sequence[str]) -> list[list[int]]:
+    """Concept indices of each group name, in order of first appearance (the student's ``groups`` argument).
+
+    >>> group_lists(["a", "b", "a"])
+    [[0, 2], [1]]
+    """
+    out: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        out.setdefault(g, []).append(i)
+    return list(out.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Concept activation vectors
+# ---------------------------------------------------------------------------------------------
+
+
+def concept_activation_vectors(image_emb: Tensor, positives: Tensor | np.ndarray, *, c: float = 1.0) -> Tensor:
+    """CAVs (Kim et al. 2018): per concept, a linear classifier of with- vs without-concept embeddings; its unit normal.
+
+    Args:
+        image_emb: ``[N, d]`` embeddings of the (few) labelled examples.
+        positives: ``[N, K]`` bool, which examples show each concept.
+        c: inverse L2 regularisation of the logistic regression (classes balanced).
+
+    Returns:
+        ``[K, d]`` unit vectors pointing towards the concept; ``image_emb @ cavs.T`` scores new images.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    x = np.asarray(image_emb, dtype=float)
+    positives = np.asarray(positives, dtype=bool)
+    if x.ndim != 2 or positives.ndim != 2 or len(x) != len(positives):
+        raise ValueError(f"need image_emb [N, d] and positives [N, K], got {x.shape} and {positives.shape}")
+    cavs = []
+    for k in range(positives.shape[1]):
+        y = positives[:, k]
+        if y.all() or not y.any():
+            raise ValueError(f"concept {k} needs examples with and without it; got {int(y.sum())} of {len(y)}")
+        fit = LogisticRegression(C=c, class_weight="balanced", max_iter=1000).fit(x, y)
+        cavs.append(fit.coef_[0] / np.linalg.norm(fit.coef_[0]))
+    return torch.tensor(np.stack(cavs), dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear probe and self-training
+# ---------------------------------------------------------------------------------------------
+
+
+def augment(images: Tensor, *, seed: int = 0, max_shift: int = 2) -> Tensor:
+    """A second view of each image: a random shift of up to ``max_shift`` pixels and a random horizontal flip."""
+    images = vision.check_images(images)
+    generator = torch.Generator().manual_seed(seed)
+    background = -vision.FASHION_MEAN / vision.FASHION_STD  # a black pixel, normalised
+    n = len(images)
+    flip = torch.rand(n, generator=generator) < 0.5
+    out = torch.where(flip[:, None, None, None], images.flip(-1), images)
+    shifts = torch.randint(-max_shift, max_shift + 1, (n, 2), generator=generator)
+    padded = F.pad(out, (max_shift,) * 4, value=background)  # [N, 1, 28 + 2s, 28 + 2s]
+    rows = (torch.arange(28)[None, :] + max_shift - shifts[:, :1])  # [N, 28]
+    cols = (torch.arange(28)[None, :] + max_shift - shifts[:, 1:])
+    return padded[torch.arange(n)[:, None, None], 0, rows[:, :, None], cols[:, None, :]][:, None]
+
+
+def fit_probe(x: Tensor, y: Tensor, *, n_classes: int, sample_weight: Tensor | None = None, steps: int = 300,
+              lr: float = 0.05, weight_decay: float = 1e-4, seed: int = 0) -> torch.nn.Linear:
+    """Multinomial logistic regression on frozen features ``x [N, d]``, classes weighted equally (full batch, Adam).
+
+    Each class's examples share the same total weight, so rare classes count as much as common ones.
+    """
+    if x.ndim != 2 or y.shape != (len(x),):
+        raise ValueError(f"need x [N, d] and y [N], got {tuple(x.shape)} and {tuple(y.shape)}")
+    torch.manual_seed(seed)
+    weight = torch.ones(len(x)) if sample_weight is None else sample_weight.float()
+    per_class = torch.zeros(n_classes).index_add_(0, y, weight)
+    weight = weight / per_class[y].clamp_min(1e-9)
+    weight = weight / weight.sum()
+    probe = torch.nn.Linear(x.shape[1], n_classes)
+    optimiser = torch.optim.Adam(probe.parameters(), lr=lr, weight_decay=weight_decay)
+    with torch.enable_grad():
+        for _ in range(steps):
+            loss = (F.cross_entropy(probe(x), y, reduction="none") * weight).sum()
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+    return probe.eval().requires_grad_(False)
+
+
+@dataclasses.dataclass
+class SelfTraining:
+    """The outcome of :func:`self_train`: the final ``probe``, ``pseudo`` labels of the unlabelled images
+    (``-1``: not used) and per-round ``history`` (``n_pseudo``, ``per_class``)."""
+
+    probe: torch.nn.Linear
+    pseudo: Tensor
+    history: list[dict]
+    supervised: torch.nn.Linear
+
+
+def self_train(x_lab: Tensor, y_lab: Tensor, x_unlab: Tensor, *, n_classes: int, seed_logits: Tensor | None = None,
+               x_unlab_view: Tensor | None = None, rounds: int = 4, threshold: float = 0.9,
+               seed_weight: float = 1.0, pseudo_weight: float = 1.0, **probe_options) -> SelfTraining:
+    """Pseudo-labelling with a consistency check, seeded by zero-shot predictions (Lee 2013; Sohn et al. 2020).
+
+    Round 0 fits a probe on the labelled examples only (the supervised baseline). Each round then
+    scores the unlabelled images with ``p ∝ p_probe · p_seed^seed_weight`` (the zero-shot prior
+    ``softmax(seed_logits)``), keeps an image when ``max p >= threshold`` *and* its second view
+    (``x_unlab_view``, e.g. :func:`augment`) gets the same class, and refits the probe on the labelled
+    examples plus the kept ones (both views, weight ``pseudo_weight``).
+
+    The function only sees the labels it is given (``y_lab``, one per row of ``x_lab``): it cannot read
+    the labels of unlabelled or test images.
+
+    Returns:
+        a :class:`SelfTraining`.
+    """
+    if len(x_lab) != len(y_lab) or x_lab.ndim != 2 or x_unlab.ndim != 2 or x_lab.shape[1] != x_unlab.shape[1]:
+        raise ValueError(f"need x_lab [L, d], y_lab [L], x_unlab [U, d]; got {tuple(x_lab.shape)}, "
+                         f"{tuple(y_lab.shape)}, {tuple(x_unlab.shape)}")
+    if not 0 < threshold < 1:
+        raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+    for name, t in (("seed_logits", seed_logits), ("x_unlab_view", x_unlab_view)):
+        if t is not None and len(t) != len(x_unlab):
+            raise ValueError(f"{name} needs one row per unlabelled image ({len(x_unlab)}), got {len(t)}")
+    prior = torch.zeros(len(x_unlab), n_classes) if seed_logits is None else seed_logits.log_softmax(-1)
+    supervised = probe = fit_probe(x_lab, y_lab, n_classes=n_classes, **probe_options)
+    pseudo = torch.full((len(x_unlab),), -1)
+    history = []
+    for _ in range(rounds):
+        def posterior(x: Tensor, probe=probe) -> Tensor:
+            return (probe(x).log_softmax(-1) + seed_weight * prior).softmax(-1)
+
+        confidence, guess = posterior(x_unlab).max(-1)
+        keep = confidence >= threshold
+        if x_unlab_view is not None:
+            keep &= posterior(x_unlab_view).argmax(-1) == guess
+        pseudo = torch.where(keep, guess, -1)
+        xs, ys, ws = [x_lab, x_unlab[keep]], [y_lab, guess[keep]], [torch.ones(len(x_lab)),
+                                                                      torch.full((int(keep.sum()),), pseudo_weight)]
+        if x_unlab_view is not None:
+            xs.append(x_unlab_view[keep])
+            ys.append(guess[keep])
+            ws.append(torch.full((int(keep.sum()),), pseudo_weight))
+        probe = fit_probe(torch.cat(xs), torch.cat(ys), n_classes=n_classes, sample_weight=torch.cat(ws),
+                          **probe_options)
+        history.append({"n_pseudo": int(keep.sum()),
+                        "per_class": torch.bincount(guess[keep], minlength=n_classes).tolist()})
+    return SelfTraining(probe, pseudo, history, supervised)
+
+
+def classification_scores(y_true: Tensor, y_pred: Tensor, *, rare_classes: Sequence[int] = RARE_CLASSES,
+                          n_classes: int = 10) -> dict[str, float]:
+    """Accuracy, macro-F1 and the recall of each rare class (``"recall <c>"``).
+
+    >>> classification_scores(torch.tensor([0, 1, 1]), torch.tensor([0, 1, 0]), rare_classes=[1], n_classes=2)
+    {'accuracy': 0.6666666666666666, 'macro-F1': 0.6666666666666666, 'recall 1': 0.5}
+    """
+    from sklearn.metrics import f1_score, recall_score
+
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    if y_true.shape != y_pred.shape:
+        raise ValueError(f"y_true and y_pred must have the same shape, got {y_true.shape} and {y_pred.shape}")
+    labels = list(range(n_classes))
+    recall = recall_score(y_true, y_pred, labels=labels, average=None, zero_division=0)
+    out = {"accuracy": float((y_true == y_pred).mean()),
+           "macro-F1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0))}
+    out.update({f"recall {c}": float(recall[c]) for c in rare_classes})
+    return out
+
+
+def fit_student(z: Tensor, teacher_logits: Tensor, groups: Sequence[str], *, epochs: int = 10,
+                batch_size: int = 1024, lr: float = 0.05, seed: int = 0):
+    """Distil chapter 10's hierarchical Choquet student (fixed sigmoid utilities) on standardised scores ``z [N, K]``.
+
+    ``groups`` gives each concept's group name. Returns the :class:`helpers.choquet.ChoquetStudent`.
+    """
+    from helpers import choquet
+
+    if z.shape[1] != len(groups):
+        raise ValueError(f"one group name per concept: z has {z.shape[1]} columns, groups {len(groups)}")
+    common.set_seed(seed)
+    student = choquet.ChoquetStudent(group_lists(groups), teacher_logits.shape[1], utility="sigmoid")
+    choquet.distil(student, z, teacher_logits, temperature=2.0, epochs=epochs, batch_size=batch_size, lr=lr,
+                   seed=seed)
+    return student
+
+if __name__ == "__main__":
+    write_committed_weights()

@@ -1,0 +1,218 @@
+"""helpers.rare: WordNet dictionaries, grounding, CAVs, the rare split, self-training, the unaware CLIP-style model."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from helpers import clip, rare, vision
+from helpers.assets import FASHION_CLASSES
+
+
+@pytest.fixture(scope="module")
+def wn():
+    from helpers.assets import wordnet
+
+    return wordnet()
+
+
+def test_wordnet_dictionary_on_known_synsets(wn):
+    concepts = {c.word: c for c in rare.wordnet_concepts(["shoe"], wn=wn)}
+    assert concepts["footwear"].relation == "hypernym" and concepts["footwear"].classes == (0,)
+    assert concepts["heel"].relation == "part"  # shoe.n.01 has a heel (part meronym)
+    sandal = {c.word: c for c in rare.wordnet_concepts(["sandal", "shoe"], wn=wn)}
+    assert sandal["strap"].relation == "gloss"  # "a shoe consisting of a sole fastened by straps to the foot"
+    assert sandal["footwear"].classes == (0, 1)  # found from both classes
+    assert "shoe" not in sandal  # a class's own name is never one of its concepts
+    assert sandal["heel"].classes == (0, 1)  # inherited from the hypernym shoe by the sandal
+    no_inherit = {c.word for c in rare.wordnet_concepts(["sandal"], wn=wn, inherit_parts=False)}
+    assert "heel" not in no_inherit
+    fashion = rare.wordnet_concepts(FASHION_CLASSES, wn=wn, synsets=rare.FASHION_SYNSETS)
+    assert {"garment", "footwear", "clothing"} <= {c.word for c in fashion}
+    assert rare.WordNetConcept("strap", "gloss", (5,)).prompt == "an item with a strap."
+
+
+def test_wordnet_bad_input_gives_clear_errors(wn):
+    with pytest.raises(ValueError, match="not in WordNet"):
+        rare.wordnet_concepts(["zorblax garment"], wn=wn)
+    with pytest.raises(ValueError, match="not a WordNet synset"):
+        rare.class_synsets(["Bag"], wn=wn, synsets={"Bag": "bag.n.99"})
+    with pytest.raises(ValueError, match="non-empty"):
+        rare.class_synsets("shoe", wn=wn)
+
+
+def test_random_dictionary_is_a_seeded_control(wn):
+    a = rare.random_concepts(12, wn=wn, seed=1, exclude=["footwear"])
+    b = rare.random_concepts(12, wn=wn, seed=1, exclude=["footwear"])
+    assert a == b and len(a) == 12 and len(set(a.groups)) == 3 and "footwear" not in a.names
+    assert all(p.startswith("a photo of a") for p in a.prompts)
+
+
+def test_concept_auc_and_class_positives():
+    scores = np.array([[0.1, 1.0], [0.4, 1.0], [0.35, 1.0], [0.8, 1.0]])
+    positives = rare.class_positives([0, 0, 1, 2], [(1, 2), (0, 1, 2)])
+    auc = rare.concept_auc(scores, positives)
+    assert auc[0] == pytest.approx(0.75) and math.isnan(auc[1])  # concept 2 has no negative image
+    with pytest.raises(ValueError, match=r"\[N, K\]"):
+        rare.concept_auc(scores, positives[:, 0])
+
+
+class _ToyClip:
+    """A ClipLike whose text embedding is fixed per prompt: 'grounded' prompts point at class 0's images."""
+
+    logit_scale = 10.0
+
+    def encode_image(self, images):
+        raise AssertionError("ground_concepts must work on precomputed embeddings")
+
+    def encode_text(self, texts):
+        return torch.stack([torch.tensor([1.0, 0.0]) if "grounded" in t else torch.tensor([0.0, 1.0]) for t in texts])
+
+
+def test_grounding_keeps_only_words_the_model_can_see():
+    emb = F.normalize(torch.tensor([[1.0, 0.1], [0.9, 0.2], [0.1, 1.0], [0.2, 0.9]]), dim=-1)
+    labels = torch.tensor([0, 0, 1, 1])
+    candidates = [rare.WordNetConcept("grounded", "part", (0,)), rare.WordNetConcept("ungrounded", "part", (1,)),
+                  rare.WordNetConcept("grounded too", "gloss", (0,))]
+    kept, auc = rare.ground_concepts(_ToyClip(), candidates, emb, labels, min_auc=0.75)
+    assert [c.word for c in kept] == ["grounded", "grounded too"] and auc.tolist() == [1.0, 0.0, 1.0]
+    kept, _ = rare.ground_concepts(_ToyClip(), candidates, emb, labels, min_auc=0.75, max_concepts=1)
+    assert len(kept) == 1
+    bank = rare.wordnet_bank(candidates)
+    assert bank.groups == (rare.RELATIONS["part"],) * 2 + (rare.RELATIONS["gloss"],)
+    with pytest.raises(ValueError, match="no candidate"):
+        rare.ground_concepts(_ToyClip(), [], emb, labels)
+
+
+def test_cavs_separate_planted_concepts_on_synthetic_latents():
+    gen = torch.Generator().manual_seed(0)
+    n, d, k = 300, 16, 3
+    truth = F.normalize(torch.randn(k, d, generator=gen), dim=-1)  # [concept, d] planted directions
+    has = torch.rand(n, k, generator=gen) < 0.3
+    emb = torch.randn(n, d, generator=gen) * 0.5 + 1.5 * has.float() @ truth  # [n, d]
+    cavs = rare.concept_activation_vectors(emb[:200], has[:200])
+    assert cavs.shape == (k, d) and torch.allclose(cavs.norm(dim=-1), torch.ones(k), atol=1e-5)
+    assert (F.cosine_similarity(cavs, truth) > 0.8).all()
+    auc = rare.concept_auc((emb[200:] @ cavs.T).numpy(), has[200:].numpy())
+    assert (auc > 0.95).all()
+    with pytest.raises(ValueError, match="with and without"):
+        rare.concept_activation_vectors(emb[:10], torch.ones(10, 1, dtype=torch.bool))
+
+
+def test_rare_split_makes_classes_rare_and_labels_one_percent():
+    labels = np.repeat(np.arange(10), 1000)
+    split = rare.rare_split(labels, rare_classes=(5, 8), rare_fraction=0.05, label_fraction=0.01, min_labelled=5)
+    lab, pool = labels[split.labelled], labels[split.pool]
+    assert np.intersect1d(split.labelled, split.unlabelled).size == 0
+    assert (np.bincount(pool, minlength=10)[[5, 8]] == 50).all() and np.bincount(pool)[0] == 1000
+    assert np.bincount(lab)[0] == 10 and np.bincount(lab)[5] == 5  # 1 % of 1000; at least 5 for the rare
+    again = rare.rare_split(labels, rare_classes=(5, 8), rare_fraction=0.05, label_fraction=0.01, min_labelled=5)
+    assert np.array_equal(split.labelled, again.labelled)
+
+
+@pytest.mark.parametrize("fraction", [0, -0.1, 1.5, float("nan")])
+def test_label_fraction_outside_unit_interval_is_refused(fraction):
+    with pytest.raises(ValueError, match=r"label_fraction must be in \(0, 1\]"):
+        rare.rare_split(np.arange(100) % 10, label_fraction=fraction)
+
+
+def test_bad_split_inputs():
+    with pytest.raises(ValueError, match="rare_fraction"):
+        rare.rare_split(np.arange(100) % 10, rare_fraction=0)
+    with pytest.raises(ValueError, match="distinct class indices"):
+        rare.rare_split(np.arange(100) % 10, rare_classes=(5, 12))
+    with pytest.raises(ValueError, match="overlap"):
+        rare.RareSplit(np.array([1, 2]), np.array([2, 3]), (5,))
+
+
+def _blobs(n_per_class=(200, 200, 20), seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.tensor([[2.0, 0.0], [0.0, 2.0], [-2.0, -2.0]])
+    y = torch.cat([torch.full((n,), c) for c, n in enumerate(n_per_class)])
+    return centres[y] + torch.randn(len(y), 2, generator=gen), y
+
+
+def test_pseudo_labelling_never_reads_labels_outside_the_labelled_indices():
+    x, y = _blobs()
+    x_test, y_test = _blobs(seed=1)
+    split = rare.rare_split(y.numpy(), rare_classes=(2,), rare_fraction=1.0, label_fraction=0.02, min_labelled=3)
+    assert np.intersect1d(split.labelled, split.unlabelled).size == 0
+    assert set(split.pool.tolist()) <= set(range(len(y)))  # training indices only; the test set is separate
+    poisoned = y.clone()
+    poisoned[torch.as_tensor(split.unlabelled)] = torch.randint(3, (len(split.unlabelled),))
+    runs = []
+    for labels in (y, poisoned):
+        lab, unlab = torch.as_tensor(split.labelled), torch.as_tensor(split.unlabelled)
+        runs.append(rare.self_train(x[lab], labels[lab], x[unlab], n_classes=3, rounds=2, steps=100))
+    assert torch.equal(runs[0].pseudo, runs[1].pseudo)
+    assert torch.equal(runs[0].probe.weight, runs[1].probe.weight)
+    result = runs[0]
+    assert len(result.history) == 2 and result.history[-1]["n_pseudo"] > 0
+    accuracy = float((result.probe(x_test).argmax(1) == y_test).float().mean())
+    assert accuracy > 0.9
+    kept = result.pseudo >= 0
+    assert float((result.pseudo[kept] == y[torch.as_tensor(split.unlabelled)][kept]).float().mean()) > 0.9
+
+
+def test_self_training_seed_prior_and_bad_input():
+    x, y = _blobs()
+    seed = torch.zeros(len(x) - 6, 3)
+    with pytest.raises(ValueError, match="one row per unlabelled"):
+        rare.self_train(x[:6], y[:6], x[6:], n_classes=3, seed_logits=seed[:-1])
+    with pytest.raises(ValueError, match="threshold"):
+        rare.self_train(x[:6], y[:6], x[6:], n_classes=3, threshold=1.0)
+    scores = rare.classification_scores(torch.tensor([0, 1, 2, 2]), torch.tensor([0, 1, 2, 0]), rare_classes=[2],
+                                        n_classes=3)
+    assert scores["recall 2"] == 0.5 and scores["accuracy"] == 0.75
+
+
+def test_augment_shifts_and_flips_deterministically():
+    x, _ = vision.fashion_tensors("test")
+    a, b = rare.augment(x[:16], seed=3), rare.augment(x[:16], seed=3)
+    assert a.shape == (16, 1, 28, 28) and torch.equal(a, b) and not torch.equal(a, x[:16])
+    assert torch.allclose(a.mean(), x[:16].mean(), atol=0.1)  # shifts only move the item
+    same = rare.augment(x[:4], seed=0, max_shift=0)
+    assert all(torch.equal(s, o) or torch.equal(s, o.flip(-1)) for s, o in zip(same, x[:4], strict=True))
+
+
+def test_captions_of_the_unaware_model_never_name_hidden_parts():
+    x, y = vision.fashion_tensors("test")
+    attributes = clip.pixel_attributes(x[:2000], y[:2000])
+    hidden = rare.hidden_parts((5, 6, 8))
+    assert "buttons down the front" in hidden  # shared with coats: removed from their captions too
+    index = rare.rare_captions(attributes, y[:2000], torch.Generator().manual_seed(0), hidden_parts=hidden,
+                               p_mention=1.0)
+    table = clip.caption_table()
+    captions = [table[i] for i in index.tolist()]
+    assert not any(part in caption for caption in captions for part in hidden)
+    assert any("with long sleeves" in caption for caption in captions)  # other parts are still named
+    assert rare.part_classes(["a collar"]) == {"a collar": (6,)}
+    with pytest.raises(ValueError, match="unknown parts"):
+        rare.part_classes(["a tail"])
+
+
+def test_edit_bank_and_groups():
+    bank = rare.edit_bank(clip.FASHION_CONCEPTS, remove=["laces", "heel"], add=[("zip", "a bag with a zip", "x")])
+    assert len(bank) == len(clip.FASHION_CONCEPTS) - 1 and "laces" not in bank.names and bank.groups[-1] == "x"
+    with pytest.raises(ValueError, match="not in the bank"):
+        rare.edit_bank(clip.FASHION_CONCEPTS, remove=["tail"])
+    assert rare.group_lists(["a", "b", "a", "c"]) == [[0, 2], [1], [3]]
+
+
+@pytest.mark.slow
+def test_short_unaware_training_run_learns_and_committed_weights_verify():
+    """A short version of the recipe: the loss falls below chance, and the hidden classes are never trained on."""
+    recipe = rare.RareClipRecipe(base=clip.ClipRecipe(n_train=1024, epochs=2, batch_size=128, warmup_steps=4,
+                                                      p_mention=0.0))
+    model, history = rare.train_rare_clip(recipe, progress=False)
+    y = vision.fashion_tensors("train")[1][:1024]
+    assert history["n_images"] == int((~torch.isin(y, torch.tensor(rare.RARE_CLASSES))).sum())
+    assert history["loss"][-1] < math.log(128)
+    assert isinstance(model, clip.ClipLike)
+    committed = vision.WEIGHTS_DIR / rare._weights_name(rare.RARE_RECIPE)
+    if committed.exists():
+        assert vision._verified(committed), "committed weights do not match their .sha256 sidecar"
+    with pytest.raises(ValueError, match="RareClipRecipe"):
+        rare.pretrained_rare_clip(clip.RECIPE)
