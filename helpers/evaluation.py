@@ -13,6 +13,13 @@ re-padded, as ERASER does with its text. Special tokens (``[CLS]``, ``[SEP]``) a
 The functions take any ``predict(input_ids, attention_mask) -> probabilities [batch, class]``, so
 they apply to every text classifier in the book. Introduced in
 nbs/07_attribution_faithfulness.ipynb; reused by nbs/14_evaluating_interpretability.ipynb.
+
+Chapter 14 adds what it takes to put every explanation of the book on one scoreboard, whatever it
+explains (tokens, pixels, concepts, prototypes): :func:`rank_correlation` (masked Spearman, for
+stability and sanity checks), :func:`ground_truth_auc` (plausibility against features known by
+construction), :func:`stability` (re-runs under new seeds and small input perturbations),
+:func:`normalise_columns` (every metric on [0, 1], 1 = best) and :func:`axis_scores` (metrics
+averaged into axes).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -311,3 +319,216 @@ def rank_agreement(a: Tensor, b: Tensor, candidates: Tensor, *, method: str = "s
         x, y = x[m].numpy(), y[m].numpy()
         out.append(float("nan") if x.std() == 0 or y.std() == 0 else float(fn(x, y)[0]))
     return torch.tensor(out, dtype=torch.float64)
+
+
+# ---------------------------------------------------------------------------------------------
+# One framework for every explanation of the book (chapter 14): plausibility, stability, scoreboard
+# ---------------------------------------------------------------------------------------------
+
+
+def _flat_pair(a: Tensor, b: Tensor, mask: Tensor | None, names: tuple[str, str]) -> tuple[Tensor, Tensor, Tensor]:
+    a, b = torch.as_tensor(a), torch.as_tensor(b)
+    if a.shape != b.shape or a.ndim < 2:
+        raise ValueError(
+            f"{names[0]} and {names[1]} must share one [batch, ...] shape, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    if mask is None:
+        mask = torch.ones(a.shape, dtype=torch.bool)
+    mask = torch.as_tensor(mask).bool()
+    if mask.shape != a.shape:
+        raise ValueError(f"mask must have the shape of {names[0]} {tuple(a.shape)}, got {tuple(mask.shape)}")
+    return a.reshape(len(a), -1).double().cpu(), b.reshape(len(b), -1).double().cpu(), mask.reshape(len(a), -1).cpu()
+
+
+def rank_correlation(a: Tensor, b: Tensor, *, mask: Tensor | None = None) -> Tensor:
+    """Spearman correlation between two explanations of the same inputs, item by item (ties averaged).
+
+    Works for any explanation shape: token scores ``[batch, pos]``, pixel maps ``[batch, H, W]``,
+    concept importances ``[batch, concept]``; only the entries where ``mask`` is true are ranked.
+
+    Args:
+        a, b: ``[batch, ...]`` scores.
+        mask: ``[batch, ...]`` bool (default: everything); at least 2 entries per item.
+
+    Returns:
+        ``[batch]`` float64 in [-1, 1]; 1 where both are constant on the mask (nothing to reorder),
+        NaN where exactly one of them is.
+
+    >>> rank_correlation(torch.tensor([[1.0, 2, 3, 4]]), torch.tensor([[10.0, 20, 40, 30]])).round(decimals=6).tolist()
+    [0.8]
+    """
+    from scipy.stats import rankdata
+
+    a, b, mask = _flat_pair(a, b, mask, ("a", "b"))
+    if bool((mask.sum(1) < 2).any()):
+        raise ValueError("every item needs at least 2 entries on the mask to rank")
+    out = []
+    for x, y, m in zip(a, b, mask, strict=True):
+        rx, ry = rankdata(x[m].numpy()), rankdata(y[m].numpy())
+        rx, ry = rx - rx.mean(), ry - ry.mean()
+        nx, ny = math.sqrt(float((rx**2).sum())), math.sqrt(float((ry**2).sum()))
+        if nx == 0 or ny == 0:
+            out.append(1.0 if nx == ny else float("nan"))
+        else:
+            out.append(float((rx * ry).sum()) / (nx * ny))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def ground_truth_auc(scores: Tensor, truth: Tensor, *, mask: Tensor | None = None) -> Tensor:
+    """Plausibility: how well an explanation's scores single out the features known to matter (ROC AUC).
+
+    For each item, the probability that a ground-truth feature (``truth``) scores higher than a
+    feature that is not one, ties counting one half (the Mann-Whitney statistic). 1: every known
+    feature is ranked first; 0.5: no better than chance. The ground truth is what the book knows
+    by construction: a garment's pixels, a novel's character names, a class's parts in the concept
+    bank.
+
+    Args:
+        scores: ``[batch, ...]`` explanation scores (higher = more important).
+        truth: ``[batch, ...]`` bool, the known-relevant features.
+        mask: ``[batch, ...]`` bool, the features that count (default: all).
+
+    Returns:
+        ``[batch]`` float64; NaN for items with no positive or no negative feature on the mask.
+
+    >>> ground_truth_auc(torch.tensor([[0.9, 0.1, 0.5, 0.5]]), torch.tensor([[True, False, True, False]])).tolist()
+    [0.875]
+    """
+    from scipy.stats import rankdata
+
+    scores, truth, mask = _flat_pair(scores, torch.as_tensor(truth).double(), mask, ("scores", "truth"))
+    if not torch.isfinite(scores[mask]).all():
+        raise ValueError("scores contain NaN or inf on the mask")
+    out = []
+    for s, t, m in zip(scores, truth.bool(), mask, strict=True):
+        s, t = s[m].numpy(), t[m].numpy()
+        n_pos, n_neg = int(t.sum()), int((~t).sum())
+        if n_pos == 0 or n_neg == 0:
+            out.append(float("nan"))
+            continue
+        ranks = rankdata(s)  # average ranks: ties count one half
+        out.append((float(ranks[t].sum()) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def stability(
+    explain: Callable[[Tensor, int], Tensor],
+    inputs: Tensor,
+    *,
+    perturb: Callable[[Tensor, torch.Generator], Tensor] | None = None,
+    repeats: int = 2,
+    seed: int = 0,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """Stability: rank agreement between an explanation and re-runs on perturbed inputs with new seeds.
+
+    Run ``explain(inputs, seed)`` once, then ``repeats`` times on ``perturb(inputs, generator)`` with
+    seed ``seed + r``, and average the Spearman correlation (:func:`rank_correlation`) with the first
+    run. With ``perturb=None`` only the method's own randomness is tested (GradientSHAP's baselines
+    and noise, a random ranking): a deterministic method then scores exactly 1.
+
+    Args:
+        explain: ``(inputs, seed) -> [batch, ...]`` scores.
+        inputs: whatever ``explain`` takes, batch first (images, token ids, concept scores).
+        perturb: ``(inputs, torch.Generator) -> inputs`` of the same shape, e.g. Gaussian noise, or
+            ``None`` to re-run on the same inputs.
+        repeats: number of re-runs (>= 1).
+        seed: seed of the first run; re-run ``r`` uses ``seed + r`` (and a generator seeded with it).
+        mask: ``[batch, ...]`` bool, the entries compared (default: all).
+
+    Returns:
+        ``[batch]`` float64, mean Spearman correlation over the re-runs.
+
+    >>> double = lambda x, seed: 2 * x                       # deterministic, and robust to tiny noise
+    >>> noise = lambda x, g: x + 0.01 * torch.randn(x.shape, generator=g)
+    >>> stability(double, torch.tensor([[1.0, 3, 2]]), perturb=noise).round(decimals=6).tolist()
+    [1.0]
+    """
+    if not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be a positive int, got {repeats!r}")
+    reference = torch.as_tensor(explain(inputs, seed))
+    total = torch.zeros(len(reference), dtype=torch.float64)
+    for r in range(1, repeats + 1):
+        generator = torch.Generator().manual_seed(seed + r)
+        moved = inputs if perturb is None else perturb(inputs, generator)
+        if isinstance(moved, Tensor) and isinstance(inputs, Tensor) and moved.shape != inputs.shape:
+            raise ValueError(f"perturb must keep the shape of inputs {tuple(inputs.shape)}, got {tuple(moved.shape)}")
+        total += rank_correlation(reference, torch.as_tensor(explain(moved, seed + r)), mask=mask)
+    return total / repeats
+
+
+def normalise_columns(table, *, higher_is_better: dict[str, bool]):
+    """Put every metric of a scoreboard on [0, 1], 1 = the best method, by min-max over the methods.
+
+    Each column is rescaled over the rows where it is defined (NaN stays NaN: a metric that does not
+    apply to a method is missing, not bad). A column where lower is better (deletion AUC,
+    sufficiency, seconds) is flipped. A column with one distinct value gets 1 everywhere it is
+    defined (no method is worse).
+
+    Args:
+        table: pandas ``DataFrame``, methods x metrics, numbers.
+        higher_is_better: ``{column: bool}`` for every column of ``table``.
+
+    Returns:
+        a ``DataFrame`` of the same shape in [0, 1].
+
+    >>> import pandas as pd
+    >>> t = pd.DataFrame({"auc": [0.2, 0.4, 0.6], "seconds": [1.0, 3.0, 2.0]}, index=["a", "b", "c"])
+    >>> normalise_columns(t, higher_is_better={"auc": False, "seconds": False}).round(2).to_dict("list")
+    {'auc': [1.0, 0.5, 0.0], 'seconds': [1.0, 0.0, 0.5]}
+    """
+    import pandas as pd
+
+    if not isinstance(table, pd.DataFrame) or table.empty:
+        raise ValueError("table must be a non-empty pandas DataFrame (methods x metrics)")
+    missing = [c for c in table.columns if c not in higher_is_better]
+    if missing:
+        raise ValueError(f"say for every column whether higher is better; missing {missing} in higher_is_better")
+    extra = [c for c in higher_is_better if c not in table.columns]
+    if extra:
+        raise ValueError(f"higher_is_better names columns that are not in the table: {extra}")
+    try:
+        values = table.astype(float)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"every column must be numeric: {err}") from None
+    if np.isinf(values.to_numpy()).any():
+        raise ValueError("table contains inf; use NaN for a metric that does not apply")
+    out = values.copy()
+    for column in values.columns:
+        v = values[column]
+        low, high = v.min(), v.max()
+        if high == low:
+            out[column] = v.where(v.isna(), 1.0)
+            continue
+        scaled = (v - low) / (high - low)
+        out[column] = scaled if higher_is_better[column] else 1.0 - scaled
+    return out
+
+
+def axis_scores(normalised, axes: dict[str, Sequence[str]]):
+    """Average normalised metric columns into one score per axis (faithfulness, stability, ...).
+
+    Args:
+        normalised: output of :func:`normalise_columns` (methods x metrics, in [0, 1]).
+        axes: ``{axis: [columns]}``; a method's axis score is the mean of the columns it has
+            (NaN when it has none).
+
+    Returns:
+        a ``DataFrame``, methods x axes.
+
+    >>> import pandas as pd
+    >>> n = pd.DataFrame({"del": [1.0, 0.0], "ins": [0.5, float("nan")], "t": [0.0, 1.0]}, index=["a", "b"])
+    >>> axis_scores(n, {"faithfulness": ["del", "ins"], "cost": ["t"]}).to_dict("list")
+    {'faithfulness': [0.75, 0.0], 'cost': [0.0, 1.0]}
+    """
+    import pandas as pd
+
+    if not axes:
+        raise ValueError("axes must map at least one axis name to a list of columns")
+    unknown = sorted({c for cols in axes.values() for c in cols} - set(normalised.columns))
+    if unknown:
+        raise ValueError(f"axes name columns that are not in the table: {unknown}")
+    empty = [name for name, cols in axes.items() if len(cols) == 0]
+    if empty:
+        raise ValueError(f"axes {empty} have no columns")
+    return pd.DataFrame({name: normalised[list(cols)].mean(axis=1, skipna=True) for name, cols in axes.items()})

@@ -105,3 +105,110 @@ def test_bad_inputs_raise_clear_errors():
         evaluation.comprehensiveness(predict, IDS, AM[:, :2], EXACT, target=1, fraction=0.2)
     with pytest.raises(ValueError, match="at least 2"):
         evaluation.rank_agreement(EXACT, EXACT, torch.eye(2, 5).bool())
+
+
+# --- chapter 14: rank correlation, plausibility, stability, scoreboard normalisation -------------
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+
+def test_rank_correlation_known_answers_and_mask():
+    a = torch.tensor([[1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0]])
+    b = torch.tensor([[2.0, 4.0, 6.0, 8.0], [4.0, 3.0, 2.0, 1.0]])
+    torch.testing.assert_close(evaluation.rank_correlation(a, b), torch.tensor([1.0, -1.0], dtype=torch.float64))
+    # d = (0, 0, 1, -1): rho = 1 - 6 * 2 / (4 * 15) = 0.8
+    rho = evaluation.rank_correlation(torch.tensor([[1.0, 2, 3, 4]]), torch.tensor([[1.0, 2, 4, 3]]))
+    assert float(rho) == pytest.approx(0.8)
+    # the masked-out entry would reverse the order; on the mask the order is the same
+    mask = torch.tensor([[True, True, True, False]])
+    rho = evaluation.rank_correlation(torch.tensor([[1.0, 2, 3, 9]]), torch.tensor([[1.0, 2, 3, -9]]), mask=mask)
+    assert float(rho) == pytest.approx(1.0)
+    # images: [batch, H, W] works the same as [batch, pos]; constant maps on both sides agree
+    maps = torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(evaluation.rank_correlation(maps, maps.exp()), torch.ones(3, dtype=torch.float64))
+    assert float(evaluation.rank_correlation(torch.ones(1, 3), torch.ones(1, 3))) == 1.0
+    assert math.isnan(float(evaluation.rank_correlation(torch.ones(1, 3), torch.tensor([[1.0, 2, 3]]))))
+
+
+def test_ground_truth_auc_known_answers():
+    truth = torch.tensor([[True, True, False, False, False]])
+    perfect = evaluation.ground_truth_auc(torch.tensor([[5.0, 4, 3, 2, 1]]), truth)
+    worst = evaluation.ground_truth_auc(torch.tensor([[1.0, 2, 3, 4, 5]]), truth)
+    flat = evaluation.ground_truth_auc(torch.ones(1, 5), truth)
+    assert (float(perfect), float(worst), float(flat)) == (1.0, 0.0, 0.5)
+    # positives score 3 and 1 against negatives 2, 0, 2: pairs won 3 + 1 of 6 -> 4 / 6
+    auc = evaluation.ground_truth_auc(torch.tensor([[3.0, 1, 2, 0, 2]]), truth)
+    assert float(auc) == pytest.approx(4 / 6)
+    # no positive on the mask: undefined, not zero
+    mask = torch.tensor([[False, False, True, True, True]])
+    assert math.isnan(float(evaluation.ground_truth_auc(torch.rand(1, 5), truth, mask=mask)))
+    # equals sklearn's ROC AUC
+    from sklearn.metrics import roc_auc_score
+
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(1, 40, generator=g), torch.rand(1, 40, generator=g) < 0.3
+    assert float(evaluation.ground_truth_auc(s, t)) == pytest.approx(roc_auc_score(t[0].numpy(), s[0].numpy()))
+
+
+def test_stability_deterministic_is_one_and_random_is_near_zero():
+    x = torch.randn(6, 20, generator=torch.Generator().manual_seed(0))
+
+    def deterministic(inputs, seed):
+        return inputs**2
+
+    def random_ranking(inputs, seed):
+        return torch.rand(inputs.shape, generator=torch.Generator().manual_seed(seed))
+
+    same = evaluation.stability(deterministic, x, repeats=3)
+    torch.testing.assert_close(same, torch.ones(6, dtype=torch.float64))
+    noisy = evaluation.stability(random_ranking, x, repeats=4)
+    assert abs(float(noisy.mean())) < 0.2
+    # a small perturbation barely moves x**2; a large one scrambles it
+    small = evaluation.stability(deterministic, x, perturb=lambda v, g: v + 1e-3 * torch.randn(v.shape, generator=g))
+    large = evaluation.stability(deterministic, x, perturb=lambda v, g: v + 10 * torch.randn(v.shape, generator=g))
+    assert float(small.mean()) > 0.99 > 0.5 > float(large.mean())
+
+
+def test_normalise_columns_hand_computed_table():
+    table = pd.DataFrame(
+        {"deletion": [0.1, 0.3, 0.5, np.nan], "aopc": [np.nan, 0.2, 0.6, 0.4], "same": [2.0, 2.0, np.nan, 2.0]},
+        index=["ig", "saliency", "random", "text-ig"],
+    )
+    out = evaluation.normalise_columns(table, higher_is_better={"deletion": False, "aopc": True, "same": True})
+    expected = pd.DataFrame(
+        {"deletion": [1.0, 0.5, 0.0, np.nan], "aopc": [np.nan, 0.0, 1.0, 0.5], "same": [1.0, 1.0, np.nan, 1.0]},
+        index=table.index,
+    )
+    pd.testing.assert_frame_equal(out, expected)
+    axes = evaluation.axis_scores(out, {"faithfulness": ["deletion", "aopc"], "other": ["same"]})
+    assert axes["faithfulness"].tolist() == pytest.approx([1.0, 0.25, 0.5, 0.5])
+    assert axes["other"].isna().tolist() == [False, False, True, False]
+
+
+def test_scoreboard_bad_inputs_raise_clear_errors():
+    table = pd.DataFrame({"a": [1.0, 2.0], "b": [3.0, 4.0]})
+    with pytest.raises(ValueError, match="missing .*'b'"):
+        evaluation.normalise_columns(table, higher_is_better={"a": True})
+    with pytest.raises(ValueError, match="not in the table"):
+        evaluation.normalise_columns(table, higher_is_better={"a": True, "b": True, "c": False})
+    with pytest.raises(ValueError, match="numeric"):
+        evaluation.normalise_columns(pd.DataFrame({"a": ["x", "y"]}), higher_is_better={"a": True})
+    with pytest.raises(ValueError, match="non-empty"):
+        evaluation.normalise_columns(pd.DataFrame(), higher_is_better={})
+    with pytest.raises(ValueError, match="inf"):
+        evaluation.normalise_columns(pd.DataFrame({"a": [1.0, np.inf]}), higher_is_better={"a": True})
+    with pytest.raises(ValueError, match="not in the table"):
+        evaluation.axis_scores(table, {"faithfulness": ["a", "zzz"]})
+    with pytest.raises(ValueError, match="no columns"):
+        evaluation.axis_scores(table, {"faithfulness": []})
+    with pytest.raises(ValueError, match="share one"):
+        evaluation.rank_correlation(torch.ones(2, 3), torch.ones(2, 4))
+    with pytest.raises(ValueError, match="at least 2"):
+        evaluation.rank_correlation(torch.ones(1, 3), torch.ones(1, 3), mask=torch.tensor([[True, False, False]]))
+    with pytest.raises(ValueError, match="NaN"):
+        evaluation.ground_truth_auc(torch.tensor([[float("nan"), 1.0]]), torch.tensor([[True, False]]))
+    with pytest.raises(ValueError, match="repeats"):
+        evaluation.stability(lambda x, s: x, torch.ones(1, 3), repeats=0)
+    with pytest.raises(ValueError, match="keep the shape"):
+        evaluation.stability(lambda x, s: x[:, :2], torch.ones(1, 3), perturb=lambda x, g: x[:, :2])
