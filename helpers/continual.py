@@ -818,7 +818,9 @@ def run_stream(method: str | Callable[..., ContinualClip], initial: clip.Fashion
     Returns:
         ``(result, final model)``; ``result`` holds ``"matrix"`` ``[T + 1][T]`` (row 0: before any
         training), ``"zero_shot"`` and ``"questions"`` (``[T + 1]`` and ``[T + 1][Q]``, on the
-        zero-shot set), ``"seconds"`` per step (training only, one torch thread), and the memory
+        zero-shot set), ``"seconds"`` and ``"cpu_seconds"`` per step (training only, wall and process
+        CPU time, one torch thread; CPU time is robust to other jobs on the machine), ``"wall_seconds"``
+        (training and evaluation), and the memory
         accounting ``"trained_params"``, ``"stored_params"`` (extra model copies, heads, contexts)
         and ``"stored_images"`` (buffer or reference set).
     """
@@ -829,7 +831,7 @@ def run_stream(method: str | Callable[..., ContinualClip], initial: clip.Fashion
         raise ValueError("the stream is empty: give at least one Task")
     from tqdm.auto import tqdm
 
-    threads = torch.get_num_threads()
+    threads, wall = torch.get_num_threads(), time.perf_counter()
     torch.set_num_threads(1)
     try:
         common.set_seed(recipe.seed)
@@ -841,13 +843,14 @@ def run_stream(method: str | Callable[..., ContinualClip], initial: clip.Fashion
             table = clip.caption_table()
             pick = torch.randperm(len(table), generator=torch.Generator().manual_seed(recipe.seed))
             state.reference_texts = [table[i] for i in pick[: recipe.n_reference_texts].tolist()]
-        model, rows, seconds = start, [evaluate(start, tasks, zero_shot_task)], []
+        model, rows, seconds, cpu_seconds = start, [evaluate(start, tasks, zero_shot_task)], [], []
         for step, task in enumerate(tqdm(tasks, desc=name, disable=not progress)):
             state.step = step
             before = {k: v.clone() for k, v in model.clip.state_dict().items()}
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             model = fn(model, task, state=state)
             seconds.append(time.perf_counter() - t0)
+            cpu_seconds.append(time.process_time() - c0)
             state.seen.append(task)
             after = model.clip.state_dict()
             frozen = all(torch.equal(v, after[k]) for k, v in before.items())  # tower unchanged: reuse embeddings
@@ -864,7 +867,8 @@ def run_stream(method: str | Callable[..., ContinualClip], initial: clip.Fashion
     images += len(state.reference_images) if state.reference_images is not None else 0
     result = {"method": name, "tasks": [t.name for t in tasks], "matrix": [r["tasks"] for r in rows],
               "zero_shot": [r["zero_shot"] for r in rows], "questions": [r["questions"] for r in rows],
-              "seconds": seconds, "trained_params": int(trained), "stored_params": int(stored),
+              "seconds": seconds, "cpu_seconds": cpu_seconds, "wall_seconds": time.perf_counter() - wall,
+              "trained_params": int(trained), "stored_params": int(stored),
               "stored_images": int(images)}
     return result, model
 
@@ -883,7 +887,7 @@ def cached_run(method: str, initial: clip.FashionClip, tasks: Sequence[Task], ze
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
-    key = {"method": method, "recipe": dataclasses.asdict(recipe), "stream": stream_key,
+    key = {"code": 2, "method": method, "recipe": dataclasses.asdict(recipe), "stream": stream_key,
            "tasks": [(t.name, len(t.x_train), len(t.x_test)) for t in tasks],
            "initial": getattr(getattr(initial, "recipe", None), "key", lambda: None)(), "zero_shot": len(
                zero_shot_task.x_test), "questions": [q.text for q in QUESTIONS]}
