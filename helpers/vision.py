@@ -8,7 +8,7 @@ changed, retrains into the book's cache (under a file lock, so parallel notebook
 Rebuild the committed copies with ``python -m helpers.vision``.
 
 Tensors: images are ``[batch, 1, 28, 28]`` floats normalised with :data:`FASHION_MEAN` /
-:data:`FASHION_STD`; ViT tokens are ``[batch, 1 + 49, width]`` (the CLS token first, then the 7 x 7
+:data:`FASHION_STD`; ViT tokens are ``[batch, 1 + 16, width]`` (the CLS token first, then the 4 x 4 grid of 7 x 7
 patches in row-major order).
 """
 
