@@ -655,18 +655,21 @@ class SelfTraining:
 
 
 def self_train(x_lab: Tensor, y_lab: Tensor, x_unlab: Tensor, *, n_classes: int, seed_logits: Tensor | None = None,
-               x_unlab_view: Tensor | None = None, rounds: int = 4, threshold: float = 0.9,
-               seed_weight: float = 1.0, pseudo_weight: float = 1.0, **probe_options) -> SelfTraining:
+               seed_classes: Sequence[int] = (), x_unlab_view: Tensor | None = None, rounds: int = 3,
+               threshold: float = 0.9, pseudo_weight: float = 1.0, **probe_options) -> SelfTraining:
     """Pseudo-labelling with a consistency check, seeded by zero-shot predictions (Lee 2013; Sohn et al. 2020).
 
     Round 0 fits a probe on the labelled examples only (the supervised baseline). Each round then
-    scores the unlabelled images with ``p ∝ p_probe · p_seed^seed_weight`` (the zero-shot prior
-    ``softmax(seed_logits)``), keeps an image when ``max p >= threshold`` *and* its second view
-    (``x_unlab_view``, e.g. :func:`augment`) gets the same class, and refits the probe on the labelled
-    examples plus the kept ones (both views, weight ``pseudo_weight``).
+    pseudo-labels an unlabelled image
 
-    The function only sees the labels it is given (``y_lab``, one per row of ``x_lab``): it cannot read
-    the labels of unlabelled or test images.
+    * with the seed (zero-shot) class when that class is in ``seed_classes`` (those the zero-shot model
+      is trusted on, see :func:`trusted_classes`) and ``softmax(seed_logits)`` reaches ``threshold``;
+    * otherwise with the probe's class when the probe reaches ``threshold`` *and* gives the same class to
+      the image's second view ``x_unlab_view`` (e.g. :func:`augment`; the consistency check),
+
+    and refits the probe on the labelled examples plus the pseudo-labelled ones (both views, weight
+    ``pseudo_weight``; classes weighted equally). The function only sees the labels it is given (``y_lab``,
+    one per row of ``x_lab``): it cannot read the labels of unlabelled or test images.
 
     Returns:
         a :class:`SelfTraining`.
@@ -679,30 +682,52 @@ def self_train(x_lab: Tensor, y_lab: Tensor, x_unlab: Tensor, *, n_classes: int,
     for name, t in (("seed_logits", seed_logits), ("x_unlab_view", x_unlab_view)):
         if t is not None and len(t) != len(x_unlab):
             raise ValueError(f"{name} needs one row per unlabelled image ({len(x_unlab)}), got {len(t)}")
-    prior = torch.zeros(len(x_unlab), n_classes) if seed_logits is None else seed_logits.log_softmax(-1)
+    if seed_logits is None and len(seed_classes):
+        raise ValueError("seed_classes needs seed_logits (e.g. zero-shot logits of the unlabelled images)")
+    from_seed = torch.zeros(len(x_unlab), dtype=torch.bool)
+    seed_guess = torch.zeros(len(x_unlab), dtype=torch.long)
+    if seed_logits is not None:
+        seed_confidence, seed_guess = seed_logits.softmax(-1).max(-1)
+        from_seed = torch.isin(seed_guess, torch.as_tensor(list(seed_classes), dtype=torch.long))
+        from_seed &= seed_confidence >= threshold
     supervised = probe = fit_probe(x_lab, y_lab, n_classes=n_classes, **probe_options)
     pseudo = torch.full((len(x_unlab),), -1)
     history = []
     for _ in range(rounds):
-        def posterior(x: Tensor, probe=probe) -> Tensor:
-            return (probe(x).log_softmax(-1) + seed_weight * prior).softmax(-1)
-
-        confidence, guess = posterior(x_unlab).max(-1)
-        keep = confidence >= threshold
+        confidence, guess = probe(x_unlab).softmax(-1).max(-1)
+        keep = (confidence >= threshold) & ~from_seed
         if x_unlab_view is not None:
-            keep &= posterior(x_unlab_view).argmax(-1) == guess
+            keep &= probe(x_unlab_view).argmax(-1) == guess
+        guess = torch.where(from_seed, seed_guess, guess)
+        keep |= from_seed
         pseudo = torch.where(keep, guess, -1)
-        xs, ys, ws = [x_lab, x_unlab[keep]], [y_lab, guess[keep]], [torch.ones(len(x_lab)),
-                                                                      torch.full((int(keep.sum()),), pseudo_weight)]
-        if x_unlab_view is not None:
-            xs.append(x_unlab_view[keep])
-            ys.append(guess[keep])
-            ws.append(torch.full((int(keep.sum()),), pseudo_weight))
-        probe = fit_probe(torch.cat(xs), torch.cat(ys), n_classes=n_classes, sample_weight=torch.cat(ws),
-                          **probe_options)
-        history.append({"n_pseudo": int(keep.sum()),
+        views = [x_unlab] if x_unlab_view is None else [x_unlab, x_unlab_view]
+        xs = torch.cat([x_lab, *(v[keep] for v in views)])
+        ys = torch.cat([y_lab, *(guess[keep] for _ in views)])
+        ws = torch.cat([torch.ones(len(x_lab)), torch.full((len(views) * int(keep.sum()),), pseudo_weight)])
+        probe = fit_probe(xs, ys, n_classes=n_classes, sample_weight=ws, **probe_options)
+        history.append({"n_pseudo": int(keep.sum()), "n_from_seed": int(from_seed.sum()),
                         "per_class": torch.bincount(guess[keep], minlength=n_classes).tolist()})
     return SelfTraining(probe, pseudo, history, supervised)
+
+
+def trusted_classes(seed_pred: Tensor, y_lab: Tensor, *, n_classes: int, min_recall: float = 0.5) -> list[int]:
+    """Classes whose labelled examples the seed (zero-shot) model recognises with recall >= ``min_recall``.
+
+    The few labels say where zero-shot predictions may seed pseudo-labels (not on classes it does not know).
+
+    >>> trusted_classes(torch.tensor([0, 0, 1, 0]), torch.tensor([0, 0, 1, 1]), n_classes=3)
+    [0, 1]
+    """
+    if seed_pred.shape != y_lab.shape:
+        raise ValueError(f"seed_pred and y_lab must have the same shape, got {tuple(seed_pred.shape)} and "
+                         f"{tuple(y_lab.shape)}")
+    out = []
+    for c in range(n_classes):
+        mask = y_lab == c
+        if mask.any() and float((seed_pred[mask] == c).float().mean()) >= min_recall:
+            out.append(c)
+    return out
 
 
 def classification_scores(y_true: Tensor, y_pred: Tensor, *, rare_classes: Sequence[int] = RARE_CLASSES,

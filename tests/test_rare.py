@@ -163,6 +163,15 @@ def test_self_training_seed_prior_and_bad_input():
         rare.self_train(x[:6], y[:6], x[6:], n_classes=3, seed_logits=seed[:-1])
     with pytest.raises(ValueError, match="threshold"):
         rare.self_train(x[:6], y[:6], x[6:], n_classes=3, threshold=1.0)
+    with pytest.raises(ValueError, match="seed_classes needs seed_logits"):
+        rare.self_train(x[:6], y[:6], x[6:], n_classes=3, seed_classes=[0])
+    # a seed that is right and confident on class 0 only: its labels are used for class 0, never for class 1
+    seed_logits = torch.full((len(x) - 6, 3), -5.0)
+    seed_logits[torch.arange(len(x) - 6), 0] = 5.0
+    run = rare.self_train(x[:6], y[:6], x[6:], n_classes=3, seed_logits=seed_logits, seed_classes=[0], rounds=1,
+                          steps=50)
+    assert run.history[0]["n_from_seed"] == len(x) - 6 and (run.pseudo == 0).all()
+    assert rare.trusted_classes(torch.tensor([0, 0, 0]), torch.tensor([0, 1, 2]), n_classes=3) == [0]
     scores = rare.classification_scores(torch.tensor([0, 1, 2, 2]), torch.tensor([0, 1, 2, 0]), rare_classes=[2],
                                         n_classes=3)
     assert scores["recall 2"] == 0.5 and scores["accuracy"] == 0.75
