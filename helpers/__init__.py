@@ -4,7 +4,8 @@ Modules: ``common`` (seeds, device, cache, style), ``assets`` (offline loaders f
 data set), ``attention`` (chapter 1), ``sinr`` (chapter 2), ``interpretable_classifier`` (chapter 3),
 ``heads`` (chapter 4), ``ffn`` (chapter 5), ``dissect`` (chapter 6), ``attribution`` and
 ``evaluation`` (chapter 7), ``vision`` (chapter 8: the shared Fashion-MNIST ViT and CNN, saliency
-faithfulness), ``prototypes`` (chapter 9), ``clip`` and ``choquet`` (chapter 10), ``rare`` (chapter 11), ``continual`` (chapter 12).
+faithfulness), ``prototypes`` (chapter 9), ``clip`` and ``choquet`` (chapter 10), ``rare``
+(chapter 11), ``continual`` (chapter 12).
 """
 
 __version__ = "0.1.0"
