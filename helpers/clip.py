@@ -26,6 +26,7 @@ L2-normalised ``[n, d]``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -409,7 +410,7 @@ def _train_clip(recipe: ClipRecipe, *, progress: bool, text: MiniLMText | None) 
     model = FashionClip(dim=recipe.dim, text=text)
     optimiser = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     warmup = min(recipe.warmup_steps, total // 2)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: _schedule(s, total, max(1, warmup)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: common.warmup_cosine(s, total, max(1, warmup)))
     history: dict = {"step": [], "loss": [], "seconds": [], "caption_seconds": caption_seconds,
                      "n_captions": len(used)}
     start, step, losses = time.perf_counter(), 0, []
@@ -438,28 +439,8 @@ def _train_clip(recipe: ClipRecipe, *, progress: bool, text: MiniLMText | None) 
     return model.eval(), history
 
 
-def _schedule(step: int, total: int, warmup: int) -> float:
-    """Linear warm-up then cosine decay, as a multiplier of the learning rate."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
-def _verified(path: Path) -> bool:
-    """True when ``path`` exists and matches the SHA-256 in its ``.sha256`` sidecar."""
-    sidecar = path.with_name(path.name + ".sha256")
-    return path.is_file() and sidecar.is_file() and sidecar.read_text().strip() == common.file_sha256(path)
-
-
 def _weights_name(recipe: ClipRecipe) -> str:
     return f"fashion_clip-{recipe.key()}.pt"
-
-
-def _save(model: FashionClip, recipe: ClipRecipe, history: dict, path: Path) -> None:
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    blob = {"state_dict": state, "recipe": dataclasses.asdict(recipe), "history": json.dumps(history)}
-    with open(path, "wb") as fh:
-        torch.save(blob, fh)
 
 
 def pretrained_clip(recipe: ClipRecipe = RECIPE, *, progress: bool = True) -> FashionClip:
@@ -472,19 +453,15 @@ def pretrained_clip(recipe: ClipRecipe = RECIPE, *, progress: bool = True) -> Fa
     """
     if not isinstance(recipe, ClipRecipe):
         raise ValueError(f"recipe must be a ClipRecipe, got {type(recipe).__name__}")
-    committed = vision.WEIGHTS_DIR / _weights_name(recipe)
-    if _verified(committed):
-        path = committed
-    else:
-        def build(target: Path) -> None:
-            model, history = train_clip(recipe, progress=progress)
-            _save(model, recipe, history, target)
 
-        path = common.cached_file(common.cache_dir("models", "clip") / _weights_name(recipe), build)
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    def build(target: Path) -> None:
+        model, history = train_clip(recipe, progress=progress)
+        common.save_trained(model, dataclasses.asdict(recipe), history, target)
+
+    blob = common.trained_weights(_weights_name(recipe), build, cache="clip")
     model = FashionClip(dim=recipe.dim)
     model.load_state_dict(blob["state_dict"])
-    model.history = json.loads(blob["history"])
+    model.history = blob["history"]
     model.recipe = recipe
     return model.eval().requires_grad_(False)
 
@@ -494,13 +471,9 @@ def write_committed_weights() -> Path:
 
     Removes older ``fashion_clip-*`` files. Run as ``python -m helpers.clip``.
     """
-    vision.WEIGHTS_DIR.mkdir(exist_ok=True)
-    path = vision.WEIGHTS_DIR / _weights_name(RECIPE)
-    for old in vision.WEIGHTS_DIR.glob("fashion_clip-*.pt*"):
-        old.unlink()
     model, history = train_clip(RECIPE)
-    _save(model, RECIPE, history, path)
-    path.with_name(path.name + ".sha256").write_text(common.file_sha256(path) + "\n")
+    save = functools.partial(common.save_trained, model, dataclasses.asdict(RECIPE), history)
+    path = common.commit_weights(_weights_name(RECIPE), save, replaces="fashion_clip-*.pt*")
     print(f"CLIP-style model: final loss {history['loss'][-1]:.3f} in {history['seconds'][-1]:.0f} s -> {path}")
     return path
 

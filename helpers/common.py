@@ -126,6 +126,82 @@ def cached_file(path: str | os.PathLike, build: Callable[[Path], None]) -> Path:
     return path
 
 
+WEIGHTS_DIR = Path(__file__).with_name("weights")
+"""Small trained artefacts committed beside the recipes that made them (DESIGN §4), each with a
+``.sha256`` sidecar; see :func:`trained_weights`."""
+
+
+def verified(path: str | os.PathLike) -> bool:
+    """True when ``path`` exists and matches the SHA-256 recorded in its ``<path>.sha256`` sidecar."""
+    path = Path(path)
+    sidecar = path.with_name(path.name + ".sha256")
+    return path.is_file() and sidecar.is_file() and sidecar.read_text().strip() == file_sha256(path)
+
+
+def warmup_cosine(step: int, total: int, warmup: int) -> float:
+    """Learning-rate multiplier: linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total``.
+
+    >>> [round(warmup_cosine(s, 10, 2), 2) for s in (0, 1, 2, 6, 10)]
+    [0.5, 1.0, 1.0, 0.5, 0.0]
+    """
+    import math
+
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def save_trained(model, recipe: dict, history: dict, path: str | os.PathLike) -> None:
+    """Write a trained model's weights with the recipe and training history that produced it (torch file)."""
+    import torch
+
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    blob = {"state_dict": state, "recipe": json.dumps(recipe, default=str), "history": json.dumps(history)}
+    with open(path, "wb") as fh:
+        torch.save(blob, fh)
+
+
+def trained_weights(filename: str, build: Callable[[Path], None], *, cache: str) -> dict:
+    """Load a trained artefact: the committed copy in :data:`WEIGHTS_DIR` when verified, else the cache.
+
+    The cached copy is built on demand with ``build(path)`` (e.g. train, then :func:`save_trained`)
+    under a file lock and verified by SHA-256 (:func:`cached_file`); a committed file that is missing
+    or altered is ignored, never trusted.
+
+    Args:
+        filename: the artefact's name, keyed by its recipe's content hash, e.g. ``fashion_vit-<hash>.pt``.
+        build: writes the artefact to the path it is given.
+        cache: sub-directory of ``cache_dir("models")`` for the rebuilt copy.
+
+    Returns:
+        ``{"state_dict", "recipe", "history"}`` with ``history`` parsed from JSON.
+    """
+    import torch
+
+    committed = WEIGHTS_DIR / filename
+    path = committed if verified(committed) else cached_file(cache_dir("models", cache) / filename, build)
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    blob["history"] = json.loads(blob["history"])
+    return blob
+
+
+def commit_weights(filename: str, build: Callable[[Path], None], *, replaces: str) -> Path:
+    """Build an artefact into :data:`WEIGHTS_DIR` with its SHA-256 sidecar, removing stale versions.
+
+    Args:
+        filename: the new artefact's name.
+        build: writes the artefact to the path it is given.
+        replaces: glob of older versions to delete first, e.g. ``"fashion_vit-*.pt*"``.
+    """
+    WEIGHTS_DIR.mkdir(exist_ok=True)
+    for old in WEIGHTS_DIR.glob(replaces):
+        old.unlink()
+    path = WEIGHTS_DIR / filename
+    build(path)
+    path.with_name(path.name + ".sha256").write_text(file_sha256(path) + "\n")
+    return path
+
+
 def use_book_style() -> None:
     """Apply the one matplotlib/seaborn style used by every figure in the book."""
     import matplotlib as mpl

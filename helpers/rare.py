@@ -23,7 +23,7 @@ Introduced in nbs/11_rare_classes.ipynb.
 from __future__ import annotations
 
 import dataclasses
-import json
+import functools
 import math
 import re
 import time
@@ -251,7 +251,7 @@ def _train_rare_clip(recipe: RareClipRecipe, *, progress: bool) -> tuple[clip.Fa
     model = clip.FashionClip(dim=base.dim)
     optimiser = torch.optim.AdamW(model.parameters(), lr=base.lr, weight_decay=base.weight_decay)
     warmup = max(1, min(base.warmup_steps, total // 2))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: vision._schedule(s, total, warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: common.warmup_cosine(s, total, warmup))
     start, step, losses = time.perf_counter(), 0, []
     model.train()
     bar = tqdm(total=total, desc="training CLIP-style model without the rare classes", disable=not progress)
@@ -282,13 +282,6 @@ def _weights_name(recipe: RareClipRecipe) -> str:
     return f"rare_clip-{recipe.key()}.pt"
 
 
-def _save(model: clip.FashionClip, recipe: RareClipRecipe, history: dict, path: Path) -> None:
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    blob = {"state_dict": state, "recipe": json.dumps(dataclasses.asdict(recipe)), "history": json.dumps(history)}
-    with open(path, "wb") as fh:
-        torch.save(blob, fh)
-
-
 def pretrained_rare_clip(recipe: RareClipRecipe = RARE_RECIPE, *, progress: bool = True) -> clip.FashionClip:
     """The CLIP-style model that never saw the rare classes (committed weights, else cache, else trained).
 
@@ -297,19 +290,15 @@ def pretrained_rare_clip(recipe: RareClipRecipe = RARE_RECIPE, *, progress: bool
     """
     if not isinstance(recipe, RareClipRecipe):
         raise ValueError(f"recipe must be a RareClipRecipe, got {type(recipe).__name__}")
-    committed = vision.WEIGHTS_DIR / _weights_name(recipe)
-    if vision._verified(committed):
-        path = committed
-    else:
-        def build(target: Path) -> None:
-            model, history = train_rare_clip(recipe, progress=progress)
-            _save(model, recipe, history, target)
 
-        path = common.cached_file(common.cache_dir("models", "clip") / _weights_name(recipe), build)
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    def build(target: Path) -> None:
+        model, history = train_rare_clip(recipe, progress=progress)
+        common.save_trained(model, dataclasses.asdict(recipe), history, target)
+
+    blob = common.trained_weights(_weights_name(recipe), build, cache="clip")
     model = clip.FashionClip(dim=recipe.base.dim)
     model.load_state_dict(blob["state_dict"])
-    model.history = json.loads(blob["history"])
+    model.history = blob["history"]
     model.recipe = recipe
     return model.eval().requires_grad_(False)
 
@@ -319,13 +308,9 @@ def write_committed_weights() -> Path:
 
     Removes older ``rare_clip-*`` files. Run as ``python -m helpers.rare``.
     """
-    vision.WEIGHTS_DIR.mkdir(exist_ok=True)
-    path = vision.WEIGHTS_DIR / _weights_name(RARE_RECIPE)
-    for old in vision.WEIGHTS_DIR.glob("rare_clip-*.pt*"):
-        old.unlink()
     model, history = train_rare_clip(RARE_RECIPE)
-    _save(model, RARE_RECIPE, history, path)
-    path.with_name(path.name + ".sha256").write_text(common.file_sha256(path) + "\n")
+    save = functools.partial(common.save_trained, model, dataclasses.asdict(RARE_RECIPE), history)
+    path = common.commit_weights(_weights_name(RARE_RECIPE), save, replaces="rare_clip-*.pt*")
     print(f"rare CLIP-style model: final loss {history['loss'][-1]:.3f} in {history['seconds'][-1]:.0f} s -> {path}")
     return path
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
+import functools
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -32,7 +32,7 @@ from helpers import assets, common
 FASHION_MEAN, FASHION_STD = 0.2860, 0.3530  # training-set pixel mean and std (of values in [0, 1])
 IMAGE_SIZE, PATCH = 28, 7
 GRID = IMAGE_SIZE // PATCH  # 4 x 4 patches
-WEIGHTS_DIR = Path(__file__).with_name("weights")
+WEIGHTS_DIR = common.WEIGHTS_DIR  # committed weights (helpers/weights/)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,12 +164,6 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def _schedule(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
 @torch.no_grad()
 def predict_logits(model: nn.Module, images: Tensor, *, batch_size: int = 1000) -> Tensor:
     """Logits ``[N, classes]`` of ``model`` on ``images`` ``[N, 1, 28, 28]`` in eval mode, in batches."""
@@ -212,7 +206,7 @@ def train(recipe: Recipe, *, progress: bool = True) -> tuple[nn.Module, dict]:
     optimiser = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     steps_per_epoch = math.ceil(len(x_train) / recipe.batch_size)
     total, warmup = recipe.epochs * steps_per_epoch, int(recipe.warmup_epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: _schedule(s, total, warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: common.warmup_cosine(s, total, warmup))
     generator = torch.Generator().manual_seed(recipe.seed)
     history: dict = {
         "epoch": [], "train_loss": [], "test_accuracy": [], "seconds": [], "cpu_seconds": [],
@@ -239,20 +233,12 @@ def train(recipe: Recipe, *, progress: bool = True) -> tuple[nn.Module, dict]:
     return model.eval(), history
 
 
-def _save(model: nn.Module, recipe: Recipe, history: dict, path: Path) -> None:
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    blob = {"state_dict": state, "recipe": dataclasses.asdict(recipe), "history": json.dumps(history)}
-    with open(path, "wb") as fh:
-        torch.save(blob, fh)
+_verified = common.verified  # aliases kept for helpers/transfer.py until it moves to common
+_schedule = common.warmup_cosine
 
 
 def _weights_name(recipe: Recipe) -> str:
     return f"fashion_{recipe.arch}-{recipe.key()}.pt"
-
-
-def _verified(path: Path) -> bool:
-    sidecar = path.with_name(path.name + ".sha256")
-    return path.is_file() and sidecar.is_file() and sidecar.read_text().strip() == common.file_sha256(path)
 
 
 def pretrained(name: str | Recipe = "vit", *, progress: bool = True) -> nn.Module:
@@ -270,20 +256,15 @@ def pretrained(name: str | Recipe = "vit", *, progress: bool = True) -> nn.Modul
     recipe = RECIPES.get(name) if isinstance(name, str) else name
     if not isinstance(recipe, Recipe):
         raise ValueError(f"unknown model {name!r}; choose from {sorted(RECIPES)} or pass a Recipe")
-    committed = WEIGHTS_DIR / _weights_name(recipe)
-    if _verified(committed):
-        path = committed
-    else:
 
-        def build(target: Path) -> None:
-            model, history = train(recipe, progress=progress)
-            _save(model, recipe, history, target)
+    def build(target: Path) -> None:
+        model, history = train(recipe, progress=progress)
+        common.save_trained(model, dataclasses.asdict(recipe), history, target)
 
-        path = common.cached_file(common.cache_dir("models", "vision") / _weights_name(recipe), build)
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    blob = common.trained_weights(_weights_name(recipe), build, cache="vision")
     model = ARCHITECTURES[recipe.arch]()
     model.load_state_dict(blob["state_dict"])
-    model.history = json.loads(blob["history"])
+    model.history = blob["history"]
     model.recipe = recipe
     return model.eval()
 
@@ -293,16 +274,12 @@ def write_committed_weights(names: Sequence[str] = ("vit", "cnn")) -> list[Path]
 
     Removes older weight files of the same architecture. Run as ``python -m helpers.vision``.
     """
-    WEIGHTS_DIR.mkdir(exist_ok=True)
     written = []
     for name in names:
         recipe = RECIPES[name]
-        path = WEIGHTS_DIR / _weights_name(recipe)
-        for old in WEIGHTS_DIR.glob(f"fashion_{recipe.arch}-*.pt*"):
-            old.unlink()
         model, history = train(recipe)
-        _save(model, recipe, history, path)
-        path.with_name(path.name + ".sha256").write_text(common.file_sha256(path) + "\n")
+        save = functools.partial(common.save_trained, model, dataclasses.asdict(recipe), history)
+        path = common.commit_weights(_weights_name(recipe), save, replaces=f"fashion_{recipe.arch}-*.pt*")
         print(f"{name}: test accuracy {history['test_accuracy'][-1]:.4f} in {history['seconds'][-1]:.0f} s -> {path}")
         written.append(path)
     return written

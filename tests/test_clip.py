@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from helpers import clip, vision
+from helpers import clip, common, vision
 
 
 class ToyClip:
@@ -113,7 +113,7 @@ def test_short_training_run_learns_and_committed_weights_verify():
     assert emb.shape == (8, recipe.dim) and torch.allclose(emb.norm(dim=-1), torch.ones(8), atol=1e-5)
     committed = vision.WEIGHTS_DIR / clip._weights_name(clip.RECIPE)
     if committed.exists():
-        assert clip._verified(committed), "committed CLIP weights do not match their .sha256 sidecar"
+        assert common.verified(committed), "committed CLIP weights do not match their .sha256 sidecar"
 
 
 def _tiny_clip_dir(tmp_path):

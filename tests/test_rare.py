@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from helpers import clip, rare, vision
+from helpers import clip, common, rare, vision
 from helpers.assets import FASHION_CLASSES
 
 
@@ -222,6 +222,6 @@ def test_short_unaware_training_run_learns_and_committed_weights_verify():
     assert isinstance(model, clip.ClipLike)
     committed = vision.WEIGHTS_DIR / rare._weights_name(rare.RARE_RECIPE)
     if committed.exists():
-        assert vision._verified(committed), "committed weights do not match their .sha256 sidecar"
+        assert common.verified(committed), "committed weights do not match their .sha256 sidecar"
     with pytest.raises(ValueError, match="RareClipRecipe"):
         rare.pretrained_rare_clip(clip.RECIPE)

@@ -23,7 +23,7 @@ def vit():
 def test_committed_weights_are_verified_and_accurate(vit, test_set):
     for name in vision.RECIPES:
         path = vision.WEIGHTS_DIR / vision._weights_name(vision.RECIPES[name])
-        assert vision._verified(path), (
+        assert common.verified(path), (
             f"committed weights for {name!r} missing or altered: run python -m helpers.vision"
         )
     assert sum(p.numel() for p in vit.parameters()) == 139_018
