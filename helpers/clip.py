@@ -147,6 +147,14 @@ class MiniLMText:
             self._model, self._tokenizer = minilm(self.name_or_path, attn_implementation="sdpa")
             self._model.eval().requires_grad_(False)
 
+    def encoder(self):
+        """The frozen MiniLM model and its tokenizer, ``(model, tokenizer)`` (loaded on first use).
+
+        For methods that feed the tower their own input embeddings, e.g. CoOp in chapter 12.
+        """
+        self._load()
+        return self._model, self._tokenizer
+
     @torch.no_grad()
     def __call__(self, texts: Sequence[str]) -> Tensor:
         texts = _check_texts(texts)

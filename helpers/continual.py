@@ -226,8 +226,8 @@ class PromptContext(nn.Module):
 
     def __init__(self, text: clip.MiniLMText, *, init: str = "a photo of a"):
         super().__init__()
-        text._load()  # the same frozen encoder (and tokenizer) as the model's text tower
-        self._encoder, self._tokenizer = [text._model], text._tokenizer  # a list keeps it out of state_dict
+        encoder, self._tokenizer = text.encoder()  # the same frozen encoder as the model's text tower
+        self._encoder = [encoder]  # a list keeps it out of state_dict
         ids = self._tokenizer(init, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
         with torch.no_grad():
             vectors = self.encoder.get_input_embeddings()(ids).clone()  # [M, 384]
