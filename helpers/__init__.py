@@ -3,7 +3,7 @@
 Modules: ``common`` (seeds, device, cache, style), ``assets`` (offline loaders for every model and
 data set), ``attention`` (chapter 1), ``sinr`` (chapter 2), ``interpretable_classifier`` (chapter 3),
 ``heads`` (chapter 4), ``ffn`` (chapter 5), ``dissect`` (chapter 6), ``attribution`` and
-``evaluation`` (chapter 7), ``vision`` (chapter 8: the shared Fashion-MNIST ViT and CNN, saliency
+``evaluation`` (chapters 7 and 14), ``vision`` (chapter 8: the shared Fashion-MNIST ViT and CNN, saliency
 faithfulness), ``prototypes`` (chapter 9), ``clip`` and ``choquet`` (chapter 10), ``rare``
 (chapter 11), ``continual`` (chapter 12).
 """
