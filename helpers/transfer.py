@@ -22,7 +22,7 @@ Tensors: images are ``[batch, 1, 28, 28]`` normalised as in :mod:`helpers.vision
 from __future__ import annotations
 
 import dataclasses
-import json
+import functools
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -91,11 +91,12 @@ def class_indices(names: Sequence[str]) -> list[int]:
     return [CLASSES.index(n) for n in names]
 
 
-def coarse_mapping(groups: Mapping[str, Sequence[str]] = COARSE_GROUPS) -> tuple[list[str], list[int]]:
+def coarse_mapping(groups: Mapping[str, Sequence[str]] | None = None) -> tuple[list[str], list[int]]:
     """Map every fine class to a coarse group.
 
     Args:
-        groups: coarse name -> fine class names; together they must cover each of the 10 classes once.
+        groups: coarse name -> fine class names; together they must cover each of the 10 classes once
+            (default: :data:`COARSE_GROUPS`, read at call time).
 
     Returns:
         ``(group names, group index of each fine label [10])``.
@@ -104,6 +105,7 @@ def coarse_mapping(groups: Mapping[str, Sequence[str]] = COARSE_GROUPS) -> tuple
     >>> names, of_class
     (['tops', 'bottoms', 'footwear', 'bags'], [0, 1, 0, 0, 0, 2, 0, 2, 3, 2])
     """
+    groups = COARSE_GROUPS if groups is None else groups
     if not groups:
         raise ValueError("groups is empty; give coarse name -> fine class names covering all 10 classes")
     of_class = [-1] * len(CLASSES)
@@ -276,7 +278,7 @@ def train_source(recipe: SourceRecipe, *, progress: bool = True, evaluate: bool 
     optimiser = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     steps_per_epoch = math.ceil(len(x) / recipe.batch_size)
     total, warmup = recipe.epochs * steps_per_epoch, int(recipe.warmup_epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: vision._schedule(s, total, warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: common.warmup_cosine(s, total, warmup))
     generator = torch.Generator().manual_seed(recipe.seed)
     history: dict = {"train_loss": [], "test_accuracy": {t: [] for t in recipe.tasks}, "seconds": [],
                      "cpu_seconds": [], "threads": torch.get_num_threads(), "n_train": len(x)}  # fmt: skip
@@ -307,18 +309,12 @@ def _weights_name(recipe: SourceRecipe) -> str:
     return f"transfer_{'_'.join(recipe.tasks)}-{recipe.key()}.pt"
 
 
-def _save(model: SourceNet, recipe: SourceRecipe, history: dict, path: Path) -> None:
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    blob = {"state_dict": state, "recipe": json.dumps(dataclasses.asdict(recipe)), "history": json.dumps(history)}
-    with open(path, "wb") as fh:
-        torch.save(blob, fh)
-
-
 def source_network(name: str | SourceRecipe = "specialist", *, progress: bool = True) -> SourceNet:
     """A trained source network: a name from :data:`RECIPES` or any :class:`SourceRecipe`.
 
     Looks for verified weights in ``helpers/weights/`` (committed), then in the cache; trains by the
-    recipe (about a minute per 3 epochs on one CPU thread) when neither holds a verified copy.
+    recipe (about a minute per 3 epochs on one CPU thread) when neither holds a verified copy
+    (:func:`helpers.common.trained_weights`).
 
     Returns:
         the model in eval mode with gradients off, ``model.history`` and ``model.recipe`` attached.
@@ -328,20 +324,15 @@ def source_network(name: str | SourceRecipe = "specialist", *, progress: bool = 
     recipe = RECIPES.get(name) if isinstance(name, str) else name
     if not isinstance(recipe, SourceRecipe):
         raise ValueError(f"unknown source network {name!r}; choose from {sorted(RECIPES)} or pass a SourceRecipe")
-    committed = vision.WEIGHTS_DIR / _weights_name(recipe)
-    if vision._verified(committed):
-        path = committed
-    else:
 
-        def build(target: Path) -> None:
-            model, history = train_source(recipe, progress=progress)
-            _save(model, recipe, history, target)
+    def build(target: Path) -> None:
+        model, history = train_source(recipe, progress=progress)
+        common.save_trained(model, dataclasses.asdict(recipe), history, target)
 
-        path = common.cached_file(common.cache_dir("models", "transfer") / _weights_name(recipe), build)
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    blob = common.trained_weights(_weights_name(recipe), build, cache="transfer")
     model = build_source_net(recipe)
     model.load_state_dict(blob["state_dict"])
-    model.history = json.loads(blob["history"])
+    model.history = blob["history"]
     model.recipe = recipe
     return model.eval().requires_grad_(False)
 
@@ -349,22 +340,22 @@ def source_network(name: str | SourceRecipe = "specialist", *, progress: bool = 
 def write_committed_weights(names: Sequence[str] | None = None) -> list[Path]:
     """Train :data:`RECIPES` and write their weights (with SHA-256 sidecars) to ``helpers/weights/``.
 
-    Removes ``transfer_*`` files that no current recipe names. Run as ``python -m helpers.transfer``.
+    Removes ``transfer_*`` files that no current recipe names. Run as ``python -m helpers.transfer``
+    (about five minutes on one CPU thread for all six).
     """
     names = list(RECIPES) if names is None else list(names)
-    vision.WEIGHTS_DIR.mkdir(exist_ok=True)
     keep = {_weights_name(r) for r in RECIPES.values()}
-    for old in vision.WEIGHTS_DIR.glob("transfer_*.pt"):
+    for old in common.WEIGHTS_DIR.glob("transfer_*.pt"):
         if old.name not in keep:
             old.unlink()
             old.with_name(old.name + ".sha256").unlink(missing_ok=True)
     written = []
     for name in names:
         recipe = RECIPES[name]
-        path = vision.WEIGHTS_DIR / _weights_name(recipe)
         model, history = train_source(recipe)
-        _save(model, recipe, history, path)
-        path.with_name(path.name + ".sha256").write_text(common.file_sha256(path) + "\n")
+        save = functools.partial(common.save_trained, model, dataclasses.asdict(recipe), history)
+        filename = _weights_name(recipe)
+        path = common.commit_weights(filename, save, replaces=filename + "*")
         accs = ", ".join(f"{t} {v[-1]:.4f}" for t, v in history["test_accuracy"].items())
         print(f"{name}: source test accuracy {accs} in {history['seconds'][-1]:.0f} s -> {path.name}")
         written.append(path)
@@ -409,7 +400,10 @@ def shift_domain(images: np.ndarray, kind: str) -> np.ndarray:
         from scipy import ndimage
 
         x = images.astype(np.float64)
-        mag = np.hypot(ndimage.sobel(x, axis=1), ndimage.sobel(x, axis=2))
+        sobel = np.outer([1.0, 2.0, 1.0], [-1.0, 0.0, 1.0])[None]  # [1, 3, 3]: each image on its own
+        gx = ndimage.correlate(x, sobel, mode="nearest")  # [N, H, W] horizontal gradient
+        gy = ndimage.correlate(x, sobel.transpose(0, 2, 1), mode="nearest")
+        mag = np.hypot(gx, gy)
         peak = mag.reshape(len(x), -1).max(1).reshape(-1, 1, 1)
         return np.round(255 * mag / np.maximum(peak, 1e-9)).astype(np.uint8)
     raise ValueError(f"unknown domain shift {kind!r}; choose from {DOMAIN_SHIFTS}")
@@ -628,7 +622,7 @@ def fine_tune(models: nn.Module | Sequence[nn.Module], target: Target, *, epochs
     nn.init.zeros_(net.head.bias)
     optimiser = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.05)
     total = epochs * math.ceil(len(target.y_train) / batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: vision._schedule(s, total, 0))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: common.warmup_cosine(s, total, 0))
     generator = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     for _ in range(epochs):

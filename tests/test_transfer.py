@@ -99,7 +99,7 @@ def test_short_recipe_learns_and_is_cached(tmp_path, monkeypatch):
 
 def test_committed_weights_are_verified():
     missing = [name for name, r in transfer.RECIPES.items()
-               if not vision._verified(vision.WEIGHTS_DIR / transfer._weights_name(r))]  # fmt: skip
+               if not common.verified(common.WEIGHTS_DIR / transfer._weights_name(r))]  # fmt: skip
     assert not missing, f"committed weights missing or altered for {missing}: run python -m helpers.transfer"
     spec = transfer.source_network("specialist", progress=False)
     assert spec.history["test_accuracy"]["fine"][-1] > 0.85
@@ -166,6 +166,10 @@ def test_targets_and_domain_shifts():
     assert (transfer.shift_domain(transfer.shift_domain(images, "rotate"), "rotate") == images[:, ::-1, ::-1]).all()
     edges = transfer.shift_domain(np.pad(np.full((1, 4, 4), 200, np.uint8), ((0, 0), (2, 2), (2, 2))), "edges")
     assert edges.max() == 255 and edges[0, 4, 4] == 0  # a flat interior has no edge
+    rng = np.random.default_rng(0)
+    batch = rng.integers(0, 256, (3, 8, 8), dtype=np.uint8)
+    alone = np.stack([transfer.shift_domain(batch[i : i + 1], "edges")[0] for i in range(3)])
+    assert (transfer.shift_domain(batch, "edges") == alone).all(), "edge maps must not mix neighbouring images"
     with pytest.raises(ValueError, match="unknown domain shift"):
         transfer.shift_domain(images, "blur")
     with pytest.raises(ValueError, match="uint8"):
