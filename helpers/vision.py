@@ -233,10 +233,6 @@ def train(recipe: Recipe, *, progress: bool = True) -> tuple[nn.Module, dict]:
     return model.eval(), history
 
 
-_verified = common.verified  # aliases kept for helpers/transfer.py until it moves to common
-_schedule = common.warmup_cosine
-
-
 def _weights_name(recipe: Recipe) -> str:
     return f"fashion_{recipe.arch}-{recipe.key()}.pt"
 
