@@ -395,12 +395,38 @@ def train_clip(recipe: ClipRecipe = RECIPE, *, progress: bool = True,
 
 
 def _train_clip(recipe: ClipRecipe, *, progress: bool, text: MiniLMText | None) -> tuple[FashionClip, dict]:
-    from tqdm.auto import tqdm
-
     common.set_seed(recipe.seed)
     x_train, y_train = vision.fashion_tensors("train")
     if recipe.n_train is not None:
         x_train, y_train = x_train[: recipe.n_train], y_train[: recipe.n_train]
+
+    def draw(attributes: dict[str, Tensor], labels: Tensor, generator: torch.Generator) -> Tensor:
+        return sample_captions(attributes, labels, generator, p_mention=recipe.p_mention)
+
+    return fit_contrastive(recipe, x_train, y_train, draw, progress=progress, text=text)
+
+
+def fit_contrastive(
+    recipe: ClipRecipe, x_train: Tensor, y_train: Tensor, draw_captions, *, progress: bool = True,
+    text: MiniLMText | None = None, desc: str = "training CLIP-style model",
+) -> tuple[FashionClip, dict]:  # fmt: skip
+    """Chapter 10's contrastive training loop on given images, with captions drawn by ``draw_captions``.
+
+    Seeds nothing itself: call :func:`helpers.common.set_seed` first, as :func:`train_clip` does.
+
+    Args:
+        recipe: optimisation settings (epochs, batch size, learning rate, warm-up, width, seed of the
+            caption/batch generator).
+        x_train: ``[N, 1, 28, 28]`` images; y_train: ``[N]`` labels.
+        draw_captions: ``(attributes, labels, generator) -> [N]`` indices into :func:`caption_table`,
+            e.g. :func:`sample_captions` (chapter 11 passes one that never mentions hidden parts).
+        text: the frozen text tower (default: the shared MiniLM-L6).
+
+    Returns:
+        ``(model in eval mode, history)`` as :func:`train_clip`.
+    """
+    from tqdm.auto import tqdm
+
     attributes = pixel_attributes(x_train, y_train)
     steps_per_epoch = math.ceil(len(x_train) / recipe.batch_size)
     total = max(1, round(recipe.epochs * steps_per_epoch))
@@ -408,7 +434,7 @@ def _train_clip(recipe: ClipRecipe, *, progress: bool, text: MiniLMText | None) 
     epochs = []  # (image order, caption index per image) for every epoch, drawn up front
     for _ in range(math.ceil(total / steps_per_epoch)):
         order = torch.randperm(len(x_train), generator=generator)
-        epochs.append((order, sample_captions(attributes, y_train, generator, p_mention=recipe.p_mention)))
+        epochs.append((order, draw_captions(attributes, y_train, generator)))
     t0 = time.perf_counter()
     table = caption_table()
     used = torch.unique(torch.cat([c for _, c in epochs]))
@@ -418,12 +444,13 @@ def _train_clip(recipe: ClipRecipe, *, progress: bool, text: MiniLMText | None) 
     model = FashionClip(dim=recipe.dim, text=text)
     optimiser = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     warmup = min(recipe.warmup_steps, total // 2)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: common.warmup_cosine(s, total, max(1, warmup)))
+    warmup = max(1, warmup)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: common.warmup_cosine(s, total, warmup))
     history: dict = {"step": [], "loss": [], "seconds": [], "caption_seconds": caption_seconds,
-                     "n_captions": len(used)}
+                     "n_captions": len(used), "n_images": len(x_train)}
     start, step, losses = time.perf_counter(), 0, []
     model.train()
-    bar = tqdm(total=total, desc="training CLIP-style model", disable=not progress)
+    bar = tqdm(total=total, desc=desc, disable=not progress)
     for order, captions in epochs:
         for i in range(0, len(order), recipe.batch_size):
             if step >= total:

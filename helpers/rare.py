@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import re
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -222,8 +220,6 @@ def train_rare_clip(recipe: RareClipRecipe = RARE_RECIPE, *, progress: bool = Tr
 
 
 def _train_rare_clip(recipe: RareClipRecipe, *, progress: bool) -> tuple[clip.FashionClip, dict]:
-    from tqdm.auto import tqdm
-
     base = recipe.base
     common.set_seed(base.seed)
     x_train, y_train = vision.fashion_tensors("train")
@@ -231,51 +227,12 @@ def _train_rare_clip(recipe: RareClipRecipe, *, progress: bool) -> tuple[clip.Fa
         x_train, y_train = x_train[: base.n_train], y_train[: base.n_train]
     keep = ~torch.isin(y_train, torch.tensor(recipe.hidden_classes, dtype=torch.long))
     x_train, y_train = x_train[keep], y_train[keep]
-    attributes = clip.pixel_attributes(x_train, y_train)
-    steps_per_epoch = math.ceil(len(x_train) / base.batch_size)
-    total = max(1, round(base.epochs * steps_per_epoch))
-    generator = torch.Generator().manual_seed(base.seed)
-    epochs = []
-    for _ in range(math.ceil(total / steps_per_epoch)):
-        order = torch.randperm(len(x_train), generator=generator)
-        captions = rare_captions(attributes, y_train, generator, hidden_parts=recipe.hidden_parts,
-                                 p_mention=base.p_mention)
-        epochs.append((order, captions))
-    t0 = time.perf_counter()
-    table = clip.caption_table()
-    used = torch.unique(torch.cat([c for _, c in epochs]))
-    minilm = torch.zeros(len(table), clip.MiniLMText.dim)  # [captions, 384]
-    minilm[used] = clip.text_tower()([table[i] for i in used.tolist()])
-    history: dict = {"step": [], "loss": [], "seconds": [], "caption_seconds": time.perf_counter() - t0,
-                     "n_captions": len(used), "n_images": len(x_train)}
-    model = clip.FashionClip(dim=base.dim)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=base.lr, weight_decay=base.weight_decay)
-    warmup = max(1, min(base.warmup_steps, total // 2))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: common.warmup_cosine(s, total, warmup))
-    start, step, losses = time.perf_counter(), 0, []
-    model.train()
-    bar = tqdm(total=total, desc="training CLIP-style model without the rare classes", disable=not progress)
-    for order, captions in epochs:
-        for i in range(0, len(order), base.batch_size):
-            if step >= total:
-                break
-            batch = order[i : i + base.batch_size]
-            image_emb = F.normalize(model.image_features(x_train[batch]), dim=-1)
-            text_emb = F.normalize(model.text_features(minilm[captions[batch]]), dim=-1)
-            loss = clip.contrastive_loss(image_emb, text_emb, model.log_scale.clamp(max=math.log(100)).exp())
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            scheduler.step()
-            losses.append(loss.item())
-            step += 1
-            bar.update()
-            if step % 50 == 0 or step == total:
-                history["step"].append(step)
-                history["loss"].append(float(np.mean(losses[-50:])))
-                history["seconds"].append(time.perf_counter() - start)
-    bar.close()
-    return model.eval(), history
+
+    def draw(attributes: dict[str, Tensor], labels: Tensor, generator: torch.Generator) -> Tensor:
+        return rare_captions(attributes, labels, generator, hidden_parts=recipe.hidden_parts, p_mention=base.p_mention)
+
+    return clip.fit_contrastive(base, x_train, y_train, draw, progress=progress,
+                                desc="training CLIP-style model without the rare classes")
 
 
 def _weights_name(recipe: RareClipRecipe) -> str:
