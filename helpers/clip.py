@@ -488,17 +488,11 @@ def pretrained_clip(recipe: ClipRecipe = RECIPE, *, progress: bool = True) -> Fa
     """
     if not isinstance(recipe, ClipRecipe):
         raise ValueError(f"recipe must be a ClipRecipe, got {type(recipe).__name__}")
-
-    def build(target: Path) -> None:
-        model, history = train_clip(recipe, progress=progress)
-        common.save_trained(model, dataclasses.asdict(recipe), history, target)
-
-    blob = common.trained_weights(_weights_name(recipe), build, cache="clip")
-    model = FashionClip(dim=recipe.dim)
-    model.load_state_dict(blob["state_dict"])
-    model.history = blob["history"]
-    model.recipe = recipe
-    return model.eval().requires_grad_(False)
+    model = common.trained_model(
+        lambda: FashionClip(dim=recipe.dim), lambda: train_clip(recipe, progress=progress), recipe,
+        _weights_name(recipe), cache="clip",
+    )  # fmt: skip
+    return model.requires_grad_(False)
 
 
 def write_committed_weights() -> Path:

@@ -185,6 +185,33 @@ def trained_weights(filename: str, build: Callable[[Path], None], *, cache: str)
     return blob
 
 
+def trained_model(make: Callable, train: Callable, recipe, filename: str, *, cache: str):
+    """A model with trained weights: committed (verified), else cached, else trained now and cached.
+
+    Args:
+        make: ``make() -> nn.Module``, the untrained architecture.
+        train: ``train() -> (model, history)``, run only when no verified copy exists.
+        recipe: the dataclass that determines the weights (saved with them, attached as ``model.recipe``).
+        filename: the artefact's name, keyed by the recipe's content hash.
+        cache: sub-directory of ``cache_dir("models")`` for the rebuilt copy.
+
+    Returns:
+        ``make()`` with the weights loaded, in eval mode, with ``model.history`` and ``model.recipe``.
+    """
+    import dataclasses
+
+    def build(target: Path) -> None:
+        model, history = train()
+        save_trained(model, dataclasses.asdict(recipe), history, target)
+
+    blob = trained_weights(filename, build, cache=cache)
+    model = make()
+    model.load_state_dict(blob["state_dict"])
+    model.history = blob["history"]
+    model.recipe = recipe
+    return model.eval()
+
+
 def commit_weights(filename: str, build: Callable[[Path], None], *, replaces: str) -> Path:
     """Build an artefact into :data:`WEIGHTS_DIR` with its SHA-256 sidecar, removing stale versions.
 

@@ -247,17 +247,11 @@ def pretrained_rare_clip(recipe: RareClipRecipe = RARE_RECIPE, *, progress: bool
     """
     if not isinstance(recipe, RareClipRecipe):
         raise ValueError(f"recipe must be a RareClipRecipe, got {type(recipe).__name__}")
-
-    def build(target: Path) -> None:
-        model, history = train_rare_clip(recipe, progress=progress)
-        common.save_trained(model, dataclasses.asdict(recipe), history, target)
-
-    blob = common.trained_weights(_weights_name(recipe), build, cache="clip")
-    model = clip.FashionClip(dim=recipe.base.dim)
-    model.load_state_dict(blob["state_dict"])
-    model.history = blob["history"]
-    model.recipe = recipe
-    return model.eval().requires_grad_(False)
+    model = common.trained_model(
+        lambda: clip.FashionClip(dim=recipe.base.dim), lambda: train_rare_clip(recipe, progress=progress), recipe,
+        _weights_name(recipe), cache="clip",
+    )  # fmt: skip
+    return model.requires_grad_(False)
 
 
 def write_committed_weights() -> Path:

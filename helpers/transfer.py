@@ -324,17 +324,11 @@ def source_network(name: str | SourceRecipe = "specialist", *, progress: bool = 
     recipe = RECIPES.get(name) if isinstance(name, str) else name
     if not isinstance(recipe, SourceRecipe):
         raise ValueError(f"unknown source network {name!r}; choose from {sorted(RECIPES)} or pass a SourceRecipe")
-
-    def build(target: Path) -> None:
-        model, history = train_source(recipe, progress=progress)
-        common.save_trained(model, dataclasses.asdict(recipe), history, target)
-
-    blob = common.trained_weights(_weights_name(recipe), build, cache="transfer")
-    model = build_source_net(recipe)
-    model.load_state_dict(blob["state_dict"])
-    model.history = blob["history"]
-    model.recipe = recipe
-    return model.eval().requires_grad_(False)
+    model = common.trained_model(
+        lambda: build_source_net(recipe), lambda: train_source(recipe, progress=progress), recipe,
+        _weights_name(recipe), cache="transfer",
+    )  # fmt: skip
+    return model.requires_grad_(False)
 
 
 def write_committed_weights(names: Sequence[str] | None = None) -> list[Path]:

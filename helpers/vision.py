@@ -252,17 +252,10 @@ def pretrained(name: str | Recipe = "vit", *, progress: bool = True) -> nn.Modul
     recipe = RECIPES.get(name) if isinstance(name, str) else name
     if not isinstance(recipe, Recipe):
         raise ValueError(f"unknown model {name!r}; choose from {sorted(RECIPES)} or pass a Recipe")
-
-    def build(target: Path) -> None:
-        model, history = train(recipe, progress=progress)
-        common.save_trained(model, dataclasses.asdict(recipe), history, target)
-
-    blob = common.trained_weights(_weights_name(recipe), build, cache="vision")
-    model = ARCHITECTURES[recipe.arch]()
-    model.load_state_dict(blob["state_dict"])
-    model.history = blob["history"]
-    model.recipe = recipe
-    return model.eval()
+    return common.trained_model(
+        ARCHITECTURES[recipe.arch], lambda: train(recipe, progress=progress), recipe,
+        _weights_name(recipe), cache="vision",
+    )  # fmt: skip
 
 
 def write_committed_weights(names: Sequence[str] = ("vit", "cnn")) -> list[Path]:
