@@ -653,6 +653,21 @@ FASHION_CLASSES = (
     "Ankle boot",
 )
 """Fashion-MNIST class names, by label (Xiao et al. 2017)."""
+FASHION_SYNSETS: dict[str, str] = {
+    "T-shirt/top": "jersey.n.03",
+    "Trouser": "trouser.n.01",
+    "Pullover": "pullover.n.01",
+    "Dress": "dress.n.01",
+    "Coat": "coat.n.01",
+    "Sandal": "sandal.n.01",
+    "Shirt": "shirt.n.01",
+    "Sneaker": "gym_shoe.n.01",
+    "Bag": "bag.n.04",
+    "Ankle boot": "boot.n.01",
+}
+"""The WordNet 3.0 noun sense of each Fashion-MNIST class: the garment sense (``T-shirt`` is
+``jersey.n.03``, ``sneaker`` is ``gym_shoe.n.01``, a handbag is ``bag.n.04``; WordNet has no ankle
+boot, so ``boot.n.01``). Used by chapters 11 and 13."""
 FASHION_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 """The official download (Zalando Research); used only when the reader opts in."""
 _FASHION_FILES = {  # split -> (images, labels); official MD5 of each .gz

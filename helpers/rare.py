@@ -33,23 +33,12 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from helpers import clip, common, vision
+from helpers import assets, clip, common, vision
 
 RARE_CLASSES = (5, 6, 8)
 """Sandal, shirt and bag: the classes made rare and hidden from the CLIP-style model."""
 
-FASHION_SYNSETS = {
-    "T-shirt/top": "jersey.n.03",
-    "Trouser": "trouser.n.01",
-    "Pullover": "pullover.n.01",
-    "Dress": "dress.n.01",
-    "Coat": "coat.n.01",
-    "Sandal": "sandal.n.01",
-    "Shirt": "shirt.n.01",
-    "Sneaker": "sneaker.n.01",
-    "Bag": "bag.n.04",
-    "Ankle boot": "boot.n.01",
-}
+FASHION_SYNSETS = assets.FASHION_SYNSETS
 """The WordNet 3.0 noun sense of each Fashion-MNIST class (``bag`` is the handbag sense; there is no ankle boot)."""
 
 PART_CONCEPTS = {

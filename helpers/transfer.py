@@ -47,20 +47,8 @@ garments, leg garments, footwear, bags). WordNet agrees on footwear (``footwear.
 (``container.n.01``) and garments (``garment.n.01``); the split of garments into tops and bottoms
 follows the WordNet glosses ("worn on the upper half of the body"); see :data:`WORDNET_SYNSETS`."""
 
-WORDNET_SYNSETS: dict[str, str] = {
-    "T-shirt/top": "jersey.n.03",
-    "Trouser": "trouser.n.01",
-    "Pullover": "pullover.n.01",
-    "Dress": "dress.n.01",
-    "Coat": "coat.n.01",
-    "Sandal": "sandal.n.01",
-    "Shirt": "shirt.n.01",
-    "Sneaker": "gym_shoe.n.01",
-    "Bag": "bag.n.04",
-    "Ankle boot": "boot.n.01",
-}
-"""The WordNet 3.0 noun sense of each class name (the first sense when it is the garment; ``T-shirt``
-is ``jersey.n.03``, ``sneaker`` is ``gym_shoe.n.01``, a handbag is ``bag.n.04``)."""
+WORDNET_SYNSETS = assets.FASHION_SYNSETS
+"""The WordNet 3.0 noun sense of each class name (:data:`helpers.assets.FASHION_SYNSETS`)."""
 
 HELD_OUT: tuple[str, ...] = ("Pullover", "Shirt", "Sandal")
 """Fine classes kept out of every source network's training: the "held-out classes" target."""
