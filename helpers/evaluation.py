@@ -251,8 +251,8 @@ def aopc(
         1/5/10/20/50 % by default).
 
     Returns:
-        ``{"comprehensiveness": [bin, batch], "sufficiency": [bin, batch],
-        "aopc_comprehensiveness": [batch], "aopc_sufficiency": [batch]}`` (float64); the AOPC is the
+        a dict of float64 tensors: ``"comprehensiveness"`` and ``"sufficiency"`` ``[bin, batch]``,
+        ``"aopc_comprehensiveness"`` and ``"aopc_sufficiency"`` ``[batch]``; the AOPC is the
         mean over the bins (ERASER's aggregate with the ``k = 0`` term left out, since it is 0 for
         comprehensiveness).
 

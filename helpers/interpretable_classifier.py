@@ -156,7 +156,7 @@ class TaskAttentionClassifier(nn.Module):
 class ContextTagger(nn.Module):
     """Token-level classifier: the token's own SINr vector plus task-vector attention over its neighbours.
 
-    For position i, α_ij = softmax_j(⟨x_j, u⟩ / τ) over the known tokens j ≠ i with |i − j| ≤ window,
+    For position i, α_ij = softmax_j(⟨x_j, u⟩ / τ) over the known tokens j ≠ i with ``|i − j| ≤ window``,
     c_i = Σ_j α_ij x_j, and logits_i = W_self x_i + W_ctx c_i + b: both readers work on SINr dimensions.
 
     Introduced in nbs/03_interpretable_classifier.ipynb (named-entity tagging).
