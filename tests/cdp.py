@@ -121,12 +121,30 @@ class Chromium:
             ``{"errors": [...], "failed_requests": [...], "broken_images": [...], "untypeset_math": int,
             "typeset_math": int, "empty_widgets": int}``.
         """
+        url = page.resolve().as_uri()
         self.events.clear()
-        self.send("Page.navigate", {"url": page.resolve().as_uri()}, session=self.session)
-        self.wait_for("Page.loadEventFired")
+        self.send("Page.navigate", {"url": url}, session=self.session)
+        # A load event of the previous page (e.g. a meta-refresh redirect) may still be in flight:
+        # wait until this very document has finished loading, then until MathJax has typeset it.
+        deadline = time.monotonic() + 60
+        while self.evaluate(f"location.href === {json.dumps(url)} && document.readyState === 'complete'") is not True:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{page.name} did not finish loading")
+            time.sleep(0.05)
+        self.events = [m for m in self.events if m.get("method") != "Page.loadEventFired"]
         self.evaluate(
-            "(window.MathJax && MathJax.startup && MathJax.startup.promise)"
-            " ? MathJax.startup.promise.then(() => 1) : 0",
+            """new Promise(resolve => {
+              const start = Date.now();
+              (function poll() {
+                if (window.MathJax && MathJax.startup && MathJax.startup.promise) {
+                  MathJax.startup.promise.then(() => resolve(1));
+                } else if (!document.querySelector('.math') || Date.now() - start > 30000) {
+                  resolve(0);
+                } else {
+                  setTimeout(poll, 100);
+                }
+              })();
+            })""",
             await_promise=True,
         )
         checks = self.evaluate(

@@ -150,6 +150,8 @@ def test_every_page_renders_offline_in_a_browser(built_book, tmp_path):
     from cdp import Chromium
 
     pages = sorted(p for p in built_book.rglob("*.html") if "_static" not in p.parts and "_sources" not in p.parts)
+    # a bare redirect (index.html -> book/intro.html) has nothing to check; its target is checked itself
+    pages = [p for p in pages if 'http-equiv="refresh"' not in p.read_text().lower()]
     assert len(pages) >= len(_toc_files())
     shots = ROOT / "_build" / "screenshots"
     problems = {}
