@@ -26,7 +26,6 @@ L2-normalised ``[n, d]``.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -501,8 +500,7 @@ def write_committed_weights() -> Path:
     Removes older ``fashion_clip-*`` files. Run as ``python -m helpers.clip``.
     """
     model, history = train_clip(RECIPE)
-    save = functools.partial(common.save_trained, model, dataclasses.asdict(RECIPE), history)
-    path = common.commit_weights(_weights_name(RECIPE), save, replaces="fashion_clip-*.pt*")
+    path = common.commit_trained(model, RECIPE, history, _weights_name(RECIPE), replaces="fashion_clip-*.pt*")
     print(f"CLIP-style model: final loss {history['loss'][-1]:.3f} in {history['seconds'][-1]:.0f} s -> {path}")
     return path
 

@@ -212,19 +212,21 @@ def trained_model(make: Callable, train: Callable, recipe, filename: str, *, cac
     return model.eval()
 
 
-def commit_weights(filename: str, build: Callable[[Path], None], *, replaces: str) -> Path:
-    """Build an artefact into :data:`WEIGHTS_DIR` with its SHA-256 sidecar, removing stale versions.
+def commit_trained(model, recipe, history: dict, filename: str, *, replaces: str) -> Path:
+    """Write a trained model into :data:`WEIGHTS_DIR` with its SHA-256 sidecar, removing stale versions.
 
     Args:
-        filename: the new artefact's name.
-        build: writes the artefact to the path it is given.
+        model: the trained module; recipe: the dataclass that produced it; history: its training log.
+        filename: the artefact's name, keyed by the recipe's content hash.
         replaces: glob of older versions to delete first, e.g. ``"fashion_vit-*.pt*"``.
     """
+    import dataclasses
+
     WEIGHTS_DIR.mkdir(exist_ok=True)
     for old in WEIGHTS_DIR.glob(replaces):
         old.unlink()
     path = WEIGHTS_DIR / filename
-    build(path)
+    save_trained(model, dataclasses.asdict(recipe), history, path)
     path.with_name(path.name + ".sha256").write_text(file_sha256(path) + "\n")
     return path
 

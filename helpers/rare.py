@@ -23,7 +23,6 @@ Introduced in nbs/11_rare_classes.ipynb.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -249,8 +248,7 @@ def write_committed_weights() -> Path:
     Removes older ``rare_clip-*`` files. Run as ``python -m helpers.rare``.
     """
     model, history = train_rare_clip(RARE_RECIPE)
-    save = functools.partial(common.save_trained, model, dataclasses.asdict(RARE_RECIPE), history)
-    path = common.commit_weights(_weights_name(RARE_RECIPE), save, replaces="rare_clip-*.pt*")
+    path = common.commit_trained(model, RARE_RECIPE, history, _weights_name(RARE_RECIPE), replaces="rare_clip-*.pt*")
     print(f"rare CLIP-style model: final loss {history['loss'][-1]:.3f} in {history['seconds'][-1]:.0f} s -> {path}")
     return path
 

@@ -22,7 +22,6 @@ Tensors: images are ``[batch, 1, 28, 28]`` normalised as in :mod:`helpers.vision
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -335,9 +334,8 @@ def write_committed_weights(names: Sequence[str] | None = None) -> list[Path]:
     for name in names:
         recipe = RECIPES[name]
         model, history = train_source(recipe)
-        save = functools.partial(common.save_trained, model, dataclasses.asdict(recipe), history)
         filename = _weights_name(recipe)
-        path = common.commit_weights(filename, save, replaces=filename + "*")
+        path = common.commit_trained(model, recipe, history, filename, replaces=filename + "*")
         accs = ", ".join(f"{t} {v[-1]:.4f}" for t, v in history["test_accuracy"].items())
         print(f"{name}: source test accuracy {accs} in {history['seconds'][-1]:.0f} s -> {path.name}")
         written.append(path)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -267,8 +266,8 @@ def write_committed_weights(names: Sequence[str] = ("vit", "cnn")) -> list[Path]
     for name in names:
         recipe = RECIPES[name]
         model, history = train(recipe)
-        save = functools.partial(common.save_trained, model, dataclasses.asdict(recipe), history)
-        path = common.commit_weights(_weights_name(recipe), save, replaces=f"fashion_{recipe.arch}-*.pt*")
+        stale = f"fashion_{recipe.arch}-*.pt*"
+        path = common.commit_trained(model, recipe, history, _weights_name(recipe), replaces=stale)
         print(f"{name}: test accuracy {history['test_accuracy'][-1]:.4f} in {history['seconds'][-1]:.0f} s -> {path}")
         written.append(path)
     return written
