@@ -9,7 +9,8 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 JOBS   ?= 2
 STAMPS := .setup-stamps
-MATHJAX_DIR := book/static/mathjax
+WEB_DIR := book/static
+WEB_ASSETS := $(WEB_DIR)/mathjax/tex-chtml.js $(WEB_DIR)/widgets/embed.js
 NOTEBOOKS := $(sort $(wildcard nbs/*.ipynb))
 
 # Offline by default: no loader may reach a model hub (DESIGN §4).
@@ -17,6 +18,8 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
+
+LAB_PORT ?= 8888   # the book's launch buttons open http://localhost:$(LAB_PORT)/lab/tree/nbs/...
 
 PYTEST_ARGS ?=
 PYTEST := $(BIN)/python -m pytest -n $(JOBS) --dist loadfile --nbval-lax --nbval-current-env \
@@ -27,7 +30,7 @@ PYTEST := $(BIN)/python -m pytest -n $(JOBS) --dist loadfile --nbval-lax --nbval
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
 
-setup: $(STAMPS)/python setup-system $(MATHJAX_DIR)/tex-chtml.js  ## virtual env, pinned packages, system data, MathJax
+setup: $(STAMPS)/python setup-system $(WEB_ASSETS)  ## virtual env, pinned packages, system data, MathJax and widget JS
 
 $(STAMPS)/python: pyproject.toml requirements-nodeps.txt tools/setup_python.sh
 	@tools/setup_python.sh "$(PYTHON)" "$(VENV)"
@@ -36,8 +39,8 @@ $(STAMPS)/python: pyproject.toml requirements-nodeps.txt tools/setup_python.sh
 setup-system: $(STAMPS)/python  ## Debian data packages (Fashion-MNIST, WordNet, Austen); quick when present
 	@tools/setup_system.sh "$$($(BIN)/python -c 'from helpers import common; print(common.cache_dir())')" "$(BIN)/python"
 
-$(MATHJAX_DIR)/tex-chtml.js: tools/setup_mathjax.sh
-	@tools/setup_mathjax.sh $(MATHJAX_DIR)
+$(WEB_ASSETS) &: tools/setup_web_assets.sh
+	@tools/setup_web_assets.sh $(WEB_DIR)
 
 book: setup  ## execute the notebooks (jupyter-cache) and build the HTML book
 	$(BIN)/jupyter-book build . --warningiserror --keep-going
@@ -59,7 +62,7 @@ test-offline: setup  ## the full test suite inside a network namespace that has 
 
 lab: setup  ## JupyterLab on the notebooks with the `helpers` kernel
 	$(BIN)/python -m ipykernel install --sys-prefix --name helpers --display-name "Python (helpers)" >/dev/null
-	$(BIN)/jupyter lab --notebook-dir=. nbs
+	$(BIN)/jupyter lab --ServerApp.root_dir=. --ServerApp.port=$(LAB_PORT) --ServerApp.port_retries=0 $(if $(filter 0,$(shell id -u)),--allow-root) nbs
 
 serve:  ## browse the built book on http://127.0.0.1:8000
 	@test -f _build/html/index.html || { echo "No book yet: run 'make book' first."; exit 1; }
@@ -76,4 +79,4 @@ clean:  ## remove the built book and caches of the build (keeps the venv and dow
 	find . -name __pycache__ -not -path './$(VENV)/*' -prune -exec rm -rf {} +
 
 distclean: clean  ## also remove the virtual environment and local MathJax
-	rm -rf $(VENV) $(STAMPS) $(MATHJAX_DIR)
+	rm -rf $(VENV) $(STAMPS) $(WEB_DIR)/mathjax $(WEB_DIR)/widgets

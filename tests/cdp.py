@@ -119,7 +119,8 @@ class Chromium:
 
         Returns:
             ``{"errors": [...], "failed_requests": [...], "broken_images": [...], "untypeset_math": int,
-            "typeset_math": int, "empty_widgets": int}``.
+            "typeset_math": int, "widgets": int, "unrendered_widgets": int}``: ``widgets`` counts the
+            stored widget views on the page, ``unrendered_widgets`` those the widget manager did not draw.
         """
         url = page.resolve().as_uri()
         self.events.clear()
@@ -147,14 +148,34 @@ class Chromium:
             })""",
             await_promise=True,
         )
+        # the widget manager renders stored widgets asynchronously after the load event
+        self.evaluate(
+            """new Promise(resolve => {
+              const start = Date.now();
+              (function poll() {
+                const views = [...document.querySelectorAll('script[type="application/vnd.jupyter.widget-view+json"]')];
+                const drawn = views.filter(s => s.previousElementSibling
+                                               && s.previousElementSibling.classList.contains('widget-subarea'));
+                if (drawn.length === views.length || Date.now() - start > 15000) resolve(drawn.length);
+                else setTimeout(poll, 100);
+              })();
+            })""",
+            await_promise=True,
+        )
         checks = self.evaluate(
-            """(() => ({
+            """const VIEWS = 'script[type="application/vnd.jupyter.widget-view+json"]';
+            (() => ({
               broken_images: [...document.images].filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.src),
               untypeset_math: [...document.querySelectorAll('.math')]
                   .filter(e => !e.querySelector('mjx-container')).length,
               typeset_math: document.querySelectorAll('mjx-container').length,
-              empty_widgets: [...document.querySelectorAll('.jupyter-widgets, .widget-area')]
-                  .filter(e => !e.textContent.trim() && !e.querySelector('img, svg, canvas')).length,
+              widgets: document.querySelectorAll(VIEWS).length,
+              // the HTML manager renders each stored view into a .widget-subarea just before its script
+              unrendered_widgets: [...document.querySelectorAll(VIEWS)].filter(s => {
+                  const w = s.previousElementSibling;
+                  return !(w && w.classList.contains('widget-subarea') && w.getBoundingClientRect().height > 0
+                           && (w.textContent.trim() || w.querySelector('img, svg, canvas, input')));
+              }).length,
             }))()"""
         )
         if screenshot is not None:

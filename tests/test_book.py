@@ -1,10 +1,12 @@
 """The book's structure: table of contents, configuration, notebook hygiene, and an offline build."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -128,6 +130,43 @@ def test_chapter_pages_have_math_and_figures(built_book):
         assert "<img" in html, f"{nb.name}: no figure on the page"
 
 
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
+
+
+def _widget_view_ids(nb: dict) -> list[str]:
+    """The model ids of the widgets a notebook's committed outputs display."""
+    return [
+        o["data"][WIDGET_VIEW]["model_id"]
+        for c in nb["cells"]
+        for o in c.get("outputs", [])
+        if WIDGET_VIEW in o.get("data", {})
+    ]
+
+
+def _widget_views(page: Path) -> int:
+    """How many widget views a built page should show: those its notebook displayed."""
+    nb = ROOT / "nbs" / (page.stem + ".ipynb")
+    return len(_widget_view_ids(json.loads(nb.read_text()))) if page.parent.name == "nbs" and nb.exists() else 0
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_displayed_widgets_have_their_state_stored(path):
+    """The book draws widgets from the state execution stored (tools/strip_notebook.py keeps it)."""
+    nb = json.loads(path.read_text())
+    state = nb["metadata"].get("widgets", {}).get(WIDGET_STATE, {}).get("state", {})
+    missing = [m for m in _widget_view_ids(nb) if m not in state]
+    assert not missing, f"widget state missing for {missing}: execute with nbconvert and keep metadata.widgets"
+
+
+def test_widget_javascript_is_served_by_the_book():
+    scripts = CONFIG["sphinx"]["config"]["nb_ipywidgets_js"]
+    assert scripts and not any(s.startswith(("http:", "https:", "//")) for s in scripts), scripts
+    static = ROOT / CONFIG["sphinx"]["config"]["html_static_path"][0]
+    missing = [s for s in scripts if not (static / s).is_file()]
+    assert not missing, f"{missing} not in {static}: run `make setup`"
+
+
 def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
@@ -144,7 +183,8 @@ def test_every_page_renders_offline_in_a_browser(built_book, tmp_path):
     """Open every page of the book in headless Chromium with no network.
 
     Fails on a console error or uncaught exception, a failed request, untypeset math, a broken image
-    or an empty widget; chapter pages must show typeset math. A screenshot of each page is saved
+    or a stored widget the widget manager did not draw; chapter pages must show typeset math, and
+    every widget a notebook displayed must be on its page. A screenshot of each page is saved
     under _build/screenshots/ for a human look.
     """
     from cdp import Chromium
@@ -159,9 +199,62 @@ def test_every_page_renders_offline_in_a_browser(built_book, tmp_path):
         for page in pages:
             name = page.relative_to(built_book).as_posix()
             report = browser.open(page, screenshot=shots / name.replace("/", "__").replace(".html", ".png"))
-            bad = {k: v for k, v in report.items() if v and k != "typeset_math"}
+            bad = {k: v for k, v in report.items() if v and k not in ("typeset_math", "widgets")}
             if name.startswith("nbs/") and not report["typeset_math"]:
                 bad["typeset_math"] = 0
+            if report["widgets"] != _widget_views(page):
+                bad["widgets"] = f"{report['widgets']} of {_widget_views(page)} stored widget views on the page"
             if bad:
                 problems[name] = bad
     assert not problems, f"pages with problems in a browser: {json.dumps(problems, indent=1)[:4000]}"
+
+
+def _lab_port() -> int:
+    return int(re.search(r"^LAB_PORT \?= (\d+)", (ROOT / "Makefile").read_text(), re.M).group(1))
+
+
+def test_chapter_pages_launch_in_local_jupyterlab(built_book, tmp_path):
+    """Each chapter's launch button opens its notebook in the JupyterLab that `make lab` starts.
+
+    The links point at ``make lab``'s port; a JupyterLab started here the way ``make lab`` starts it
+    (on a free port instead) must serve every one of them.
+    """
+    import socket
+    import urllib.request
+
+    base = CONFIG["sphinx"]["config"]["book_launch_url"]
+    assert base == f"http://localhost:{_lab_port()}/lab/tree/", "the launch URL and `make lab` disagree"
+    links = {}
+    for nb in NOTEBOOKS:
+        html = (built_book / "nbs" / (nb.stem + ".html")).read_text()
+        found = re.findall(r'href="(http://localhost:\d+/lab/tree/[^"]+)"', html)
+        assert found == [base + f"nbs/{nb.name}"], f"{nb.name}: launch links {found}"
+        links[nb.name] = found[0]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    token = "book-test"
+    lab = shutil.which("jupyter-lab", path=str(Path(sys.executable).parent))
+    env = dict(os.environ, JUPYTER_RUNTIME_DIR=str(tmp_path), JUPYTER_CONFIG_DIR=str(tmp_path / "config"))
+    proc = subprocess.Popen(
+        [lab, "--no-browser", f"--ServerApp.root_dir={ROOT}", f"--ServerApp.port={port}",
+         "--ServerApp.port_retries=0", "--ServerApp.ip=127.0.0.1", f"--IdentityProvider.token={token}", "--allow-root"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+    )  # fmt: skip
+    try:
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/status?token={token}", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.1)
+        for name, link in links.items():
+            url = link.replace(f"localhost:{_lab_port()}", f"127.0.0.1:{port}")
+            with urllib.request.urlopen(f"{url}?token={token}", timeout=20) as page:
+                assert page.status == 200 and "jupyter" in page.read().decode().lower(), name
+            path = link.removeprefix(base)
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/contents/{path}?content=0&token={token}") as r:
+                assert json.load(r)["type"] == "notebook", name
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
