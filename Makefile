@@ -25,7 +25,7 @@ PYTEST_ARGS ?=
 PYTEST := $(BIN)/python -m pytest -n $(JOBS) --dist loadfile --nbval-lax --nbval-current-env \
           --nbval-sanitize-with tests/nbval_sanitize.cfg $(PYTEST_ARGS)
 
-.PHONY: help setup setup-system book test test-unit test-notebooks test-offline lab serve bench lint clean distclean
+.PHONY: help setup setup-system book test test-unit test-notebooks test-offline lab serve refresh-artefacts bench lint clean distclean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -67,6 +67,9 @@ lab: setup  ## JupyterLab on the notebooks with the `helpers` kernel
 serve:  ## browse the built book on http://127.0.0.1:8000
 	@test -f _build/html/index.html || { echo "No book yet: run 'make book' first."; exit 1; }
 	$(BIN)/python -m http.server --directory _build/html --bind 127.0.0.1 8000
+
+refresh-artefacts: setup  ## rebuild the notebooks' committed artefacts (helpers/weights/*/) from scratch
+	@tools/refresh_artefacts.sh $(BIN)/python
 
 bench: setup  ## per-notebook wall time and peak RSS -> benchmarks/results/book_build.json + README table
 	$(BIN)/python benchmarks/book_build.py

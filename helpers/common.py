@@ -18,6 +18,10 @@ import numpy as np
 CACHE_ENV = "BOOK_CACHE"
 """Environment variable that overrides where downloaded/derived assets and trained models live."""
 
+ARTEFACT_LOG_ENV = "BOOK_ARTEFACT_LOG"
+"""When set, :func:`cached_file` appends every cache path it resolves with ``committed=True`` to this
+file: ``tools/refresh_artefacts.sh`` commits exactly those."""
+
 _DEFAULT_CACHE = Path.home() / ".cache" / "interpretable-transformers"
 
 
@@ -97,7 +101,7 @@ def file_lock(path: str | os.PathLike, timeout: float = 1800) -> Iterator[None]:
         yield
 
 
-def cached_file(path: str | os.PathLike, build: Callable[[Path], None]) -> Path:
+def cached_file(path: str | os.PathLike, build: Callable[[Path], None], *, committed: bool = False) -> Path:
     """Return ``path``, building it with ``build(path)`` unless a verified copy already exists.
 
     A sidecar ``<path>.sha256`` records the digest written at build time; on load the file is
@@ -107,11 +111,19 @@ def cached_file(path: str | os.PathLike, build: Callable[[Path], None]) -> Path:
     Args:
         path: where the artefact lives (usually under :func:`cache_dir`, named by a content hash).
         build: a function that writes the artefact to the path it is given.
+        committed: first look for a verified copy committed with the book (:func:`commit_cached`),
+            at the same place under :data:`WEIGHTS_DIR` as ``path`` under :func:`cache_dir`; an
+            altered or missing one is ignored, never trusted.
 
     Returns:
         the verified path.
     """
     path = Path(path)
+    if committed and os.environ.get(ARTEFACT_LOG_ENV):  # tools/refresh_artefacts.sh: what to commit
+        with open(os.environ[ARTEFACT_LOG_ENV], "a") as fh:
+            fh.write(f"{path}\n")
+    if committed and verified(_committed_path(path)):
+        return _committed_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sidecar = path.with_name(path.name + ".sha256")
     with file_lock(path):
@@ -231,6 +243,33 @@ def commit_trained(model, recipe, history: dict, filename: str, *, replaces: str
     return path
 
 
+def _committed_path(path: Path) -> Path:
+    """Where the committed copy of cache file ``path`` lives: its place under the cache, in WEIGHTS_DIR."""
+    try:
+        return WEIGHTS_DIR / Path(path).resolve().relative_to(cache_dir().resolve())
+    except ValueError:  # not under the cache: by name only
+        return WEIGHTS_DIR / Path(path).name
+
+
+def commit_cached(path: str | os.PathLike) -> Path:
+    """Copy a verified cache file (from :func:`cached_file`) and its sidecar into :data:`WEIGHTS_DIR`.
+
+    The copy keeps the file's place under the cache (``models/ch9/sasrec-<hash>.pt``), whose name
+    carries the content hash of the recipe that built it: a changed recipe looks for another name and
+    rebuilds. ``python -m helpers.common commit PATH ...`` does the same from a shell.
+    """
+    import shutil
+
+    path = Path(path)
+    if not verified(path):
+        raise ValueError(f"{path} is missing or does not match its .sha256 sidecar: rebuild it first")
+    target = _committed_path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for source in (path, path.with_name(path.name + ".sha256")):
+        shutil.copyfile(source, target.with_name(source.name))
+    return target
+
+
 def use_book_style() -> None:
     """Apply the one matplotlib/seaborn style used by every figure in the book."""
     import matplotlib as mpl
@@ -248,3 +287,13 @@ def use_book_style() -> None:
             "image.cmap": "viridis",
         }
     )
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) < 3 or sys.argv[1] != "commit":
+        sys.exit("usage: python -m helpers.common commit CACHED_FILE [...]")
+    for name in sys.argv[2:]:
+        print(commit_cached(name))
+

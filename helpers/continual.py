@@ -900,5 +900,5 @@ def cached_run(method: str, initial: clip.FashionClip, tasks: Sequence[Task], ze
         with open(target, "wb") as fh:
             torch.save(blob, fh)
 
-    blob = torch.load(common.cached_file(path, build), map_location="cpu", weights_only=True)
+    blob = torch.load(common.cached_file(path, build, committed=True), map_location="cpu", weights_only=True)
     return json.loads(blob["result"]), blob["state_dict"]

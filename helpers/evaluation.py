@@ -419,13 +419,15 @@ def stability(
     repeats: int = 2,
     seed: int = 0,
     mask: Tensor | None = None,
+    reference: Tensor | None = None,
 ) -> Tensor:
     """Stability: rank agreement between an explanation and re-runs on perturbed inputs with new seeds.
 
-    Run ``explain(inputs, seed)`` once, then ``repeats`` times on ``perturb(inputs, generator)`` with
-    seed ``seed + r``, and average the Spearman correlation (:func:`rank_correlation`) with the first
-    run. With ``perturb=None`` only the method's own randomness is tested (GradientSHAP's baselines
-    and noise, a random ranking): a deterministic method then scores exactly 1.
+    Run ``explain(inputs, seed)`` once (or take ``reference``, that run when it was already made),
+    then ``repeats`` times on ``perturb(inputs, generator)`` with seed ``seed + r``, and average the
+    Spearman correlation (:func:`rank_correlation`) with the first run. With ``perturb=None`` only the
+    method's own randomness is tested (GradientSHAP's baselines and noise, a random ranking): a
+    deterministic method then scores exactly 1.
 
     Args:
         explain: ``(inputs, seed) -> [batch, ...]`` scores.
@@ -435,6 +437,7 @@ def stability(
         repeats: number of re-runs (>= 1).
         seed: seed of the first run; re-run ``r`` uses ``seed + r`` (and a generator seeded with it).
         mask: ``[batch, ...]`` bool, the entries compared (default: all).
+        reference: ``explain(inputs, seed)`` if the caller already has it (saves one run).
 
     Returns:
         ``[batch]`` float64, mean Spearman correlation over the re-runs.
@@ -446,7 +449,7 @@ def stability(
     """
     if not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be a positive int, got {repeats!r}")
-    reference = torch.as_tensor(explain(inputs, seed))
+    reference = torch.as_tensor(explain(inputs, seed) if reference is None else reference)
     total = torch.zeros(len(reference), dtype=torch.float64)
     for r in range(1, repeats + 1):
         generator = torch.Generator().manual_seed(seed + r)

@@ -183,7 +183,7 @@ def book_corpus(*, min_count: int = 5) -> Corpus:
             np.savez_compressed(fh, words=np.array(json.dumps(corpus.words)), counts=corpus.counts, ids=corpus.ids,
                                 offsets=corpus.offsets, raw_tokens=np.array(corpus.raw_tokens))
 
-    with np.load(common.cached_file(path, build)) as data:
+    with np.load(common.cached_file(path, build, committed=True)) as data:
         return Corpus(words=tuple(json.loads(str(data["words"]))), counts=data["counts"], ids=data["ids"],
                       offsets=data["offsets"], raw_tokens=int(data["raw_tokens"]))
 

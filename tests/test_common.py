@@ -75,6 +75,31 @@ def test_cached_file_rebuilds_a_corrupt_artefact(tmp_path):
     assert len(calls) == 2
 
 
+def test_committed_copy_is_used_only_when_verified(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "WEIGHTS_DIR", tmp_path / "weights")
+    monkeypatch.setenv(common.CACHE_ENV, str(tmp_path / "cache"))
+    calls = []
+
+    def build(path):
+        calls.append(path)
+        path.write_bytes(b"trained here")
+
+    cached = common.cached_file(common.cache_dir("models", "chX") / "model-abc.pt", build)
+    committed = common.commit_cached(cached)
+    assert committed == tmp_path / "weights" / "models" / "chX" / "model-abc.pt" and common.verified(committed)
+    # a new reader: an empty cache, the committed copy is used and nothing is rebuilt
+    monkeypatch.setenv(common.CACHE_ENV, str(tmp_path / "fresh-cache"))
+    fresh = common.cache_dir("models", "chX") / "model-abc.pt"
+    assert common.cached_file(fresh, build, committed=True) == committed and len(calls) == 1
+    # without committed=True the committed copy is not looked at
+    assert common.cached_file(fresh, build) == fresh and len(calls) == 2
+    # an altered committed copy is ignored, never trusted
+    committed.write_bytes(b"tampered")
+    assert common.cached_file(fresh, build, committed=True) == fresh and len(calls) == 2
+    with pytest.raises(ValueError, match="sidecar"):
+        common.commit_cached(committed)
+
+
 def test_cached_file_complains_when_build_writes_nothing(tmp_path):
     with pytest.raises(FileNotFoundError, match="did not write"):
         common.cached_file(tmp_path / "x.bin", lambda path: None)

@@ -170,6 +170,23 @@ def test_stability_deterministic_is_one_and_random_is_near_zero():
     assert float(small.mean()) > 0.99 > 0.5 > float(large.mean())
 
 
+def test_stability_reuses_a_given_reference_run():
+    x = torch.randn(4, 10, generator=torch.Generator().manual_seed(0))
+    calls = []
+
+    def explain(inputs, seed):
+        calls.append(seed)
+        return inputs + 0.1 * torch.randn(inputs.shape, generator=torch.Generator().manual_seed(seed))
+
+    noise = lambda v, g: v + 0.05 * torch.randn(v.shape, generator=g)  # noqa: E731
+    full = evaluation.stability(explain, x, perturb=noise, repeats=2, seed=3)
+    assert calls == [3, 4, 5]
+    calls.clear()
+    reused = evaluation.stability(explain, x, perturb=noise, repeats=2, seed=3, reference=explain(x, 3))
+    assert calls == [3, 4, 5]  # the reference run above, then only the two re-runs
+    torch.testing.assert_close(reused, full)
+
+
 def test_normalise_columns_hand_computed_table():
     table = pd.DataFrame(
         {"deletion": [0.1, 0.3, 0.5, np.nan], "aopc": [np.nan, 0.2, 0.6, 0.4], "same": [2.0, 2.0, np.nan, 2.0]},
