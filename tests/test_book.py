@@ -76,6 +76,15 @@ def test_notebook_hygiene(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_cached_files_are_read_from_the_path_returned(path):
+    """cached_file may return a committed copy instead of the cache path: its result must be used."""
+    nb = json.loads(path.read_text())
+    code = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+    dropped = re.findall(r"^\s*common\.cached_file\(.*$", code, re.M)
+    assert not dropped, f"use the path common.cached_file returns: {dropped}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_chapter_skeleton(path):
     nb = json.loads(path.read_text())
     markdown = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown")
