@@ -60,7 +60,11 @@ NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"
 
 def _tree_rss(proc: psutil.Process) -> int:
     total = 0
-    for p in [proc, *proc.children(recursive=True)]:
+    try:
+        children = proc.children(recursive=True)
+    except psutil.Error:  # the process has just exited
+        children = []
+    for p in [proc, *children]:
         try:
             total += p.memory_info().rss
         except psutil.Error:
