@@ -39,7 +39,7 @@ $(STAMPS)/python: pyproject.toml requirements-nodeps.txt tools/setup_python.sh
 setup-system: $(STAMPS)/python  ## Debian data packages (Fashion-MNIST, WordNet, Austen); quick when present
 	@tools/setup_system.sh "$$($(BIN)/python -c 'from helpers import common; print(common.cache_dir())')" "$(BIN)/python"
 
-$(WEB_ASSETS) &: tools/setup_web_assets.sh
+$(WEB_ASSETS) &: tools/setup_web_assets.sh | setup-system
 	@tools/setup_web_assets.sh $(WEB_DIR)
 
 book: setup  ## execute the notebooks (jupyter-cache) and build the HTML book

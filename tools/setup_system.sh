@@ -3,6 +3,7 @@
 #   dataset-fashion-mnist  -> /usr/share/datasets/fashion-mnist   (apt-get install)
 #   wordnet-base           -> /usr/share/wordnet                  (apt-get install)
 #   r-cran-janeaustenr     -> $CACHE/system/janeaustenr           (apt-get download + dpkg-deb -x: no R needed)
+#   npm                    -> /usr/bin/npm                         (fetches the book's JavaScript; kept if present)
 #   chromium               -> /usr/bin/chromium                    (optional: the offline browser test)
 # Idempotent: does nothing when everything is present. Never fails with a bare traceback: when a
 # package cannot be installed (not root, not Debian) it says so and tries the fallback download,
@@ -69,6 +70,11 @@ if ! install_deb wordnet-base /usr/share/wordnet/data.noun; then
         warn "WordNet is unavailable: install the Debian package wordnet-base, or go online and rerun 'make setup'"
         status=1
     fi
+fi
+
+# --- npm (fetches MathJax and the widget manager: tools/setup_web_assets.sh) -----------------
+if ! command -v npm >/dev/null 2>&1 && ! install_deb npm /usr/bin/npm; then
+    warn "npm is not installed: MathJax and the widget manager cannot be fetched ('apt-get install npm')"
 fi
 
 # --- Chromium (headless), for the offline browser test of the built book ----------------------
