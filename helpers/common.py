@@ -296,4 +296,3 @@ if __name__ == "__main__":
         sys.exit("usage: python -m helpers.common commit CACHED_FILE [...]")
     for name in sys.argv[2:]:
         print(commit_cached(name))
-
