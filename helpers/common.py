@@ -122,8 +122,8 @@ def cached_file(path: str | os.PathLike, build: Callable[[Path], None], *, commi
     if committed and os.environ.get(ARTEFACT_LOG_ENV):  # tools/refresh_artefacts.sh: what to commit
         with open(os.environ[ARTEFACT_LOG_ENV], "a") as fh:
             fh.write(f"{path}\n")
-    if committed and verified(_committed_path(path)):
-        return _committed_path(path)
+    if committed and verified(copy := _committed_path(path)):
+        return copy
     path.parent.mkdir(parents=True, exist_ok=True)
     sidecar = path.with_name(path.name + ".sha256")
     with file_lock(path):
