@@ -101,6 +101,35 @@ def file_lock(path: str | os.PathLike, timeout: float = 1800) -> Iterator[None]:
         yield
 
 
+def free_cores() -> int:
+    """CPU cores a large batched computation may use: 1 when several notebooks or tests run at once.
+
+    ``pytest -n`` (``make test``) runs notebooks side by side, and there a second torch thread per
+    kernel only adds contention; ``make book`` runs them one at a time, so a big matrix product
+    (Chapter 5's trigger mining) can use every core. Set ``BOOK_THREADS`` to override.
+    """
+    if os.environ.get("BOOK_THREADS"):
+        return max(1, int(os.environ["BOOK_THREADS"]))
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return 1
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run a block with ``n`` torch threads, then restore the previous number."""
+    import torch
+
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def cached_file(path: str | os.PathLike, build: Callable[[Path], None], *, committed: bool = False) -> Path:
     """Return ``path``, building it with ``build(path)`` unless a verified copy already exists.
 

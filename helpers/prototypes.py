@@ -531,15 +531,24 @@ class SequentialRecommender(nn.Module):
         """``[items, dim]`` embeddings (padding row excluded)."""
         return self.free.weight[: self.n_items] + self.feature_map(self.features)
 
+    def embed(self, sequences: Tensor) -> Tensor:
+        """Item embeddings of left-padded sequences ``[batch, time]`` -> ``[batch, time, dim]`` (padding: zeros)."""
+        return torch.cat([self.item_embeddings(), torch.zeros_like(self.free.weight[-1:])])[sequences]
+
     def encode(self, sequences: Tensor) -> Tensor:
         """Hidden states ``h_t`` ``[batch, time, dim]`` of left-padded item sequences ``[batch, time]``."""
-        emb = torch.cat([self.item_embeddings(), torch.zeros_like(self.free.weight[-1:])])
-        t = sequences.shape[1]
-        x = emb[sequences] * math.sqrt(emb.shape[1]) + self.position(torch.arange(self.max_len - t, self.max_len))
+        return self.encode_embedded(self.embed(sequences), sequences == self.n_items)
+
+    def encode_embedded(self, items: Tensor, pad: Tensor) -> Tensor:
+        """:meth:`encode` from item embeddings ``[batch, time, dim]`` and a padding mask ``[batch, time]``.
+
+        Gradient-based explanations differentiate the scores with respect to ``items``.
+        """
+        t = items.shape[1]
+        x = items * math.sqrt(items.shape[-1]) + self.position(torch.arange(self.max_len - t, self.max_len))
         causal = torch.triu(torch.full((t, t), float("-inf")), 1)
-        pad = sequences == self.n_items
-        h = self.blocks(self.dropout(x), mask=causal, src_key_padding_mask=pad if pad.any() else None)
-        return self.norm(h)
+        pad = torch.zeros(pad.shape).masked_fill(pad, float("-inf")) if pad.any() else None  # float, like `causal`
+        return self.norm(self.blocks(self.dropout(x), mask=causal, src_key_padding_mask=pad))
 
     def activations(self, hidden: Tensor) -> Tensor:
         """Prototype activations ``a_k`` ``[..., K]`` (softmax over prototypes of scaled cosines)."""
@@ -569,6 +578,134 @@ class SequentialRecommender(nn.Module):
         self.prototypes.copy_(emb[nearest])
         self.prototype_items = nearest.clone()
         return nearest
+
+
+def cached_recommender(item_features: Tensor, train_sequences: np.ndarray, recipe: RecRecipe, *,
+                       shop_config: ShopConfig, vit_key: str) -> tuple[SequentialRecommender, dict]:  # fmt: skip
+    """Chapter 9's recommender for ``recipe``: its committed copy, the cache, or trained here.
+
+    Training is :func:`train_recommender`.
+
+    The file is named by the hash of the shop, the recipe and the ViT whose CLS tokens are the item
+    features (``vit_key``, ``vit.recipe.key()``), so Chapters 9 and 14 share it.
+
+    Returns:
+        ``(model in eval mode, training history)``; ``model.prototype_items`` is set for a prototype model.
+    """
+    seqs = np.asarray(train_sequences)
+    key = common.content_hash({"shop": dataclasses.asdict(shop_config), "rec": dataclasses.asdict(recipe),
+                               "vit": vit_key})  # fmt: skip
+
+    def build(path):
+        model, hist = train_recommender(item_features, seqs, recipe)
+        torch.save({"state": model.state_dict(), "history": hist, "prototype_items": model.prototype_items}, path)
+
+    path = common.cached_file(common.cache_dir("models", "ch9") / f"sasrec-{key}.pt", build, committed=True)
+    blob = torch.load(path, weights_only=True)
+    model = recommender_from_state(item_features, seqs.shape[1] - 1, recipe, blob["state"])
+    model.prototype_items = blob["prototype_items"]
+    return model, blob["history"]
+
+
+def recommender_from_state(item_features: Tensor, max_len: int, recipe: RecRecipe,
+                           state: dict) -> SequentialRecommender:  # fmt: skip
+    """A :class:`SequentialRecommender` built as ``recipe`` says, with weights ``state``, in eval mode."""
+    model = SequentialRecommender(item_features, dim=recipe.dim, max_len=max_len, n_blocks=recipe.n_blocks,
+                                  n_heads=recipe.n_heads, dropout=recipe.dropout, n_prototypes=recipe.n_prototypes,
+                                  tau=recipe.tau)  # fmt: skip
+    model.load_state_dict(state)
+    return model.eval()
+
+
+HISTORY_METHODS = ("prototypes", "attention", "input_x_gradient", "integrated_gradients", "occlusion", "random")
+"""Explanations of one recommendation over the items of the history (:func:`history_attributions`)."""
+
+
+def history_attributions(model: SequentialRecommender, sequences: Tensor, target: Tensor, method: str, *,
+                         n_steps: int = 32, seed: int = 0) -> Tensor:  # fmt: skip
+    """Score each past item of a history for one recommended item: ``[batch, time]``, 0 on padding.
+
+    Args:
+        model: a trained :class:`SequentialRecommender` (eval mode).
+        sequences: ``[batch, time]`` left-padded histories (:func:`pad_histories`).
+        target: ``[batch]`` the recommended item explained, e.g. the top-scored unseen item.
+        method: one of :data:`HISTORY_METHODS`:
+
+            * ``"prototypes"`` (prototype models only): ``Σ_k a_k cos(p_k, e_target) · cos(p_k, e_j)``,
+              how much past item ``j`` resembles the prototypes that carry the target's score
+              ("you bought things like these");
+            * ``"attention"``: the last block's attention from the last position;
+            * ``"input_x_gradient"``, ``"integrated_gradients"`` (Captum, ``n_steps``, from the padding
+              embedding, which is zero): the target's score attributed to each past item's embedding,
+              summed over the embedding axis;
+            * ``"occlusion"``: the drop of the target's score when item ``j`` alone is masked as padding;
+            * ``"random"``: uniform scores from ``seed``.
+
+    Returns:
+        ``[batch, time]`` float scores, higher = more important for the target.
+    """
+    from captum.attr import InputXGradient, IntegratedGradients
+
+    sequences, target = torch.as_tensor(sequences).long(), torch.as_tensor(target).long()
+    if sequences.ndim != 2 or target.shape != (len(sequences),):
+        raise ValueError(f"need sequences [batch, time] and target [batch], got {tuple(sequences.shape)} "
+                         f"and {tuple(target.shape)}")  # fmt: skip
+    if ((target < 0) | (target >= model.n_items)).any():
+        raise ValueError(f"target item ids must be in 0..{model.n_items - 1}")
+    if method not in HISTORY_METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {HISTORY_METHODS}")
+    model.eval()
+    pad = sequences == model.n_items
+    rows = torch.arange(len(target))
+    if method == "random":
+        scores = torch.rand(sequences.shape, generator=torch.Generator().manual_seed(seed))
+    elif method == "prototypes":
+        if not model.n_prototypes:
+            raise ValueError("method 'prototypes' needs a recommender with a prototype layer (n_prototypes > 0)")
+        with torch.no_grad():
+            act = model.activations(model.encode(sequences)[:, -1])  # [batch, K]
+            cos = F.normalize(model.prototypes, dim=-1) @ F.normalize(model.item_embeddings(), dim=-1).T  # [K, items]
+            weight = act * cos[:, target].T  # [batch, K] each prototype's share of the target's score
+            history = cos[:, sequences.clamp(max=model.n_items - 1)]  # [K, batch, time]
+            scores = torch.einsum("bk,kbt->bt", weight, history)
+    elif method == "attention":
+        captured = {}
+        last = model.blocks.layers[-1]
+        hook = last.register_forward_pre_hook(lambda _m, args: captured.setdefault("x", args[0]))
+        with torch.no_grad():
+            model.encode(sequences)
+            hook.remove()
+            x = last.norm1(captured["x"])  # norm_first: attention reads the normalised input
+            t = x.shape[1]
+            causal = torch.triu(torch.full((t, t), float("-inf")), 1)
+            key_pad = torch.zeros(pad.shape).masked_fill(pad, float("-inf")) if pad.any() else None
+            _, weights = last.self_attn(x, x, x, attn_mask=causal, key_padding_mask=key_pad, need_weights=True,
+                                        average_attn_weights=True)  # fmt: skip
+        scores = weights[:, -1]  # [batch, time] from the last position
+    elif method == "occlusion":
+        with torch.no_grad():
+            full = model(sequences)[rows, -1, target]
+            scores = torch.zeros(sequences.shape)
+            for j in range(sequences.shape[1]):
+                live = ~pad[:, j] & ((~pad).sum(1) > 1)  # never mask the only item
+                if live.any():
+                    masked = sequences[live].clone()
+                    masked[:, j] = model.n_items
+                    scores[live, j] = full[live] - model(masked)[:, -1].gather(1, target[live, None])[:, 0]
+    else:
+        def forward(items, pad_mask):
+            return model.scores_from_hidden(model.encode_embedded(items, pad_mask)[:, -1])  # [batch, items]
+
+        items = model.embed(sequences).detach().requires_grad_(True)
+        if method == "input_x_gradient":
+            attr = InputXGradient(forward).attribute(items, target=target, additional_forward_args=(pad,))
+        else:
+            if not isinstance(n_steps, int) or n_steps < 2:
+                raise ValueError(f"n_steps must be an int >= 2, got {n_steps!r}")
+            attr = IntegratedGradients(forward).attribute(items, baselines=torch.zeros_like(items), target=target,
+                                                          additional_forward_args=(pad,), n_steps=n_steps)  # fmt: skip
+        scores = attr.sum(-1).detach()
+    return scores.float().masked_fill(pad, 0.0)
 
 
 def pad_histories(histories: Sequence[Sequence[int]], *, n_items: int, max_len: int) -> Tensor:

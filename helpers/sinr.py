@@ -645,7 +645,7 @@ def word2vec(corpus: Corpus, *, dim: int = 300, window: int = 5, epochs: int = 1
         with open(out, "wb") as fh:
             np.savez(fh, vectors=model.wv.vectors, words=np.array(json.dumps(model.wv.index_to_key)))
 
-    with np.load(common.cached_file(path, build)) as data:
+    with np.load(common.cached_file(path, build, committed=True)) as data:   # committed: training takes ~1 min
         return data["vectors"], tuple(json.loads(str(data["words"])))
 
 
@@ -677,24 +677,23 @@ def similarity_correlation(vectors, words: Sequence[str] | dict[str, int],
     return float(stats.spearmanr(cos, gold).statistic), len(covered) / len(pairs)
 
 
-def dist_ratio(vectors, *, top: int = 5, bottom: float = 0.5, top_share: float = 0.1, seed: int = 0,
-               per_dimension: bool = False):
-    """Automated word intrusion: DistRatio = mean over dimensions of InterDist / IntraDist (Sun et al. 2016).
+def intrusion_sets(vectors, *, top: int = 5, bottom: float = 0.5, top_share: float = 0.1,
+                   seed: int = 0) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Word-intrusion sets: each dimension's ``top`` words plus one intruder (Chang et al. 2009; Sun et al. 2016).
 
-    For each dimension d: its ``top`` highest words; an intruder drawn at random among words that are
-    in the bottom ``bottom`` share of d *and* among the top ``top_share`` of some other dimension (with
-    a positive value there); IntraDist = mean cosine distance among the top words; InterDist = mean
-    cosine distance between the intruder and the top words. Interpretable dimensions gather close
-    words and push intruders away: DistRatio > 1, and the higher the better.
+    For each dimension d: its ``top`` highest words, and an intruder drawn at random among the words
+    that are in the bottom ``bottom`` share of d *and* among the top ``top_share`` of some other
+    dimension (with a positive value there): a word that is salient elsewhere, so it is not
+    recognisable by rarity alone. Dimensions without such a word get no set.
 
     Args:
         vectors: ``[word, dim]`` dense array or sparse matrix.
         top, bottom, top_share: as above (SINr's defaults: 5, 50 %, 10 %).
         seed: seed of the intruder draws.
-        per_dimension: also return the ``[dim]`` ratios (NaN where no intruder or no spread exists).
 
     Returns:
-        the DistRatio (float), or ``(dist_ratio, ratios)`` when ``per_dimension``.
+        ``(sets, dims)``: ``[n_sets, top + 1]`` word indices, the intruder last, and the ``[n_sets]``
+        dimension of each set.
     """
     n, d = vectors.shape
     if n < 2 * top or d < 2:
@@ -702,22 +701,45 @@ def dist_ratio(vectors, *, top: int = 5, bottom: float = 0.5, top_share: float =
     if not 0 < bottom < 1 or not 0 < top_share < 1:
         raise ValueError(f"bottom and top_share must lie in (0, 1), got {bottom}, {top_share}")
     dense = vectors.toarray() if sparse.issparse(vectors) else np.asarray(vectors, dtype=np.float64)
-    unit = _normalise_rows(dense)
     rng = np.random.default_rng(seed)
     order = np.argsort(-dense, axis=0, kind="stable").astype(np.int32)   # [rank, dim]: words by value, per dim
     n_top = max(1, int(round(top_share * n)))
     cut = np.take_along_axis(dense, order[[n_top - 1, min(n - 1, int((1 - bottom) * n))]], axis=0)  # [2, dim]
     in_top = (dense >= cut[0]) & (dense > 0)                              # [word, dim]: in the top share
     top_count = in_top.sum(axis=1)                                        # [word]: dims where it is top
-    ratios = np.full(d, np.nan)
+    sets, dims = [], []
     for dim in range(d):
-        tops = order[:top, dim]
         elsewhere = top_count - in_top[:, dim]                            # top of another dimension
         # the bottom share, ties at the boundary included (a sparse dimension's bottom is all its zeros)
         candidates = np.flatnonzero((dense[:, dim] <= cut[1, dim]) & (elsewhere > 0))
-        if candidates.size == 0:
-            continue
-        intruder = rng.choice(candidates)
+        if candidates.size:
+            sets.append(np.append(order[:top, dim], rng.choice(candidates)))
+            dims.append(dim)
+    return np.array(sets, dtype=np.int64).reshape(-1, top + 1), np.array(dims, dtype=np.int64)
+
+
+def dist_ratio(vectors, *, top: int = 5, bottom: float = 0.5, top_share: float = 0.1, seed: int = 0,
+               per_dimension: bool = False):
+    """Automated word intrusion: DistRatio = mean over dimensions of InterDist / IntraDist (Sun et al. 2016).
+
+    On the sets of :func:`intrusion_sets`: IntraDist = mean cosine distance among a dimension's top
+    words; InterDist = mean cosine distance between the intruder and the top words. Interpretable
+    dimensions gather close words and push intruders away: DistRatio > 1, and the higher the better.
+
+    Args:
+        vectors: ``[word, dim]`` dense array or sparse matrix.
+        top, bottom, top_share, seed: as in :func:`intrusion_sets` (SINr's defaults: 5, 50 %, 10 %).
+        per_dimension: also return the ``[dim]`` ratios (NaN where no intruder or no spread exists).
+
+    Returns:
+        the DistRatio (float), or ``(dist_ratio, ratios)`` when ``per_dimension``.
+    """
+    sets, dims = intrusion_sets(vectors, top=top, bottom=bottom, top_share=top_share, seed=seed)
+    dense = vectors.toarray() if sparse.issparse(vectors) else np.asarray(vectors, dtype=np.float64)
+    unit = _normalise_rows(dense)
+    ratios = np.full(vectors.shape[1], np.nan)
+    for words, dim in zip(sets, dims, strict=True):
+        tops, intruder = words[:top], words[top]
         block = unit[tops] @ unit[tops].T
         intra = 1.0 - block[np.triu_indices(top, 1)].mean()
         inter = 1.0 - (unit[tops] @ unit[intruder]).mean()

@@ -110,3 +110,23 @@ def test_book_style_applies():
 
     common.use_book_style()
     assert mpl.rcParams["figure.figsize"] == [7.0, 4.0]
+
+
+def test_free_cores_is_one_under_parallel_tests_and_can_be_set(monkeypatch):
+    monkeypatch.delenv("BOOK_THREADS", raising=False)
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw0")
+    assert common.free_cores() == 1
+    monkeypatch.delenv("PYTEST_XDIST_WORKER")
+    assert common.free_cores() >= 1
+    monkeypatch.setenv("BOOK_THREADS", "3")
+    assert common.free_cores() == 3
+
+
+def test_torch_threads_restores_the_previous_number():
+    before = torch.get_num_threads()
+    with common.torch_threads(2):
+        assert torch.get_num_threads() == 2
+    assert torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="positive int"):
+        with common.torch_threads(0):
+            pass

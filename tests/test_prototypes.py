@@ -214,3 +214,100 @@ def test_recommender_bad_inputs(small_shop):
         P.hit_rate_ndcg(torch.zeros(2, 5), torch.tensor([0, 5]))
     with pytest.raises(ValueError, match="item features"):
         P.train_recommender(torch.randn(10, 6), small_shop.sequences, P.RecRecipe(epochs=1))
+
+
+# --- explaining a recommendation over the history ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def explained_recommender(small_shop):
+    train, _ = P.split_by_time(small_shop.sequences)
+    features = torch.randn(50, 6, generator=torch.Generator().manual_seed(0))
+    recipe = P.RecRecipe(dim=16, n_prototypes=5, epochs=2, finetune_epochs=1, batch_size=40)
+    model, _ = P.train_recommender(features, train, recipe)
+    seq = P.pad_histories([list(s) for s in train[:6]] + [list(train[6, -3:])], n_items=50, max_len=model.max_len)
+    target = P.next_item_scores(model, [s[s != 50].tolist() for s in seq]).argmax(1)
+    return model, seq, target                                  # the last history is left-padded
+
+
+def test_history_attributions_shapes_padding_and_seed(explained_recommender):
+    model, seq, target = explained_recommender
+    pad = seq == model.n_items
+    assert pad[-1].any() and not pad[0].any()
+    for method in P.HISTORY_METHODS:
+        scores = P.history_attributions(model, seq, target, method)
+        assert scores.shape == seq.shape and torch.isfinite(scores).all(), method
+        assert (scores[pad] == 0).all(), method
+    a = P.history_attributions(model, seq, target, "random", seed=3)
+    assert torch.equal(a, P.history_attributions(model, seq, target, "random", seed=3))
+    assert not torch.equal(a, P.history_attributions(model, seq, target, "random", seed=4))
+    attention = P.history_attributions(model, seq, target, "attention")
+    assert torch.allclose(attention.sum(1), torch.ones(len(seq)), atol=1e-5)   # a distribution over the past items
+
+
+def _target_score(model, items, pad, target):
+    return model.scores_from_hidden(model.encode_embedded(items, pad)[:, -1]).gather(1, target[:, None])[:, 0]
+
+
+def test_history_gradients_and_occlusion_match_their_definitions(explained_recommender):
+    model, seq, target = explained_recommender
+    pad = seq == model.n_items
+    items = model.embed(seq).detach().requires_grad_(True)
+    score = _target_score(model, items, pad, target)
+    (grad,) = torch.autograd.grad(score.sum(), items)
+    expected = (grad * items).sum(-1).masked_fill(pad, 0).detach()
+    assert torch.allclose(P.history_attributions(model, seq, target, "input_x_gradient"), expected, atol=1e-5)
+    # integrated gradients from the zero (padding) embedding: completeness, sum = f(x) - f(0)
+    ig = P.history_attributions(model, seq, target, "integrated_gradients", n_steps=200)
+    with torch.no_grad():
+        gap = score - _target_score(model, torch.zeros_like(items), pad, target)
+    assert torch.allclose(ig.sum(1), gap.detach(), atol=2e-2 * float(gap.abs().max()))
+    # occlusion: the score drop when position 2 alone is masked as padding
+    masked = seq.clone()
+    masked[:, 2] = model.n_items
+    with torch.no_grad():
+        drop = (model(seq)[:, -1] - model(masked)[:, -1]).gather(1, target[:, None])[:, 0]
+    live = ~pad[:, 2]
+    assert torch.allclose(P.history_attributions(model, seq, target, "occlusion")[live, 2], drop[live], atol=1e-5)
+
+
+def test_history_prototype_explanation_is_the_stated_formula(explained_recommender):
+    model, seq, target = explained_recommender
+    with torch.no_grad():
+        act = model.activations(model.encode(seq)[:, -1])                       # [batch, K]
+        unit_p = torch.nn.functional.normalize(model.prototypes, dim=-1)
+        unit_e = torch.nn.functional.normalize(model.item_embeddings(), dim=-1)
+    b, j = 0, 4
+    expected = sum(float(act[b, k] * (unit_p[k] @ unit_e[target[b]]) * (unit_p[k] @ unit_e[seq[b, j]]))
+                   for k in range(model.n_prototypes))
+    assert math.isclose(float(P.history_attributions(model, seq, target, "prototypes")[b, j]), expected, rel_tol=1e-4)
+
+
+def test_history_attributions_bad_inputs(explained_recommender):
+    model, seq, target = explained_recommender
+    with pytest.raises(ValueError, match="unknown method"):
+        P.history_attributions(model, seq, target, "lime")
+    with pytest.raises(ValueError, match="target"):
+        P.history_attributions(model, seq, target[:2], "occlusion")
+    with pytest.raises(ValueError, match="target item ids"):
+        P.history_attributions(model, seq, torch.full_like(target, 50), "occlusion")
+    with pytest.raises(ValueError, match="n_steps"):
+        P.history_attributions(model, seq, target, "integrated_gradients", n_steps=1)
+    plain = P.SequentialRecommender(torch.randn(50, 6), dim=8, max_len=7)
+    with pytest.raises(ValueError, match="prototype layer"):
+        P.history_attributions(plain, seq[:, -7:], target, "prototypes")
+
+
+def test_cached_recommender_trains_once_then_loads(small_shop, tmp_path, monkeypatch):
+    monkeypatch.setenv("BOOK_CACHE", str(tmp_path))
+    train, _ = P.split_by_time(small_shop.sequences)
+    features = torch.randn(50, 6, generator=torch.Generator().manual_seed(0))
+    recipe = P.RecRecipe(dim=8, n_prototypes=3, epochs=1, finetune_epochs=1, batch_size=60)
+    model, history = P.cached_recommender(features, train, recipe, shop_config=small_shop.config, vit_key="test")
+    files = list((tmp_path / "models" / "ch9").glob("sasrec-*.pt"))
+    assert len(files) == 1
+    again, history2 = P.cached_recommender(features, train, recipe, shop_config=small_shop.config, vit_key="test")
+    assert history2["loss"] == history["loss"] and torch.equal(again.prototype_items, model.prototype_items)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values(), strict=True))
+    P.cached_recommender(features, train, recipe, shop_config=small_shop.config, vit_key="other")
+    assert len(list((tmp_path / "models" / "ch9").glob("sasrec-*.pt"))) == 2   # another ViT: another file

@@ -116,6 +116,20 @@ def test_dist_ratio_is_high_on_planted_dimensions_and_near_one_without_structure
     assert per_dim.shape == (20,) and value == pytest.approx(np.nanmean(per_dim))
 
 
+def test_intrusion_sets_take_the_top_words_and_an_intruder_salient_elsewhere():
+    vectors = _planted()                                  # 20 dims, words 15 j .. 15 j + 14 are strong on dim j
+    sets, dims = sinr.intrusion_sets(vectors, seed=0)
+    assert sets.shape == (20, 6) and dims.tolist() == list(range(20))
+    for words, dim in zip(sets, dims, strict=True):
+        assert all(w // 15 == dim for w in words[:5]), "the top words are the dimension's own cluster"
+        assert words[5] // 15 != dim, "the intruder comes from another cluster"
+        assert vectors[words[5], dim] <= np.median(vectors[:, dim])   # in the bottom half of this dimension
+    again, _ = sinr.intrusion_sets(vectors, seed=0)
+    other, _ = sinr.intrusion_sets(vectors, seed=1)
+    assert np.array_equal(sets, again) and not np.array_equal(sets[:, 5], other[:, 5])
+    assert np.array_equal(sets[:, :5], other[:, :5])
+
+
 def test_similarity_correlation_is_perfect_when_cosines_follow_the_scores():
     angles = np.linspace(0, np.pi / 2, 6)
     vectors = np.column_stack([np.cos(angles), np.sin(angles)])
