@@ -14,7 +14,11 @@ during mining on half and on all of the corpus; the growth above the level befor
 the same for both (bounded by the top-k buffers, not by the corpus size). Writes
 ``benchmarks/results/ffn.json``.
 
-Usage: ``python benchmarks/ffn.py [--repeats 3] [--threads 1]``.
+With ``--compare-threads``, also mining with 1 thread against ``common.free_cores()`` threads (what
+the notebook uses under ``make book``), alternating, on the same windows: ``threads_speedup`` is the
+ratio of the medians, and ``threads_identical`` says whether both give the same top-k buffers.
+
+Usage: ``python benchmarks/ffn.py [--repeats 3] [--threads 1] [--compare-threads]``.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import psutil
 import torch
 from report import write_report
 
-from helpers import ffn
+from helpers import common, ffn
 from helpers.assets import austen_novels, smollm2, wikipedia_articles
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,7 +86,8 @@ def mine(model, windows: torch.Tensor) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (the notebook uses 1)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (the notebook's default)")
+    parser.add_argument("--compare-threads", action="store_true", help="also 1 thread vs every free core")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, tokenizer = smollm2()
@@ -122,7 +127,28 @@ def main() -> None:
         "goal_overhead_ratio": 1.5,
         "runs": {k: [round(x, 3) for x in v] for k, v in runs.items()},
     }
+    if args.compare_threads:
+        result.update(compare_threads(model, windows, args.repeats))
     write_report(result, RESULTS, threads=args.threads)
+
+
+def compare_threads(model, windows: torch.Tensor, repeats: int) -> dict:
+    """Mining with 1 thread vs ``common.free_cores()`` threads, alternating; same top-k buffers?"""
+    many = common.free_cores()
+    seconds, triggers = {1: [], many: []}, {}
+    for _ in range(repeats):
+        for n in (1, many):
+            with common.torch_threads(n):
+                start = time.perf_counter()
+                triggers[n] = ffn.mine_triggers(model, windows, k=K, batch_size=BATCH)
+                seconds[n].append(time.perf_counter() - start)
+    same = all(torch.equal(getattr(triggers[1], f), getattr(triggers[many], f)) for f in ("coef", "doc", "pos"))
+    return {
+        "threads_compared": [1, many],
+        "threads_mine_s": {str(n): round(statistics.median(v), 3) for n, v in seconds.items()},
+        "threads_speedup": round(statistics.median(seconds[1]) / statistics.median(seconds[many]), 3),
+        "threads_identical": same,
+    }
 
 
 if __name__ == "__main__":
