@@ -109,7 +109,10 @@ def free_cores() -> int:
     (Chapter 5's trigger mining) can use every core. Set ``BOOK_THREADS`` to override.
     """
     if os.environ.get("BOOK_THREADS"):
-        return max(1, int(os.environ["BOOK_THREADS"]))
+        value = os.environ["BOOK_THREADS"]
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"BOOK_THREADS must be a positive integer, got {value!r}")
+        return int(value)
     if os.environ.get("PYTEST_XDIST_WORKER"):
         return 1
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -120,6 +120,9 @@ def test_free_cores_is_one_under_parallel_tests_and_can_be_set(monkeypatch):
     assert common.free_cores() >= 1
     monkeypatch.setenv("BOOK_THREADS", "3")
     assert common.free_cores() == 3
+    monkeypatch.setenv("BOOK_THREADS", "two")
+    with pytest.raises(ValueError, match="BOOK_THREADS"):
+        common.free_cores()
 
 
 def test_torch_threads_restores_the_previous_number():
