@@ -245,6 +245,38 @@ def train_prototype_head(
     return head.eval(), history
 
 
+def cached_prototype_head(vit: nn.Module, images: Tensor, labels: Tensor,
+                          recipe: ProtoRecipe) -> tuple[PrototypeHead, dict]:  # fmt: skip
+    """Chapter 9's ProtoPNet head for ``recipe``: its committed copy, the cache, or trained here.
+
+    Training (:func:`train_prototype_head`) uses the patch tokens of ``images[:recipe.n_train]``
+    (normalised ``[N, 1, 28, 28]``) and their ``labels``. The file is named by the hash of the recipe
+    and of the ViT's recipe, so Chapters 9 and 14 share it.
+
+    Returns:
+        ``(head in eval mode, training history)``; the history holds ``"state_before_push"`` and ``"push"``.
+    """
+    key = common.content_hash({"recipe": dataclasses.asdict(recipe), "vit": vit.recipe.key()})
+
+    def build(path):
+        tokens = patch_tokens(vit, images[: recipe.n_train])
+        head, history = train_prototype_head(tokens, torch.as_tensor(labels)[: recipe.n_train], recipe)
+        torch.save({"state": head.state_dict(), "history": history}, path)
+
+    path = common.cached_file(common.cache_dir("models", "ch9") / f"protopnet-{key}.pt", build, committed=True)
+    blob = torch.load(path, weights_only=True)
+    return head_from_state(blob["state"]), blob["history"]
+
+
+def head_from_state(state: dict) -> PrototypeHead:
+    """A :class:`PrototypeHead` with weights ``state`` (its sizes read from them), in eval mode."""
+    n_classes, (n_prototypes, dim) = state["last_layer.weight"].shape[0], state["prototypes"].shape
+    head = PrototypeHead(state["add_on.0.weight"].shape[1], n_classes=n_classes, per_class=n_prototypes // n_classes,
+                         dim=dim)  # fmt: skip
+    head.load_state_dict(state)
+    return head.eval()
+
+
 @torch.no_grad()
 def latent_patches(head: PrototypeHead, tokens: Tensor, *, batch_size: int = 5000) -> Tensor:
     """Add-on features of every patch: ``[N, 16, width] -> [N, 16, dim]`` (what push searches)."""

@@ -734,8 +734,8 @@ def dist_ratio(vectors, *, top: int = 5, bottom: float = 0.5, top_share: float =
     Returns:
         the DistRatio (float), or ``(dist_ratio, ratios)`` when ``per_dimension``.
     """
-    sets, dims = intrusion_sets(vectors, top=top, bottom=bottom, top_share=top_share, seed=seed)
     dense = vectors.toarray() if sparse.issparse(vectors) else np.asarray(vectors, dtype=np.float64)
+    sets, dims = intrusion_sets(dense, top=top, bottom=bottom, top_share=top_share, seed=seed)
     unit = _normalise_rows(dense)
     ratios = np.full(vectors.shape[1], np.nan)
     for words, dim in zip(sets, dims, strict=True):

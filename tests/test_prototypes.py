@@ -311,3 +311,24 @@ def test_cached_recommender_trains_once_then_loads(small_shop, tmp_path, monkeyp
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values(), strict=True))
     P.cached_recommender(features, train, recipe, shop_config=small_shop.config, vit_key="other")
     assert len(list((tmp_path / "models" / "ch9").glob("sasrec-*.pt"))) == 2   # another ViT: another file
+
+
+def test_cached_prototype_head_trains_once_then_loads(tmp_path, monkeypatch):
+    monkeypatch.setenv("BOOK_CACHE", str(tmp_path))
+
+    class TinyViT(torch.nn.Module):                       # patch tokens: 16 patches of 8 features per image
+        recipe = type("Recipe", (), {"key": staticmethod(lambda: "tiny")})()
+
+        def forward_features(self, images):
+            return images.reshape(len(images), 1, 28, 28)[:, 0, :16, :8].reshape(len(images), 16, 8)
+
+    tokens, labels = _separable_tokens(n_per_class=10, width=8)
+    images = torch.zeros(len(labels), 1, 28, 28)
+    images[:, 0, :16, :8] = tokens
+    recipe = P.ProtoRecipe(n_train=len(labels), per_class=1, dim=4, warm_epochs=2, last_epochs=1, batch_size=10)
+    monkeypatch.setattr(P, "patch_tokens", lambda vit, x, batch_size=2000: vit.forward_features(x))
+    head, history = P.cached_prototype_head(TinyViT(), images, labels, recipe)
+    assert len(list((tmp_path / "models" / "ch9").glob("protopnet-*.pt"))) == 1
+    again, history2 = P.cached_prototype_head(TinyViT(), images, labels, recipe)
+    assert all(torch.equal(a, b) for a, b in zip(head.state_dict().values(), again.state_dict().values(), strict=True))
+    assert not again.training and "state_before_push" in history2
