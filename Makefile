@@ -13,7 +13,7 @@ WEB_DIR := book/static
 WEB_ASSETS := $(WEB_DIR)/mathjax/tex-chtml.js $(WEB_DIR)/widgets/embed.js
 NOTEBOOKS := $(sort $(wildcard nbs/*.ipynb))
 
-# Offline by default: no loader may reach a model hub (DESIGN §4).
+# Offline by default: no loader may reach a model hub (ARCHITECTURE.md, "Offline assets").
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY := 1
@@ -25,7 +25,7 @@ PYTEST_ARGS ?=
 PYTEST := $(BIN)/python -m pytest -n $(JOBS) --dist loadfile --nbval-lax --nbval-current-env \
           --nbval-sanitize-with tests/nbval_sanitize.cfg $(PYTEST_ARGS)
 
-.PHONY: help setup setup-system book test test-unit test-notebooks test-offline lab serve refresh-artefacts bench lint clean distclean
+.PHONY: help setup setup-system book test test-unit test-notebooks test-offline check-portable lab serve refresh-artefacts bench lint clean distclean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -59,6 +59,9 @@ test-offline: setup  ## the full test suite inside a network namespace that has 
 	@if [ "$$(id -u)" = 0 ]; then ns=(unshare -n); else ns=(unshare -rn); fi; \
 	"$${ns[@]}" sh -c 'ip link set lo up 2>/dev/null || true; exec "$$@"' sh \
 	  $(PYTEST) helpers tests $(NOTEBOOKS)
+
+check-portable: setup  ## re-execute the notebooks under 1 thread, every core and AVX2 kernels; report values that moved
+	$(BIN)/python tools/check_portable.py $(NB)
 
 lab: setup  ## JupyterLab on the notebooks with the `helpers` kernel
 	$(BIN)/python -m ipykernel install --sys-prefix --name helpers --display-name "Python (helpers)" >/dev/null

@@ -1,4 +1,4 @@
-"""Offline-first loaders for every model and data set the book uses (DESIGN §4).
+"""Offline-first loaders for every model and data set the book uses (ARCHITECTURE.md, "Offline assets").
 
 Each loader looks, in order, in the book's cache, then in the installed Python/Debian package, and
 raises a one-line ``FileNotFoundError`` naming exactly what to install when both are missing. No
@@ -156,7 +156,7 @@ def minilm(name_or_path: str | os.PathLike | None = None, *, attn_implementation
         out = model(**tokenizer("a cat", return_tensors="pt"), output_attentions=True)
         out.attentions[0].shape  # torch.Size([1, 12, 4, 4]): [batch, head, query, key], 6 layers
 
-    DESIGN §4; used from nbs/01_attention_as_graph.ipynb on (Wang et al. 2020, MiniLM).
+    ARCHITECTURE.md, "Offline assets"; used from nbs/01_attention_as_graph.ipynb on (Wang et al. 2020, MiniLM).
     """
     from transformers import AutoModel
 
@@ -242,7 +242,7 @@ def smollm2(name_or_path: str | os.PathLike | None = None, *, attn_implementatio
         ids = tokenizer("The capital of France is", return_tensors="pt")
         tokenizer.decode(model(**ids).logits[0, -1].argmax())  # ' Paris'
 
-    DESIGN §4; used in nbs/05_ffn_memories.ipynb (Allal et al. 2025, SmolLM2; Geva et al. 2021).
+    ARCHITECTURE.md, "Offline assets"; used in nbs/05_ffn_memories.ipynb (Allal et al. 2025, SmolLM2; Geva et al. 2021).
     """
     from transformers import AutoModelForCausalLM
 
@@ -306,7 +306,7 @@ def efficientnet_lite0():
     >>> imagenet_labels()[logits.argmax()]
     'Egyptian cat'
 
-    DESIGN §4-§5; used in nbs/08_vision_transformers.ipynb (Tan & Le 2019, EfficientNet).
+    ARCHITECTURE.md, "Offline assets"; used in nbs/08_vision_transformers.ipynb (Tan & Le 2019, EfficientNet).
     """
     import timm
     import torch
@@ -337,7 +337,7 @@ def imagenet_transform() -> Callable:
 
     The photo is resized (bicubic) to 224 x 224 without cropping, so saliency maps cover the whole
     picture; then ``(x - 0.5) / 0.5`` per channel (TF-trained Lite weights, see :data:`IMAGENET_MEAN`).
-    With this, the skimage cat photo is class 285 (Egyptian cat) at p = 0.773 (DESIGN §5).
+    With this, the skimage cat photo is class 285 (Egyptian cat) at p = 0.773 (ARCHITECTURE.md, "Measured decisions").
 
     Returns:
         a function: ``uint8 [H, W, 3]`` array or PIL image -> float tensor ``[3, 224, 224]``.
@@ -405,7 +405,7 @@ def word_similarity(name: str = "ws353") -> list[tuple[str, str, float]]:
     >>> word_similarity("ws353")[0]
     ('love', 'sex', 6.77)
 
-    DESIGN §4; used in nbs/02_sinr_embeddings.ipynb (Finkelstein et al. 2002; Hill et al. 2015).
+    ARCHITECTURE.md, "Offline assets"; used in nbs/02_sinr_embeddings.ipynb (Finkelstein et al. 2002; Hill et al. 2015).
     """
     if name not in SIMILARITY_FILES:
         raise ValueError(f"unknown word-similarity set {name!r}; choose one of {sorted(SIMILARITY_FILES)}")
@@ -430,7 +430,7 @@ def analogies(*, lowercase: bool = False) -> dict[str, list[tuple[str, str, str,
     >>> analogies()["capital-common-countries"][0]
     ('Athens', 'Greece', 'Baghdad', 'Iraq')
 
-    DESIGN §4 (Mikolov et al. 2013, "Efficient estimation of word representations").
+    ARCHITECTURE.md, "Offline assets" (Mikolov et al. 2013, "Efficient estimation of word representations").
     """
     sections: dict[str, list[tuple[str, str, str, str]]] = {}
     current = None
@@ -443,9 +443,6 @@ def analogies(*, lowercase: bool = False) -> dict[str, list[tuple[str, str, str,
     return sections
 
 
-POLARITY_LABELS = ("negative", "positive")
-
-
 def polarity() -> tuple[list[str], np.ndarray]:
     """Pang & Lee's movie-review sentence polarity sample: 200 sentences, 100 negative then 100 positive.
 
@@ -454,12 +451,12 @@ def polarity() -> tuple[list[str], np.ndarray]:
 
     Returns:
         ``(sentences, labels)``: 200 strings and an int64 array ``[200]`` with 1 = positive,
-        0 = negative (names in :data:`POLARITY_LABELS`).
+        0 = negative.
 
     >>> sentences, labels = polarity(); len(sentences), int(labels.sum())
     (200, 100)
 
-    DESIGN §4; used in nbs/03_interpretable_classifier.ipynb (Pang & Lee 2005).
+    ARCHITECTURE.md, "Offline assets"; used in nbs/03_interpretable_classifier.ipynb (Pang & Lee 2005).
     """
     sentences, labels = [], []
     for line in gensim_test_file("pang_lee_polarity.cor").read_text(encoding="cp1252").splitlines():
@@ -618,7 +615,8 @@ def austen_novels() -> dict[str, str]:
     >>> list(novels)[:2]
     ['Sense & Sensibility', 'Pride & Prejudice']
 
-    DESIGN §4; used in nbs/02_sinr_embeddings.ipynb and nbs/03_interpretable_classifier.ipynb (Silge 2022).
+    ARCHITECTURE.md, "Offline assets"; used in nbs/02_sinr_embeddings.ipynb and
+    nbs/03_interpretable_classifier.ipynb (Silge 2022).
     """
     data = austen_dir()
     out = common.cache_dir("data") / f"austen-{common.content_hash([(data / 'Rdata.rdb').stat().st_size, 'v1'])}.json"
@@ -729,7 +727,7 @@ def fashion_mnist(split: str = "train", *, download: bool | None = None) -> tupl
     >>> images.shape, FASHION_CLASSES[labels[0]]
     ((10000, 28, 28), 'Ankle boot')
 
-    DESIGN §4; used from nbs/08_vision_transformers.ipynb on (Xiao et al. 2017).
+    ARCHITECTURE.md, "Offline assets"; used from nbs/08_vision_transformers.ipynb on (Xiao et al. 2017).
     """
     if split not in _FASHION_FILES:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -859,7 +857,7 @@ def wordnet():
 
         wordnet().synset("dog.n.01").lexname()  # 'noun.animal'
 
-    DESIGN §4; used in nbs/11_rare_classes.ipynb (Miller 1995; Fellbaum 1998).
+    ARCHITECTURE.md, "Offline assets"; used in nbs/11_rare_classes.ipynb (Miller 1995; Fellbaum 1998).
     """
     source = _first_dir([_system("/usr/share/wordnet")], "data.noun")
     if source is not None and all((source / name).is_file() for name in _WORDNET_FILES):
@@ -906,7 +904,7 @@ def spacy_pipeline(name: str = SPACY_MODEL):
         [(t.text, t.dep_) for t in spacy_pipeline()("The cat sat.")]
         # [('The', 'det'), ('cat', 'nsubj'), ('sat', 'ROOT'), ('.', 'punct')]
 
-    DESIGN §4; used in nbs/04_head_specialisation.ipynb (Honnibal et al., spaCy 3).
+    ARCHITECTURE.md, "Offline assets"; used in nbs/04_head_specialisation.ipynb (Honnibal et al., spaCy 3).
     """
     fix = SPACY_FIX if name == SPACY_MODEL else f"Install the spaCy pipeline package {name}."
     _package_dir(name, f"spaCy pipeline {name}", fix)
@@ -945,7 +943,7 @@ def sample_photos(names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
     >>> sample_photos(["chelsea"])["chelsea"].shape
     (300, 451, 3)
 
-    DESIGN §4; used in nbs/08_vision_transformers.ipynb.
+    ARCHITECTURE.md, "Offline assets"; used in nbs/08_vision_transformers.ipynb.
     """
     from PIL import Image
 

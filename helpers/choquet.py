@@ -169,7 +169,26 @@ def split_weights(weights: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def two_additive_choquet(x: Tensor, weights: Tensor) -> Tensor:
-    """``Σ w_i x_i + Σ_{i<j} (w⁻_ij min + w⁺_ij max)``: ``x [..., n]``, ``weights [..., n + 2P]`` → ``[...]``."""
+    """``Σ w_i x_i + Σ_{i<j} (w⁻_ij min + w⁺_ij max)``: ``x [..., n]``, ``weights [..., n + 2P]`` → ``[...]``.
+
+    ``x`` are utilities in [0, 1] and ``weights`` non-negative masses summing to 1 (a capacity's
+    2-additive parametrisation), so the output lies in [0, 1] too.
+
+    >>> round(two_additive_choquet(torch.tensor([0.2, 0.6]), torch.tensor([0.5, 0.0, 0.5, 0.0])).item(), 6)
+    0.2
+    """
+    x, weights = torch.as_tensor(x), torch.as_tensor(weights)
+    if not (torch.isfinite(x).all() and torch.isfinite(weights).all()):
+        raise ValueError("x and weights must be finite (no NaN or inf)")
+    if x.numel() and (x.min() < -1e-6 or x.max() > 1 + 1e-6):
+        raise ValueError(f"x must hold utilities in [0, 1], got values in [{x.min():.3g}, {x.max():.3g}]; "
+                         "map scores to [0, 1] first (e.g. a sigmoid utility)")
+    if weights.numel() and weights.min() < -1e-6:
+        raise ValueError("weights must be non-negative masses (e.g. a softmax of free logits)")
+    return _choquet(x, weights)
+
+
+def _choquet(x: Tensor, weights: Tensor) -> Tensor:
     n = x.shape[-1]
     w, w_min, w_max = split_weights(weights, n)
     i, j = pairs(n)
@@ -252,7 +271,7 @@ class ChoquetNode(nn.Module):
         return self.logits.softmax(-1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return two_additive_choquet(x, self.weights())
+        return _choquet(x, self.weights())
 
     def shapley(self) -> Tensor:
         """``[out, n]`` Shapley values."""

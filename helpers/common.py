@@ -171,7 +171,7 @@ def cached_file(path: str | os.PathLike, build: Callable[[Path], None], *, commi
 
 
 WEIGHTS_DIR = Path(__file__).with_name("weights")
-"""Small trained artefacts committed beside the recipes that made them (DESIGN §4), each with a
+"""Small trained artefacts committed beside the recipes that made them (ARCHITECTURE.md, "Offline assets"), each with a
 ``.sha256`` sidecar; see :func:`trained_weights`."""
 
 

@@ -662,13 +662,6 @@ METHODS: dict[str, Callable[..., ContinualClip]] = {
 
 
 @torch.no_grad()
-def task_accuracy(model: ContinualClip, task: Task) -> float:
-    """Top-1 accuracy on the task's test images with the model's classifier for that task."""
-    emb = model.encode_images(task.x_test)
-    pred = (emb @ model.class_embeddings(task).T).argmax(1)
-    return float((pred == task.y_test).float().mean())
-
-
 def stream_metrics(matrix: np.ndarray | Tensor) -> dict[str, float]:
     """ZSCL's metrics of a ``[T, T]`` accuracy matrix, ``matrix[t, j]`` = accuracy on task ``j`` after step ``t``.
 

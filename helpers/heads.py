@@ -51,7 +51,6 @@ __all__ = [
     "head_mask",
     "ablated_embeddings",
     "row_sums_ok",
-    "head_labels",
 ]
 
 
@@ -74,6 +73,8 @@ def _check_attn(attn: Tensor, tokens: Sequence[Sequence[str]] | None = None) -> 
         raise ValueError("attn holds an empty batch (0 sentences); pass at least one sentence")
     if attn.shape[-1] != attn.shape[-2]:
         raise ValueError(f"attn must be square in (query, key), got shape {tuple(attn.shape)}")
+    if not torch.isfinite(attn).all():
+        raise ValueError("attn contains NaN or inf; pass attention probabilities (padding set to 0, not NaN)")
     if tokens is not None:
         if isinstance(tokens, str) or len(tokens) != attn.shape[1]:
             raise ValueError(
@@ -394,7 +395,7 @@ class HeadStatistics:
 
     def result(self) -> dict[str, Tensor]:
         """``name -> [layer, head]`` means over all sentences seen, plus ``"js"`` [layer*head, layer*head]
-        (mean divergence per query token) when ``js_limit > 0``."""
+        (mean divergence per query token) when ``js_fraction > 0``."""
         if self.n_sentences == 0:
             raise ValueError("no batch seen yet: call update() with at least one batch")
         out = {name: (value / self.n_sentences).float() for name, value in self._sums.items()}
@@ -772,8 +773,3 @@ def row_sums_ok(attn: Tensor, mask: Tensor) -> bool:
     sums = attn.sum(-1)  # [layer, batch, head, query]
     target = mask[None, :, None, :].to(sums.dtype)
     return bool(((sums - target).abs() <= ROW_TOL).all())
-
-
-def head_labels(n_layers: int, n_heads: int) -> list[str]:
-    """``["L1·H1", "L1·H2", ...]`` in layer-major order (layers and heads numbered from 1)."""
-    return [f"L{layer + 1}·H{head + 1}" for layer in range(n_layers) for head in range(n_heads)]

@@ -228,6 +228,8 @@ def _check_adjacency(adjacency) -> sparse.csr_matrix:
     if not sparse.issparse(adjacency) or adjacency.ndim != 2 or adjacency.shape[0] != adjacency.shape[1]:
         raise ValueError(f"adjacency must be a square scipy.sparse matrix, got {type(adjacency).__name__}")
     adjacency = sparse.csr_matrix(adjacency)
+    if adjacency.nnz and not np.isfinite(adjacency.data).all():
+        raise ValueError("adjacency has NaN or infinite weights; co-occurrence counts must be finite")
     if adjacency.nnz and adjacency.data.min() < 0:
         raise ValueError("adjacency has negative weights; SINr needs non-negative co-occurrence weights")
     return adjacency

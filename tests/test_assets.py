@@ -84,7 +84,7 @@ def test_efficientnet_classifies_the_cat_photo(effnet):
         probs = effnet(batch).softmax(-1)  # [2, 1000]
     labels = assets.imagenet_labels()
     assert probs[0].argmax().item() == 285 and labels[285] == "Egyptian cat"
-    assert probs[0, 285].item() == pytest.approx(0.773, abs=0.01)  # DESIGN §5
+    assert probs[0, 285].item() == pytest.approx(0.773, abs=0.01)  # ARCHITECTURE.md, "Measured decisions"
     assert labels[probs[1].argmax()] == "espresso"
 
 

@@ -181,7 +181,7 @@ def _chromium() -> str | None:
 
 
 def _offline_prefix() -> list[str]:
-    """Only loopback inside a fresh network namespace (DESIGN §5), when the kernel lets us make one."""
+    """Only loopback inside a fresh network namespace (ARCHITECTURE.md), when the kernel lets us make one."""
     if shutil.which("unshare") and subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0:
         return ["unshare", "-n"]
     return []

@@ -150,3 +150,10 @@ def test_bad_input_gives_clear_errors():
         choquet.ChoquetStudent([[0]], 3, utility="concave")
     with pytest.raises(ValueError, match="temperature"):
         choquet.distil(student, torch.zeros(4, 6), torch.zeros(4, 4), temperature=0)
+    weights = torch.tensor([0.5, 0.0, 0.5, 0.0])
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        choquet.two_additive_choquet(torch.tensor([0.2, 1.5]), weights)
+    with pytest.raises(ValueError, match="finite"):
+        choquet.two_additive_choquet(torch.tensor([0.2, math.nan]), weights)
+    with pytest.raises(ValueError, match="non-negative"):
+        choquet.two_additive_choquet(torch.tensor([0.2, 0.6]), -weights)

@@ -1,4 +1,4 @@
-"""The environment files agree with each other and with the measured decisions of DESIGN §5."""
+"""The environment files agree with each other and with the measured decisions of ARCHITECTURE.md."""
 
 import re
 import tomllib
@@ -34,7 +34,7 @@ def test_every_dependency_is_pinned_exactly():
 def test_torch_pair_is_the_measured_one():
     pins = _pyproject_pins()
     assert "torch==2.14.1" in pins and "torchvision==0.29.1" in pins
-    assert "jupyter-book==1.0.4.post1" in pins, "Jupyter Book 2 fetches its theme online (DESIGN §5)"
+    assert "jupyter-book==1.0.4.post1" in pins, "Jupyter Book 2 fetches its theme online (ARCHITECTURE.md)"
 
 
 def test_nodeps_requirements_are_pinned_and_mentioned_in_environment_yml():
@@ -65,3 +65,14 @@ def test_ci_calls_the_readme_test_command():
     commands = readme.split("\n## ")[1]  # the first section after the title: the two commands
     assert "make book" in commands and "make test" in commands, "README must open with the two commands"
     assert re.search(r"^make test\s*$", ci, re.M), ".ci/run must call `make test`"
+
+
+def test_every_committed_artefact_is_package_data():
+    """A non-editable install must ship every committed artefact of helpers/weights/."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    patterns = config["package-data"]["helpers.weights"]
+    weights = ROOT / "helpers" / "weights"
+    missing = [p.relative_to(weights).as_posix() for p in weights.rglob("*") if p.is_file()
+               and not any(p.relative_to(weights).match(pat) or p.match(pat.removeprefix("**/")) for pat in patterns)]
+    assert not missing, f"add patterns to [tool.setuptools.package-data] for {missing}"
+    assert config["packages"]["find"]["namespaces"] is True, "data folders must be namespace packages"

@@ -213,6 +213,8 @@ def test_bad_inputs_raise_clear_errors(batches, model, tokenizer):
         heads.head_scores(maps.attn[0], maps.tokens, pattern="previous")
     with pytest.raises(ValueError, match="empty batch"):
         heads.head_scores(maps.attn[:, :0], [], pattern="previous")
+    with pytest.raises(ValueError, match="NaN"):
+        heads.head_scores(torch.full_like(maps.attn, float("nan")), maps.tokens, pattern="previous")
     with pytest.raises(ValueError, match="unknown pattern"):
         heads.head_scores(maps.attn, maps.tokens, pattern="diagonal")
     with pytest.raises(ValueError, match="pattern matrix must be"):

@@ -209,6 +209,8 @@ def test_tokenize_lowercases_and_drops_stop_words_clitics_and_digits():
         (lambda: sinr.similarity_correlation(np.eye(3), ["a", "b", "c"], []), ValueError, "empty"),
         (lambda: sinr.ppmi_svd(_two_triangles(), 6), ValueError, "dim"),
         (lambda: sinr.dist_ratio(np.eye(3)), ValueError, "at least"),
+        (lambda: sinr.pmi(sparse.csr_matrix(np.full((3, 3), np.nan))), ValueError, "NaN"),
+        (lambda: sinr.pmi_filter(sparse.csr_matrix(np.full((3, 3), np.inf))), ValueError, "infinite"),
     ],
 )
 def test_bad_input_gives_a_clear_error(call, error, message):

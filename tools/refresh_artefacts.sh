@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Rebuild from scratch the artefacts that notebooks load with common.cached_file(..., committed=True)
-# and commit them in helpers/weights/ (DESIGN §4: small artefacts may be committed when `make` can
+# and commit them in helpers/weights/ (ARCHITECTURE.md, "Artefacts": small artefacts may be committed when `make` can
 # rebuild them). The committed copies are removed first, every notebook runs on an empty cache, and
 # exactly the files they asked for (BOOK_ARTEFACT_LOG) are copied back with their SHA-256 sidecars.
 # The top-level weight files of trained_weights() are rebuilt by `python -m helpers.<module>` instead.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# System packages and data for the book (DESIGN §4), installed from Debian's archive by name.
+# System packages and data for the book (ARCHITECTURE.md, "Offline assets"), installed from Debian's archive by name.
 #   dataset-fashion-mnist  -> /usr/share/datasets/fashion-mnist   (apt-get install)
 #   wordnet-base           -> /usr/share/wordnet                  (apt-get install)
 #   r-cran-janeaustenr     -> $CACHE/system/janeaustenr           (apt-get download + dpkg-deb -x: no R needed)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The book's JavaScript, served from the book itself so that pages work with no network (DESIGN §5):
+# The book's JavaScript, served from the book itself so that pages work with no network (ARCHITECTURE.md, "Measured decisions"):
 #   DEST/mathjax/  MathJax 3 (npm mathjax, its es5/ bundle): _config.yml's mathjax_path
 #   DEST/widgets/  ipywidgets' HTML manager (npm @jupyter-widgets/html-manager, dist/embed.js and the
 #                  fonts it loads next to itself): renders the widget state stored in a page

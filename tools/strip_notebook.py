@@ -19,7 +19,7 @@ for path in sys.argv[1:]:
         "kernelspec": {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"},
         "language_info": nb["metadata"].get("language_info", {"name": "python"}),
     }
-    if widgets:  # ipywidgets' saved state: the book renders the widgets from it (DESIGN §5)
+    if widgets:  # ipywidgets' saved state: the book renders the widgets from it (ARCHITECTURE.md, "Measured decisions")
         nb["metadata"]["widgets"] = widgets
     with open(path, "w") as fh:
         json.dump(nb, fh, indent=1, ensure_ascii=False)
