@@ -11,9 +11,10 @@ Two kinds of output are checked:
 - **Glued values** (``myst_nb.glue``): the numbers readers read in the prose. A glued number may move
   by at most one unit in the last digit the prose shows it with (``{glue:text}`name:.1f``` → 0.1;
   ``:.1%`` → 0.001; ``:.2e`` → one unit of the second decimal of the mantissa); when the prose shows
-  it with several formats the finest counts. Integers and strings (counts, head names) must be
-  identical. Wall times, memory, speed ratios and hardware descriptions are not checked
-  (:data:`UNCHECKED`), and neither are values the prose never shows.
+  it with several formats the finest counts. Integers must be identical; strings (head names, an
+  interval glued as ``"0.59 [0.55, 0.63]"``) follow the checked-cell rule. Wall times, memory,
+  speed ratios and hardware descriptions are not checked (:data:`UNCHECKED`), and neither are values
+  the prose never shows.
 
 The tolerances are not chosen by taste: ``tools/check_portable.py`` re-executes the notebooks under
 other thread counts and floating-point kernels and reports every value that moves by more than this
@@ -182,6 +183,8 @@ def compare_glue(committed: dict, fresh: dict, formats: dict[str, list[str]]) ->
         if numeric and not tol.allows(float(old), float(new)):
             problems.append(f"{name}: {old!r} -> {new!r} (allowed ±{max(tol.abs, tol.rel * abs(old)):g}, "
                             f"shown as {', '.join(formats[name]) or 'is'})")
+        elif isinstance(old, str) and isinstance(new, str):  # e.g. an Estimate as "0.59 [0.55, 0.63]"
+            problems += [f"{name}: {p}" for p in compare_text(old, new)]
         elif not numeric and old != new:
             problems.append(f"{name}: {old!r} -> {new!r} (must be identical)")
     return problems
