@@ -651,6 +651,45 @@ def draw_attention_graph(graph: nx.DiGraph, *, ax=None, title: str | None = None
     return ax
 
 
+def show_head(maps: AttentionMaps, index: int, layer: int, head: int, view: str = "heat map", *, label: str = ""):
+    """Draw one head's attention on one sentence, as a matrix or as an arc graph (the chapters' widget).
+
+    Args:
+        maps: from :func:`attention_maps`.
+        index: which sentence of ``maps``.
+        layer, head: numbered from 1, as the book writes "L2·H9".
+        view: ``"heat map"`` (queries in rows, keys in columns; ``"matrix"`` is the same) or ``"graph"``
+            (:func:`draw_attention_graph`).
+        label: appended to the title in brackets (e.g. the head's behaviour in Chapter 4).
+
+    Introduced in nbs/01_attention_as_graph.ipynb; reused by nbs/04_head_specialisation.ipynb.
+    """
+    import matplotlib.pyplot as plt
+
+    n_layers, batch, n_heads = maps.attn.shape[:3]
+    if not 0 <= index < batch or not 1 <= layer <= n_layers or not 1 <= head <= n_heads:
+        raise ValueError(f"need 0 <= index < {batch}, 1 <= layer <= {n_layers}, 1 <= head <= {n_heads}; "
+                         f"got index={index}, layer={layer}, head={head}")
+    if view not in ("heat map", "matrix", "graph"):
+        raise ValueError(f"view must be 'heat map' or 'graph', got {view!r}")
+    tokens = maps.tokens[index]
+    n = len(tokens)
+    matrix = maps.attn[layer - 1, index, head - 1, :n, :n]
+    title = f"Layer {layer}, head {head}" + (f" ({label})" if label else "")
+    if view == "graph":
+        draw_attention_graph(attention_graph(matrix, tokens, threshold=0.1), title=title)
+    else:
+        _, ax = plt.subplots(figsize=(6, 5))
+        ax.imshow(matrix, vmin=0, vmax=1, cmap="Blues")
+        ax.set_xticks(range(n), tokens, rotation=90, fontsize=8)
+        ax.set_yticks(range(n), tokens, fontsize=8)
+        ax.set_xlabel("key (attended to)")
+        ax.set_ylabel("query (attending)")
+        ax.set_title(title)
+        ax.grid(False)
+    plt.show()
+
+
 # ---------------------------------------------------------------------------------------------
 # Baselines for token importance: blank-out and input x gradient of a sentence embedding
 # ---------------------------------------------------------------------------------------------

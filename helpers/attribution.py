@@ -14,6 +14,7 @@ Introduced in nbs/07_attribution_faithfulness.ipynb.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -214,3 +215,91 @@ def pooled_features(
             weights = enc["attention_mask"][..., None].to(out.dtype)
             parts.append(((out * weights).sum(1) / weights.sum(1)).cpu())
     return torch.cat(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Austen attribution task of Chapter 7 (reused by Chapter 14): passages and the trained head
+# ---------------------------------------------------------------------------------------------
+
+AUSTEN_TITLES = ("Sense & Sensibility", "Pride & Prejudice", "Emma", "Persuasion")
+"""The four novels the chapter's classifier tells apart (labels 0-3 in this order)."""
+
+
+class AustenSplit(NamedTuple):
+    """Train and test passages ``(text, label)`` and how many passages each novel has."""
+
+    train: list[tuple[str, int]]
+    test: list[tuple[str, int]]
+    n_passages: dict[str, int]
+
+
+def austen_passages(titles: Sequence[str] = AUSTEN_TITLES, *, words: int = 30, n_train: int = 300,
+                    n_test: int = 100, seed: int = 0) -> AustenSplit:  # fmt: skip
+    """Cut each novel into consecutive passages of ``words`` words and draw disjoint train/test sets.
+
+    One permutation per novel (one ``numpy`` generator seeded once, novels in order) gives the first
+    ``n_train`` passages to training and the next ``n_test`` to the test set, labelled by the novel's
+    index in ``titles``.
+
+    Introduced in nbs/07_attribution_faithfulness.ipynb; reused by nbs/14_evaluating_interpretability.ipynb.
+    """
+    import numpy as np
+
+    from helpers.assets import austen_novels
+
+    novels = austen_novels()
+    unknown = [t for t in titles if t not in novels]
+    if unknown or not titles:
+        raise ValueError(f"titles must be novels among {sorted(novels)}, got unknown {unknown or 'none (empty)'}")
+    if min(words, n_train, n_test) < 1:
+        raise ValueError(f"words, n_train and n_test must be >= 1, got {words}, {n_train}, {n_test}")
+    rng = np.random.default_rng(seed)
+    train, test, counts = [], [], {}
+    for label, title in enumerate(titles):
+        tokens = novels[title].split()
+        passages = [" ".join(tokens[i:i + words]) for i in range(0, len(tokens) - words + 1, words)]
+        if len(passages) < n_train + n_test:
+            raise ValueError(f"{title} has {len(passages)} passages of {words} words, fewer than {n_train + n_test}")
+        order = rng.permutation(len(passages))
+        train += [(passages[i], label) for i in order[:n_train]]
+        test += [(passages[i], label) for i in order[n_train:n_train + n_test]]
+        counts[title] = len(passages)
+    return AustenSplit(train, test, counts)
+
+
+def austen_classifier(encoder: nn.Module, tokenizer, split: AustenSplit, *, titles: Sequence[str] = AUSTEN_TITLES,
+                      words: int = 30, steps: int = 300, lr: float = 1e-2, weight_decay: float = 1e-4,
+                      seed: int = 0) -> PooledClassifier:  # fmt: skip
+    """Chapter 7's classifier: the frozen encoder, mean pooling and a linear head trained on ``split.train``.
+
+    The head is trained once (full-batch Adam on the pooled features) and committed with the book
+    through :func:`helpers.common.cached_file`; the recipe's hash names the file, so a changed recipe
+    trains a new head. Returns the classifier in eval mode with gradients off.
+
+    Introduced in nbs/07_attribution_faithfulness.ipynb; reused by nbs/14_evaluating_interpretability.ipynb.
+    """
+    import torch.nn.functional as F
+
+    from helpers import common
+
+    n_train = len(split.train) // len(titles)
+    recipe = {"model": "all-MiniLM-L6-v2", "titles": list(titles), "words": words, "n_train": n_train,
+              "split_seed": 0, "steps": steps, "lr": lr, "weight_decay": weight_decay, "seed": seed, "version": 1}
+    classifier = PooledClassifier(encoder, len(titles))
+
+    def build_head(path):
+        common.set_seed(seed)
+        X = pooled_features(encoder, tokenizer, [p for p, _ in split.train], max_length=64)  # [n, d]
+        y = torch.tensor([label for _, label in split.train])
+        head = nn.Linear(X.shape[1], len(titles))
+        opt = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
+        for _ in range(steps):
+            opt.zero_grad()
+            F.cross_entropy(head(X), y).backward()
+            opt.step()
+        torch.save(head.state_dict(), path)
+
+    path = common.cached_file(common.cache_dir("models", "ch7") / f"austen-head-{common.content_hash(recipe)}.pt",
+                              build_head, committed=True)
+    classifier.head.load_state_dict(torch.load(path))
+    return classifier.eval().requires_grad_(False)

@@ -302,6 +302,46 @@ def commit_cached(path: str | os.PathLike) -> Path:
     return target
 
 
+def glue_figure(name: str, fig, *, dpi: int = 110) -> None:
+    """Show a matplotlib figure in the notebook and glue it as a PNG under ``name``.
+
+    The book then places it with ``{glue:figure}`name``` as a numbered, captioned figure. The figure
+    is closed, so it is not drawn a second time.
+    """
+    import io
+
+    import matplotlib.pyplot as plt
+    from IPython.display import Image
+    from myst_nb import glue
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    plt.close(fig)
+    glue(name, Image(buffer.getvalue()))
+
+
+def report_runtime(chapter: str, start: float) -> tuple[float, float]:
+    """Glue a notebook's wall time since ``start`` and its peak memory, and print both.
+
+    Glues ``{chapter}_runtime_s`` (seconds) and ``{chapter}_peak_gb`` (peak resident memory of the
+    kernel, GB); the last cell of every chapter calls it with the ``time.perf_counter()`` taken in its
+    first cell. Returns ``(seconds, gigabytes)``.
+    """
+    import resource
+    import time
+
+    from myst_nb import glue
+
+    if not chapter or not isinstance(chapter, str):
+        raise ValueError(f"chapter must be a glue prefix such as 'ch1', got {chapter!r}")
+    elapsed = time.perf_counter() - start
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+    glue(f"{chapter}_runtime_s", elapsed, display=False)
+    glue(f"{chapter}_peak_gb", peak_gb, display=False)
+    print(f"notebook body: {elapsed:.0f} s, peak memory {peak_gb:.2f} GB")
+    return elapsed, peak_gb
+
+
 def use_book_style() -> None:
     """Apply the one matplotlib/seaborn style used by every figure in the book."""
     import matplotlib as mpl

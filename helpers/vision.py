@@ -495,3 +495,39 @@ def rank_correlation(a: Tensor, b: Tensor) -> Tensor:
 
 if __name__ == "__main__":
     write_committed_weights()
+
+
+def plot_explanation_grid(images, maps: dict, *, row_labels: Sequence[str], title: str, figsize=(11, 6.5),
+                          image_cmap: str | None = "gray", fontsize: int = 8):  # fmt: skip
+    """One row per image: the image, then one signed map per method (red supports, blue opposes).
+
+    Args:
+        images: ``[row, H, W]`` (grey) or ``[row, H, W, 3]`` images to show in the first column.
+        maps: method name -> ``[row, H, W]`` attribution maps; each map gets its own symmetric colour scale.
+        row_labels: the first column's y-label of each row (e.g. the predicted class).
+        title: the figure's title.
+
+    Returns:
+        the figure (already shown by the notebook's ``plt.show()``).
+
+    Introduced in nbs/08_vision_transformers.ipynb.
+    """
+    import matplotlib.pyplot as plt
+
+    if len(row_labels) != len(images) or any(len(m) != len(images) for m in maps.values()):
+        raise ValueError(f"need one row label and one map per image: {len(images)} images, "
+                         f"{len(row_labels)} labels, maps of lengths {[len(m) for m in maps.values()]}")
+    fig, axes = plt.subplots(len(images), len(maps) + 1, figsize=figsize, squeeze=False)
+    for r in range(len(images)):
+        axes[r, 0].imshow(images[r], cmap=image_cmap)
+        axes[r, 0].set_ylabel(row_labels[r], fontsize=fontsize)
+        for c, (name, method_maps) in enumerate(maps.items(), start=1):
+            m = method_maps[r]
+            lim = float(m.abs().max()) or 1.0
+            axes[r, c].imshow(m, cmap="RdBu_r", vmin=-lim, vmax=lim)
+            if r == 0:
+                axes[r, c].set_title(name, fontsize=fontsize)
+    for ax in axes.flat:
+        ax.set_xticks([]), ax.set_yticks([])
+    fig.suptitle(title)
+    return fig
