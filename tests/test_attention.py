@@ -310,3 +310,20 @@ def test_input_x_gradient_shapes(tiny, tokenizer):
     scores = attention.input_x_gradient(tiny, tokenizer, SENTENCES, batch_size=1)
     mask = tokenizer(SENTENCES, padding=True, return_tensors="pt")["attention_mask"].bool()
     assert scores.shape == mask.shape and (scores[~mask] == 0).all() and (scores[mask] > 0).all()
+
+
+def test_show_head_draws_both_views_and_rejects_bad_heads():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    attn = torch.softmax(torch.randn(2, 1, 3, 4, 4), -1)  # [layer, batch, head, query, key]
+    maps = attention.AttentionMaps(attn, [["[CLS]", "a", "b", "[SEP]"]], torch.ones(1, 4, dtype=torch.bool))
+    for view in ("heat map", "graph"):
+        attention.show_head(maps, 0, 2, 3, view, label="test")
+    plt.close("all")
+    with pytest.raises(ValueError, match="1 <= head <= 3"):
+        attention.show_head(maps, 0, 1, 4)
+    with pytest.raises(ValueError, match="view"):
+        attention.show_head(maps, 0, 1, 1, "bars")

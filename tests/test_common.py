@@ -133,3 +133,25 @@ def test_torch_threads_restores_the_previous_number():
     with pytest.raises(ValueError, match="positive int"):
         with common.torch_threads(0):
             pass
+
+
+def test_report_runtime_glues_time_and_memory(capsys):
+    import time
+
+    elapsed, peak = common.report_runtime("chX", time.perf_counter() - 2.0)
+    assert elapsed >= 2.0 and peak > 0
+    assert "notebook body: 2 s" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="glue prefix"):
+        common.report_runtime("", 0.0)
+
+
+def test_glue_figure_closes_the_figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1])
+    common.glue_figure("test_fig", fig)
+    assert not plt.fignum_exists(fig.number)

@@ -166,3 +166,18 @@ def test_bad_arguments_are_rejected(vit):
         next(vision.cascading_randomisation(vit, ["blocks.9"]))
     with pytest.raises(ValueError, match="VisionTransformer"):
         vision.vit_attentions(vision.SmallCNN(), images)
+
+
+def test_plot_explanation_grid_shape_and_bad_input():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    images = torch.rand(2, 8, 8)
+    maps = {"a": torch.randn(2, 8, 8), "b": torch.zeros(2, 8, 8)}  # an all-zero map must not break the scale
+    fig = vision.plot_explanation_grid(images, maps, row_labels=["x", "y"], title="t")
+    assert len(fig.axes) == 2 * 3
+    plt.close(fig)
+    with pytest.raises(ValueError, match="one row label"):
+        vision.plot_explanation_grid(images, maps, row_labels=["x"], title="t")
