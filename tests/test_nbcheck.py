@@ -6,9 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 import nbcheck
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,7 +43,8 @@ def _notebook(path: Path, committed_value: float, fresh_value: float, printed: s
     cells = [
         {"cell_type": "code", "execution_count": 1, "metadata": {}, "outputs": [glue_out],
          "source": f"from myst_nb import glue\nglue('x', {fresh_value!r}, display=False)"},
-        {"cell_type": "code", "execution_count": 2, "metadata": {}, "source": f"# NBVAL_CHECK_OUTPUT\nprint({fresh_value:.2f})",
+        {"cell_type": "code", "execution_count": 2, "metadata": {},
+         "source": f"# NBVAL_CHECK_OUTPUT\nprint({fresh_value:.2f})",
          "outputs": [{"output_type": "stream", "name": "stdout", "text": printed + "\n"}]},
         {"cell_type": "markdown", "metadata": {}, "source": "The value is {glue:text}`x:.2f`."},
     ]  # fmt: skip
