@@ -187,3 +187,23 @@ def test_bad_input_raises_clear_errors(tiny, pair):
     with pytest.raises(ValueError, match="equal"):
         causal.normalised(1.0, clean=2.0, corrupted=2.0)
     assert _no_hooks(tiny)
+
+
+@pytest.mark.slow
+def test_chapter_recipe_runs_short_on_a_tiny_model_with_the_real_tokenizer():
+    """A short version of the recipe behind the committed artefact (helpers/weights/results/ch6b)."""
+    from transformers import AutoTokenizer
+
+    from helpers import assets
+
+    tokenizer = AutoTokenizer.from_pretrained(assets._smollm2_dir())
+    torch.manual_seed(0)
+    config = LlamaConfig(num_hidden_layers=2, hidden_size=16, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=32, vocab_size=len(tokenizer), tie_word_embeddings=True)
+    model = LlamaForCausalLM(config).eval()
+    recipe = {**causal.RECIPE, "ioi_per_template": 4, "circuit_sizes": [2, 26], "random_circuits": 2,
+              "lens_train_sentences": 8, "lens_eval_sentences": 2, "lens_eval_austen": 2, "lens_steps": 3}
+    out = causal.chapter_results(model, tokenizer, recipe=recipe, progress=False)
+    assert out["ioi_select_heads"].shape == (8, 6) and out["resid"].shape[0] == 2 * out["resid_shape"][1]
+    assert out["tuned_wikipedia_kl"].shape[0] == 2 and out["report_random26"].shape == (2, 6)
+    assert out["lens_losses"].shape == (3,) and torch.isfinite(out["heads_attr_s"] * out["report_full"]).all()

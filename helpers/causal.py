@@ -1,0 +1,710 @@
+"""Causal interventions on a Llama-style language model: lenses, direct logit attribution, patching, circuits.
+
+Every function takes the model first (bound once), does one thing, and takes its options by keyword.
+They sit on the book's one hook layer, :mod:`helpers.hooks` (site names as in TransformerLens):
+
+- :func:`logit_lens` / :func:`lens_stats` read the residual stream after every block through the final
+  RMSNorm and the unembedding (nostalgebraist 2020); :class:`TunedLens` and :func:`train_tuned_lens` add
+  one learned affine translator per block (Belrose et al. 2023);
+- :func:`direct_logit_attribution` splits a logit difference exactly over the embedding, every head and
+  every MLP, with the final RMSNorm scale frozen (Elhage et al. 2021);
+- :func:`patching_sweep` patches clean activations into a corrupted run, one site at a time (Vig et al.
+  2020; Meng et al. 2022); :func:`attribution_patching` is its first-order approximation (Nanda 2023;
+  Syed et al. 2023); :func:`site_grid` builds the usual site lists;
+- :func:`induction_scores` scores heads on repeated random tokens (Olsson et al. 2022) and
+  :func:`circuit_logit_diff` measures a circuit with every other head mean-ablated (Wang et al. 2022).
+
+Introduced in nbs/06b_causal_interventions.ipynb (Chapter 6b).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from helpers import hooks
+
+Metric = Callable[[Tensor], Tensor]  # logits [batch, pos, vocab] -> [batch] (or a scalar)
+
+
+@dataclass(frozen=True)
+class Site:
+    """One place to patch: a hook site name, optionally restricted to one position and/or one head."""
+
+    name: str
+    position: int | None = None
+    head: int | None = None
+
+    def __str__(self) -> str:
+        extra = "" if self.position is None else f" pos {self.position}"
+        return self.name + extra + ("" if self.head is None else f" head {self.head}")
+
+
+# ----------------------------------------------------------------------------------------------- checks
+def _base(model: nn.Module) -> nn.Module:
+    base = getattr(model, "model", None)
+    if base is None or not all(hasattr(base, a) for a in ("embed_tokens", "layers", "norm")):
+        raise ValueError(f"expected a Llama-style causal LM (model.model.norm, lm_head), got {type(model).__name__}")
+    return base
+
+
+def _ids(input_ids: Tensor, name: str = "input_ids", vocab: int | None = None) -> Tensor:
+    if not isinstance(input_ids, Tensor) or input_ids.ndim != 2 or input_ids.dtype not in (torch.long, torch.int):
+        got = getattr(input_ids, "shape", input_ids)
+        raise ValueError(f"{name} must be a [batch, pos] integer tensor, got {got!r}")
+    if input_ids.numel() == 0:
+        raise ValueError(f"{name} is empty")
+    if vocab is not None and (input_ids.min() < 0 or input_ids.max() >= vocab):
+        raise ValueError(f"{name} has token ids outside the vocabulary 0..{vocab - 1}")
+    return input_ids.long()
+
+
+def _pair(model: nn.Module, clean: Tensor, corrupted: Tensor) -> tuple[Tensor, Tensor]:
+    vocab = model.config.vocab_size
+    clean, corrupted = _ids(clean, "clean", vocab), _ids(corrupted, "corrupted", vocab)
+    if clean.shape != corrupted.shape:
+        raise ValueError(
+            f"clean {tuple(clean.shape)} and corrupted {tuple(corrupted.shape)} must have the same [batch, pos]: "
+            "patching copies position p of one run into position p of the other, so prompts need equal token lengths"
+        )
+    return clean, corrupted
+
+
+def _check_sites(model: nn.Module, sites: Sequence[Site], n_pos: int) -> list[Site]:
+    if not sites:
+        raise ValueError("sites is empty: give a list of Site(name, position, head), e.g. from site_grid")
+    valid = set(hooks.site_names(model))
+    n_heads = model.config.num_attention_heads
+    out = []
+    for s in sites:
+        s = Site(s) if isinstance(s, str) else Site(*s) if isinstance(s, tuple) else s
+        if s.name not in valid:
+            raise ValueError(f"unknown site {s.name!r}; see hooks.site_names(model), e.g. 'blocks.0.attn.hook_z'")
+        if s.name.endswith("hook_pattern"):
+            raise ValueError(f"{s.name} cannot be patched; patch attn.hook_z (the heads' outputs) instead")
+        if s.position is not None and not -n_pos <= s.position < n_pos:
+            raise ValueError(f"{s}: position {s.position} out of range for prompts of {n_pos} tokens")
+        if s.head is not None and (not s.name.endswith("attn.hook_z") or not 0 <= s.head < n_heads):
+            raise ValueError(f"{s}: head= needs an attn.hook_z site and 0 <= head < {n_heads}")
+        out.append(s)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ lenses
+def unembed(model: nn.Module, resid: Tensor) -> Tensor:
+    """Logits from a residual-stream vector: the final RMSNorm, then the (tied) unembedding.
+
+    Args:
+        model: a Llama-style causal LM.
+        resid: ``[..., d_model]`` residual stream.
+
+    Returns:
+        ``[..., vocab]`` logits.
+    """
+    return model.lm_head(_base(model).norm(resid))
+
+
+def residual_stream(model: nn.Module, input_ids: Tensor, *,
+                    attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The residual stream after every block and the model's logits, in one forward pass.
+
+    Returns:
+        ``(resid [layer, batch, pos, d_model], logits [batch, pos, vocab])``; ``resid[-1]`` feeds the final norm.
+    """
+    input_ids = _ids(input_ids, vocab=model.config.vocab_size)
+    out, cache = hooks.run_with_cache(model, input_ids, attention_mask=attention_mask, sites="blocks.*.hook_resid_post")
+    resid = torch.stack([cache[f"blocks.{l}.hook_resid_post"] for l in range(model.config.num_hidden_layers)])
+    return resid, out.logits
+
+
+def logit_lens(model: nn.Module, input_ids: Tensor, *, lens: TunedLens | None = None) -> Tensor:
+    """The model's next-token logits read off the residual stream after every block (nostalgebraist 2020).
+
+    Args:
+        model: a Llama-style causal LM in eval mode.
+        input_ids: ``[batch, pos]`` token ids (keep it small: the output holds ``layer x vocab`` per token).
+        lens: ``None`` for the logit lens; a :class:`TunedLens` to translate each layer first.
+
+    Returns:
+        ``[layer, batch, pos, vocab]`` logits; the last layer equals the model's own logits.
+    """
+    resid, _ = residual_stream(model, input_ids)
+    return torch.stack([unembed(model, resid[l] if lens is None else lens(resid[l], l)) for l in range(len(resid))])
+
+
+def lens_stats(model: nn.Module, input_ids: Tensor, *, attention_mask: Tensor | None = None,
+               lens: TunedLens | None = None) -> dict[str, Tensor]:
+    """Per layer and token: KL(final ‖ lens) in nats, and the lens's rank of the model's top token.
+
+    Args:
+        model: a Llama-style causal LM in eval mode.
+        input_ids: ``[batch, pos]`` token ids; attention_mask: ``[batch, pos]`` (1 = real token), optional.
+        lens: ``None`` for the logit lens, or a :class:`TunedLens`.
+
+    Returns:
+        ``{"kl": [layer, token], "rank": [layer, token]}`` over the real tokens after the first of each row
+        (mask applied, row-major; the first token has no context and an outlier stream, as in Belrose et al.);
+        rank 0 means the lens's top token is the model's.
+    """
+    resid, logits = residual_stream(model, input_ids, attention_mask=attention_mask)
+    keep = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool().clone()
+    keep[:, 0] = False
+    final = logits[keep].log_softmax(-1)                          # [token, vocab]
+    top = final.argmax(-1)                                        # [token]
+    kls, ranks = [], []
+    for l in range(len(resid)):
+        h = resid[l][keep]                                        # [token, d_model]
+        lp = unembed(model, h if lens is None else lens(h, l)).log_softmax(-1)
+        kls.append((final.exp() * (final - lp)).sum(-1))
+        ranks.append((lp > lp.gather(-1, top[:, None])).sum(-1))
+    return {"kl": torch.stack(kls), "rank": torch.stack(ranks)}
+
+
+class TunedLens(nn.Module):
+    """One affine translator per block, ``h -> h + (h V) Uᵀ + b``, then the model's own unembedding.
+
+    Belrose et al. (2023) use a full ``d x d`` matrix per layer; here it is the identity plus a rank-``rank``
+    update, so the 30 translators of SmolLM2 fit in about 2 MB. ``U = 0`` at initialisation: an untrained
+    tuned lens is the logit lens. The last block needs no translator (its lens is the model itself).
+
+    Args:
+        n_layers: number of blocks; d_model: residual width; rank: rank of each update.
+    """
+
+    def __init__(self, n_layers: int, d_model: int, *, rank: int = 16):
+        super().__init__()
+        if min(n_layers, d_model, rank) < 1:
+            raise ValueError(f"n_layers, d_model and rank must be positive, got {n_layers}, {d_model}, {rank}")
+        g = torch.Generator().manual_seed(0)
+        self.V = nn.Parameter(torch.randn(n_layers, d_model, rank, generator=g) / math.sqrt(d_model))
+        self.U = nn.Parameter(torch.zeros(n_layers, d_model, rank))
+        self.b = nn.Parameter(torch.zeros(n_layers, d_model))
+
+    def forward(self, resid: Tensor, layer: int) -> Tensor:
+        """Translate ``resid [..., d_model]`` of block ``layer`` into the last block's basis."""
+        if not 0 <= layer < self.b.shape[0]:
+            raise ValueError(f"layer {layer} out of range 0..{self.b.shape[0] - 1}")
+        return resid + (resid @ self.V[layer]) @ self.U[layer].T + self.b[layer]
+
+
+def train_tuned_lens(model: nn.Module, input_ids: Tensor, *, attention_mask: Tensor | None = None, rank: int = 16,
+                     steps: int = 60, batch_tokens: int = 64, top_k: int = 64, lr: float = 3e-3,
+                     seed: int = 0) -> tuple[TunedLens, list[float]]:
+    """Fit a :class:`TunedLens` by minimising KL(final ‖ lens) summed over layers (Belrose et al. 2023, §3).
+
+    To fit a CPU budget the KL of each step is computed on a restricted vocabulary: the union of the
+    model's top-``top_k`` tokens over the step's batch, both distributions renormalised on it. Evaluate
+    with :func:`lens_stats`, which uses the full vocabulary.
+
+    Args:
+        model: a Llama-style causal LM in eval mode (left frozen).
+        input_ids: ``[batch, pos]`` training text; attention_mask: ``[batch, pos]`` (padding = 0), optional.
+        rank, steps, batch_tokens, top_k, lr, seed: size and schedule (Adam, cosine decay).
+
+    Returns:
+        ``(lens, losses)``: the trained lens in eval mode and the training loss per step.
+    """
+    if min(steps, batch_tokens, top_k) < 1:
+        raise ValueError(f"steps, batch_tokens and top_k must be positive, got {steps}, {batch_tokens}, {top_k}")
+    input_ids = _ids(input_ids, vocab=model.config.vocab_size)
+    keep = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool().clone()
+    keep[:, 0] = False                                             # the first token's stream is an outlier (no context)
+    h = []
+    with torch.no_grad():
+        for c in _chunks(len(input_ids), 16):                      # the body only: no [token, vocab] logits kept
+            with hooks.capture(model, "blocks.*.hook_resid_post") as cache:
+                _base(model)(input_ids[c], attention_mask=None if attention_mask is None else attention_mask[c])
+            h.append(torch.stack([cache[f"blocks.{l}.hook_resid_post"][keep[c]] for l in range(len(cache))]))
+    h = torch.cat(h, 1)                                            # [layer, token, d_model]
+    n_layers, n_tok = h.shape[0], h.shape[1]
+    lens = TunedLens(n_layers, h.shape[-1], rank=rank)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.Adam(lens.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(steps):
+        idx = torch.randint(n_tok, (min(batch_tokens, n_tok),), generator=g)
+        with torch.no_grad():
+            final = unembed(model, h[-1, idx])                     # [batch, vocab]
+            vocab = final.topk(top_k, dim=-1).indices.unique()     # [v]
+            target = final[:, vocab].log_softmax(-1)               # [batch, v]
+        w = model.lm_head.weight[vocab]                            # [v, d_model]
+        loss = 0.0
+        for l in range(n_layers - 1):
+            lp = (_base(model).norm(lens(h[l, idx], l)) @ w.T).log_softmax(-1)
+            loss = loss + (target.exp() * (target - lp)).sum(-1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item() / (n_layers - 1))
+    return lens.eval().requires_grad_(False), losses
+
+
+# ------------------------------------------------------------------------------ direct logit attribution
+def direct_logit_attribution(model: nn.Module, input_ids: Tensor, *, target: int | Tensor, foil: int | Tensor,
+                             position: int = -1) -> dict[str, Tensor]:
+    """Split ``logit[target] - logit[foil]`` exactly over the embedding, every head and every MLP.
+
+    The residual stream entering the final RMSNorm is a plain sum (pre-norm blocks only *add*), and the
+    norm is linear once its per-token scale ``1 / rms`` is frozen at the value of this very run, so the
+    split is exact (Elhage et al. 2021, "direct path"); it ignores what a part does through later layers.
+
+    Args:
+        model: a Llama-style causal LM in eval mode (no biases in ``o_proj``/``down_proj``).
+        input_ids: ``[batch, pos]``; target, foil: token ids, an int or ``[batch]``.
+        position: the position whose next-token logits are split.
+
+    Returns:
+        ``{"embed": [batch], "heads": [batch, layer, head], "mlps": [batch, layer], "logit_diff": [batch]}``
+        with ``embed + heads.sum((1, 2)) + mlps.sum(1) == logit_diff`` to float tolerance.
+    """
+    base = _base(model)
+    input_ids = _ids(input_ids, vocab=model.config.vocab_size)
+    batch, n_pos = input_ids.shape
+    if not -n_pos <= position < n_pos:
+        raise ValueError(f"position {position} out of range for prompts of {n_pos} tokens")
+    target, foil = (torch.as_tensor(t).long().expand(batch) for t in (target, foil))
+    n_layers, n_heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    sites = ["hook_embed", "blocks.*.attn.hook_z", "blocks.*.hook_mlp_out", f"blocks.{n_layers - 1}.hook_resid_post"]
+    out, cache = hooks.run_with_cache(model, input_ids, sites=sites)
+    final = cache[f"blocks.{n_layers - 1}.hook_resid_post"][:, position]            # [batch, d_model]
+    norm = base.norm
+    scale = norm.weight * torch.rsqrt(final.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)  # frozen
+    w_u = model.lm_head.weight
+    direction = scale * (w_u[target] - w_u[foil])                                      # [batch, d_model]
+    heads = []
+    for l in range(n_layers):
+        z = cache[f"blocks.{l}.attn.hook_z"][:, position]                              # [batch, head, d_head]
+        w_o = base.layers[l].self_attn.o_proj.weight.unflatten(1, (n_heads, -1))       # [d_model, head, d_head]
+        heads.append(torch.einsum("bhk,dhk,bd->bh", z, w_o, direction))
+    mlp_out = [cache[f"blocks.{l}.hook_mlp_out"][:, position] for l in range(n_layers)]  # each [batch, d_model]
+    mlps = torch.stack([(m * direction).sum(-1) for m in mlp_out], 1)
+    logits = out.logits[:, position]
+    return {
+        "embed": (cache["hook_embed"][:, position] * direction).sum(-1),
+        "heads": torch.stack(heads, 1),
+        "mlps": mlps,
+        "logit_diff": logits.gather(1, target[:, None])[:, 0] - logits.gather(1, foil[:, None])[:, 0],
+    }
+
+
+# ------------------------------------------------------------------------------------------- patching
+def logit_diff_metric(target: Tensor, foil: Tensor, *, position: int = -1) -> Metric:
+    """``metric(logits) -> [batch]``: ``logit[target] - logit[foil]`` at ``position`` for every prompt."""
+    target, foil = torch.as_tensor(target).long(), torch.as_tensor(foil).long()
+
+    def metric(logits: Tensor) -> Tensor:
+        last = logits[:, position]
+        b = torch.arange(last.shape[0])
+        return last[b, target.expand(len(b))] - last[b, foil.expand(len(b))]
+
+    return metric
+
+
+def normalised(patched: Tensor | float, *, clean: Tensor | float, corrupted: Tensor | float) -> Tensor:
+    """``(patched - corrupted) / (clean - corrupted)``: 0 = the corrupted run, 1 = the clean run.
+
+    >>> float(normalised(torch.tensor(1.0), clean=3.0, corrupted=-1.0))
+    0.5
+    """
+    patched, clean, corrupted = (torch.as_tensor(x, dtype=torch.float32) for x in (patched, clean, corrupted))
+    gap = clean - corrupted
+    if (gap.abs() < 1e-9).any():
+        raise ValueError("clean and corrupted metrics are equal: the corruption changes nothing to normalise by")
+    return (patched - corrupted) / gap
+
+
+def site_grid(model: nn.Module, kind: str, *, n_pos: int | None = None) -> tuple[list[Site], tuple[int, ...]]:
+    """The usual sweep: ``"resid"`` per (layer, position), ``"heads"`` per (layer, head), ``"mlp"`` per layer.
+
+    Returns:
+        ``(sites, shape)``: reshape a sweep's ``[site]`` axis to ``shape`` (``[layer, pos]``, ``[layer, head]``,
+        ``[layer]``).
+    """
+    n_layers, n_heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    if kind == "resid":
+        if not n_pos or n_pos < 1:
+            raise ValueError("kind='resid' needs n_pos=, the prompts' token length")
+        sites = [Site(f"blocks.{l}.hook_resid_pre", p) for l in range(n_layers) for p in range(n_pos)]
+        return sites, (n_layers, n_pos)
+    if kind == "heads":
+        sites = [Site(f"blocks.{l}.attn.hook_z", None, h) for l in range(n_layers) for h in range(n_heads)]
+        return sites, (n_layers, n_heads)
+    if kind == "mlp":
+        return [Site(f"blocks.{l}.hook_mlp_out") for l in range(n_layers)], (n_layers,)
+    raise ValueError(f"kind must be 'resid', 'heads' or 'mlp', got {kind!r}")
+
+
+def _patch(model: nn.Module, site: Site, value: Tensor | None = None, fn=None):
+    return hooks.patch(model, site.name, value, fn=fn, positions=site.position, heads=site.head)
+
+
+@torch.no_grad()
+def patching_sweep(model: nn.Module, clean: Tensor, corrupted: Tensor, *, sites: Sequence[Site], metric: Metric,
+                   progress: bool = False) -> Tensor:
+    """Activation patching: run ``corrupted`` with one site at a time set to its value on ``clean``.
+
+    Args:
+        model: a causal LM in eval mode.
+        clean, corrupted: ``[batch, pos]`` token ids of equal shape (prompt pairs of equal token length).
+        sites: the :class:`Site` list (e.g. from :func:`site_grid`).
+        metric: ``metric(logits [batch, pos, vocab]) -> [batch]`` (or a scalar), e.g. :func:`logit_diff_metric`.
+        progress: show a tqdm bar.
+
+    Returns:
+        ``[site, *metric shape]`` the metric of each patched run (normalise with :func:`normalised`).
+    """
+    clean, corrupted = _pair(model, clean, corrupted)
+    sites = _check_sites(model, sites, clean.shape[1])
+    _, cache = hooks.run_with_cache(model, clean, sites=sorted({s.name for s in sites}))
+    out = []
+    iterator = sites
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(sites, desc="patching", leave=False)
+    for site in iterator:
+        with _patch(model, site, cache[site.name]):
+            out.append(metric(model(corrupted).logits))
+    return torch.stack(out)
+
+
+def attribution_patching(model: nn.Module, clean: Tensor, corrupted: Tensor, *, sites: Sequence[Site],
+                         metric: Metric) -> Tensor:
+    """First-order estimate of :func:`patching_sweep`: ``(a_clean - a_corrupted) · ∂metric/∂a`` at the corrupted run.
+
+    Two forward passes and one backward pass for every site at once (Nanda 2023; Syed et al. 2023),
+    instead of one forward pass per site. Exact for a metric linear in the site; a guess elsewhere.
+
+    Returns:
+        ``[site, batch]`` estimated metric change (add the corrupted metric to compare with a sweep).
+    """
+    clean, corrupted = _pair(model, clean, corrupted)
+    sites = _check_sites(model, sites, clean.shape[1])
+    names = sorted({s.name for s in sites})
+    with torch.no_grad():
+        _, clean_cache = hooks.run_with_cache(model, clean, sites=names)
+        _, corr_cache = hooks.run_with_cache(model, corrupted, sites=names)
+    deltas = {n: torch.zeros_like(corr_cache[n], requires_grad=True) for n in names}
+
+    def adder(n):
+        return lambda x: x + deltas[n].view_as(x)
+
+    with torch.enable_grad(), hooks.patches([hooks.patch(model, n, fn=adder(n)) for n in names]):
+        value = metric(model(corrupted).logits)
+        grads = dict(zip(names, torch.autograd.grad(value.sum(), [deltas[n] for n in names]), strict=True))
+    out = []
+    for s in sites:
+        effect = (clean_cache[s.name] - corr_cache[s.name]) * grads[s.name]     # [batch, pos, *features]
+        if s.head is not None:
+            effect = effect[:, :, s.head]
+        if s.position is not None:
+            effect = effect[:, s.position]
+        out.append(effect.flatten(1).sum(1))
+    return torch.stack(out)
+
+
+# ----------------------------------------------------------------------------------------------- circuits
+def induction_scores(pattern: Tensor, *, period: int, start: int = 0) -> dict[str, Tensor]:
+    """Induction and previous-token scores of every head on sequences that repeat after ``period`` tokens.
+
+    Args:
+        pattern: attention probabilities ``[layer, batch, head, query, key]`` on sequences whose tokens
+            ``start .. start + period - 1`` repeat at ``start + period ..``.
+        period: length of the repeated block; start: where the first copy begins (e.g. 1 after a BOS token).
+
+    Returns:
+        ``{"induction": [layer, head], "previous": [layer, head]}``: mean attention from each query of the
+        second copy to the token after its earlier copy (``q - period + 1``), and to ``q - 1`` (Olsson et al.
+        2022, "Induction heads" §2; previous-token heads: Elhage et al. 2021).
+
+    >>> p = torch.zeros(1, 1, 1, 6, 6); q = torch.arange(6)
+    >>> p[..., q[3:], q[3:] - 2] = 1.0                    # period 3: every second-copy query on q - 3 + 1
+    >>> induction_scores(p, period=3)["induction"]
+    tensor([[1.]])
+    """
+    if pattern.ndim != 5 or pattern.shape[-1] != pattern.shape[-2]:
+        raise ValueError(f"pattern must be [layer, batch, head, query, key], got {tuple(pattern.shape)}")
+    n = pattern.shape[-1]
+    if period < 1 or start < 0 or start + 2 * period > n:
+        raise ValueError(f"need period >= 1 and start + 2 * period <= {n} positions, got {period=}, {start=}")
+    q = torch.arange(start + period, start + 2 * period)
+    q_prev = torch.arange(start + 1, start + 2 * period)
+    return {
+        "induction": pattern[..., q, q - period + 1].mean(dim=(1, 3)),
+        "previous": pattern[..., q_prev, q_prev - 1].mean(dim=(1, 3)),
+    }
+
+
+@torch.no_grad()
+def circuit_logit_diff(model: nn.Module, input_ids: Tensor, *, circuit: Sequence[tuple[int, int]], mean_z: Tensor,
+                       metric: Metric) -> Tensor:
+    """The metric with every head *outside* ``circuit`` mean-ablated (Wang et al. 2022, §4 "faithfulness").
+
+    Args:
+        model: a causal LM in eval mode.
+        input_ids: ``[batch, pos]`` prompts.
+        circuit: ``(layer, head)`` pairs that keep their own output.
+        mean_z: ``[layer, pos, head, d_head]`` mean head outputs over a reference distribution of prompts of
+            the same length (e.g. the same templates with three unrelated names).
+        metric: ``metric(logits) -> [batch]``.
+
+    Returns:
+        ``[batch]`` metric of the ablated model; divide by the full model's to get the share recovered.
+    """
+    input_ids = _ids(input_ids, vocab=model.config.vocab_size)
+    n_layers, n_heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    if mean_z.ndim != 4 or mean_z.shape[0] != n_layers or mean_z.shape[1] != input_ids.shape[1]:
+        want = f"[layer={n_layers}, pos={input_ids.shape[1]}, head, d_head]"
+        raise ValueError(f"mean_z must be {want}, got {tuple(mean_z.shape)}")
+    keep = set(map(tuple, circuit))
+    bad = [c for c in keep if not (0 <= c[0] < n_layers and 0 <= c[1] < n_heads)]
+    if bad:
+        raise ValueError(f"circuit heads {bad} out of range ({n_layers} layers x {n_heads} heads)")
+    patches = []
+    for l in range(n_layers):
+        ablated = [h for h in range(n_heads) if (l, h) not in keep]
+        if ablated:
+            patches.append(hooks.patch(model, f"blocks.{l}.attn.hook_z", mean_z[l][None], heads=ablated))
+    with hooks.patches(patches):
+        return metric(model(input_ids).logits)
+
+
+__all__ = [
+    "Site", "TunedLens", "attribution_patching", "circuit_logit_diff", "direct_logit_attribution", "induction_scores",
+    "lens_stats", "logit_diff_metric", "logit_lens", "normalised", "patching_sweep", "residual_stream", "site_grid",
+    "train_tuned_lens", "unembed",
+]
+
+
+# ------------------------------------------------------------------- the chapter's task and its recipe
+NAMES = ("John", "Mary", "Tom", "James", "Paul", "Sarah", "David", "Michael", "Peter", "Alice", "Mark", "Jack",
+         "Anna", "Lucy", "Emma", "Kate", "Daniel", "Laura", "Robert", "George")
+TEMPLATES = (
+    "When{A} and{B} went to the store,{C} gave a drink to",
+    "After{A} and{B} went to the park,{C} gave a ball to",
+    "Then,{A} and{B} had a long argument. Afterwards{C} said to",
+)
+
+
+@dataclass(frozen=True)
+class IOIPrompts:
+    """Indirect-object prompts (Wang et al. 2022) of one template: clean, corrupted and reference runs.
+
+    ``clean``: "When IO and S ..., S gave a drink to" (answer IO); ``corrupted``: the second S replaced by
+    IO (answer S, same length); ``reference``: three different names, for mean ablation. Token ids are
+    ``[prompt, pos]``; ``io`` and ``s`` are ``[prompt]`` token ids of the two names.
+    """
+
+    template: str
+    clean: Tensor
+    corrupted: Tensor
+    reference: Tensor
+    io: Tensor
+    s: Tensor
+
+
+def ioi_prompts(tokenizer, *, n_per_template: int = 16, seed: int = 0) -> list[IOIPrompts]:
+    """Templated IOI prompts with single-token names, half "IO and S", half "S and IO".
+
+    Returns:
+        one :class:`IOIPrompts` per template of :data:`TEMPLATES` (each of equal token length inside).
+    """
+    import random
+
+    if n_per_template < 2:
+        raise ValueError(f"n_per_template must be >= 2, got {n_per_template}")
+    ids = {n: tokenizer(" " + n, add_special_tokens=False)["input_ids"] for n in NAMES}
+    names = [n for n in NAMES if len(ids[n]) == 1]
+    rng = random.Random(seed)
+    out = []
+    for template in TEMPLATES:
+        rows: dict[str, list] = {"clean": [], "corrupted": [], "reference": [], "io": [], "s": []}
+        for i in range(n_per_template):
+            io, s, c = rng.sample(names, 3)
+            a, b = (io, s) if i % 2 == 0 else (s, io)
+            for key, third in (("clean", s), ("corrupted", io)):
+                rows[key].append(template.format(A=" " + a, B=" " + b, C=" " + third))
+            d1, d2 = rng.sample([n for n in names if n not in (io, s, c)], 2)
+            rows["reference"].append(template.format(A=" " + d1, B=" " + d2, C=" " + c))
+            rows["io"].append(ids[io][0])
+            rows["s"].append(ids[s][0])
+        enc = {k: tokenizer(rows[k], return_tensors="pt", add_special_tokens=False)["input_ids"]
+               for k in ("clean", "corrupted", "reference")}
+        out.append(IOIPrompts(template, enc["clean"], enc["corrupted"], enc["reference"],
+                              torch.tensor(rows["io"]), torch.tensor(rows["s"])))
+    return out
+
+
+RECIPE = {
+    "version": 1, "ioi_per_template": 16, "ioi_seed": 0, "select_fraction": 0.5, "circuit_sizes": [5, 10, 26, 50, 100],
+    "random_circuits": 20, "lens_train_sentences": 160, "lens_eval_sentences": 20, "lens_eval_austen": 10,
+    "lens_rank": 16, "lens_steps": 60, "lens_batch_tokens": 64, "lens_top_k": 32, "max_words": 30,
+}
+"""What :func:`chapter_results` computes; its content hash names the committed artefact."""
+
+
+def lens_corpus(tokenizer, recipe: dict = RECIPE) -> dict[str, tuple[Tensor, Tensor]]:
+    """The tuned lens's training slice and two held-out slices: ``{name: (input_ids, attention_mask)}``.
+
+    Training: Wikipedia sentences from the first half of the subset; held out: sentences from its second half
+    (other articles) and Austen passages (another domain).
+    """
+    from helpers.assets import austen_novels, wikipedia_sentences
+
+    wiki = wikipedia_sentences(max_words=recipe["max_words"])
+    half = len(wiki) // 2
+    train = wiki[: half : half // recipe["lens_train_sentences"]][: recipe["lens_train_sentences"]]
+    held = wiki[half :: half // recipe["lens_eval_sentences"]][: recipe["lens_eval_sentences"]]
+    text = " ".join(austen_novels()["Persuasion"].split())
+    words = text.split(" ")
+    step = len(words) // recipe["lens_eval_austen"]
+    austen = [" ".join(words[i * step : i * step + recipe["max_words"]]) for i in range(recipe["lens_eval_austen"])]
+    out = {}
+    for name, texts in (("train", train), ("wikipedia", held), ("austen", austen)):
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        out[name] = (enc["input_ids"], enc["attention_mask"])
+    return out
+
+
+def _chunks(n: int, size: int):
+    return [slice(i, min(n, i + size)) for i in range(0, n, size)]
+
+
+def chapter_results(model: nn.Module, tokenizer, *, recipe: dict = RECIPE, progress: bool = True) -> dict:
+    """Everything Chapter 6b is too slow to compute live (about 20 min on 2 shared cores), as plain tensors.
+
+    The tuned lens (trained on the training slice) and both lenses' per-token KL and rank on the held-out
+    slices; on the IOI task: full patching sweeps (residual stream per layer and position on the first
+    template, every head and every MLP on the selection prompts), attribution patching on the same sites with
+    timings, the heads ranked on the selection prompts, and the faithfulness of top-k and random circuits
+    measured on the report prompts.
+    """
+    import time
+
+    import numpy as np
+
+    from helpers import stats
+
+    out: dict = {"recipe": recipe}
+    corpus = lens_corpus(tokenizer, recipe)
+    ids, mask = corpus["train"]
+    t0 = time.perf_counter()
+    lens, losses = train_tuned_lens(model, ids, attention_mask=mask, rank=recipe["lens_rank"],
+                                    steps=recipe["lens_steps"], batch_tokens=recipe["lens_batch_tokens"],
+                                    top_k=recipe["lens_top_k"])
+    out["lens_state"], out["lens_losses"] = lens.state_dict(), torch.tensor(losses)
+    out["lens_train_s"], out["lens_train_tokens"] = time.perf_counter() - t0, int(mask[:, 1:].sum())
+    with torch.no_grad():
+        for name in ("wikipedia", "austen"):
+            ids, mask = corpus[name]
+            for which, l in (("logit", None), ("tuned", lens)):
+                parts = [lens_stats(model, ids[c], attention_mask=mask[c], lens=l) for c in _chunks(len(ids), 8)]
+                for key in ("kl", "rank"):
+                    out[f"{which}_{name}_{key}"] = torch.cat([p[key] for p in parts], 1)   # [layer, token]
+
+    groups = ioi_prompts(tokenizer, n_per_template=recipe["ioi_per_template"], seed=recipe["ioi_seed"])
+    labels = np.concatenate([[g] * len(p.io) for g, p in enumerate(groups)])
+    select, report = stats.split_indices(len(labels), fraction=recipe["select_fraction"], seed=0, labels=labels)
+    out["select"], out["report"] = torch.tensor(select), torch.tensor(report)
+    offsets = np.cumsum([0] + [len(p.io) for p in groups])
+
+    def rows(g: int, idx) -> Tensor:
+        return torch.tensor([i - offsets[g] for i in idx if offsets[g] <= i < offsets[g + 1]], dtype=torch.long)
+
+    heads, head_shape = site_grid(model, "heads")
+    mlps, _ = site_grid(model, "mlp")
+    sweeps: dict[str, list] = {k: [] for k in ("heads", "mlp", "heads_attr", "clean", "corrupted")}
+    exact_s = attr_s = 0.0
+    for g, p in enumerate(groups):
+        r = rows(g, select)
+        metric = logit_diff_metric(p.io[r], p.s[r])
+        with torch.no_grad():
+            sweeps["clean"].append(metric(model(p.clean[r]).logits))
+            sweeps["corrupted"].append(metric(model(p.corrupted[r]).logits))
+        t0 = time.perf_counter()
+        sweeps["heads"].append(patching_sweep(model, p.clean[r], p.corrupted[r], sites=heads, metric=metric,
+                                              progress=progress))
+        exact_s += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        sweeps["heads_attr"].append(attribution_patching(model, p.clean[r], p.corrupted[r], sites=heads, metric=metric))
+        attr_s += time.perf_counter() - t0
+        sweeps["mlp"].append(patching_sweep(model, p.clean[r], p.corrupted[r], sites=mlps, metric=metric))
+    for k, v in sweeps.items():
+        out[f"ioi_select_{k}"] = torch.cat(v, -1)             # [site, prompt] or [prompt], selection prompts
+    out["heads_exact_s"], out["heads_attr_s"] = exact_s, attr_s
+    out["head_shape"] = torch.tensor(head_shape)
+
+    p, r = groups[0], rows(0, select)  # residual stream per (layer, position): first template, selection prompts
+    metric = logit_diff_metric(p.io[r], p.s[r])
+    resid, resid_shape = site_grid(model, "resid", n_pos=p.clean.shape[1])
+    t0 = time.perf_counter()
+    out["resid"] = patching_sweep(model, p.clean[r], p.corrupted[r], sites=resid, metric=metric, progress=progress)
+    out["resid_exact_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out["resid_attr"] = attribution_patching(model, p.clean[r], p.corrupted[r], sites=resid, metric=metric)
+    out["resid_attr_s"] = time.perf_counter() - t0
+    out["resid_rows"], out["resid_shape"] = r, torch.tensor(resid_shape)
+
+    # rank heads on the selection prompts by |normalised effect| of the mean logit difference
+    clean_m, corr_m = out["ioi_select_clean"].mean(), out["ioi_select_corrupted"].mean()
+    effect = normalised(out["ioi_select_heads"].mean(-1), clean=clean_m, corrupted=corr_m)     # [site]
+    order = effect.abs().argsort(descending=True)
+    out["head_order"] = order
+    n_heads = head_shape[1]
+    mean_z = []
+    for p in groups:
+        _, cache = hooks.run_with_cache(model, p.reference, sites="blocks.*.attn.hook_z")
+        mean_z.append(torch.stack([cache[f"blocks.{l}.attn.hook_z"].mean(0) for l in range(head_shape[0])]))
+
+    def circuit_ld(circuit) -> Tensor:
+        lds = []
+        for g, p in enumerate(groups):
+            r = rows(g, report)
+            lds.append(circuit_logit_diff(model, p.clean[r], circuit=circuit, mean_z=mean_z[g],
+                                          metric=logit_diff_metric(p.io[r], p.s[r])))
+        return torch.cat(lds)                                                                    # [report prompt]
+
+    every = [(l, h) for l in range(head_shape[0]) for h in range(n_heads)]
+    out["report_full"] = circuit_ld(every)
+    out["report_empty"] = circuit_ld([])
+    gen = torch.Generator().manual_seed(0)
+    for k in recipe["circuit_sizes"]:
+        top = [divmod(int(i), n_heads) for i in order[:k]]
+        out[f"report_top{k}"] = circuit_ld(top)
+        rand = []
+        for _ in range(recipe["random_circuits"] if k == 26 else 5):
+            pick = torch.randperm(len(every), generator=gen)[:k]
+            rand.append(circuit_ld([every[int(i)] for i in pick]))
+        out[f"report_random{k}"] = torch.stack(rand)                                             # [draw, prompt]
+    return out
+
+
+def results_path():
+    """Where :func:`load_results` keeps the artefact (named by the recipe's content hash)."""
+    from helpers import common
+
+    return common.cache_dir("results", "ch6b") / f"causal-{common.content_hash(RECIPE)}.pt"
+
+
+def load_results(model: nn.Module | None = None, tokenizer=None) -> dict:
+    """The committed results of :func:`chapter_results` (verified by SHA-256), rebuilt when missing or altered."""
+    from helpers import common
+
+    def build(target) -> None:
+        nonlocal model, tokenizer
+        if model is None:
+            from helpers.assets import smollm2
+
+            model, tokenizer = smollm2(attn_implementation="eager")
+        with common.torch_threads(common.free_cores()):
+            torch.save(chapter_results(model.eval(), tokenizer), target)
+
+    return torch.load(common.cached_file(results_path(), build, committed=True), weights_only=True)
