@@ -3,24 +3,19 @@
 One hook layer for both real models of the book: MiniLM-L6 (a ``transformers`` ``BertModel``) and
 SmolLM2-135M (a ``LlamaForCausalLM``). Sites are named as in TransformerLens (Nanda & Bloom 2022):
 
-====================================  ==============================================  ==========================
-site                                  what it is                                      shape
-====================================  ==============================================  ==========================
-``hook_embed``                        embeddings output = residual stream before      ``[batch, pos, d_model]``
-                                      block 0 (BERT: after the embedding LayerNorm;
-                                      Llama: ``embed_tokens``, skipped by ``inputs_embeds``)
-``blocks.{l}.hook_resid_pre``         input of block l                                ``[batch, pos, d_model]``
-``blocks.{l}.attn.hook_pattern``      attention probabilities (capture only)          ``[batch, head, q, k]``
-``blocks.{l}.attn.hook_z``            per-head outputs, the input of ``o_proj`` /     ``[batch, pos, head, d_head]``
-                                      BERT's ``attention.output.dense``
-``blocks.{l}.hook_attn_out``          attention output added to the residual stream   ``[batch, pos, d_model]``
-``blocks.{l}.hook_resid_mid``         Llama only: resid_pre + attn_out                ``[batch, pos, d_model]``
-``blocks.{l}.mlp.hook_post``          MLP hidden activation, input of ``down_proj``   ``[batch, pos, d_mlp]``
-                                      (``act(gate) * up``) / BERT's ``output.dense``
-``blocks.{l}.hook_mlp_out``           MLP output added to the residual stream         ``[batch, pos, d_model]``
-``blocks.{l}.hook_resid_post``        output of block l                               ``[batch, pos, d_model]``
-``ln_final.hook_normalized``          Llama only: output of the final RMSNorm         ``[batch, pos, d_model]``
-====================================  ==============================================  ==========================
+- ``hook_embed``: embeddings output = residual stream before block 0, ``[batch, pos, d_model]`` (BERT:
+  after the embedding LayerNorm; Llama: ``embed_tokens``, skipped when ``inputs_embeds`` is passed);
+- ``blocks.{l}.hook_resid_pre``: input of block l, ``[batch, pos, d_model]``;
+- ``blocks.{l}.attn.hook_pattern``: attention probabilities (capture only), ``[batch, head, q, k]``;
+- ``blocks.{l}.attn.hook_z``: per-head outputs, the input of ``o_proj`` / BERT's ``attention.output.dense``,
+  ``[batch, pos, head, d_head]``;
+- ``blocks.{l}.hook_attn_out``: attention output added to the residual stream, ``[batch, pos, d_model]``;
+- ``blocks.{l}.hook_resid_mid``: Llama only, resid_pre + attn_out, ``[batch, pos, d_model]``;
+- ``blocks.{l}.mlp.hook_post``: MLP hidden activation, the input of ``down_proj`` (``act(gate) * up``) /
+  BERT's ``output.dense``, ``[batch, pos, d_mlp]``;
+- ``blocks.{l}.hook_mlp_out``: MLP output added to the residual stream, ``[batch, pos, d_model]``;
+- ``blocks.{l}.hook_resid_post``: output of block l, ``[batch, pos, d_model]``;
+- ``ln_final.hook_normalized``: Llama only, output of the final RMSNorm, ``[batch, pos, d_model]``.
 
 BERT is post-LN: each sub-layer ends in ``LayerNorm(x + sublayer(x))``, so ``resid_pre``/``resid_post``
 are the hidden states *between* layers (``output_hidden_states``), ``attn_out``/``mlp_out`` are the
@@ -293,7 +288,7 @@ def run_with_cache(model: nn.Module, *args, sites: str | Iterable[str] | None = 
 
     Args:
         model: a BERT-style encoder or Llama-style decoder.
-        *args, **kwargs: passed to the model (e.g. ``**tokenizer(texts, return_tensors="pt")``).
+        args, kwargs: passed to the model (e.g. ``model(**tokenizer(texts, return_tensors="pt"))``).
         sites: what to record (see :func:`capture`); ``None``: every site (``hook_pattern`` only if eager).
 
     Returns:
