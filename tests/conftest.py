@@ -55,7 +55,8 @@ def _compare_outputs(self, test, ref, skip_compare=None):
             self.comparison_traceback.append(f"{key}: {len(old_values)} committed outputs, {len(new_values)} fresh")
             return False
         for old, new in zip(old_values, new_values, strict=True):
-            problems = (nbcheck.compare_text(old, new) if isinstance(old, str) and isinstance(new, str)
+            problems = (nbcheck.compare_text(old, new, nbcheck.cell_tolerance(self.cell.source))
+                        if isinstance(old, str) and isinstance(new, str)
                         else ([] if old == new else [f"{old!r} -> {new!r}"]))
             if problems:
                 self.comparison_traceback += [f"{key}: numbers allowed to move one unit in their last digit"]

@@ -81,8 +81,9 @@ def compare(committed_path: Path, fresh_path: Path) -> dict:
             old_texts, new_texts = nbcheck.output_texts(old["outputs"]), nbcheck.output_texts(new["outputs"])
             if len(old_texts) != len(new_texts):
                 problems.append(f"cell {index}: {len(old_texts)} committed outputs, {len(new_texts)} fresh")
+            tolerance = nbcheck.cell_tolerance("".join(old["source"]))
             for a, b in zip(map(SANITIZE, old_texts), map(SANITIZE, new_texts), strict=False):
-                problems += [f"cell {index}: {p}" for p in nbcheck.compare_text(a, b)]
+                problems += [f"cell {index}: {p}" for p in nbcheck.compare_text(a, b, tolerance)]
         old_glue, new_glue = nbcheck.glued_values(old["outputs"]), nbcheck.glued_values(new["outputs"])
         problems += [f"cell {index}: {p}" for p in nbcheck.compare_glue(old_glue, new_glue, formats)]
         for name, value in old_glue.items():
