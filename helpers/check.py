@@ -6,6 +6,8 @@ on small synthetic inputs and tiny models built here, so they take well under a 
 
 - :func:`patch_metric` — Chapter 6b, the normalised patching metric (``causal.normalised``);
 - :func:`logit_lens` — Chapter 6b, the logit lens of one residual-stream vector (``causal.unembed``).
+- :func:`topk_activation` — Chapter 6c, the TopK activation of a sparse autoencoder
+  (``dictionaries.topk_activation``).
 """
 
 from __future__ import annotations
@@ -111,4 +113,47 @@ def logit_lens(fn: Callable) -> bool:
                              "(model.lm_head); the residual stream is never unembedded raw")
 
 
-__all__ = ["logit_lens", "patch_metric"]
+def topk_activation(fn: Callable) -> bool:
+    """Check ``fn(pre, k) -> z``: the TopK activation of a sparse autoencoder (Chapter 6c).
+
+    Keep the ``k`` largest entries of each row of ``pre`` (``[token, d_sae]``), pass them through a ReLU,
+    and set every other entry to 0 (``dictionaries.topk_activation``).
+
+    Args:
+        fn: the reader's function of a ``[token, d_sae]`` tensor and an int.
+
+    Returns:
+        True when it matches the reference on every case (it prints ``pass``).
+
+    >>> from helpers import dictionaries
+    >>> topk_activation(dictionaries.topk_activation)
+    pass
+    True
+    """
+    from helpers.dictionaries import topk_activation as reference
+
+    g = torch.Generator().manual_seed(0)
+    cases = [  # (name, pre, k)
+        ("one row, k = 2", torch.tensor([[3.0, -1.0, 2.0, 0.5]]), 2),
+        ("negatives among the k largest", torch.tensor([[-3.0, -1.0, -2.0, 0.5]]), 2),
+        ("large negative entries", torch.tensor([[-9.0, 1.0, 0.2, -8.0, 0.1]]), 1),
+        ("random batch, k = 5", torch.randn(6, 20, generator=g), 5),
+        ("k = all latents", torch.randn(3, 4, generator=g), 4),
+    ]
+    failures = []
+    for name, pre, k in cases:
+        try:
+            got = fn(pre.clone(), k)
+        except Exception as err:  # noqa: BLE001 - the reader's code may raise anything
+            failures.append(f"{name}: your function raised {type(err).__name__}: {err}")
+            continue
+        want = reference(pre, k)
+        if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+            failures.append(f"{name}: expected a tensor of shape {tuple(want.shape)}, got {getattr(got, 'shape', got)}")
+        elif not torch.allclose(got.float(), want, atol=1e-6):
+            failures.append(f"{name}: expected {want.tolist()}, got {got.tolist()}")
+    return _report(failures, "take pre.topk(k, dim=-1) (the largest values, not the largest absolute values), "
+                             "put relu(values) back at their indices in a tensor of zeros (scatter)")
+
+
+__all__ = ["logit_lens", "patch_metric", "topk_activation"]

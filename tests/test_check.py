@@ -38,3 +38,29 @@ def test_logit_lens_accepts_reference_and_rejects_wrong_answers(capsys):
     assert not check.logit_lens(no_gain)
     assert not check.logit_lens(lambda model, resid: resid)                  # wrong shape
     assert "shape" in capsys.readouterr().out
+
+
+def test_topk_activation_accepts_reference_and_rejects_wrong_answers(capsys):
+    def reference(pre, k):
+        top = pre.topk(k, dim=-1)
+        return torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
+
+    assert check.topk_activation(reference)
+    assert capsys.readouterr().out.strip() == "pass"
+
+    def no_relu(pre, k):  # keeps negative values among the k largest
+        top = pre.topk(k, dim=-1)
+        return torch.zeros_like(pre).scatter(-1, top.indices, top.values)
+
+    assert not check.topk_activation(no_relu)
+    out = capsys.readouterr().out
+    assert "negatives among the k largest" in out and "hint:" in out
+
+    def by_magnitude(pre, k):  # the largest absolute values
+        idx = pre.abs().topk(k, dim=-1).indices
+        return torch.zeros_like(pre).scatter(-1, idx, torch.relu(pre.gather(-1, idx)))
+
+    assert not check.topk_activation(by_magnitude)
+    assert "large negative entries" in capsys.readouterr().out
+    assert not check.topk_activation(lambda pre, k: torch.relu(pre))            # no top-k at all
+    assert "expected" in capsys.readouterr().out

@@ -1,0 +1,755 @@
+"""Sparse dictionaries inside a transformer: sparse autoencoders (TopK and L1/ReLU) and transcoders.
+
+A sparse autoencoder (SAE) rewrites an activation ``x`` (``[token, d_in]``) as a sparse, non-negative
+code ``z`` (``[token, d_sae]``, ``d_sae`` several times ``d_in``) and a decoder whose rows are unit-norm
+directions, ``x ≈ b_pre + z W_dec``. Two recipes:
+
+- **ReLU + L1** (Bricken et al. 2023, "Towards monosemanticity"): ``z = ReLU((x - b_pre) W_enc + b_enc)``,
+  loss ``‖x - x̂‖² + λ‖z‖₁`` with unit-norm decoder rows;
+- **TopK** (Gao et al. 2024, "Scaling and evaluating sparse autoencoders"): keep the ``k`` largest
+  pre-activations, ``z = ReLU(TopK(...))``, loss ``‖x - x̂‖²`` only; sparsity is set, not penalised.
+
+A **transcoder** (Dunefsky, Chlenski & Nanda 2024) has the same form but reads an MLP's input and
+writes the MLP's output, so its latents replace the MLP's neurons.
+
+Quality measures: L0 (active latents per token), fraction of variance unexplained (:func:`fvu`), dead
+latents (:func:`dead_latents`), and next-token loss recovered when the dictionary is spliced into the
+model (:func:`loss_recovered`, :func:`next_token_loss`). :func:`build_artefacts` is the recipe that
+harvests activations, trains the sweep of dictionaries and writes the committed artefacts.
+
+Introduced in nbs/06c_sparse_dictionaries.ipynb.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from helpers import common, hooks
+
+KINDS = ("topk", "relu")
+
+
+# ---------------------------------------------------------------------------------------------
+# The dictionaries
+# ---------------------------------------------------------------------------------------------
+
+
+def topk_activation(pre: Tensor, k: int) -> Tensor:
+    """Keep the ``k`` largest entries of each row of ``pre`` (``[..., d_sae]``) through a ReLU; zero the rest.
+
+    The activation of a TopK SAE (Gao et al. 2024, §2.3): at most ``k`` non-zeros per row, exactly
+    ``k`` when the ``k`` largest pre-activations are positive.
+
+    >>> topk_activation(torch.tensor([[3.0, -1.0, 2.0, 0.5]]), 2)
+    tensor([[3., 0., 2., 0.]])
+    """
+    if not isinstance(k, int) or not 1 <= k <= pre.shape[-1]:
+        raise ValueError(f"k must be an int in 1..{pre.shape[-1]}, got {k!r}")
+    top = pre.topk(k, dim=-1)
+    return torch.zeros_like(pre).scatter_(-1, top.indices, torch.relu(top.values))
+
+
+class SparseAutoencoder(nn.Module):
+    """A sparse autoencoder (or, with ``d_out``, a transcoder) with unit-norm decoder rows.
+
+    Args:
+        d_in: width of the activations it reads.
+        d_sae: number of latents (dictionary size).
+        kind: ``"topk"`` (Gao et al. 2024) or ``"relu"`` (L1-penalised ReLU, Bricken et al. 2023).
+        k: active latents per token for ``"topk"`` (ignored for ``"relu"``).
+        d_out: width of what it writes; ``None`` = ``d_in`` (an autoencoder).
+
+    ``encode(x) -> z [token, d_sae]``, ``decode(z) -> x̂ [token, d_out]``, ``forward(x) -> (x̂, z)``.
+    Inputs are multiplied by the fixed buffer ``scale`` before encoding and outputs divided by it, so
+    that one λ means the same on models with different activation norms (``train_sae`` sets it).
+
+    >>> sae = SparseAutoencoder(8, 32, kind="topk", k=4)
+    >>> x_hat, z = sae(torch.randn(5, 8))
+    >>> tuple(x_hat.shape), int((z != 0).sum(-1).max()) <= 4
+    ((5, 8), True)
+    """
+
+    def __init__(self, d_in: int, d_sae: int, *, kind: str = "topk", k: int = 32, d_out: int | None = None):
+        super().__init__()
+        d_out = d_in if d_out is None else d_out
+        for name, value in (("d_in", d_in), ("d_sae", d_sae), ("d_out", d_out)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        if kind == "topk" and (not isinstance(k, int) or not 1 <= k <= d_sae):
+            raise ValueError(f"k must be an int in 1..d_sae={d_sae}, got {k!r}")
+        self.d_in, self.d_sae, self.d_out, self.kind, self.k = d_in, d_sae, d_out, kind, k
+        self.b_pre = nn.Parameter(torch.zeros(d_in))        # pre-encoder bias (the decoder bias for an SAE)
+        self.W_enc = nn.Parameter(torch.empty(d_in, d_sae))
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self.W_dec = nn.Parameter(torch.empty(d_sae, d_out))
+        self.b_dec = nn.Parameter(torch.zeros(d_out))        # used by a transcoder; 0 and frozen for an SAE
+        self.register_buffer("scale", torch.ones(()))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Random unit-norm decoder rows; the encoder starts as the decoder's transpose (Gao et al. §A.1)."""
+        self.W_dec.normal_()
+        self.normalise_decoder()
+        if self.d_out == self.d_in:
+            self.W_enc.copy_(self.W_dec.T)
+        else:
+            self.W_enc.normal_().mul_(1 / math.sqrt(self.d_in))
+        self.b_enc.zero_()
+
+    @torch.no_grad()
+    def normalise_decoder(self) -> None:
+        """Rescale every decoder row (one latent's direction) to unit norm."""
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+
+    def _check(self, x: Tensor, width: int, what: str) -> None:
+        if not isinstance(x, Tensor):
+            raise ValueError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+        if x.ndim < 1 or x.shape[-1] != width:
+            raise ValueError(f"{what} must be [..., {width}], got shape {tuple(x.shape)}")
+        if x.numel() == 0:
+            raise ValueError(f"{what} is empty: pass at least one token")
+        if not torch.isfinite(x).all():
+            raise ValueError(f"{what} contains NaN or inf; check the activations you harvested")
+
+    def pre_activations(self, x: Tensor) -> Tensor:
+        """``(scale·x - b_pre) W_enc + b_enc``: ``[..., d_sae]``."""
+        return (x.to(self.W_enc.dtype) * self.scale - self.b_pre) @ self.W_enc + self.b_enc
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Sparse code ``z`` ``[..., d_sae]`` (non-negative) of activations ``x`` ``[..., d_in]``."""
+        self._check(x, self.d_in, "x")
+        pre = self.pre_activations(x)
+        return torch.relu(pre) if self.kind == "relu" else topk_activation(pre, self.k)
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Reconstruction ``(z W_dec + b_dec + b_pre·[SAE]) / scale``: ``[..., d_out]``."""
+        self._check(z, self.d_sae, "z")
+        out = z @ self.W_dec + self.b_dec
+        if self.d_out == self.d_in:
+            out = out + self.b_pre
+        return out / self.scale
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        z = self.encode(x)
+        return self.decode(z), z
+
+
+class Transcoder(SparseAutoencoder):
+    """A sparse dictionary from an MLP's (normalised) input to the MLP's output (Dunefsky et al. 2024).
+
+    ``forward(mlp_in) -> (mlp_out_hat, z)``; the decoder rows are the latents' *values* in the sense of
+    Chapter 5's key-value memories, the encoder columns their *keys*.
+
+    >>> tc = Transcoder(8, 16, 8, k=2)
+    >>> tuple(tc(torch.randn(3, 8))[0].shape)
+    (3, 8)
+    """
+
+    def __init__(self, d_in: int, d_sae: int, d_out: int, *, kind: str = "topk", k: int = 32):
+        super().__init__(d_in, d_sae, kind=kind, k=k, d_out=d_out)
+
+    def decode(self, z: Tensor) -> Tensor:
+        self._check(z, self.d_sae, "z")
+        return (z @ self.W_dec + self.b_dec) / self.scale
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_activations(x: Tensor, name: str = "activations") -> Tensor:
+    if not isinstance(x, Tensor) or x.ndim != 2:
+        raise ValueError(f"{name} must be a [token, d] tensor, got {getattr(x, 'shape', type(x).__name__)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} is empty: harvest some tokens first")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or inf")
+    return x
+
+
+def train_sae(activations: Tensor, *, d_sae: int, kind: str = "topk", k: int = 32, l1: float = 1e-3,
+              targets: Tensor | None = None, epochs: int = 3, batch_size: int = 1024, lr: float = 1e-3,
+              seed: int = 0, progress: bool = False) -> tuple[SparseAutoencoder, dict]:
+    """Train a TopK or L1 SAE (or, with ``targets``, a transcoder) with Adam.
+
+    The inputs are rescaled by one scalar so their mean squared norm is ``d_in`` (targets by their
+    own scalar folded into the decoder); ``b_pre`` starts at the data mean; decoder rows are renormalised
+    to unit norm after every step. Loss per token: ``mean_d (x - x̂)²`` plus, for ``"relu"``,
+    ``l1 · Σ_i z_i / d_in`` with the L1 weight warmed up linearly over the first 5 % of steps.
+
+    Args:
+        activations: ``[token, d_in]`` training activations.
+        d_sae: number of latents; kind, k: as in :class:`SparseAutoencoder`; l1: λ for ``"relu"``.
+        targets: ``[token, d_out]`` for a transcoder (the MLP's output); ``None`` for an SAE.
+        epochs, batch_size, lr, seed: optimisation.
+
+    Returns:
+        ``(model, history)`` with ``history = {"loss": [...], "steps": n}``; the model is in eval mode.
+    """
+    x = _check_activations(activations).float()
+    y = None if targets is None else _check_activations(targets, "targets").float()
+    if y is not None and y.shape[0] != x.shape[0]:
+        raise ValueError(f"targets must have one row per activation, got {y.shape[0]} and {x.shape[0]}")
+    if kind == "relu" and not l1 > 0:
+        raise ValueError(f"l1 must be > 0 for a ReLU SAE, got {l1}")
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    d_in = x.shape[1]
+    model = (SparseAutoencoder(d_in, d_sae, kind=kind, k=k) if y is None
+             else Transcoder(d_in, d_sae, y.shape[1], kind=kind, k=k))
+    with torch.no_grad():
+        model.scale.fill_(math.sqrt(d_in / x.pow(2).sum(1).mean().item()))
+        if y is None:
+            model.b_pre.copy_(x.mean(0) * model.scale)
+            model.b_dec.requires_grad_(False)
+        else:
+            model.b_dec.copy_(y.mean(0) * model.scale)
+            model.b_pre.copy_(x.mean(0) * model.scale)
+    target = x if y is None else y
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    n = x.shape[0]
+    steps, total = 0, epochs * math.ceil(n / batch_size)
+    losses = []
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=gen)
+        for i in range(0, n, batch_size):
+            idx = order[i:i + batch_size]
+            x_hat, z = model(x[idx])
+            err = ((x_hat - target[idx]) * model.scale).pow(2).mean(-1)            # [batch]
+            loss = err.mean()
+            if kind == "relu":
+                loss = loss + l1 * min(1.0, steps / max(1, 0.05 * total)) * z.sum(-1).mean() / d_in
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            model.normalise_decoder()
+            steps += 1
+            losses.append(loss.item())
+            if progress and steps % 50 == 0:
+                print(f"step {steps}/{total} loss {float(loss):.4f}", flush=True)
+    return model.eval().requires_grad_(False), {"loss": losses, "steps": steps}
+
+
+# ---------------------------------------------------------------------------------------------
+# Quality measures
+# ---------------------------------------------------------------------------------------------
+
+
+def fvu(x: Tensor, x_hat: Tensor, *, per_token: bool = False):
+    """Fraction of variance unexplained: ``Σ‖x - x̂‖² / Σ‖x - mean(x)‖²`` over tokens (Gao et al. 2024, §2.1).
+
+    Args:
+        x, x_hat: ``[token, d]`` activations and their reconstructions.
+        per_token: return ``[token]`` shares ``‖x_t - x̂_t‖² / mean_t ‖x - mean(x)‖²`` instead, whose
+            mean is the FVU (the denominator held fixed), for intervals over tokens.
+
+    >>> x = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
+    >>> float(fvu(x, torch.zeros_like(x))), float(fvu(x, x))
+    (1.0, 0.0)
+    """
+    x, x_hat = _check_activations(x, "x").float(), _check_activations(x_hat, "x_hat").float()
+    if x.shape != x_hat.shape:
+        raise ValueError(f"x and x_hat must have the same shape, got {tuple(x.shape)} and {tuple(x_hat.shape)}")
+    if x.shape[0] < 2:
+        raise ValueError("fvu needs at least 2 tokens (a variance)")
+    err = (x - x_hat).pow(2).sum(-1)                               # [token]
+    var = (x - x.mean(0)).pow(2).sum(-1).mean()
+    return err / var if per_token else err.mean() / var
+
+
+def dead_latents(z: Tensor | None = None, *, counts: Tensor | None = None) -> Tensor:
+    """Latents never active: ``[d_sae]`` bool, from codes ``z`` ``[token, d_sae]`` or firing ``counts``."""
+    if (z is None) == (counts is None):
+        raise ValueError("give exactly one of z ([token, d_sae] codes) or counts ([d_sae] firing counts)")
+    if counts is None:
+        counts = (_check_activations(z, "z") > 0).sum(0)
+    return counts == 0
+
+
+def loss_recovered(clean: float | Tensor, ablated: float | Tensor, spliced: float | Tensor):
+    """Share of the loss gap closed by a splice: ``(ablated - spliced) / (ablated - clean)``.
+
+    1 means the spliced model is as good as the clean one, 0 as bad as zero-ablating the site.
+
+    >>> loss_recovered(2.0, 6.0, 3.0)
+    0.75
+    """
+    gap = ablated - clean
+    if isinstance(gap, Tensor) and (gap <= 0).any() or not isinstance(gap, Tensor) and gap <= 0:
+        raise ValueError("ablated loss must exceed the clean loss (else there is no gap to recover)")
+    return (ablated - spliced) / gap
+
+
+@torch.no_grad()
+def next_token_loss(model: nn.Module, input_ids: Tensor, *, edits: Sequence[contextlib.AbstractContextManager] = (),
+                    batch_size: int = 8, first: int = 1) -> Tensor:
+    """Mean next-token cross-entropy per sequence ``[batch]``, with optional hooks.patch edits active.
+
+    Args:
+        model: a causal LM; input_ids: ``[batch, pos]`` unpadded windows.
+        edits: what to change while the model runs: a function returning fresh context managers
+            (:func:`splice`, :func:`splice_transcoder`), a list of context managers, or ``()`` for
+            the clean model; entered around every batch.
+        first: only predictions made at positions ``first`` and later are scored (the earlier ones sit
+            on the attention sink, which the splices leave unedited).
+
+    Returns:
+        ``[batch]`` mean cross-entropy (nats) of predicting tokens ``first + 1 ..`` of each window.
+    """
+    if input_ids.ndim != 2 or input_ids.shape[1] < first + 2:
+        raise ValueError(f"input_ids must be [batch, pos] with pos >= {first + 2}, got {tuple(input_ids.shape)}")
+    out = []
+    for i in range(0, len(input_ids), batch_size):
+        ids = input_ids[i:i + batch_size]
+        with contextlib.ExitStack() as stack:
+            for edit in edits() if callable(edits) else edits:
+                stack.enter_context(edit)
+            logits = model(input_ids=ids).logits[:, first:-1]
+        ce = nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, first + 1:], reduction="none")
+        out.append(ce.mean(1))
+    return torch.cat(out)
+
+
+def splice(model: nn.Module, site: str, fn: Callable[[Tensor], Tensor], *, first: int = 1):
+    """``() -> [hooks.patch]``: replace ``site`` at positions ``first..`` by ``fn(activation)``."""
+
+    def edits():
+        def at_positions(x):
+            y = x.clone()
+            y[:, first:] = fn(x[:, first:])
+            return y
+        return [hooks.patch(model, site, fn=at_positions)]
+    return edits
+
+
+def splice_transcoder(model: nn.Module, layer: int, tc: Transcoder, *, first: int = 1):
+    """``() -> [capture, patch]``: the MLP of ``layer`` replaced by ``tc`` on its normalised input."""
+    norm = model.model.layers[layer].post_attention_layernorm
+
+    def edits():
+        cap = hooks.capture(model, f"blocks.{layer}.hook_resid_mid")
+        cache = {}
+
+        def write(mlp_out):
+            y = mlp_out.clone()
+            y[:, first:] = tc(norm(cache["c"][f"blocks.{layer}.hook_resid_mid"][:, first:]))[0]
+            return y
+
+        class _Enter(contextlib.AbstractContextManager):
+            def __enter__(self_inner):
+                cache["c"] = cap.__enter__()
+                return cache["c"]
+
+            def __exit__(self_inner, *exc):
+                return cap.__exit__(*exc)
+        return [_Enter(), hooks.patch(model, f"blocks.{layer}.hook_mlp_out", fn=write)]
+    return edits
+
+
+# ---------------------------------------------------------------------------------------------
+# Harvesting and word types
+# ---------------------------------------------------------------------------------------------
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def harvest(model: nn.Module, batches: Sequence[dict], *, site: str | Sequence[str], stop: bool = True) -> dict:
+    """Activations at ``site`` for every non-padding token of ``batches``, stopping the forward pass there.
+
+    Args:
+        model: a BERT-style encoder or Llama-style decoder (the book's hook layer, ``helpers.hooks``).
+        batches: tokenizer outputs (``input_ids``, ``attention_mask``), e.g. from :func:`batches_of`.
+        site: one site name (or several: then a dict per site); e.g. ``"blocks.2.hook_resid_post"``.
+        stop: end each forward pass after the deepest block needed (skips the rest of the model).
+
+    Returns:
+        ``{site: [token, d] float32}`` (one entry per site) plus ``"input_ids"`` ``[token]``,
+        ``"seq"`` ``[token]`` (batch-global sequence index) and ``"pos"`` ``[token]``.
+    """
+    sites = [site] if isinstance(site, str) else list(site)
+    if not batches:
+        raise ValueError("batches is empty: tokenize some texts first")
+    layers = [int(m[1]) for s in sites if (m := re.match(r"blocks\.(\d+)\.", s))]
+    arch, base = hooks._architecture(model)
+    blocks = base.encoder.layer if arch == "bert" else base.layers
+    out = {s: [] for s in sites} | {"input_ids": [], "seq": [], "pos": []}
+    offset = 0
+    with contextlib.ExitStack() as stack:
+        cache = stack.enter_context(hooks.capture(model, sites))
+        if stop and layers:
+            def halt(*_):
+                raise _Stop
+            handle = blocks[max(layers)].register_forward_hook(halt)
+            stack.callback(handle.remove)
+        for enc in batches:
+            mask = enc["attention_mask"].bool()
+            with contextlib.suppress(_Stop):
+                model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+            for s in sites:
+                out[s].append(cache[s][mask].float())
+            seq, pos = mask.nonzero(as_tuple=True)
+            out["input_ids"].append(enc["input_ids"][mask])
+            out["seq"].append(seq + offset)
+            out["pos"].append(pos)
+            offset += mask.shape[0]
+    return {key: torch.cat(value) for key, value in out.items()}
+
+
+def batches_of(tokenizer, texts: Sequence[str], *, batch_size: int = 64, max_length: int = 64) -> list[dict]:
+    """Tokenised batches (padded per batch, truncated at ``max_length``)."""
+    if isinstance(texts, str) or not texts:
+        raise ValueError("texts must be a non-empty list of strings")
+    return [tokenizer(list(texts[i:i + batch_size]), return_tensors="pt", padding=True, truncation=True,
+                      max_length=max_length) for i in range(0, len(texts), batch_size)]
+
+
+def word_type_features(features: Tensor, word_index: Tensor, n_words: int) -> Tensor:
+    """Mean feature vector per word type: ``[n_words, F]`` from token features ``[token, F]``.
+
+    Args:
+        features: ``[token, F]`` per-token features (SAE codes, projections, ...).
+        word_index: ``[token]`` word type of each token, ``-1`` for tokens that belong to no type.
+        n_words: number of word types.
+
+    Returns:
+        ``[n_words, F]`` means (rows of types never seen are 0).
+
+    >>> word_type_features(torch.tensor([[1.0], [3.0], [5.0]]), torch.tensor([0, 0, -1]), 2)
+    tensor([[2.],
+            [0.]])
+    """
+    if features.ndim != 2 or word_index.shape != features.shape[:1]:
+        raise ValueError(f"features must be [token, F] and word_index [token], got {tuple(features.shape)} "
+                         f"and {tuple(word_index.shape)}")
+    if features.shape[0] == 0:
+        raise ValueError("features is empty")
+    keep = word_index >= 0
+    if keep.any() and int(word_index.max()) >= n_words:
+        raise ValueError(f"word_index holds {int(word_index.max())} but n_words is {n_words}")
+    sums = torch.zeros(n_words, features.shape[1], dtype=torch.float64)
+    rows = keep.nonzero()[:, 0]
+    for chunk in rows.split(8192):                       # float64 sums without a float64 copy of all features
+        sums.index_add_(0, word_index[chunk], features[chunk].double())
+    counts = torch.bincount(word_index[keep], minlength=n_words).clamp_min(1)
+    return (sums / counts[:, None]).float()
+
+
+def word_index_of_tokens(tokenizer, batches: Sequence[dict], vocab: dict[str, int]) -> Tensor:
+    """``[token]`` word type (index into ``vocab``) of every non-padding token of ``batches``, or -1.
+
+    A word split into several word pieces gives each of its pieces the word's type, so a word type's
+    mean runs over all its pieces; special tokens and words outside ``vocab`` get -1.
+    """
+    pieces = [p.removeprefix("##") for p in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))]
+    out = []
+    for enc in batches:
+        for b in range(enc["input_ids"].shape[0]):
+            ids = enc.word_ids(b)
+            toks = enc["input_ids"][b].tolist()
+            words: dict[int, str] = {}
+            for t, w in zip(toks, ids, strict=True):
+                if w is not None:
+                    words[w] = words.get(w, "") + pieces[t]
+            n = int(enc["attention_mask"][b].sum())
+            out += [vocab.get(words[w], -1) if w is not None else -1 for w in ids[:n]]
+    return torch.tensor(out, dtype=torch.long)
+
+
+# ---------------------------------------------------------------------------------------------
+# Corpora and the recipe of the committed artefacts
+# ---------------------------------------------------------------------------------------------
+
+RECIPE = {
+    "minilm": {"site": "blocks.2.hook_resid_post", "n_wiki": 2500, "n_austen": 1500, "max_length": 64,
+               "d_sae": 1536, "ks": [16, 32, 64], "l1s": [1.0, 2.0, 4.0], "epochs": 1, "max_train": 60000},
+    "smollm2": {"layer": 14, "n_wiki": 260, "n_austen": 140, "length": 128,
+                "d_sae": 2304, "ks": [16, 32, 64], "l1s": [1.0, 2.0, 4.0], "epochs": 1, "max_train": 40000,
+                "transcoder": {"d_sae": 1536, "k": 32}, "loss_windows": 24, "first": 4},
+    "batch_size": 512, "lr": 2e-3,
+    "split": {"test": 0, "validation": 1, "modulo": 10},
+    "select_fvu": 0.3, "version": 1,
+}
+"""The scaled-down recipe: corpora sizes, sites, dictionary widths, the sparsity sweep, the split rule
+(unit ``i`` is test when ``i % 10 == 0``, validation when ``i % 10 == 1``, training otherwise)."""
+
+_SENT = re.compile(r"(?<=[.!?])\s+")
+
+
+def austen_sentences(n: int, *, min_words: int = 6, max_words: int = 40) -> list[str]:
+    """``n`` sentences spread evenly over Austen's novels (deterministic)."""
+    from helpers.assets import austen_novels
+
+    sents = [s.replace("\n", " ").strip() for text in austen_novels().values() for s in _SENT.split(text)]
+    sents = [s for s in sents if min_words <= len(s.split()) <= max_words]
+    return [sents[i] for i in np.linspace(0, len(sents) - 1, n).astype(int)]
+
+
+def minilm_sentences() -> list[str]:
+    """The MiniLM corpus of the recipe: Wikipedia sentences then Austen sentences, interleaved in order."""
+    from helpers.assets import wikipedia_sentences
+
+    r = RECIPE["minilm"]
+    wiki = wikipedia_sentences()
+    wiki = [wiki[i] for i in np.linspace(0, len(wiki) - 1, r["n_wiki"]).astype(int)]
+    return wiki + austen_sentences(r["n_austen"])
+
+
+def smollm2_windows(tokenizer) -> tuple[Tensor, list[str]]:
+    """``[window, length]`` token windows of the SmolLM2 corpus, each opened by ``<|endoftext|>``, and sources."""
+    from helpers.assets import austen_novels, wikipedia_articles
+
+    r = RECIPE["smollm2"]
+    out, source = [], []
+    for name, texts, n in (("wikipedia", [t for _, t in wikipedia_articles()], r["n_wiki"]),
+                           ("austen", list(austen_novels().values()), r["n_austen"])):
+        ids = []
+        for t in texts:
+            ids += tokenizer(t, add_special_tokens=False).input_ids
+        ids = torch.tensor(ids)
+        starts = np.linspace(0, len(ids) - r["length"], n).astype(int)
+        bos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+        out += [torch.cat([torch.tensor([bos]), ids[s:s + r["length"] - 1]]) for s in starts]
+        source += [name] * n
+    return torch.stack(out), source
+
+
+def split_of(n: int) -> np.ndarray:
+    """``[n]`` split names of units ``0..n-1`` under the recipe's rule."""
+    s = RECIPE["split"]
+    r = np.arange(n) % s["modulo"]
+    return np.where(r == s["test"], "test", np.where(r == s["validation"], "validation", "train"))
+
+
+def _state(model: SparseAutoencoder) -> dict:
+    return {"kind": model.kind, "k": model.k, "shape": [model.d_in, model.d_sae, model.d_out],
+            "state": {k: v.half() if v.ndim == 2 else v.float() for k, v in model.state_dict().items()}}
+
+
+def load_dictionary(blob: dict) -> SparseAutoencoder:
+    """Rebuild an SAE or transcoder from its stored ``{"kind", "k", "shape", "state"}`` (fp16 matrices)."""
+    d_in, d_sae, d_out = blob["shape"]
+    cls = Transcoder(d_in, d_sae, d_out, kind=blob["kind"], k=blob["k"]) if blob.get("transcoder") else \
+        SparseAutoencoder(d_in, d_sae, kind=blob["kind"], k=blob["k"])
+    cls.load_state_dict({k: v.float() for k, v in blob["state"].items()})
+    return cls.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def _evaluate(model: SparseAutoencoder, x: Tensor, target: Tensor | None = None, chunk: int = 4096) -> dict:
+    """L0, per-token FVU shares, firing counts of ``model`` on ``x`` (held out)."""
+    target = x if target is None else target
+    l0, err, counts = [], [], torch.zeros(model.d_sae, dtype=torch.long)
+    for i in range(0, len(x), chunk):
+        x_hat, z = model(x[i:i + chunk])
+        l0.append((z > 0).sum(-1))
+        err.append((target[i:i + chunk] - x_hat).pow(2).sum(-1))
+        counts += (z > 0).sum(0)
+    var = (target - target.mean(0)).pow(2).sum(-1).mean()
+    return {"l0": torch.cat(l0).float(), "fvu_tok": torch.cat(err) / var, "counts": counts, "n": len(x)}
+
+
+@torch.no_grad()
+def top_contexts(model: SparseAutoencoder, x: Tensor, *, k: int = 8, chunk: int = 4096) -> tuple[Tensor, Tensor]:
+    """The ``k`` tokens where each latent fires most: ``(values, token indices)``, both ``[d_sae, k]``."""
+    best_v = torch.full((model.d_sae, k), -1.0)
+    best_i = torch.zeros((model.d_sae, k), dtype=torch.long)
+    for i in range(0, len(x), chunk):
+        z = model.encode(x[i:i + chunk]).T                                          # [d_sae, chunk]
+        v = torch.cat([best_v, z], 1)
+        idx = torch.cat([best_i, torch.arange(i, i + z.shape[1]).expand(model.d_sae, -1)], 1)
+        top = v.topk(k, dim=1)
+        best_v, best_i = top.values, idx.gather(1, top.indices)
+    return best_v, best_i
+
+
+def _sweep(x_tr, x_va, x_te, r, log):
+    results = {}
+    x_tr = x_tr[torch.randperm(len(x_tr), generator=torch.Generator().manual_seed(0))[: r["max_train"]]]
+    for kind, values in (("topk", r["ks"]), ("relu", r["l1s"])):
+        for v in values:
+            name = f"{kind}-{v}"
+            log(f"training {name}")
+            sae, hist = train_sae(x_tr, d_sae=r["d_sae"], kind=kind, k=v if kind == "topk" else 32, l1=v,
+                                  epochs=r["epochs"], batch_size=RECIPE["batch_size"], lr=RECIPE["lr"], seed=0)
+            sae = load_dictionary(_state(sae))             # evaluate exactly what is stored (fp16 matrices)
+            results[name] = {"model": sae, "history": hist["loss"][::10],
+                             "validation": _evaluate(sae, x_va), "test": _evaluate(sae, x_te)}
+            log(f"  {name}: val L0 {results[name]['validation']['l0'].mean():.1f}, "
+                f"FVU {results[name]['validation']['fvu_tok'].mean():.3f}")
+    return results
+
+
+def select(results: dict, kind: str, *, max_fvu: float) -> str:
+    """The sparsest sweep member of ``kind`` whose *validation* FVU is below ``max_fvu`` (else the best FVU)."""
+    names = [n for n in results if n.startswith(kind + "-")]
+    if not names:
+        raise ValueError(f"no sweep member of kind {kind!r}")
+    ok = [n for n in names if results[n]["validation"]["fvu"] < max_fvu]
+    if ok:
+        return min(ok, key=lambda n: results[n]["validation"]["l0"])
+    return min(names, key=lambda n: results[n]["validation"]["fvu"])
+
+
+def _summary(res: dict) -> dict:
+    out = {}
+    for name, r in res.items():
+        out[name] = {"history": r["history"]}
+        for split in ("validation", "test"):
+            e = r[split]
+            out[name][split] = {"l0": float(e["l0"].mean()), "fvu": float(e["fvu_tok"].mean()),
+                                "counts": e["counts"].int(), "n": e["n"]}
+        out[name]["test"]["fvu_tok"] = r["test"]["fvu_tok"].half()
+        out[name]["test"]["l0_tok"] = r["test"]["l0"].to(torch.int16)
+    return out
+
+
+def build_minilm(path: Path, *, log=print) -> None:
+    """Recipe: harvest MiniLM-L6's middle residual stream, train the sweep, write the artefact to ``path``."""
+    from helpers.assets import minilm
+
+    r = RECIPE["minilm"]
+    common.set_seed(0)
+    model, tok = minilm()
+    texts = minilm_sentences()
+    split = split_of(len(texts))
+    batches = batches_of(tok, texts, batch_size=128, max_length=r["max_length"])
+    log("harvesting MiniLM")
+    h = harvest(model, batches, site=r["site"])
+    special = torch.isin(h["input_ids"], torch.tensor(tok.all_special_ids))
+    units = np.asarray(split)[h["seq"].numpy()]
+    keep = {s: torch.from_numpy(units == s) & ~special for s in ("train", "validation", "test")}
+    x = h[r["site"]]
+    res = _sweep(x[keep["train"]], x[keep["validation"]], x[keep["test"]], r, log)
+    summary = _summary(res)
+    chosen = {kind: select(summary, kind, max_fvu=RECIPE["select_fvu"]) for kind in KINDS}
+    from sklearn.decomposition import PCA, FastICA
+
+    train_x = x[keep["train"]]
+    sample = train_x[torch.randperm(len(train_x), generator=torch.Generator().manual_seed(0))[:10000]]
+    pca = PCA(n_components=x.shape[1], random_state=0).fit(sample.numpy())
+    log("fitting ICA")
+    ica = FastICA(n_components=128, random_state=0, max_iter=200, whiten="unit-variance").fit(sample.numpy())
+    torch.save({"recipe": r, "summary": summary, "chosen": chosen,
+                "dictionaries": {chosen["topk"]: _state(res[chosen["topk"]]["model"])},
+                "pca": {"components": torch.from_numpy(pca.components_).half(),
+                        "mean": torch.from_numpy(pca.mean_).float()},
+                "ica": {"components": torch.from_numpy(ica.components_).float(),
+                        "mean": torch.from_numpy(ica.mean_).float()}},
+               path)
+
+
+def build_smollm2(path: Path, *, log=print) -> None:
+    """Recipe: SmolLM2's middle residual stream and MLP; the sweep, the transcoder, loss recovered, contexts."""
+    from helpers.assets import smollm2
+
+    r = RECIPE["smollm2"]
+    layer = r["layer"]
+    site, mid, mlp_out = (f"blocks.{layer}.hook_resid_post", f"blocks.{layer}.hook_resid_mid",
+                          f"blocks.{layer}.hook_mlp_out")
+    common.set_seed(0)
+    model, tok = smollm2()
+    model.requires_grad_(False)
+    windows, source = smollm2_windows(tok)
+    split = split_of(len(windows))
+    log(f"harvesting SmolLM2: {windows.numel()} tokens")
+    batches = [{"input_ids": windows[i:i + 16], "attention_mask": torch.ones_like(windows[i:i + 16])}
+               for i in range(0, len(windows), 16)]
+    h = harvest(model, batches, site=[site, mid, mlp_out])
+    with torch.no_grad():
+        mlp_in = torch.cat([model.model.layers[layer].post_attention_layernorm(c) for c in h[mid].split(8192)])
+    units = np.asarray(split)[h["seq"].numpy()]
+    # positions 0..first-1 hold the attention sink: <|endoftext|> and the massive activations of the first
+    # tokens after it (norms ~100x the rest, ~98 % of the variance); they are left out and never spliced
+    first = r["first"]
+    keep = {s: torch.from_numpy(units == s) & (h["pos"] >= first) for s in ("train", "validation", "test")}
+    x = h[site]
+    norms = x[keep["train"]].norm(dim=-1)
+    log(f"largest / median token norm kept: {float(norms.max() / norms.median()):.1f}")
+    res = _sweep(x[keep["train"]], x[keep["validation"]], x[keep["test"]], r, log)
+    log("training the transcoder")
+    t = r["transcoder"]
+    tr = keep["train"].nonzero()[:, 0]
+    tr = tr[torch.randperm(len(tr), generator=torch.Generator().manual_seed(0))[: r["max_train"]]]
+    tc, tc_hist = train_sae(mlp_in[tr], targets=h[mlp_out][tr], d_sae=t["d_sae"], kind="topk", k=t["k"],
+                            epochs=r["epochs"], batch_size=RECIPE["batch_size"], lr=RECIPE["lr"], seed=0)
+    tc = load_dictionary(_state(tc) | {"transcoder": True})
+    tc_test = _evaluate(tc, mlp_in[keep["test"]], h[mlp_out][keep["test"]])
+    # the MLP's own neurons on the same held-out tokens: activation share for a like-for-like L0
+    summary = _summary(res)
+    chosen = {kind: select(summary, kind, max_fvu=RECIPE["select_fvu"]) for kind in KINDS}
+    log("loss recovered")
+    test_w = windows[split == "test"][: r["loss_windows"]]
+    losses = {"clean": next_token_loss(model, test_w, first=first),
+              "zero": next_token_loss(model, test_w, edits=splice(model, site, torch.zeros_like, first=first),
+                                      first=first)}
+    for name, rr in res.items():
+        edit = splice(model, site, lambda a, m=rr["model"]: m(a)[0], first=first)
+        losses[name] = next_token_loss(model, test_w, edits=edit, first=first)
+    losses["mlp zero"] = next_token_loss(model, test_w, edits=splice(model, mlp_out, torch.zeros_like, first=first),
+                                         first=first)
+    losses["transcoder"] = next_token_loss(model, test_w, edits=splice_transcoder(model, layer, tc, first=first),
+                                           first=first)
+    log("contexts")
+    best = {}
+    late = (h["pos"] >= first).nonzero()[:, 0]                  # contexts only among the kept positions
+    for name in [chosen["topk"]]:
+        v, i = top_contexts(res[name]["model"], x[late])
+        best[name] = (v, late[i])
+    v, i = top_contexts(tc, mlp_in[late])
+    tc_best = (v, late[i])
+    tc_blob = _state(tc) | {"transcoder": True}
+    torch.save({"recipe": r, "summary": summary, "chosen": chosen, "source": source,
+                "windows": windows.int(), "token_seq": h["seq"].int(), "token_pos": h["pos"].to(torch.int16),
+                "dictionaries": {chosen["topk"]: _state(res[chosen["topk"]]["model"])},
+                "transcoder": tc_blob, "transcoder_history": tc_hist["loss"][::10],
+                "transcoder_test": {"l0": float(tc_test["l0"].mean()), "fvu_tok": tc_test["fvu_tok"].half(),
+                                    "counts": tc_test["counts"].int(), "n": tc_test["n"]},
+                "losses": {k: v.float() for k, v in losses.items()},
+                "contexts": {n: (v.half(), i.int()) for n, (v, i) in best.items()},
+                "transcoder_contexts": (tc_best[0].half(), tc_best[1].int())}, path)
+
+
+def artefact_path(name: str) -> Path:
+    """Cache path of artefact ``name`` (``"minilm"`` or ``"smollm2"``), keyed by the recipe's hash."""
+    shared = {k: v for k, v in RECIPE.items() if k not in ("minilm", "smollm2")}
+    key = common.content_hash({"recipe": RECIPE.get(name), "shared": shared, "name": name}, 12)
+    return common.cache_dir("models", "dictionaries") / f"{name}-{key}.pt"
+
+
+def load_artefact(name: str) -> dict:
+    """The committed (verified) artefact, else the cached one, else built now (minutes of CPU)."""
+    builders = {"minilm": build_minilm, "smollm2": build_smollm2}
+    if name not in builders:
+        raise ValueError(f"name must be one of {sorted(builders)}, got {name!r}")
+    path = common.cached_file(artefact_path(name), builders[name], committed=True)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def build_artefacts(names: Sequence[str] = ("minilm", "smollm2")) -> None:
+    """Build (or verify) the chapter's artefacts: ``python -m helpers.dictionaries [minilm|smollm2]``."""
+    for name in names:
+        print(name, load_artefact(name) and artefact_path(name))
+
+
+if __name__ == "__main__":
+    import sys
+
+    torch.set_num_threads(1)
+    build_artefacts(sys.argv[1:] or ("minilm", "smollm2"))
