@@ -14,12 +14,12 @@ Introduced in nbs/07_attribution_faithfulness.ipynb.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from helpers import attention
+from helpers.data import AustenSplit, austen_passages  # noqa: F401  (Chapter 7 imports them from here)
 
 METHODS = ("integrated_gradients", "saliency", "input_x_gradient", "occlusion", "attention", "rollout", "random")
 """Attribution methods known to :func:`token_attributions`."""
@@ -223,48 +223,6 @@ def pooled_features(
 
 AUSTEN_TITLES = ("Sense & Sensibility", "Pride & Prejudice", "Emma", "Persuasion")
 """The four novels the chapter's classifier tells apart (labels 0-3 in this order)."""
-
-
-class AustenSplit(NamedTuple):
-    """Train and test passages ``(text, label)`` and how many passages each novel has."""
-
-    train: list[tuple[str, int]]
-    test: list[tuple[str, int]]
-    n_passages: dict[str, int]
-
-
-def austen_passages(titles: Sequence[str] = AUSTEN_TITLES, *, words: int = 30, n_train: int = 300,
-                    n_test: int = 100, seed: int = 0) -> AustenSplit:  # fmt: skip
-    """Cut each novel into consecutive passages of ``words`` words and draw disjoint train/test sets.
-
-    One permutation per novel (one ``numpy`` generator seeded once, novels in order) gives the first
-    ``n_train`` passages to training and the next ``n_test`` to the test set, labelled by the novel's
-    index in ``titles``.
-
-    Introduced in nbs/07_attribution_faithfulness.ipynb; reused by nbs/14_evaluating_interpretability.ipynb.
-    """
-    import numpy as np
-
-    from helpers.assets import austen_novels
-
-    novels = austen_novels()
-    unknown = [t for t in titles if t not in novels]
-    if unknown or not titles:
-        raise ValueError(f"titles must be novels among {sorted(novels)}, got unknown {unknown or 'none (empty)'}")
-    if min(words, n_train, n_test) < 1:
-        raise ValueError(f"words, n_train and n_test must be >= 1, got {words}, {n_train}, {n_test}")
-    rng = np.random.default_rng(seed)
-    train, test, counts = [], [], {}
-    for label, title in enumerate(titles):
-        tokens = novels[title].split()
-        passages = [" ".join(tokens[i:i + words]) for i in range(0, len(tokens) - words + 1, words)]
-        if len(passages) < n_train + n_test:
-            raise ValueError(f"{title} has {len(passages)} passages of {words} words, fewer than {n_train + n_test}")
-        order = rng.permutation(len(passages))
-        train += [(passages[i], label) for i in order[:n_train]]
-        test += [(passages[i], label) for i in order[n_train:n_train + n_test]]
-        counts[title] = len(passages)
-    return AustenSplit(train, test, counts)
 
 
 def austen_classifier(encoder: nn.Module, tokenizer, split: AustenSplit, *, titles: Sequence[str] = AUSTEN_TITLES,

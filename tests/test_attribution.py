@@ -104,18 +104,3 @@ def test_bad_inputs_raise_clear_errors(classifier):
         attribution.pooled_features(classifier.encoder, None, [])
     with pytest.raises(ValueError, match="at least 2"):
         attribution.PooledClassifier(classifier.encoder, 1)
-
-
-def test_austen_passages_are_disjoint_balanced_and_repeatable():
-    split = attribution.austen_passages(words=30, n_train=20, n_test=10, seed=0)
-    again = attribution.austen_passages(words=30, n_train=20, n_test=10, seed=0)
-    assert split.train == again.train and split.test == again.test
-    assert len(split.train) == 4 * 20 and len(split.test) == 4 * 10
-    assert not {p for p, _ in split.train} & {p for p, _ in split.test}
-    assert sorted({label for _, label in split.test}) == [0, 1, 2, 3]
-    assert all(len(p.split()) == 30 for p, _ in split.test)
-    assert set(split.n_passages) == set(attribution.AUSTEN_TITLES)
-    with pytest.raises(ValueError, match="unknown"):
-        attribution.austen_passages(["Dracula"])
-    with pytest.raises(ValueError, match=">= 1"):
-        attribution.austen_passages(words=0)
