@@ -145,9 +145,11 @@ WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
 
 def _widget_view_ids(nb: dict) -> list[str]:
     """The model ids of the widgets a notebook's committed outputs display."""
+    hidden = {"remove-output", "remove-cell"}  # the book drops these cells' outputs from the page
     return [
         o["data"][WIDGET_VIEW]["model_id"]
         for c in nb["cells"]
+        if not hidden & set(c.get("metadata", {}).get("tags", []))
         for o in c.get("outputs", [])
         if WIDGET_VIEW in o.get("data", {})
     ]
