@@ -628,20 +628,23 @@ NORMALISATIONS = ("headroom", "best")
 
 
 def nrg(scores: Mapping[str, Sequence[float]], *, reference: str, normalisation: str = "headroom",
-        max_score: float = 1.0) -> dict[str, np.ndarray]:  # fmt: skip
+        max_score: float = 1.0, anchors: Sequence[str] = ()) -> dict[str, np.ndarray]:  # fmt: skip
     """Normalised relative gain of each representation over a reference, target by target.
 
     ``"headroom"`` (Tamaazousti et al.'s NRG as we read it):
     ``NRG_t(r) = (s_t(r) - s_t(ref)) / (max_score - s_t(ref))``, the share of the reference's
-    remaining error that ``r`` removes. ``"best"``: the gain divided by the largest absolute gain of
-    any compared representation on that target, ``(s_t(r) - s_t(ref)) / max_r' |s_t(r') - s_t(ref)|``,
-    so the best representation scores 1 (0 for all when nothing differs from the reference).
+    remaining error that ``r`` removes. ``"best"``: the gain divided by the best gain of a compared
+    representation on that target, ``(s_t(r) - s_t(ref)) / max_r' (s_t(r') - s_t(ref))``, so the best
+    representation scores 1; ``anchors`` (e.g. a random network or a from-scratch model) are scored but
+    never set the normaliser. On a target where no compared representation beats the reference the
+    largest absolute gain divides instead (all scores then lie in [-1, 0]); 0 for all when nothing differs.
 
     Args:
         scores: representation -> one score per target (same targets, same order, e.g. accuracies).
         reference: the representation gains are measured against (it gets 0 everywhere).
         normalisation: ``"headroom"`` or ``"best"``.
         max_score: the best possible score (1.0 for accuracy, 100 for percentages).
+        anchors: representations left out of the ``"best"`` normaliser (they still get an NRG).
 
     Returns:
         representation -> ``[target]`` NRG values.
@@ -670,13 +673,18 @@ def nrg(scores: Mapping[str, Sequence[float]], *, reference: str, normalisation:
             raise ValueError("the reference has a perfect score on a target: there is no headroom to normalise by")
         denom = max_score - ref
     else:
-        denom = np.abs(values - ref).max(0)  # [target]
+        unknown = [a for a in anchors if a not in table]
+        if unknown:
+            raise ValueError(f"anchors {unknown} are not among the representations {list(table)}")
+        compared = np.stack([s for name, s in table.items() if name not in anchors])  # [representation, target]
+        best = (compared - ref).max(0)  # [target]
+        denom = np.where(best > 0, best, np.abs(compared - ref).max(0))
         denom = np.where(denom > 0, denom, 1.0)
     return {name: (s - ref) / denom for name, s in table.items()}
 
 
 def mnrg(scores: Mapping[str, Sequence[float]], *, reference: str, normalisation: str = "headroom",
-         max_score: float = 1.0) -> dict[str, float]:  # fmt: skip
+         max_score: float = 1.0, anchors: Sequence[str] = ()) -> dict[str, float]:  # fmt: skip
     """Mean normalised relative gain over targets, in percent: ``100 * mean_t NRG_t(r)`` (see :func:`nrg`).
 
     Tamaazousti et al., "Learning more universal representations for transfer-learning" (TPAMI 2020),
@@ -685,7 +693,7 @@ def mnrg(scores: Mapping[str, Sequence[float]], *, reference: str, normalisation
     >>> mnrg({"S": [0.8, 0.5], "M": [0.9, 0.6]}, reference="S")
     {'S': 0.0, 'M': 35.0}
     """
-    table = nrg(scores, reference=reference, normalisation=normalisation, max_score=max_score)
+    table = nrg(scores, reference=reference, normalisation=normalisation, max_score=max_score, anchors=anchors)
     return {name: round(float(100 * v.mean()), 10) for name, v in table.items()}
 
 

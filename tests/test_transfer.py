@@ -201,6 +201,18 @@ def test_mnrg_hand_computed_example():
     # best: divide by the largest |gain| per target (0.1 and 0.1): M 1 and 1 -> 100 %; W -1 and 0 -> -50 %
     best = transfer.mnrg(scores, reference="S", normalisation="best")
     assert best == pytest.approx({"S": 0.0, "M": 100.0, "W": -50.0})
+    # the best representation scores 1 per target; an anchor never sets the normaliser, even with the
+    # largest gain (O) or the largest loss (R); without anchors=, O's gain would divide instead
+    with_anchors = dict(scores, R=[0.10, 0.10], O=[1.0, 1.0])
+    best = transfer.nrg(with_anchors, reference="S", normalisation="best", anchors=["R", "O"])
+    np.testing.assert_allclose(best["M"], [1.0, 1.0])
+    np.testing.assert_allclose(best["R"], [-7.0, -4.0])
+    np.testing.assert_allclose(transfer.nrg(with_anchors, reference="S", normalisation="best")["M"], [0.5, 0.2])
+    # nobody beats the reference on a target: the largest loss divides
+    np.testing.assert_allclose(transfer.nrg({"S": [0.8], "W": [0.6], "V": [0.7]}, reference="S",
+                                            normalisation="best")["V"], [-0.5])
+    with pytest.raises(ValueError, match="anchors"):
+        transfer.nrg(scores, reference="S", normalisation="best", anchors=["nope"])
     # percentages with max_score=100 give the same answer
     pct = {k: [100 * v for v in s] for k, s in scores.items()}
     assert transfer.mnrg(pct, reference="S", max_score=100) == pytest.approx({"S": 0.0, "M": 35.0, "W": -25.0})
