@@ -17,13 +17,12 @@ Usage: ``python benchmarks/causal.py [--repeats 7] [--threads 1]``.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from pathlib import Path
 
 import torch
-from report import write_report
+from report import bench_args, write_report
 
 from helpers import causal, hooks, stats
 from helpers.assets import smollm2
@@ -33,11 +32,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "causal.json"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = bench_args(__doc__, repeats=7)
     model, tokenizer = smollm2(attn_implementation="eager")
     model = model.eval().requires_grad_(False)
     p = causal.ioi_prompts(tokenizer, n_per_template=causal.RECIPE["ioi_per_template"])[0]

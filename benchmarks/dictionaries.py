@@ -16,13 +16,12 @@ Usage: ``python benchmarks/dictionaries.py [--repeats 5] [--threads 1]``.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from pathlib import Path
 
 import torch
-from report import write_report
+from report import bench_args, write_report
 
 from helpers import dictionaries as D
 from helpers.assets import minilm, wikipedia_sentences
@@ -33,11 +32,7 @@ N_SENTENCES, BATCH, SITE = 200, 50, "blocks.2.hook_resid_post"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = bench_args(__doc__, repeats=5)
     model, tokenizer = minilm()
     batches = D.batches_of(tokenizer, wikipedia_sentences(N_SENTENCES), batch_size=BATCH, max_length=64)
 

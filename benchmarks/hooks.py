@@ -17,14 +17,13 @@ Usage: ``python benchmarks/hooks.py [--repeats 7] [--threads 1]``.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import statistics
 import time
 from pathlib import Path
 
 import torch
-from report import write_report
+from report import bench_args, write_report
 
 from helpers import hooks
 from helpers.assets import minilm, wikipedia_sentences
@@ -45,11 +44,7 @@ def timed(model, batches: list[dict], context, **kwargs) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = bench_args(__doc__, repeats=7)
     model, tokenizer = minilm()
     sentences = wikipedia_sentences(N_SENTENCES)
     batches = [

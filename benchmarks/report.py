@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import resource
 import time
 from pathlib import Path
+
+
+def bench_args(doc: str, *, repeats: int) -> argparse.Namespace:
+    """The method benchmarks' common command line (``--repeats``, ``--threads``); sets torch's threads."""
+    import torch
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    return args
 
 
 def write_report(result: dict, path: Path, *, threads: int) -> None:
