@@ -48,10 +48,9 @@ _SPEC = re.compile(r"^[<>^=]?[+\- ]?#?0?\d*[,_]?(?:\.(\d+))?([eEfFgG%])?$")
 
 @dataclass(frozen=True)
 class Tolerance:
-    """How far a fresh number may move from the committed one: ``abs`` or ``rel`` (0 = exact)."""
+    """How far a fresh number may move from the committed one: one unit ``abs`` of the shown digit (0 = exact)."""
 
     abs: float = 0.0
-    rel: float = 0.0
     shown: str = ""
 
     def allows(self, committed: float, fresh: float) -> bool:
@@ -65,7 +64,7 @@ class Tolerance:
         Both values are rounded to the unit first, so 0.9100000262 and 0.9089999795 shown with ``.3f``
         (0.910 and 0.909) are one unit apart, not a hair more. inf for an exact check that moved.
         """
-        bound = max(self.abs, self.rel * abs(committed))
+        bound = self.abs
         if not bound:
             return 0.0 if fresh == committed else math.inf
         return abs(round(fresh / bound) - round(committed / bound))
@@ -208,7 +207,7 @@ def compare_glue(committed: dict, fresh: dict, formats: dict[str, list[str]]) ->
         new = fresh[name]
         numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (old, new))
         if numeric and not tol.allows(float(old), float(new)):
-            problems.append(f"{name}: {old!r} -> {new!r} (allowed ±{max(tol.abs, tol.rel * abs(old)):g}, "
+            problems.append(f"{name}: {old!r} -> {new!r} (allowed ±{tol.abs:g}, "
                             f"shown as {', '.join(formats[name]) or 'is'})")
         elif isinstance(old, str) and isinstance(new, str):  # e.g. an Estimate as "0.59 [0.55, 0.63]"
             problems += [f"{name}: {p}" for p in compare_text(old, new)]
