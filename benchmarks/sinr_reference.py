@@ -11,7 +11,10 @@ must not enter the book's), created on first use under the book cache with ``pip
 Recorded per system: wall time of graph building (co-occurrence + PMI filter + graph), community
 detection and vector extraction (median of ``--repeats`` alternating runs, since the CPU may be
 shared), the number of edges and dimensions, and quality measured by the *same* code on both
-node-recall matrices (helpers.sinr: WS353 and SimLex-999 Spearman with coverage, DistRatio).
+node-recall matrices (helpers.sinr: WS353 and SimLex-999 Spearman with coverage, DistRatio with the
+book's intruder rule and with ``rule="package"``), plus the package's own ``dist_ratio`` on its
+vectors (``reference.dist_ratio_package_code``), which ``rule="package"`` should match within the
+spread of intruder draws.
 ``time_ratio`` = ours / reference over the three stages (goal <= 1.0, at WS353 within 0.02), at
 each γ in ``by_gamma`` and, at the top level, at the first γ (Chapter 2's). The reference calls
 networkit's PLM with ``recurse=False``, so at the same γ it stops with more, smaller communities than
@@ -89,6 +92,7 @@ def quality(vectors: sparse.csr_matrix, vocab: list[str]) -> dict:
         out[name] = round(rho, 4)
         out[f"{name}_coverage"] = round(coverage, 4)
     out["dist_ratio"] = round(sinr.dist_ratio(vectors), 4)
+    out["dist_ratio_package_rule"] = round(sinr.dist_ratio(vectors, rule="package"), 4)
     return out
 
 
@@ -104,6 +108,8 @@ def compare(corpus, python, corpus_pkl, window, gamma, repeats, work) -> dict:
         times = {s: round(statistics.median(r[s] for r in rs), 3) for s in stages}
         times["total_s"] = round(sum(times.values()), 3)
         out[name] = {**times, "edges": rs[0]["edges"], **quality(rs[0]["vectors"], rs[0]["vocab"])}
+    # the package's own dist_ratio code on its vectors: checks helpers.sinr's rule="package" re-implementation
+    out["reference"]["dist_ratio_package_code"] = round(runs["reference"][0]["package_dist_ratio"], 4)
     out["time_ratio"] = round(out["ours"]["total_s"] / out["reference"]["total_s"], 3)
     out["stage_ratios"] = {s: round(out["ours"][s] / out["reference"][s], 3) for s in stages}
     out["ws353_gap"] = round(out["ours"]["ws353"] - out["reference"]["ws353"], 4)

@@ -21,6 +21,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import NamedTuple
 
@@ -271,7 +272,7 @@ def pmi_filter(adjacency: sparse.spmatrix, *, min_pmi: float = 0.0) -> sparse.cs
     return out
 
 
-def louvain(adjacency: sparse.spmatrix, *, gamma: float = 1.0, seed: int = 0) -> np.ndarray:
+def louvain(adjacency: sparse.spmatrix, *, gamma: float = 1.0, seed: int = 0, mode: str = "multilevel") -> np.ndarray:
     """Louvain communities (igraph's C implementation) at resolution ``gamma``, deterministic under ``seed``.
 
     Maximises the modularity with resolution, Q = 1/2m Σ_uv (w(u,v) − γ d(u) d(v) / 2m) [c(u) = c(v)]:
@@ -281,26 +282,59 @@ def louvain(adjacency: sparse.spmatrix, *, gamma: float = 1.0, seed: int = 0) ->
         adjacency: ``[vocab, vocab]`` symmetric non-negative weights.
         gamma: resolution, > 0.
         seed: igraph draws node orders from Python's ``random``; it is seeded here.
+        mode: ``"multilevel"`` (the full method: move nodes, aggregate communities into super-nodes,
+            repeat until nothing moves) or ``"one-level"`` (the first pass only, before any aggregation:
+            what the SINr package's networkit ``PLM(recurse=False)`` computes; more, smaller communities).
 
     Returns:
         ``[vocab]`` int64 community of each node, numbered 0..C-1 by decreasing size (ties by first node).
     """
+    if mode not in ("multilevel", "one-level"):
+        raise ValueError(f"mode must be 'multilevel' or 'one-level', got {mode!r}")
+    adjacency = _check_adjacency(adjacency)
+    if mode == "one-level":
+        return louvain_levels(adjacency, gamma=gamma, seed=seed)[0]
+    return _renumber(_igraph_louvain(adjacency, gamma, seed, levels=False))
+
+
+def louvain_levels(adjacency: sparse.spmatrix, *, gamma: float = 1.0, seed: int = 0) -> list[np.ndarray]:
+    """Every level of one Louvain run, finest first: level ``i + 1`` merges whole communities of level ``i``.
+
+    Level 0 is the partition after the first pass of local moves (``louvain(mode="one-level")``), the last
+    level the final partition (``louvain(mode="multilevel")``, the same seed gives the same partition).
+
+    Returns:
+        ``[level][vocab]`` int64 memberships, each numbered by decreasing community size.
+
+    >>> A = sparse.csr_matrix(np.kron(np.eye(2), np.ones((3, 3))) - np.eye(6))
+    >>> [m.tolist() for m in louvain_levels(A, gamma=1.0)]
+    [[0, 0, 0, 1, 1, 1]]
+    """
+    adjacency = _check_adjacency(adjacency)
+    return [_renumber(m) for m in _igraph_louvain(adjacency, gamma, seed, levels=True)]
+
+
+def _igraph_louvain(adjacency: sparse.csr_matrix, gamma: float, seed: int, *, levels: bool, loops: bool = False):
+    """igraph's multilevel Louvain on the upper triangle (with the diagonal as self-loops when ``loops``)."""
     import igraph
 
-    adjacency = _check_adjacency(adjacency)
     if not np.isfinite(gamma) or gamma <= 0:
         raise ValueError(f"gamma (the Louvain resolution) must be > 0, got {gamma!r}")
-    upper = sparse.triu(adjacency, k=1).tocoo()
+    upper = sparse.triu(adjacency, k=0 if loops else 1).tocoo()
+    # igraph counts a self-loop twice in a node's strength; halving it keeps strength = row sum
+    weights = np.where(upper.row == upper.col, upper.data / 2, upper.data)
     graph = igraph.Graph(n=adjacency.shape[0], edges=np.column_stack([upper.row, upper.col]).tolist(),
-                         edge_attrs={"weight": upper.data.tolist()})
+                         edge_attrs={"weight": weights.tolist()})
     state = random.getstate()
     try:
         random.seed(seed)
         igraph.set_random_number_generator(random)
-        membership = np.asarray(graph.community_multilevel(weights="weight", resolution=gamma).membership)
+        found = graph.community_multilevel(weights="weight", resolution=gamma, return_levels=levels)
     finally:
         random.setstate(state)
-    return _renumber(membership)
+    if levels:
+        return [np.asarray(level.membership) for level in found]
+    return np.asarray(found.membership)
 
 
 def _renumber(membership: np.ndarray) -> np.ndarray:
@@ -399,6 +433,207 @@ def filter_dimensions(vectors: sparse.spmatrix, *, min_nnz: int = 1,
     if kept.size == 0:
         raise ValueError(f"no dimension has between {min_nnz} and {max_nnz} non-zeros; relax the bounds")
     return csr[:, kept].tocsr(), kept
+
+
+# ---------------------------------------------------------------------------------------------
+# Hierarchy of communities, and a null model
+# ---------------------------------------------------------------------------------------------
+
+
+def quotient_graph(adjacency: sparse.spmatrix, membership: np.ndarray) -> sparse.csr_matrix:
+    """The graph of communities: ``Q = Mᵀ A M``, Q[c, d] = weight between c and d, Q[c, c] = 2 × weight inside c.
+
+    Row sums of Q are the communities' total degrees, so modularity on Q equals modularity on A for
+    any partition that keeps each community whole (the aggregation step of Louvain).
+
+    >>> A = sparse.csr_matrix(np.array([[0, 2, 1], [2, 0, 0], [1, 0, 0]], float))
+    >>> quotient_graph(A, np.array([0, 0, 1])).toarray().tolist()
+    [[4.0, 1.0], [1.0, 0.0]]
+    """
+    adjacency, membership = _check_membership(adjacency, membership)
+    member = membership_matrix(membership)
+    return (member.T @ adjacency @ member).tocsr()
+
+
+def nesting(fine: np.ndarray, coarse: np.ndarray, *, per_community: bool = False):
+    """How well a fine partition nests in a coarse one: the share of words whose fine community's
+    majority lies in the same coarse community as they do.
+
+    Each fine community is mapped to the coarse community holding most of its words; the score is the
+    share of all words that agree with that map (1.0: every fine community lies inside one coarse one).
+
+    Args:
+        fine, coarse: ``[vocab]`` memberships of the same words (ints >= 0).
+        per_community: also return ``[fine community]`` shares and ``[fine community]`` parents.
+
+    Returns:
+        the share (float), or ``(share, shares, parents)`` when ``per_community``.
+
+    >>> nesting(np.array([0, 0, 1, 1, 2, 2]), np.array([0, 0, 0, 0, 1, 1]))
+    1.0
+    >>> nesting(np.array([0, 0, 1, 1]), np.array([0, 1, 1, 1]))
+    0.75
+    """
+    fine, coarse = np.asarray(fine), np.asarray(coarse)
+    if fine.shape != coarse.shape or fine.ndim != 1 or fine.size == 0:
+        raise ValueError(f"fine and coarse must be [vocab] memberships of the same words, got {fine.shape}, "
+                         f"{coarse.shape}")
+    if not (np.issubdtype(fine.dtype, np.integer) and np.issubdtype(coarse.dtype, np.integer)) or min(
+            fine.min(), coarse.min()) < 0:
+        raise ValueError("memberships must be non-negative ints (one community id per word)")
+    counts = sparse.coo_matrix((np.ones(fine.size), (fine, coarse))).tocsr()   # [fine, coarse] word counts
+    best = np.asarray(counts.max(axis=1).todense()).ravel()
+    sizes = np.asarray(counts.sum(axis=1)).ravel()
+    share = float(best.sum() / fine.size)
+    if not per_community:
+        return share
+    parents = np.asarray(counts.argmax(axis=1)).ravel()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return share, best / sizes, parents
+
+
+@dataclass
+class CommunityHierarchy:
+    """Nested partitions of one graph, finest first: every community of level ``i`` lies inside one of level ``i + 1``.
+
+    Attributes:
+        levels: ``[level][word]`` memberships, finest first, each numbered by decreasing size.
+        gammas: ``[level]`` the resolution that produced each level.
+        parents: ``[level - 1][community]`` the community of the next level that holds each community.
+    """
+
+    levels: list[np.ndarray]
+    gammas: list[float]
+    parents: list[np.ndarray] = field(init=False)
+
+    def __post_init__(self):
+        self.parents = [nesting(f, c, per_community=True)[2] for f, c in pairwise(self.levels)]
+
+    @property
+    def sizes(self) -> list[int]:
+        """Number of communities at each level, finest first."""
+        return [int(m.max()) + 1 for m in self.levels]
+
+    def nesting(self) -> list[float]:
+        """:func:`nesting` of each level in the next (1.0 when the levels nest exactly)."""
+        return [nesting(f, c) for f, c in pairwise(self.levels)]
+
+    def children(self, level: int, community: int) -> np.ndarray:
+        """The communities of level ``level - 1`` inside ``community`` of level ``level``."""
+        if not 1 <= level < len(self.levels):
+            raise ValueError(f"level must be in [1, {len(self.levels)}) (level 0 has no children), got {level!r}")
+        return np.flatnonzero(self.parents[level - 1] == community)
+
+
+def community_hierarchy(adjacency: sparse.spmatrix, *, gamma: float = 5.0, coarse_gammas: Sequence[float] = (1.0,),
+                        seed: int = 0) -> CommunityHierarchy:
+    """Nested SINr dimensions: Louvain's own levels at ``gamma``, then coarser levels that merge whole communities.
+
+    Louvain's levels nest by construction (each pass merges the previous pass's communities). For
+    each resolution in ``coarse_gammas`` the last level's communities are merged further by Louvain on
+    the :func:`quotient_graph`, so every level is a partition of the words into unions of the
+    communities below it: a tree of dimensions. Independent runs at two resolutions do not nest in
+    general (measure it with :func:`nesting`).
+
+    Args:
+        adjacency: ``[vocab, vocab]`` PMI-filtered co-occurrence graph (no isolated words).
+        gamma: resolution of the fine levels (Chapter 2's γ).
+        coarse_gammas: decreasing resolutions for the coarse levels (each level is kept only if it
+            merges something).
+        seed: seed of every Louvain run.
+
+    Returns:
+        a :class:`CommunityHierarchy`; ``node_recall(adjacency, h.levels[i])`` gives the vectors of level ``i``.
+
+    Introduced in nbs/02_sinr_embeddings.ipynb; meant for classifiers that read coarse then fine dimensions.
+    """
+    adjacency = _check_adjacency(adjacency)
+    gammas = [float(g) for g in coarse_gammas]
+    if any(not np.isfinite(g) or g <= 0 for g in gammas) or any(b >= a for a, b in pairwise([gamma, *gammas])):
+        raise ValueError(f"coarse_gammas must be positive and decreasing below gamma={gamma}, got {coarse_gammas!r}")
+    levels = louvain_levels(adjacency, gamma=gamma, seed=seed)
+    level_gammas = [float(gamma)] * len(levels)
+    for g in gammas:
+        top = levels[-1]
+        merged = _renumber(_igraph_louvain(quotient_graph(adjacency, top), g, seed, levels=False, loops=True))
+        if merged.max() + 1 < top.max() + 1:
+            levels.append(_renumber(merged[top]))
+            level_gammas.append(g)
+    return CommunityHierarchy(levels, level_gammas)
+
+
+def shuffled_membership(membership: np.ndarray, *, seed: int = 0) -> np.ndarray:
+    """A null model of a partition: the same community sizes, the words dealt out at random.
+
+    Node recall on the shuffled partition keeps SINr's sparsity and number of dimensions but none of
+    its communities, so it shows what the measures give for structure-free dimensions.
+
+    >>> m = np.array([0, 0, 0, 1, 1, 2])
+    >>> np.bincount(shuffled_membership(m, seed=1)).tolist()
+    [3, 2, 1]
+    """
+    membership = np.asarray(membership)
+    if membership.ndim != 1 or not np.issubdtype(membership.dtype, np.integer):
+        raise ValueError(f"membership must be a [vocab] int array, got {membership.dtype} {membership.shape}")
+    return np.random.default_rng(seed).permutation(membership)
+
+
+def keep_top(vectors, k) -> sparse.csr_matrix:
+    """Sparsify a dense embedding like SINr: keep each row's ``k`` largest *positive* values, zero the rest.
+
+    Args:
+        vectors: ``[word, dim]`` dense array.
+        k: an int, or ``[word]`` ints (e.g. each word's number of non-zeros in another embedding).
+
+    Returns:
+        ``[word, dim]`` CSR matrix with at most ``k`` non-negative values per row (ties: lower column first).
+
+    >>> keep_top(np.array([[0.2, -0.9, 0.5], [0.1, 0.3, 0.2]]), [1, 2]).toarray().tolist()
+    [[0.0, 0.0, 0.5], [0.0, 0.3, 0.2]]
+    """
+    x = np.asarray(vectors, dtype=np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"vectors must be a dense [word, dim] array, got shape {x.shape}")
+    k = np.broadcast_to(np.asarray(k), (x.shape[0],))
+    if not np.issubdtype(k.dtype, np.integer) or k.min() < 0:
+        raise ValueError("k must be a non-negative int or one non-negative int per row")
+    order = np.argsort(-x, axis=1, kind="stable")                          # [word, rank]
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.arange(x.shape[1])[None, :].repeat(x.shape[0], 0), axis=1)
+    keep = (rank < k[:, None]) & (x > 0)
+    return sparse.csr_matrix(np.where(keep, x, 0.0))
+
+
+def nonnegative_sparse_code(vectors, n_components: int, k, *, alpha: float = 0.1, epochs: int = 3,
+                            seed: int = 0) -> sparse.csr_matrix:
+    """NNSE-style baseline: a dictionary learnt on dense vectors, non-negative sparse codes, top-``k`` per word.
+
+    Learns ``vectors ≈ codes @ dictionary`` with codes >= 0 and an L1 penalty ``alpha``
+    (scikit-learn's ``MiniBatchDictionaryLearning``, Mairal et al. 2009), then keeps each word's ``k``
+    largest codes (:func:`keep_top`) so that the result is exactly as sparse as the embedding compared.
+    Murphy et al. (2012) learn NNSE on corpus statistics in the same way.
+
+    Args:
+        vectors: ``[word, d]`` dense vectors (e.g. :func:`ppmi_svd`); rows are scaled to unit norm first.
+        n_components: number of dimensions (atoms).
+        k: an int or ``[word]`` ints, non-zeros kept per word.
+        alpha: L1 penalty of the codes; epochs: passes over the words; seed: seed of the learning.
+
+    Returns:
+        ``[word, n_components]`` CSR matrix of non-negative codes.
+    """
+    from sklearn.decomposition import MiniBatchDictionaryLearning
+
+    x = np.asarray(vectors, dtype=np.float64)
+    if x.ndim != 2 or not isinstance(n_components, int) or n_components < 2:
+        raise ValueError(f"need [word, d] vectors and n_components >= 2, got {x.shape}, {n_components!r}")
+    x = _normalise_rows(x)
+    learner = MiniBatchDictionaryLearning(n_components=n_components, alpha=alpha, batch_size=256, max_iter=epochs,
+                                          fit_algorithm="cd",
+                                          positive_code=True, transform_algorithm="lasso_cd", transform_alpha=alpha,
+                                          random_state=seed)
+    codes = learner.fit(x).transform(x)
+    return keep_top(codes, k)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -542,7 +777,7 @@ class Timings(NamedTuple):
 
 
 def train(corpus: Corpus, *, window: int = 5, gamma: float = 1.0, min_pmi: float = 0.0, seed: int = 0,
-          cooc: sparse.csr_matrix | None = None) -> SinrEmbedding:
+          cooc: sparse.csr_matrix | None = None, mode: str = "multilevel") -> SinrEmbedding:
     """Build SINr vectors end to end: co-occurrence → PMI filter → Louvain(γ) → node recall.
 
     Words left without an edge by the PMI filter are dropped (as the SINr package keeps only the
@@ -556,6 +791,8 @@ def train(corpus: Corpus, *, window: int = 5, gamma: float = 1.0, min_pmi: float
         min_pmi: PMI threshold for keeping an edge.
         seed: seed of the community detection.
         cooc: the corpus's co-occurrence matrix, when already computed with this window.
+        mode: ``"multilevel"`` (full Louvain) or ``"one-level"`` (its first pass, as the SINr package's
+            networkit PLM with ``recurse=False``); see :func:`louvain`.
 
     Returns:
         a :class:`SinrEmbedding` with ``info["timings"]`` = (graph, communities, vectors) seconds.
@@ -571,12 +808,12 @@ def train(corpus: Corpus, *, window: int = 5, gamma: float = 1.0, min_pmi: float
     alive = np.flatnonzero(np.diff(graph.indptr) > 0)
     graph = graph[alive][:, alive].tocsr()
     t1 = time.perf_counter()
-    membership = louvain(graph, gamma=gamma, seed=seed)
+    membership = louvain(graph, gamma=gamma, seed=seed, mode=mode)
     t2 = time.perf_counter()
     vectors = node_recall(graph, membership)
     pred = node_predominance(graph, membership)
     t3 = time.perf_counter()
-    info = {"window": window, "gamma": gamma, "min_pmi": min_pmi, "seed": seed, "edges": graph.nnz // 2,
+    info = {"window": window, "gamma": gamma, "min_pmi": min_pmi, "seed": seed, "mode": mode, "edges": graph.nnz // 2,
             "dropped_isolated": len(corpus.words) - alive.size,
             "timings": Timings(t1 - t0, t2 - t1, t3 - t2)}
     return SinrEmbedding(tuple(corpus.words[i] for i in alive), vectors, membership, pred, info)
@@ -651,6 +888,41 @@ def word2vec(corpus: Corpus, *, dim: int = 300, window: int = 5, epochs: int = 1
         return data["vectors"], tuple(json.loads(str(data["words"])))
 
 
+def sparse_code_baseline(corpus: Corpus, dim: int, k, *, window: int = 5, alpha: float = 0.03, epochs: int = 2,
+                         seed: int = 0) -> sparse.csr_matrix:
+    """The NNSE-style baseline of Chapter 2, cached: :func:`nonnegative_sparse_code` of the corpus's :func:`ppmi_svd`.
+
+    Learning the dictionary takes about a minute on two cores, so the result is committed with the book
+    (hash-verified, named by the hash of its recipe: corpus, dimensions, per-word sparsity, options).
+
+    Args:
+        corpus: the :class:`Corpus` (its rows are ``corpus.words``).
+        dim: dimensions of the SVD and of the code.
+        k: an int or ``[vocab]`` ints, non-zeros kept per word.
+        window, alpha, epochs, seed: co-occurrence window and the options of :func:`nonnegative_sparse_code`.
+
+    Returns:
+        ``[vocab, dim]`` CSR matrix of non-negative codes, rows in ``corpus.words`` order.
+    """
+    import hashlib
+
+    import sklearn
+
+    k = np.broadcast_to(np.asarray(k), (len(corpus.words),))
+    k_hash = hashlib.sha256(k.astype(np.int64).tobytes()).hexdigest()[:16]
+    recipe = {"corpus": corpus.fingerprint(), "dim": dim, "k": k_hash,
+              "window": window, "alpha": alpha, "epochs": epochs, "seed": seed, "sklearn": sklearn.__version__[:3]}
+    path = common.cache_dir("models", "sinr") / f"nnse-{common.content_hash(recipe)}.npz"
+
+    def build(out: Path) -> None:
+        vectors = ppmi_svd(cooccurrence(corpus, window=window), dim, seed=seed)
+        codes = nonnegative_sparse_code(vectors, dim, k, alpha=alpha, epochs=epochs, seed=seed)
+        with open(out, "wb") as fh:
+            sparse.save_npz(fh, codes)
+
+    return sparse.load_npz(common.cached_file(path, build, committed=True)).tocsr()
+
+
 def similarity_correlation(vectors, words: Sequence[str] | dict[str, int],
                            pairs: Sequence[tuple[str, str, float]]) -> tuple[float, float]:
     """Spearman correlation between cosine similarities and human scores, over the covered pairs.
@@ -663,6 +935,12 @@ def similarity_correlation(vectors, words: Sequence[str] | dict[str, int],
     Returns:
         ``(rho, coverage)``: Spearman's ρ and the fraction of pairs whose two words are in the vocabulary.
     """
+    cos, gold, coverage = _pair_cosines(vectors, words, pairs)
+    return float(stats.spearmanr(cos, gold).statistic), coverage
+
+
+def _pair_cosines(vectors, words, pairs) -> tuple[np.ndarray, np.ndarray, float]:
+    """``([pair] cosines, [pair] human scores, coverage)`` over the pairs whose two words are known."""
     index = words if isinstance(words, dict) else {w: i for i, w in enumerate(words)}
     if not pairs:
         raise ValueError("pairs is empty; pass (word1, word2, score) triples, e.g. assets.word_similarity()")
@@ -676,11 +954,29 @@ def similarity_correlation(vectors, words: Sequence[str] | dict[str, int],
         cos = np.asarray(unit[i].multiply(unit[j]).sum(axis=1)).ravel()
     else:
         cos = (unit[i] * unit[j]).sum(axis=1)
-    return float(stats.spearmanr(cos, gold).statistic), len(covered) / len(pairs)
+    return cos, gold.astype(np.float64), len(covered) / len(pairs)
+
+
+def similarity_ci(vectors, words: Sequence[str] | dict[str, int], pairs: Sequence[tuple[str, str, float]], *,
+                  n_resamples: int = 1000, seed: int = 0):
+    """:func:`similarity_correlation`'s Spearman ρ with a bootstrap interval over the covered word pairs.
+
+    Returns:
+        a :class:`helpers.stats.Estimate` (percentile bootstrap, 95 %, resampling pairs).
+    """
+    from helpers.stats import bootstrap_ci
+
+    cos, gold, _ = _pair_cosines(vectors, words, pairs)
+
+    def rho(rows):
+        rows = rows.astype(np.int64)
+        return float(stats.spearmanr(cos[rows], gold[rows]).statistic)
+
+    return bootstrap_ci(np.arange(cos.size), statistic=rho, n_resamples=n_resamples, seed=seed)
 
 
 def intrusion_sets(vectors, *, top: int = 5, bottom: float = 0.5, top_share: float = 0.1,
-                   seed: int = 0) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+                   seed: int = 0, rule: str = "book") -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Word-intrusion sets: each dimension's ``top`` words plus one intruder (Chang et al. 2009; Sun et al. 2016).
 
     For each dimension d: its ``top`` highest words, and an intruder drawn at random among the words
@@ -692,6 +988,12 @@ def intrusion_sets(vectors, *, top: int = 5, bottom: float = 0.5, top_share: flo
         vectors: ``[word, dim]`` dense array or sparse matrix.
         top, bottom, top_share: as above (SINr's defaults: 5, 50 %, 10 %).
         seed: seed of the intruder draws.
+        rule: ``"book"`` (above: "top of another dimension" needs a positive value there) or
+            ``"package"``, the SINr package's ``pick_intruder`` rule (``sinr.text.evaluate.dist_ratio``):
+            ranks alone decide, so a dimension with fewer non-zeros than its top share also counts
+            zero-valued words as its top words (numpy's ``argpartition`` picks them; here ties are
+            broken at random under ``seed``), the bottom share is a count of ranks, and the top words
+            of a dimension with fewer than ``top`` non-zeros include zeros.
 
     Returns:
         ``(sets, dims)``: ``[n_sets, top + 1]`` word indices, the intruder last, and the ``[n_sets]``
@@ -702,8 +1004,12 @@ def intrusion_sets(vectors, *, top: int = 5, bottom: float = 0.5, top_share: flo
         raise ValueError(f"need at least {2 * top} words and 2 dimensions, got shape {(n, d)}")
     if not 0 < bottom < 1 or not 0 < top_share < 1:
         raise ValueError(f"bottom and top_share must lie in (0, 1), got {bottom}, {top_share}")
+    if rule not in ("book", "package"):
+        raise ValueError(f"rule must be 'book' or 'package', got {rule!r}")
     dense = vectors.toarray() if sparse.issparse(vectors) else np.asarray(vectors, dtype=np.float64)
     rng = np.random.default_rng(seed)
+    if rule == "package":
+        return _package_intrusion_sets(dense, top, bottom, top_share, rng)
     order = np.argsort(-dense, axis=0, kind="stable").astype(np.int32)   # [rank, dim]: words by value, per dim
     n_top = max(1, int(round(top_share * n)))
     cut = np.take_along_axis(dense, order[[n_top - 1, min(n - 1, int((1 - bottom) * n))]], axis=0)  # [2, dim]
@@ -720,8 +1026,28 @@ def intrusion_sets(vectors, *, top: int = 5, bottom: float = 0.5, top_share: flo
     return np.array(sets, dtype=np.int64).reshape(-1, top + 1), np.array(dims, dtype=np.int64)
 
 
+def _package_intrusion_sets(dense: np.ndarray, top: int, bottom: float, top_share: float,
+                            rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The SINr package's intruder rule, by ranks only (ties, zeros included, broken at random)."""
+    n, d = dense.shape
+    tie = rng.random(n)
+    order = np.lexsort((tie[:, None].repeat(d, 1), -dense), axis=0)       # [rank, dim]: value desc, random ties
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.arange(n)[:, None].repeat(d, 1), axis=0)
+    n_top = int(round(top_share * n))
+    n_bottom = int(round(bottom * n))
+    union = (rank < n_top).any(axis=1)                                     # [word]: in some dimension's top ranks
+    sets, dims = [], []
+    for dim in range(d):
+        candidates = np.flatnonzero(union & (rank[:, dim] >= n - n_bottom))
+        if candidates.size:
+            sets.append(np.append(order[:top, dim], rng.choice(candidates)))
+            dims.append(dim)
+    return np.array(sets, dtype=np.int64).reshape(-1, top + 1), np.array(dims, dtype=np.int64)
+
+
 def dist_ratio(vectors, *, top: int = 5, bottom: float = 0.5, top_share: float = 0.1, seed: int = 0,
-               per_dimension: bool = False):
+               per_dimension: bool = False, rule: str = "book"):
     """Automated word intrusion: DistRatio = mean over dimensions of InterDist / IntraDist (Sun et al. 2016).
 
     On the sets of :func:`intrusion_sets`: IntraDist = mean cosine distance among a dimension's top
@@ -730,14 +1056,14 @@ def dist_ratio(vectors, *, top: int = 5, bottom: float = 0.5, top_share: float =
 
     Args:
         vectors: ``[word, dim]`` dense array or sparse matrix.
-        top, bottom, top_share, seed: as in :func:`intrusion_sets` (SINr's defaults: 5, 50 %, 10 %).
+        top, bottom, top_share, seed, rule: as in :func:`intrusion_sets` (SINr's defaults: 5, 50 %, 10 %).
         per_dimension: also return the ``[dim]`` ratios (NaN where no intruder or no spread exists).
 
     Returns:
         the DistRatio (float), or ``(dist_ratio, ratios)`` when ``per_dimension``.
     """
     dense = vectors.toarray() if sparse.issparse(vectors) else np.asarray(vectors, dtype=np.float64)
-    sets, dims = intrusion_sets(dense, top=top, bottom=bottom, top_share=top_share, seed=seed)
+    sets, dims = intrusion_sets(dense, top=top, bottom=bottom, top_share=top_share, seed=seed, rule=rule)
     unit = _normalise_rows(dense)
     ratios = np.full(vectors.shape[1], np.nan)
     for words, dim in zip(sets, dims, strict=True):

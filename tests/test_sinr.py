@@ -1,5 +1,7 @@
 """helpers.sinr: known answers on toy graphs with planted communities, properties, and bad input."""
 
+from itertools import pairwise
+
 import numpy as np
 import pytest
 from scipy import sparse
@@ -211,8 +213,119 @@ def test_tokenize_lowercases_and_drops_stop_words_clitics_and_digits():
         (lambda: sinr.dist_ratio(np.eye(3)), ValueError, "at least"),
         (lambda: sinr.pmi(sparse.csr_matrix(np.full((3, 3), np.nan))), ValueError, "NaN"),
         (lambda: sinr.pmi_filter(sparse.csr_matrix(np.full((3, 3), np.inf))), ValueError, "infinite"),
+        (lambda: sinr.louvain(_two_triangles(), mode="two-level"), ValueError, "mode"),
+        (lambda: sinr.community_hierarchy(_two_triangles(), gamma=1.0, coarse_gammas=(2.0,)), ValueError, "decreasing"),
+        (lambda: sinr.nesting(np.zeros(3, int), np.zeros(4, int)), ValueError, "same words"),
+        (lambda: sinr.nesting(np.array([0, -1]), np.array([0, 0])), ValueError, "non-negative"),
+        (lambda: sinr.shuffled_membership(np.zeros((2, 2), int)), ValueError, "membership"),
+        (lambda: sinr.keep_top(np.ones(3), 1), ValueError, "dense"),
+        (lambda: sinr.keep_top(np.ones((2, 3)), -1), ValueError, "non-negative"),
+        (lambda: sinr.dist_ratio(_planted(), rule="human"), ValueError, "rule"),
+        (lambda: sinr.CommunityHierarchy([np.zeros(3, int)], [1.0]).children(0, 0), ValueError, "level"),
     ],
 )
 def test_bad_input_gives_a_clear_error(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+def _ring_of_cliques(n_cliques=8, size=4):
+    """Cliques of ``size`` nodes joined in a ring by one edge each: Louvain merges them in several passes."""
+    n = n_cliques * size
+    a = np.zeros((n, n))
+    for c in range(n_cliques):
+        block = slice(c * size, (c + 1) * size)
+        a[block, block] = 1
+        u, v = c * size, ((c + 1) % n_cliques) * size + 1
+        a[u, v] = a[v, u] = 1
+    np.fill_diagonal(a, 0)
+    return sparse.csr_matrix(a)
+
+
+def test_louvain_levels_nest_one_level_is_the_first_pass_and_multilevel_the_last():
+    adj = _ring_of_cliques(16, 4)
+    levels = sinr.louvain_levels(adj, gamma=1.0, seed=0)
+    assert len(levels) >= 2 and levels[0].max() + 1 == 16, "the first pass finds the 16 cliques"
+    assert levels[-1].max() < levels[0].max(), "later passes merge cliques"
+    assert all(sinr.nesting(f, c) == 1.0 for f, c in pairwise(levels))
+    assert np.array_equal(sinr.louvain(adj, gamma=1.0, seed=0, mode="one-level"), levels[0])
+    assert np.array_equal(sinr.louvain(adj, gamma=1.0, seed=0), levels[-1])
+
+
+def test_quotient_graph_keeps_degrees_and_hierarchy_merges_whole_communities():
+    adj = _ring_of_cliques(12, 4)
+    member = np.arange(48) // 4                                      # the 12 cliques
+    q = sinr.quotient_graph(adj, member).toarray()
+    np.testing.assert_allclose(q.sum(axis=1), np.asarray(adj.sum(axis=1)).ravel().reshape(12, 4).sum(axis=1))
+    assert q[0, 0] == 2 * 6 and q[0, 1] == 1                         # a 4-clique has 6 edges; one ring edge
+    h = sinr.community_hierarchy(adj, gamma=4.0, coarse_gammas=(0.5,), seed=0)
+    assert h.sizes[0] == 12 and h.sizes[-1] < h.sizes[-2], "gamma=4 keeps the cliques; 0.5 merges them"
+    assert h.nesting() == [1.0] * (len(h.levels) - 1)
+    top = len(h.levels) - 1
+    for c in range(h.sizes[top]):
+        kids = h.children(top, c)
+        assert set(np.flatnonzero(h.levels[top] == c)) == set(np.flatnonzero(np.isin(h.levels[top - 1], kids)))
+
+
+def test_nesting_scores_the_share_of_words_in_their_fine_communitys_majority():
+    fine = np.array([0, 0, 0, 0, 1, 1])
+    coarse = np.array([0, 0, 0, 1, 1, 1])                            # fine 0 is split 3 / 1
+    share, shares, parents = sinr.nesting(fine, coarse, per_community=True)
+    assert share == pytest.approx(5 / 6)
+    np.testing.assert_allclose(shares, [0.75, 1.0])
+    assert parents.tolist() == [0, 1]
+
+
+def test_shuffled_membership_keeps_sizes_and_moves_words():
+    m = np.repeat(np.arange(10), np.arange(1, 11))                   # sizes 1..10, 55 words
+    s = sinr.shuffled_membership(m, seed=0)
+    assert np.array_equal(np.bincount(s), np.bincount(m))
+    assert (s != m).mean() > 0.5
+    assert np.array_equal(s, sinr.shuffled_membership(m, seed=0))
+    assert not np.array_equal(s, sinr.shuffled_membership(m, seed=1))
+
+
+def test_keep_top_keeps_k_largest_positive_values_per_row():
+    x = np.array([[0.5, -2.0, 0.1, 0.3], [-1.0, -0.5, 0.2, -0.1], [4.0, 3.0, 2.0, 1.0]])
+    out = sinr.keep_top(x, [2, 3, 1]).toarray()
+    np.testing.assert_allclose(out, [[0.5, 0, 0, 0.3], [0, 0, 0.2, 0], [4.0, 0, 0, 0]])
+    assert (sinr.keep_top(x, 0).toarray() == 0).all()
+
+
+def test_package_rule_counts_zero_valued_words_as_top_where_the_book_rule_does_not():
+    # 40 words, 2 dimensions; dimension 1 has a single non-zero, so its top 10 % (4 words) are mostly zeros
+    x = np.zeros((40, 2))
+    x[:20, 0] = np.linspace(1, 2, 20)
+    x[30, 1] = 1.0
+    _, dims_book = sinr.intrusion_sets(x, top=2, seed=0)
+    sets_pkg, dims_pkg = sinr.intrusion_sets(x, top=2, seed=0, rule="package")
+    # book rule: an intruder for dimension 0 must be positive in the top 10 % of dimension 1: only word 30,
+    # which is in dimension 0's bottom half; for dimension 1 it must be top of dimension 0 (words 16-19, all
+    # in dimension 1's zero bottom), so both dimensions get one
+    assert dims_book.tolist() == [0, 1]
+    assert dims_pkg.tolist() == [0, 1]
+    assert x[sets_pkg[1, 1], 1] == 0, "the package's top-2 words of dimension 1 include a zero-valued word"
+    union_zero = [w for w in range(40) if x[w].max() == 0]
+    picked = {int(sinr.intrusion_sets(x, top=2, seed=s, rule="package")[0][0, 2]) for s in range(30)}
+    assert picked & set(union_zero), "zero-valued words counted as 'top' elsewhere become intruders"
+    assert sinr.dist_ratio(_planted(), rule="package") > 3
+
+
+def test_similarity_ci_brackets_the_point_estimate():
+    rng = np.random.default_rng(0)
+    vectors = rng.random((30, 5))
+    words = [f"w{i}" for i in range(30)]
+    pairs = [(f"w{i}", f"w{i + 1}", float(rng.random())) for i in range(29)]
+    rho, _ = sinr.similarity_correlation(vectors, words, pairs)
+    e = sinr.similarity_ci(vectors, words, pairs, n_resamples=200)
+    assert e.value == pytest.approx(rho) and e.lo <= rho <= e.hi and e.hi - e.lo > 0.1
+
+
+def test_nonnegative_sparse_code_is_non_negative_and_as_sparse_as_asked():
+    x = _planted(n_dims=6, per_dim=10)
+    codes = sinr.nonnegative_sparse_code(x, 6, 2, alpha=0.01, epochs=5, seed=0)
+    assert codes.shape == (60, 6) and codes.min() >= 0
+    assert np.diff(codes.indptr).max() <= 2
+    # planted clusters: words of one cluster share their strongest code
+    best = np.asarray(codes.argmax(axis=1)).ravel().reshape(6, 10)
+    assert all(np.bincount(row).max() >= 8 for row in best)
