@@ -36,6 +36,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from helpers import common
+
 # ---------------------------------------------------------------------------------------------
 # General capacities on a few criteria (brute force over all 2**n subsets)
 # ---------------------------------------------------------------------------------------------
@@ -452,13 +454,9 @@ def distil(student: nn.Module, inputs: Tensor, teacher_logits: Tensor, *, temper
                          f"{tuple(teacher_logits.shape)}")
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small dense ops: one thread is faster, and immune to a busy machine
-    try:
+    with common.torch_threads(1):  # small dense ops: one thread is faster, and immune to a busy machine
         return _distil(student, inputs, teacher_logits, temperature=temperature, epochs=epochs,
                        batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _distil(student, inputs, teacher_logits, *, temperature, epochs, batch_size, lr, weight_decay, seed):

@@ -385,12 +385,8 @@ def train_clip(recipe: ClipRecipe = RECIPE, *, progress: bool = True,
         ``(model in eval mode, history)`` with ``history`` lists ``"step"``, ``"loss"``, ``"seconds"``
         (every 50 steps) and the MiniLM encoding time ``"caption_seconds"``.
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small batches: one thread is faster, and immune to a busy machine
-    try:
+    with common.torch_threads(1):  # small batches: one thread is faster, and immune to a busy machine
         return _train_clip(recipe, progress=progress, text=text)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _train_clip(recipe: ClipRecipe, *, progress: bool, text: MiniLMText | None) -> tuple[FashionClip, dict]:

@@ -614,6 +614,18 @@ def zscl(model: ContinualClip, task: Task, *, state: State) -> ContinualClip:
     return _fine_tune(model, task, state, distil)
 
 
+def _zscl_prepare(state: State) -> None:
+    """ZSCL's reference set: images and captions drawn once, before the stream (``state.recipe``'s sizes)."""
+    recipe = state.recipe
+    state.reference_images = reference_images(recipe.n_reference, seed=recipe.seed)
+    table = clip.caption_table()
+    pick = torch.randperm(len(table), generator=torch.Generator().manual_seed(recipe.seed))
+    state.reference_texts = [table[i] for i in pick[: recipe.n_reference_texts].tolist()]
+
+
+zscl.prepare = _zscl_prepare
+
+
 def replay(model: ContinualClip, task: Task, *, state: State) -> ContinualClip:
     """Fine-tune with a small replay buffer: each step adds a batch of stored earlier-task examples.
 
@@ -824,18 +836,14 @@ def run_stream(method: str | Callable[..., ContinualClip], initial: clip.Fashion
         raise ValueError("the stream is empty: give at least one Task")
     from tqdm.auto import tqdm
 
-    threads, wall = torch.get_num_threads(), time.perf_counter()
-    torch.set_num_threads(1)
-    try:
+    wall = time.perf_counter()
+    with common.torch_threads(1):
         common.set_seed(recipe.seed)
         start = ContinualClip(copy.deepcopy(initial)).eval().requires_grad_(False)
         state = State(initial=ContinualClip(copy.deepcopy(initial)).eval().requires_grad_(False), recipe=recipe)
         name = method if isinstance(method, str) else fn.__name__
-        if fn is zscl:
-            state.reference_images = reference_images(recipe.n_reference, seed=recipe.seed)
-            table = clip.caption_table()
-            pick = torch.randperm(len(table), generator=torch.Generator().manual_seed(recipe.seed))
-            state.reference_texts = [table[i] for i in pick[: recipe.n_reference_texts].tolist()]
+        if hasattr(fn, "prepare"):  # a method that needs more than the stream (ZSCL's reference set)
+            fn.prepare(state)
         model, rows, seconds, cpu_seconds = start, [evaluate(start, tasks, zero_shot_task)], [], []
         for step, task in enumerate(tqdm(tasks, desc=name, disable=not progress)):
             state.step = step
@@ -848,8 +856,6 @@ def run_stream(method: str | Callable[..., ContinualClip], initial: clip.Fashion
             after = model.clip.state_dict()
             frozen = all(torch.equal(v, after[k]) for k, v in before.items())  # tower unchanged: reuse embeddings
             rows.append(evaluate(model, tasks, zero_shot_task, image_emb=rows[-1]["image_emb"] if frozen else None))
-    finally:
-        torch.set_num_threads(threads)
     tower = n_parameters(nn.ModuleList([model.clip.vit, model.clip.image_proj, model.clip.text_proj]))
     trained = {"zero-shot": 0, "linear probe": sum(h.numel() for h in model.heads.values()),
                "CoOp": model.context.vectors.numel() if model.context is not None else 0}.get(name, tower)

@@ -199,12 +199,8 @@ def train_rare_clip(recipe: RareClipRecipe = RARE_RECIPE, *, progress: bool = Tr
     """
     if not isinstance(recipe, RareClipRecipe):
         raise ValueError(f"recipe must be a RareClipRecipe, got {type(recipe).__name__}")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small batches: one thread is faster, and immune to a busy machine
-    try:
+    with common.torch_threads(1):  # small batches: one thread is faster, and immune to a busy machine
         return _train_rare_clip(recipe, progress=progress)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _train_rare_clip(recipe: RareClipRecipe, *, progress: bool) -> tuple[clip.FashionClip, dict]:
