@@ -773,3 +773,556 @@ def row_sums_ok(attn: Tensor, mask: Tensor) -> bool:
     sums = attn.sum(-1)  # [layer, batch, head, query]
     target = mask[None, :, None, :].to(sums.dtype)
     return bool(((sums - target).abs() <= ROW_TOL).all())
+
+
+# ---------------------------------------------------------------------------------------------
+# Held-out selection of the best head per relation (Clark Table 1 without selection bias)
+# ---------------------------------------------------------------------------------------------
+
+CLARK_OFFSETS = (-3, -2, -1, 0, 1, 2)
+"""The fixed offsets of Clark et al.'s baseline (``range(-3, 3)`` in their Syntax_Analysis notebook;
+offset 0 points at the word itself and is never right)."""
+
+POSSESSIVE_MARKERS = ("'s", "s'", "’s", "s’")
+
+
+class ArcRecords:
+    """Per-dependent outcomes of every (head, direction) and every offset, for held-out selection.
+
+    :class:`RelationProbe` only keeps counts, so the best head of a relation is chosen and scored on
+    the same sentences. ``ArcRecords`` keeps, for every scored dependent, whether each of the
+    ``layer x head x 2`` attention predictors and each fixed offset found its gold head, with the
+    sentence it comes from, so that :meth:`table` can pick the best option on one set of sentences
+    and report it on another (``helpers.stats.select_then_report``).
+
+    Clark et al.'s special case for possessives is applied when ``possessive=True``: for a ``poss``
+    dependent followed by ``'s``, the prediction made *from the* ``'s`` token is scored instead (in
+    their trees and in spaCy's, ``'s`` sits between the possessor and the possessed noun).
+    The offset baseline predicts word ``d + o`` clipped to the sentence, as in their code.
+
+    Args:
+        relations: relation labels to keep (others count only in ``"all"``).
+        offsets: offsets of the baseline (Clark's -3..+2 by default).
+        possessive: apply the possessive special case (to heads and offsets alike, as Clark does).
+
+    Call :meth:`update` per batch, then :meth:`table` or :meth:`outcomes`.
+    """
+
+    DIRECTIONS = ("dep->head", "head->dep")
+
+    def __init__(self, relations: Sequence[str], *, offsets: Sequence[int] = CLARK_OFFSETS, possessive: bool = True):
+        if len(relations) == 0:
+            raise ValueError("give at least one relation label, e.g. ['det', 'dobj']")
+        self.relations = list(relations)
+        self.offsets = list(offsets)
+        self.possessive = possessive
+        self._index = {r: i for i, r in enumerate(self.relations)}
+        self._parts: dict[str, list[Tensor]] = {
+            k: [] for k in ("dep->head", "head->dep", "offset", "rel", "sentence", "word")
+        }
+        self.shape: tuple[int, int] | None = None
+
+    def update(
+        self,
+        word_attn: Tensor,
+        gold: Tensor,
+        words: Sequence[Sequence[str]],
+        labels: Sequence[Sequence[str]],
+        n_words: Tensor,
+        sentence_ids: Sequence[int],
+    ) -> None:
+        """Add one batch.
+
+        Args:
+            word_attn: [layer, batch, head, word, word] (layout of :func:`align_words`).
+            gold: [batch, word] gold heads from :func:`gold_heads` (-1: not scored).
+            words, labels: the words and relation labels of each sentence (words 1..n of the layout).
+            n_words: [batch] words kept after truncation.
+            sentence_ids: [batch] index of each sentence in the corpus (the unit of the split).
+        """
+        n_layers, batch, n_heads, width, _ = word_attn.shape
+        if gold.shape != (batch, width) or len(labels) != batch or len(words) != batch or len(sentence_ids) != batch:
+            raise ValueError(
+                f"gold {tuple(gold.shape)}, words, labels and sentence_ids must describe the batch of "
+                f"word_attn {tuple(word_attn.shape)}"
+            )
+        self.shape = (n_layers, n_heads)
+        source = torch.arange(width)[None, :].repeat(batch, 1)  # [batch, word] whose prediction is scored
+        rel = torch.full((batch, width), -1, dtype=torch.long)
+        for b in range(batch):
+            n = int(n_words[b])
+            for w in range(1, n + 1):
+                rel[b, w] = self._index.get(labels[b][w - 1], len(self.relations))
+                if (
+                    self.possessive
+                    and labels[b][w - 1] == "poss"
+                    and w < n
+                    and words[b][w].lower() in POSSESSIVE_MARKERS
+                ):
+                    source[b, w] = w + 1  # score the 's token's prediction (Clark's special case)
+        keep = gold >= 0  # [batch, word]
+        b_idx, w_idx = keep.nonzero(as_tuple=True)
+        src = source[b_idx, w_idx]
+        target = gold[b_idx, w_idx]
+        for direction in self.DIRECTIONS:
+            pred = head_predictions(word_attn, n_words, direction=direction)  # [layer, batch, head, word]
+            hit = pred.permute(1, 3, 0, 2)[b_idx, src] == target[:, None, None]  # [dep, layer, head]
+            self._parts[direction].append(hit.reshape(len(b_idx), -1))  # [dep, layer*head]
+        n = n_words[b_idx]
+        offset_pred = (src[:, None] + torch.tensor(self.offsets)[None, :]).clamp(min=torch.zeros_like(n)[:, None],
+                                                                                  max=n[:, None])
+        self._parts["offset"].append(offset_pred == target[:, None])  # [dep, offset]
+        self._parts["rel"].append(rel[b_idx, w_idx])
+        self._parts["sentence"].append(torch.as_tensor(list(sentence_ids))[b_idx])
+        self._parts["word"].append(w_idx)
+
+    def outcomes(self) -> dict[str, np.ndarray]:
+        """``{"dep->head", "head->dep": [dep, layer*head] bool, "offset": [dep, offset] bool,
+        "rel": [dep] relation id (len(relations) = other), "sentence": [dep], "word": [dep] position
+        of the dependent in the layout (1 = first word)}``."""
+        if not self._parts["rel"]:
+            raise ValueError("no batch seen yet: call update() first")
+        return {k: torch.cat(v).numpy() for k, v in self._parts.items()}
+
+    def state(self) -> dict:
+        """A compact, picklable copy (bits packed) for a cached artefact; see :meth:`from_state`."""
+        out = self.outcomes()
+        packed = {k: (np.packbits(v, axis=-1), v.shape[-1]) for k, v in out.items() if v.dtype == bool}
+        return {"relations": self.relations, "offsets": self.offsets, "possessive": self.possessive,
+                "shape": self.shape, "packed": packed, "rel": out["rel"], "sentence": out["sentence"],
+                "word": out["word"]}
+
+    @classmethod
+    def from_state(cls, state: dict) -> ArcRecords:
+        """Rebuild the records saved by :meth:`state`."""
+        rec = cls(state["relations"], offsets=state["offsets"], possessive=state["possessive"])
+        rec.shape = tuple(state["shape"])
+        for k, (bits, count) in state["packed"].items():
+            rec._parts[k] = [torch.from_numpy(np.unpackbits(bits, axis=-1, count=count).astype(bool))]
+        rec._parts["rel"] = [torch.from_numpy(state["rel"])]
+        rec._parts["sentence"] = [torch.from_numpy(state["sentence"])]
+        rec._parts["word"] = [torch.from_numpy(state["word"])]
+        return rec
+
+    def _options(self, out: dict, rows: np.ndarray) -> dict:
+        n_layers, n_heads = self.shape
+        options = {}
+        for direction in self.DIRECTIONS:
+            for k in range(n_layers * n_heads):
+                options[(direction, k // n_heads, k % n_heads)] = out[direction][rows, k]
+        return options
+
+    def table(self, select: Sequence[int], report: Sequence[int], *, n_resamples: int = 2000, seed: int = 0):
+        """Best head and best offset per relation, chosen on the ``select`` sentences and reported,
+        with 95 % bootstrap intervals over dependents, on the ``report`` sentences.
+
+        Args:
+            select, report: disjoint sentence ids (e.g. from ``helpers.stats.split_indices``).
+            n_resamples, seed: of the bootstrap.
+
+        Returns:
+            DataFrame indexed by relation (and ``"all"``): ``count`` (report dependents), ``best head``
+            (``L{layer}·H{head}``, from 1), ``direction``, ``selection accuracy`` (its accuracy on the
+            select half), ``selection gain`` (its margin over the best offset there), ``accuracy``
+            (:class:`~helpers.stats.Estimate` on the report half),
+            ``in-sample best`` (the best option's accuracy when chosen on the report half itself, the
+            optimistic number), ``best offset``, ``offset accuracy`` (Estimate, offset also chosen on
+            the select half) and ``gain`` (paired bootstrap Estimate of head − offset on the report half).
+        """
+        import pandas as pd
+
+        from helpers import stats
+
+        out = self.outcomes()
+        select_set, report_set = set(map(int, select)), set(map(int, report))
+        if select_set & report_set:
+            raise ValueError("select and report sentences overlap: held-out selection needs disjoint sets")
+        in_select = np.isin(out["sentence"], list(select_set))
+        in_report = np.isin(out["sentence"], list(report_set))
+        rows = []
+        for r, name in enumerate([*self.relations, "all"]):
+            is_rel = np.ones_like(in_select) if name == "all" else out["rel"] == r
+            sel, rep = np.flatnonzero(is_rel & in_select), np.flatnonzero(is_rel & in_report)
+            if sel.size < 2 or rep.size < 2:
+                continue
+            chosen = stats.select_then_report(self._options(out, sel), self._options(out, rep),
+                                              n_resamples=n_resamples, seed=seed)
+            offsets_sel = {o: out["offset"][sel, i] for i, o in enumerate(self.offsets)}
+            offsets_rep = {o: out["offset"][rep, i] for i, o in enumerate(self.offsets)}
+            base = stats.select_then_report(offsets_sel, offsets_rep, n_resamples=n_resamples, seed=seed)
+            head_hits = self._options(out, rep)[chosen.key]
+            in_sample = max(float(v.mean()) for v in self._options(out, rep).values())
+            direction, layer, head = chosen.key
+            rows.append(
+                {
+                    "relation": name,
+                    "count": int(rep.size),
+                    "best head": f"L{layer + 1}·H{head + 1}",
+                    "direction": direction,
+                    "selection accuracy": chosen.select_score,
+                    "selection gain": chosen.select_score - base.select_score,
+                    "accuracy": chosen.report,
+                    "in-sample best": in_sample,
+                    "best offset": int(base.key),
+                    "offset accuracy": base.report,
+                    "gain": stats.paired_difference(head_hits, offsets_rep[base.key], n_resamples=n_resamples,
+                                                    seed=seed),
+                }
+            )
+        return pd.DataFrame(rows).set_index("relation")
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention-based probing classifier (Clark et al. §5, the "Attn" probe of their Table 3)
+# ---------------------------------------------------------------------------------------------
+
+
+def arc_features(word_attn: Tensor, n_words: Tensor) -> list[Tensor]:
+    """Both directions of every head's word attention, per sentence, for :class:`AttentionParser`.
+
+    Args:
+        word_attn: [layer, batch, head, word, word] (layout of :func:`align_words`: ``[CLS]`` = 0,
+            words 1..n, ``[SEP]`` = n + 1).
+        n_words: [batch] real words per sentence.
+
+    Returns:
+        one ``[n, n + 2, 2 * layer * head]`` tensor per sentence: row ``d`` is dependent word
+        ``d + 1``; column ``c`` is candidate ``c`` of the layout (0 = ``[CLS]``, ``n + 1`` = ``[SEP]``);
+        features ``A_k[d, c]`` for the heads ``k``, then ``A_k[c, d]`` (Clark's "transpose").
+    """
+    n_layers, batch, n_heads = word_attn.shape[:3]
+    if n_words.shape != (batch,):
+        raise ValueError(f"n_words must be [batch] = ({batch},), got {tuple(n_words.shape)}")
+    maps = word_attn.permute(1, 0, 2, 3, 4).reshape(batch, n_layers * n_heads, *word_attn.shape[-2:])
+    feats = []
+    for b in range(batch):
+        n = int(n_words[b])
+        a = maps[b, :, : n + 2, : n + 2]  # [map, word, word]
+        both = torch.cat([a, a.transpose(-1, -2)], 0)  # [2 * map, word, word]
+        feats.append(both[:, 1 : n + 1].permute(1, 2, 0).contiguous())  # [dep, candidate, 2 * map]
+    return feats
+
+
+def parser_targets(heads: Sequence[int], labels: Sequence[str], n: int) -> Tensor:
+    """Gold candidate of each of the first ``n`` words for :class:`AttentionParser`: 0 for the root,
+    ``h + 1`` for word ``h``, -1 when the head was cut by truncation (spaCy roots point to themselves).
+
+    >>> parser_targets([1, 1, 1], ["det", "ROOT", "punct"], 3)
+    tensor([2, 0, 2])
+    """
+    out = []
+    for w, (h, lab) in enumerate(zip(heads[:n], labels[:n], strict=True)):
+        out.append(0 if (h == w or lab == "ROOT") else (h + 1 if h < n else -1))
+    return torch.tensor(out, dtype=torch.long)
+
+
+class AttentionParser(nn.Module):
+    """Clark et al.'s attention-only probing classifier: a linear combination of attention maps.
+
+    The score of candidate head ``i`` for dependent ``j`` is ``sum_k w_k a^k_ji + u_k a^k_ij`` over
+    the heads ``k``; the root's score uses the attention to ``[CLS]`` and ``[SEP]``,
+    ``s * score(j, [CLS]) + e * score(j, [SEP])`` with two more learned scalars (their
+    ``ROOT_start`` / ``ROOT_end``). A softmax over the root and the sentence's words gives
+    ``p(head | dependent)``.
+
+    Args:
+        n_features: ``2 * layers * heads`` (both directions of every head).
+
+    >>> parser = AttentionParser(2)
+    >>> feats = torch.zeros(1, 3, 2); feats[0, 2, 0] = 1.0   # one dependent, candidates [CLS], w1, [SEP]
+    >>> with torch.no_grad():
+    ...     parser.weight[0] = 5.0
+    >>> parser(feats).shape   # root + 1 word
+    torch.Size([1, 2])
+    """
+
+    def __init__(self, n_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(n_features))
+        self.root = nn.Parameter(torch.ones(2))
+
+    def forward(self, feats: Tensor) -> Tensor:
+        """``feats`` [dep, n + 2, features] of one sentence -> logits [dep, 1 + n] (0 = root)."""
+        scores = feats.float() @ self.weight  # [dep, n + 2]
+        root = self.root[0] * scores[:, 0] + self.root[1] * scores[:, -1]
+        return torch.cat([root[:, None], scores[:, 1:-1]], 1)
+
+    def fit(self, feats: Sequence[Tensor], targets: Sequence[Tensor], *, epochs: int = 30, lr: float = 0.01,
+            seed: int = 0) -> list[float]:
+        """Train with Adam on whole sentences (the sum of the dependents' cross-entropies, as Clark et
+        al., over ``epochs`` passes in a seeded random order). Returns the mean loss per epoch."""
+        if len(feats) != len(targets) or len(feats) == 0:
+            raise ValueError("feats and targets must be non-empty lists of the same length (one per sentence)")
+        opt = torch.optim.Adam(self.parameters(), lr=lr)
+        gen = torch.Generator().manual_seed(seed)
+        history = []
+        n_deps = sum(int((t >= 0).sum()) for t in targets)
+        for _ in range(epochs):
+            total = 0.0
+            for i in torch.randperm(len(feats), generator=gen).tolist():
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(self(feats[i]), targets[i], ignore_index=-1, reduction="sum")
+                loss.backward()
+                opt.step()
+                total += float(loss.detach())
+            history.append(total / max(n_deps, 1))
+        return history
+
+    @torch.no_grad()
+    def predict(self, feats: Tensor) -> Tensor:
+        """[dep] predicted head: 0 = root, ``i`` = word ``i`` (1-based)."""
+        return self(feats).argmax(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Downstream probes under ablation: per-example outcomes, so that effects get intervals
+# ---------------------------------------------------------------------------------------------
+
+
+def bigram_shift(sentences: Sequence[str], *, seed: int = 0) -> tuple[list[str], np.ndarray]:
+    """Conneau et al.'s (2018) bigram-shift probing task: every second sentence gets two adjacent
+    words swapped, and the label says which (1 = shifted).
+
+    Words are split on whitespace; the swapped pair never includes the last word (so sentence-final
+    punctuation stays in place) and never consists of two equal words.
+
+    >>> texts, y = bigram_shift(["the cat sat on the mat .", "a dog ran home today ."], seed=0)
+    >>> y.tolist(), texts[0]
+    ([0, 1], 'the cat sat on the mat .')
+    """
+    if isinstance(sentences, str) or len(sentences) == 0:
+        raise ValueError("sentences must be a non-empty list of strings")
+    rng = np.random.default_rng(seed)
+    texts, labels = [], []
+    for i, sentence in enumerate(sentences):
+        words = sentence.split()
+        shift = i % 2 == 1
+        if shift:
+            if len(words) < 3:
+                raise ValueError(f"sentence {i} has {len(words)} words; bigram shift needs at least 3")
+            choices = [j for j in range(len(words) - 2) if words[j] != words[j + 1]]
+            j = int(rng.choice(choices)) if choices else 0
+            words[j], words[j + 1] = words[j + 1], words[j]
+        texts.append(" ".join(words))
+        labels.append(int(shift))
+    return texts, np.array(labels)
+
+
+def probe_under_ablation(
+    model: nn.Module,
+    tokenizer,
+    train_texts: Sequence[str],
+    y_train,
+    test_texts: Sequence[str],
+    y_test,
+    keep: Tensor,
+    *,
+    max_length: int = 64,
+    batch_size: int = 64,
+) -> dict[str, np.ndarray]:
+    """Per-example outcomes of a frozen linear probe when heads are masked.
+
+    A logistic regression is trained on the normalised mean-pooled embeddings of the unablated
+    model (``train_texts``) and left unchanged; each mask of ``keep`` is then applied to the test
+    passages (:func:`ablated_embeddings`) and every test example's correctness and cross-entropy
+    recorded, so that differences between masks can be given paired intervals over examples.
+
+    Args:
+        model, tokenizer: a BERT-like encoder and its tokenizer.
+        train_texts, y_train: the probe's training data (integer classes).
+        test_texts, y_test: the held-out examples.
+        keep: [config, layer, head] masks (1 keep, 0 ablate).
+        max_length, batch_size: tokenisation and batching.
+
+    Returns:
+        ``{"correct": [config, text] bool, "loss": [config, text] float32, "cos": [config, text]
+        float32 (cosine to the unablated embedding), "base_correct", "base_loss": [text] of the
+        unablated model, "train_accuracy": float, "coef": [class, d], "intercept": [class]}``.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    layers = _layers(model)
+    ones = torch.ones(1, len(layers), model.config.num_attention_heads)
+    if keep.ndim != 3 or keep.shape[1:] != ones.shape[1:]:
+        raise ValueError(
+            f"keep must be [config, layer, head] = [*, {ones.shape[1]}, {ones.shape[2]}], got {tuple(keep.shape)}"
+        )
+    y_train, y_test = np.asarray(y_train), np.asarray(y_test)
+    if len(y_train) != len(train_texts) or len(y_test) != len(test_texts):
+        raise ValueError("each text needs one label: len(y_train) == len(train_texts), len(y_test) == len(test_texts)")
+    train = nn.functional.normalize(
+        ablated_embeddings(model, tokenizer, train_texts, ones, max_length=max_length, batch_size=batch_size)[0], dim=-1
+    )
+    clf = LogisticRegression(max_iter=5000).fit(train.numpy(), y_train)
+    test = ablated_embeddings(model, tokenizer, test_texts, torch.cat([ones, keep.float()]), max_length=max_length,
+                              batch_size=batch_size)  # [1 + config, text, d]
+    cos = nn.functional.cosine_similarity(test, test[:1], dim=-1)  # [1 + config, text]
+    w = torch.tensor(clf.coef_, dtype=torch.float32)
+    b = torch.tensor(clf.intercept_, dtype=torch.float32)
+    if w.shape[0] == 1:  # binary: sklearn keeps one row; make it a two-class softmax
+        w, b = torch.cat([torch.zeros_like(w), w]), torch.cat([torch.zeros_like(b), b])
+    logits = nn.functional.normalize(test, dim=-1) @ w.T + b  # [1 + config, text, class]
+    y = torch.as_tensor(y_test, dtype=torch.long)
+    loss = nn.functional.cross_entropy(logits.permute(0, 2, 1), y[None].expand(len(logits), -1), reduction="none")
+    correct = logits.argmax(-1) == y[None]
+    return {
+        "correct": correct[1:].numpy(),
+        "loss": loss[1:].numpy().astype(np.float32),
+        "cos": cos[1:].numpy().astype(np.float32),
+        "base_correct": correct[0].numpy(),
+        "base_loss": loss[0].numpy().astype(np.float32),
+        "train_accuracy": float(clf.score(train.numpy(), y_train)),
+        "coef": w.numpy(),
+        "intercept": b.numpy(),
+    }
+
+
+HEAD_POSITIONS = ("root", "<=-3", "-2", "-1", "+1", "+2", ">=+3")
+"""Classes of :func:`head_positions`: where a word's syntactic head sits relative to it."""
+
+
+def head_positions(
+    heads: Sequence[int], labels: Sequence[str], n: int, *, skip: Sequence[str] = ("punct",)
+) -> list[int]:
+    """Class (index into :data:`HEAD_POSITIONS`) of the relative position of each word's head.
+
+    Args:
+        heads, labels: one sentence's 0-based heads (a root points to itself) and relation labels.
+        n: words kept after truncation; a word whose head was cut gets -1.
+        skip: labels not scored (-1), punctuation by default as in attachment scores.
+
+    >>> head_positions([1, 1, 1, 0], ["det", "ROOT", "punct", "dep"], 4)
+    [4, 0, -1, 1]
+    """
+    out = []
+    for w, (h, lab) in enumerate(zip(heads[:n], labels[:n], strict=True)):
+        if lab in skip or h >= n:
+            out.append(-1)
+        elif h == w or lab == "ROOT":
+            out.append(0)
+        else:
+            d = h - w
+            out.append({-2: 2, -1: 3, 1: 4, 2: 5}.get(d, 1 if d < 0 else 6))
+    return out
+
+
+def _ablated_last_hidden(model: nn.Module, enc, keep: Tensor) -> Iterator[tuple[int, Tensor]]:
+    """Last hidden state [batch, pos, d] of one encoded batch under every mask of ``keep``, each run
+    restarting from the hidden state entering its first masked layer (as :func:`ablated_embeddings`)."""
+    layers = _layers(model)
+    seen: dict[str, Tensor] = {}
+
+    def grab_mask(_module, args, kwargs):
+        seen["mask"] = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+
+    handle = layers[0].register_forward_pre_hook(grab_mask, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            hidden = model(**enc, output_hidden_states=True).hidden_states  # (layer + 1) x [batch, pos, d]
+    finally:
+        handle.remove()
+    for c, k in enumerate(keep):
+        lo = int((k != 1).any(1).float().argmax()) if bool((k != 1).any()) else len(layers)
+        h = hidden[lo]
+        with torch.inference_mode(), head_mask(model, k):
+            for layer in layers[lo:]:
+                h = layer(h, seen["mask"])
+                h = h[0] if isinstance(h, tuple) else h
+        yield c, h
+
+
+def ablated_word_vectors(
+    model: nn.Module, tokenizer, words: Sequence[Sequence[str]], keep: Tensor, *, max_length: int = 64,
+    batch_size: int = 64,
+) -> Tensor:
+    """Last-layer vector of every word (mean of its pieces) under several head masks.
+
+    Args:
+        model, tokenizer: a BERT-like encoder and its fast tokenizer.
+        words: one list of words per sentence (tokenised with ``is_split_into_words=True``).
+        keep: [config, layer, head] masks (1 keep, 0 ablate).
+        max_length, batch_size: truncation and batching.
+
+    Returns:
+        [config, word, d]: the words of all sentences in order, each sentence's words cut by
+        truncation left out (``align_words(...).amax(1) - 1`` words are kept per sentence).
+    """
+    layers = _layers(model)
+    if keep.ndim != 3 or keep.shape[1:] != (len(layers), model.config.num_attention_heads):
+        raise ValueError(
+            f"keep must be [config, layer, head] with {len(layers)} layers and "
+            f"{model.config.num_attention_heads} heads, got {tuple(keep.shape)}"
+        )
+    device = next(model.parameters()).device
+    chunks: list[list[Tensor]] = [[] for _ in range(len(keep))]
+    for start in range(0, len(words), batch_size):
+        batch_words = [list(w) for w in words[start : start + batch_size]]
+        enc = tokenizer(batch_words, is_split_into_words=True, truncation=True, max_length=max_length, padding=True,
+                        return_tensors="pt")
+        word_index = align_words(tokenizer, batch_words, max_length=max_length)  # [batch, pos]
+        n_words = word_index.amax(1) - 1  # [batch]
+        width = int(n_words.max())
+        member = (word_index[:, None, :] == torch.arange(1, width + 1)[None, :, None]).float()  # [batch, word, pos]
+        mean = member / member.sum(-1, keepdim=True).clamp_min(1)
+        real = torch.arange(width)[None, :] < n_words[:, None]  # [batch, word]
+        for c, h in _ablated_last_hidden(model, enc.to(device), keep):
+            vec = torch.einsum("bwp,bpd->bwd", mean.to(h), h).cpu()  # [batch, word, d]
+            chunks[c].append(vec[real])
+    return torch.stack([torch.cat(ch) for ch in chunks])
+
+
+def word_probe_under_ablation(
+    model: nn.Module,
+    tokenizer,
+    train_words: Sequence[Sequence[str]],
+    y_train: Sequence[Sequence[int]],
+    test_words: Sequence[Sequence[str]],
+    y_test: Sequence[Sequence[int]],
+    keep: Tensor,
+    *,
+    max_length: int = 64,
+) -> dict[str, np.ndarray]:
+    """:func:`probe_under_ablation` for a word-level probe: a logistic regression on each word's
+    standardised last-layer vector, trained on the unablated model and frozen.
+
+    Args:
+        train_words, test_words: one list of words per sentence.
+        y_train, y_test: per sentence, one class per word kept after truncation (-1: not scored),
+            e.g. :func:`head_positions`.
+        keep: [config, layer, head] masks.
+
+    Returns:
+        as :func:`probe_under_ablation`, over the scored test words (in order), plus ``"y"`` [word].
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    ones = torch.ones(1, *keep.shape[1:])
+    train = ablated_word_vectors(model, tokenizer, train_words, ones, max_length=max_length)[0]
+    y_tr = np.concatenate([np.asarray(y, dtype=np.int64) for y in y_train])
+    if len(y_tr) != len(train):
+        raise ValueError(f"y_train has {len(y_tr)} labels for {len(train)} words kept after truncation")
+    mu, sd = train.mean(0), train.std(0).clamp_min(1e-6)
+    fit = y_tr >= 0
+    clf = LogisticRegression(max_iter=3000).fit(((train - mu) / sd)[fit].numpy(), y_tr[fit])
+    test = ablated_word_vectors(model, tokenizer, test_words, torch.cat([ones, keep.float()]), max_length=max_length)
+    y_te = np.concatenate([np.asarray(y, dtype=np.int64) for y in y_test])
+    if len(y_te) != test.shape[1]:
+        raise ValueError(f"y_test has {len(y_te)} labels for {test.shape[1]} words kept after truncation")
+    scored = y_te >= 0
+    classes = torch.as_tensor(clf.classes_)
+    w = torch.tensor(clf.coef_, dtype=torch.float32)
+    b = torch.tensor(clf.intercept_, dtype=torch.float32)
+    if w.shape[0] == 1:  # binary: sklearn keeps one row; make it a two-class softmax
+        w, b = torch.cat([torch.zeros_like(w), w]), torch.cat([torch.zeros_like(b), b])
+    logits = ((test[:, scored] - mu) / sd) @ w.T + b  # [1 + config, word, class]
+    y = torch.as_tensor(np.searchsorted(clf.classes_, y_te[scored]))
+    loss = nn.functional.cross_entropy(logits.permute(0, 2, 1), y[None].expand(len(logits), -1), reduction="none")
+    correct = classes[logits.argmax(-1)] == torch.as_tensor(y_te[scored])[None]
+    return {
+        "correct": correct[1:].numpy(),
+        "loss": loss[1:].numpy().astype(np.float32),
+        "base_correct": correct[0].numpy(),
+        "base_loss": loss[0].numpy().astype(np.float32),
+        "train_accuracy": float(clf.score(((train - mu) / sd)[fit].numpy(), y_tr[fit])),
+        "y": y_te[scored],
+    }

@@ -8,6 +8,7 @@ heads first for their patterns.
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from transformers import BertConfig, BertModel, BertTokenizerFast
@@ -233,3 +234,144 @@ def test_bad_inputs_raise_clear_errors(batches, model, tokenizer):
         heads.HeadStatistics().result()
     with pytest.raises(ValueError, match="at least one relation"):
         heads.RelationProbe([])
+
+
+# --- held-out selection, Clark's possessive rule and offsets, attention parser, ablation probes ---
+
+
+def _four_sentence_records():
+    """Four copies of "[CLS] the cat sat [SEP]" (det the->cat, nsubj cat->sat): in sentences 10 and 12
+    head 0 is right and head 1 wrong, in sentences 11 and 13 the reverse."""
+    heads_ = [[1, 2, 2]] * 4
+    labels = [["det", "nsubj", "ROOT"]] * 4
+    words = [["the", "cat", "sat"]] * 4
+    n_words = torch.tensor([3] * 4)
+    gold = heads.gold_heads(heads_, labels, n_words, 5)
+    word_attn = torch.zeros(1, 4, 2, 5, 5)
+    right, wrong = {1: 2, 2: 3, 3: 2}, {1: 3, 2: 1, 3: 1}
+    for b in range(4):
+        h0, h1 = (right, wrong) if b % 2 == 0 else (wrong, right)
+        for d, g in h0.items():
+            word_attn[0, b, 0, d, g] = 1.0
+        for d, g in h1.items():
+            word_attn[0, b, 1, d, g] = 1.0
+    records = heads.ArcRecords(["det", "nsubj"])
+    records.update(word_attn, gold, words, labels, n_words, [10, 11, 12, 13])
+    return records
+
+
+def test_arc_records_select_on_one_half_report_on_the_other():
+    records = _four_sentence_records()
+    out = records.outcomes()
+    assert out["sentence"].tolist() == [10, 10, 11, 11, 12, 12, 13, 13] and out["word"].tolist()[:2] == [1, 2]
+    assert out["dep->head"][:4, 0].tolist() == [True, True, False, False]
+    assert records.offsets == [-3, -2, -1, 0, 1, 2]  # Clark's range(-3, 3)
+    # chosen on sentences 10 and 12, where head 0 is perfect; reported on 11 and 13, where it always fails
+    table = records.table([10, 12], [11, 13], n_resamples=200)
+    assert table.loc["det", "best head"] == "L1·H1" and table.loc["det", "selection accuracy"] == 1.0
+    assert table.loc["det", "accuracy"].value == 0.0
+    assert table.loc["det", "in-sample best"] == 1.0  # choosing on the report half would have hidden it
+    assert table.loc["det", "best offset"] == 1 and table.loc["det", "offset accuracy"].value == 1.0
+    assert table.loc["det", "gain"].value == -1.0
+    # swapping the halves swaps the chosen head: the report half never influences the choice
+    swapped = heads.ArcRecords.from_state(records.state()).table([11, 13], [10, 12], n_resamples=200)
+    assert swapped.loc["det", "best head"] == "L1·H2"
+    with pytest.raises(ValueError, match="overlap"):
+        records.table([10, 11], [11, 13])
+
+
+def test_possessive_rule_scores_the_prediction_of_s():
+    # [CLS] John 's car [SEP]: poss(John -> car), case('s -> John), car is the root
+    words = [["John", "'s", "car"]]
+    labels = [["poss", "case", "ROOT"]]
+    n_words = torch.tensor([3])
+    gold = heads.gold_heads([[2, 0, 2]], labels, n_words, 5)
+    word_attn = torch.zeros(1, 1, 1, 5, 5)
+    word_attn[0, 0, 0, 1, 2] = 1.0  # John attends to 's (wrong on its own)
+    word_attn[0, 0, 0, 2, 3] = 1.0  # 's attends to car (right for Clark's rule)
+    word_attn[0, 0, 0, 3, 1] = 1.0
+    hits = {}
+    for possessive in (True, False):
+        records = heads.ArcRecords(["poss"], possessive=possessive)
+        records.update(word_attn, gold, words, labels, n_words, [0])
+        out = records.outcomes()
+        poss = out["rel"] == 0
+        hits[possessive] = (bool(out["dep->head"][poss, 0][0]), out["offset"][poss][0].tolist())
+    assert hits[True][0] and not hits[False][0]
+    # offsets -3..+2 from 's (rule) or from John: +1 from 's and +2 from John reach "car"
+    assert hits[True][1] == [False, False, False, False, True, True]  # +2 is clipped to the last word
+    assert hits[False][1] == [False, False, False, False, False, True]
+
+
+def test_attention_parser_learns_the_informative_map():
+    # two maps: map 0 is 1 exactly on the gold head (or on [CLS] for the root), map 1 is noise
+    gen = torch.Generator().manual_seed(0)
+    feats, targets = [], []
+    for _ in range(30):
+        n = 5
+        target = torch.randint(0, n + 1, (n,), generator=gen)
+        f = torch.zeros(n, n + 2, 2)
+        f[..., 1] = torch.rand(n, n + 2, generator=gen)
+        for d, t in enumerate(target.tolist()):
+            f[d, t if t > 0 else 0, 0] = 1.0
+        feats.append(f)
+        targets.append(target)
+    parser = heads.AttentionParser(2)
+    history = parser.fit(feats[:20], targets[:20], epochs=20, lr=0.05)
+    assert history[-1] < history[0]
+    uas = torch.cat([parser.predict(f) == t for f, t in zip(feats[20:], targets[20:], strict=True)]).float().mean()
+    assert uas == 1.0
+    assert parser.weight[0] > abs(parser.weight[1])
+    with pytest.raises(ValueError, match="same length"):
+        parser.fit(feats, targets[:3])
+
+
+def test_arc_features_layout_and_targets():
+    word_attn = torch.rand(2, 1, 3, 6, 6)  # 2 layers x 3 heads, 4 words
+    feats = heads.arc_features(word_attn, torch.tensor([4]))[0]
+    assert feats.shape == (4, 6, 12)
+    assert feats[1, 3, 4] == word_attn[1, 0, 1, 2, 3]  # dependent word 2 -> candidate 3, layer 1 head 1
+    assert feats[1, 3, 6 + 4] == word_attn[1, 0, 1, 3, 2]  # the transposed map
+    assert heads.parser_targets([1, 1, 5], ["det", "ROOT", "dobj"], 3).tolist() == [2, 0, -1]
+
+
+def test_bigram_shift_swaps_one_adjacent_pair_in_every_second_sentence():
+    sentences = [f"w{i} a b c d e ." for i in range(6)]
+    texts, y = heads.bigram_shift(sentences, seed=1)
+    assert y.tolist() == [0, 1, 0, 1, 0, 1]
+    for s, t, label in zip(sentences, texts, y, strict=True):
+        a, b = s.split(), t.split()
+        diff = [i for i in range(len(a)) if a[i] != b[i]]
+        assert sorted(a) == sorted(b) and a[-1] == b[-1]
+        assert diff == [] if label == 0 else (len(diff) == 2 and diff[1] == diff[0] + 1)
+    with pytest.raises(ValueError, match="at least 3"):
+        heads.bigram_shift(["a b", "c d"])
+
+
+def test_head_positions_classes():
+    # "the cat sat on mats ." : det(+1), nsubj(+1), ROOT, prep(-1), pobj(-1), punct
+    assert heads.head_positions([1, 2, 2, 2, 3, 2], ["det", "nsubj", "ROOT", "prep", "pobj", "punct"], 6) == [
+        4, 4, 0, 3, 3, -1]
+    assert heads.head_positions([3, 3, 3, 0], ["det", "amod", "ROOT", "dep"], 4) == [6, 5, 0, 1]
+
+
+def test_probes_under_ablation_match_the_unablated_model(model, tokenizer):
+    keep = torch.ones(2, N_LAYERS, N_HEADS)
+    keep[1, 0, 0] = 0  # the previous-token head
+    out = heads.probe_under_ablation(model, tokenizer, SENTENCES * 2, [0, 1, 0, 1] * 2, SENTENCES, [0, 1, 0, 1], keep)
+    assert out["correct"].shape == out["loss"].shape == out["cos"].shape == (2, 4)
+    assert np.allclose(out["cos"][0], 1.0, atol=1e-5) and (out["correct"][0] == out["base_correct"]).all()
+    assert np.allclose(out["loss"][0], out["base_loss"], atol=1e-5)
+    assert (out["cos"][1] < 1 - 1e-5).all()  # masking a crafted head moves every embedding
+    words = [s.split() for s in SENTENCES]
+    labels = [[i % 2 for i in range(len(w))] for w in words]
+    vecs = heads.ablated_word_vectors(model, tokenizer, words, keep)
+    assert vecs.shape == (2, sum(map(len, words)), D)
+    wout = heads.word_probe_under_ablation(model, tokenizer, words, labels, words, labels, keep)
+    assert wout["correct"].shape == (2, sum(map(len, words)))
+    assert (wout["correct"][0] == wout["base_correct"]).all()
+    with pytest.raises(ValueError, match="labels for"):
+        heads.word_probe_under_ablation(model, tokenizer, words, labels[:-1], words, labels, keep)
+    with pytest.raises(ValueError, match="keep must be"):
+        heads.probe_under_ablation(model, tokenizer, SENTENCES, [0, 1, 0, 1], SENTENCES, [0, 1, 0, 1],
+                                   torch.ones(N_LAYERS, N_HEADS))
