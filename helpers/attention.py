@@ -6,7 +6,9 @@ attention probabilities ``attn  # [layer, batch, head, query, key]`` with paddin
 applies to any BERT-like Hugging Face encoder and to any mask.
 
 References: Vaswani et al. (2017) for the attention block; Abnar & Zuidema (2020), "Quantifying
-Attention Flow in Transformers", for rollout (their eq. 1) and flow (their §3).
+Attention Flow in Transformers", for rollout (their eq. 1), flow (their §3) and the verb-number
+setting (a ``[CLS]`` classifier explained by blank-out on the class probability); Kobayashi et al.
+(2020) for value norms; Chefer, Gur & Wolf (2021) for gradient-weighted rollout.
 """
 
 from __future__ import annotations
@@ -40,7 +42,19 @@ __all__ = [
     "draw_attention_graph",
     "sentence_embedding",
     "blank_out",
+    "blank_out_outputs",
     "input_x_gradient",
+    "value_norms",
+    "GradientMaps",
+    "attention_gradients",
+    "grad_rollout",
+    "VerbNumber",
+    "verb_number_task",
+    "SETTINGS",
+    "probe_logits",
+    "setting_target",
+    "setting_importance",
+    "verb_number_importance",
 ]
 
 
@@ -743,6 +757,86 @@ def _encode(tokenizer, sentences, max_length):
     )
 
 
+def blank_out_outputs(
+    model: nn.Module,
+    tokenizer,
+    sentences: Sequence[str],
+    *,
+    readout=None,
+    replacement: str = "[UNK]",
+    max_length: int = 64,
+    batch_size: int = 128,
+) -> tuple[Tensor, Tensor]:
+    """The model's outputs for each sentence and for each copy with one word piece blanked out.
+
+    For each sentence ``x`` and each non-special position ``s`` other than ``[MASK]``, the word piece
+    at ``s`` is replaced by ``replacement`` (positions stay aligned) and ``readout`` is applied to
+    the last hidden states. Comparing the two outputs gives blank-out importance for any output:
+    a cosine between sentence vectors (:func:`blank_out`), or the drop in a probe's class probability.
+
+    Args:
+        model, tokenizer: a Hugging Face encoder and its tokenizer.
+        sentences: the texts (tokenised exactly as in :func:`attention_maps`).
+        readout: ``f(last_hidden [batch, pos, d], attention_mask [batch, pos]) -> [batch, k]``;
+            ``None`` is the mean-pooled sentence vector (:func:`sentence_embedding`).
+        replacement: a token of the vocabulary (Abnar & Zuidema 2020, §2, use ``UNK``).
+        max_length: truncation length; must match the one used for the attention maps.
+        batch_size: perturbed sentences per forward pass.
+
+    Returns:
+        ``(base, blanked)``: ``base`` [batch, k] the outputs of the sentences; ``blanked``
+        [batch, pos, k] the outputs with position ``pos`` blanked out, equal to ``base`` where nothing
+        was blanked (special tokens, ``[MASK]``, padding).
+
+    Introduced in nbs/01_attention_as_graph.ipynb.
+    """
+    enc = _encode(tokenizer, sentences, max_length)
+    rep_id = tokenizer.convert_tokens_to_ids(replacement)
+    if rep_id is None or rep_id == tokenizer.unk_token_id and replacement != tokenizer.unk_token:
+        raise ValueError(f"replacement {replacement!r} is not a token of the vocabulary; use '[UNK]' or '[MASK]'")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if readout is None:
+        def readout(hidden, attention_mask):
+            weights = attention_mask.to(hidden.dtype)[..., None]  # [batch, pos, 1]
+            return (hidden * weights).sum(1) / weights.sum(1)
+    elif not callable(readout):
+        raise ValueError("readout must be a function (last_hidden, attention_mask) -> [batch, k], or None")
+    mask = enc["attention_mask"].bool()
+    content = mask & ~enc["special_tokens_mask"].bool()  # [batch, pos]
+    if tokenizer.mask_token_id is not None:
+        content &= enc["input_ids"] != tokenizer.mask_token_id
+    device = next(model.parameters()).device
+
+    def run(ids, am):
+        out = model(input_ids=ids.to(device), attention_mask=am.to(device))
+        return readout(out.last_hidden_state, am.to(device)).float().cpu()
+
+    jobs = [(b, s) for b, s in zip(*torch.nonzero(content, as_tuple=True), strict=True)]
+    lengths = mask.sum(1)
+    # sort by sentence length so each forward pass pads as little as possible
+    jobs.sort(key=lambda bs: int(lengths[bs[0]]))
+    with torch.inference_mode():
+        base = torch.cat(
+            [
+                run(enc["input_ids"][i : i + batch_size], enc["attention_mask"][i : i + batch_size])
+                for i in range(0, len(sentences), batch_size)
+            ]
+        )
+        if base.ndim != 2 or base.shape[0] != len(sentences):
+            raise ValueError(f"readout must return [batch, k], got shape {tuple(base.shape)}")
+        blanked = base[:, None, :].repeat(1, mask.shape[1], 1)  # [batch, pos, k]
+        for start in range(0, len(jobs), batch_size):
+            chunk = jobs[start : start + batch_size]
+            rows = torch.stack([b for b, _ in chunk])
+            cols = torch.stack([s for _, s in chunk])
+            width = int(lengths[rows].max())
+            ids = enc["input_ids"][rows, :width].clone()
+            ids[torch.arange(len(chunk)), cols] = rep_id
+            blanked[rows, cols] = run(ids, enc["attention_mask"][rows, :width])
+    return base, blanked
+
+
 def blank_out(
     model: nn.Module,
     tokenizer,
@@ -766,43 +860,14 @@ def blank_out(
         batch_size: perturbed sentences per forward pass.
 
     Returns:
-        [batch, pos] importance, 0 on special tokens and padding.
+        [batch, pos] importance, 0 on special tokens, ``[MASK]`` and padding.
     """
-    enc = _encode(tokenizer, sentences, max_length)
-    rep_id = tokenizer.convert_tokens_to_ids(replacement)
-    if rep_id is None or rep_id == tokenizer.unk_token_id and replacement != tokenizer.unk_token:
-        raise ValueError(f"replacement {replacement!r} is not a token of the vocabulary; use '[UNK]' or '[MASK]'")
-    mask = enc["attention_mask"].bool()
-    content = mask & ~enc["special_tokens_mask"].bool()  # [batch, pos]
-    device = next(model.parameters()).device
-    jobs = [(b, s) for b, s in zip(*torch.nonzero(content, as_tuple=True), strict=True)]
-    lengths = mask.sum(1)
-    # sort by sentence length so each forward pass pads as little as possible
-    jobs.sort(key=lambda bs: int(lengths[bs[0]]))
-    importance = torch.zeros(mask.shape)
-    with torch.inference_mode():
-        base = torch.cat(
-            [
-                sentence_embedding(
-                    model,
-                    input_ids=enc["input_ids"][i : i + batch_size].to(device),
-                    attention_mask=enc["attention_mask"][i : i + batch_size].to(device),
-                )
-                for i in range(0, len(sentences), batch_size)
-            ]
-        ).cpu()
-        for start in range(0, len(jobs), batch_size):
-            chunk = jobs[start : start + batch_size]
-            rows = torch.stack([b for b, _ in chunk])
-            cols = torch.stack([s for _, s in chunk])
-            width = int(lengths[rows].max())
-            ids = enc["input_ids"][rows, :width].clone()
-            ids[torch.arange(len(chunk)), cols] = rep_id
-            emb = sentence_embedding(
-                model, input_ids=ids.to(device), attention_mask=enc["attention_mask"][rows, :width].to(device)
-            ).cpu()
-            importance[rows, cols] = 1 - F.cosine_similarity(emb, base[rows], dim=-1)
-    return importance
+    base, blanked = blank_out_outputs(
+        model, tokenizer, sentences, replacement=replacement, max_length=max_length, batch_size=batch_size
+    )
+    untouched = (blanked == base[:, None, :]).all(-1)  # [batch, pos]: special tokens, [MASK], padding
+    importance = 1 - F.cosine_similarity(blanked, base[:, None, :].expand_as(blanked), dim=-1)
+    return importance.masked_fill(untouched, 0.0)
 
 
 def input_x_gradient(
@@ -841,3 +906,409 @@ def input_x_gradient(
         attributions = explainer.attribute(embeds, additional_forward_args=(am,))
         parts.append((attributions.norm(dim=-1) * am).detach().cpu())
     return torch.cat(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Two more readings of the layered graph: value norms (Kobayashi et al. 2020) and gradient-weighted
+# rollout (Chefer et al. 2021)
+# ---------------------------------------------------------------------------------------------
+
+
+def value_norms(
+    model: nn.Module,
+    tokenizer,
+    sentences: Sequence[str],
+    *,
+    max_length: int = 64,
+    batch_size: int = 64,
+) -> Tensor:
+    """Norm-based attention: how large a vector each key actually sends to each query, per layer.
+
+    For layer ``l``, query ``t`` and key ``s`` the entry is ``|| sum_h a^h_ts f^h(x_s) ||`` with
+    ``f^h(x) = (x W_V^h + b_V^h) W_O^h`` the value vector of head ``h`` after its slice of the output
+    projection: the attention weight times the size of what it moves (Kobayashi et al. 2020, eq. 6,
+    the heads summed as in their §5). A large weight on a small vector (a sink) scores low.
+
+    Args:
+        model: a BERT-family encoder loaded with eager attention (``BertSelfAttention`` layout).
+        tokenizer: its tokenizer.
+        sentences: the texts, tokenised as in :func:`attention_maps` (same padding, same order).
+        max_length: truncation length.
+        batch_size: sentences per forward pass.
+
+    Returns:
+        [layer, batch, query, key] non-negative, 0 on padding rows and columns.
+
+    Introduced in nbs/01_attention_as_graph.ipynb (Kobayashi et al. 2020, "Attention is not only a weight").
+    """
+    if isinstance(sentences, str) or not isinstance(sentences, Sequence) or len(sentences) == 0:
+        raise ValueError("sentences must be a non-empty list of strings (wrap a single sentence in a list)")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if getattr(model.config, "_attn_implementation", "eager") != "eager":
+        raise ValueError("the model must return attention probabilities: load it with attn_implementation='eager'")
+    enc = tokenizer(list(sentences), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    mask = enc["attention_mask"].bool()  # [batch, pos]
+    device = next(model.parameters()).device
+    n_heads = model.config.num_attention_heads
+    parts = []
+    with torch.inference_mode():
+        for start in range(0, len(sentences), batch_size):
+            part = {k: v[start : start + batch_size].to(device) for k, v in enc.items()}
+            out = model(**part, output_attentions=True, output_hidden_states=True)
+            layers = []
+            for layer, probs, x in zip(model.encoder.layer, out.attentions, out.hidden_states, strict=False):
+                batch, pos, d = x.shape
+                d_head = d // n_heads
+                value = layer.attention.self.value(x).view(batch, pos, n_heads, d_head)  # [batch, key, head, d_head]
+                w_o = layer.attention.output.dense.weight.view(d, n_heads, d_head)  # [d_out, head, d_head]
+                fx = torch.einsum("bshe,dhe->bshd", value, w_o)  # [batch, key, head, d]
+                gram = fx @ fx.transpose(-1, -2)  # [batch, key, head, head]: <f^h(x_s), f^g(x_s)>
+                # ||sum_h a^h_ts f^h(x_s)||^2 = sum_{h,g} a^h_ts a^g_ts <f^h(x_s), f^g(x_s)>, without [.., d]
+                squared = torch.einsum("bhts,bgts,bshg->bts", probs, probs, gram)
+                layers.append(squared.clamp_min(0).sqrt().float().cpu())  # [batch, query, key]
+            parts.append(torch.stack(layers))  # [layer, chunk, query, key]
+    norms = torch.cat(parts, dim=1)
+    return norms * (mask[:, :, None] & mask[:, None, :])[None]
+
+
+class GradientMaps(NamedTuple):
+    """Attention probabilities with the gradient of one scalar output, for a batch of sentences."""
+
+    attn: Tensor  # [layer, batch, head, query, key], 0 on padding
+    grad: Tensor  # [layer, batch, head, query, key], d output / d attention, 0 on padding
+    input_x_grad: Tensor  # [batch, pos], || x_s * d output / d x_s ||_2 over the embedding, 0 on padding
+    mask: Tensor  # [batch, pos] bool, True on real tokens
+
+
+def attention_gradients(
+    model: nn.Module,
+    tokenizer,
+    sentences: Sequence[str],
+    *,
+    target,
+    max_length: int = 64,
+    batch_size: int = 32,
+) -> GradientMaps:
+    """Attention probabilities and the gradient of a scalar output with respect to them and to the input.
+
+    One forward and one backward pass per batch give what gradient-weighted rollout
+    (:func:`grad_rollout`) and input x gradient need.
+
+    Args:
+        model: a Hugging Face encoder loaded with eager attention.
+        tokenizer: its tokenizer.
+        sentences: the texts, tokenised as in :func:`attention_maps`.
+        target: ``f(last_hidden [batch, pos, d], attention_mask [batch, pos], index [batch]) -> [batch]``,
+            the scalar explained for each sentence (``index`` holds the sentences' positions in
+            ``sentences``, to look up a label); sentences must not interact (no batch statistics).
+        max_length: truncation length.
+        batch_size: sentences per forward/backward pass.
+
+    Returns:
+        :class:`GradientMaps` ``(attn, grad, input_x_grad, mask)``.
+
+    Introduced in nbs/01_attention_as_graph.ipynb (Chefer et al. 2021).
+    """
+    if isinstance(sentences, str) or not isinstance(sentences, Sequence) or len(sentences) == 0:
+        raise ValueError("sentences must be a non-empty list of strings (wrap a single sentence in a list)")
+    if not callable(target):
+        raise ValueError("target must be a function (last_hidden, attention_mask, index) -> [batch] scalars")
+    if getattr(model.config, "_attn_implementation", "eager") != "eager":
+        raise ValueError("the model must return attention probabilities: load it with attn_implementation='eager'")
+    enc = tokenizer(list(sentences), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    mask = enc["attention_mask"].bool()
+    device = next(model.parameters()).device
+    embed = model.get_input_embeddings()
+    attn_parts, grad_parts, ixg_parts = [], [], []
+    for start in range(0, len(sentences), batch_size):
+        ids = enc["input_ids"][start : start + batch_size].to(device)
+        am = enc["attention_mask"][start : start + batch_size].to(device)
+        x = embed(ids).detach().requires_grad_(True)  # [batch, pos, d]
+        out = model(inputs_embeds=x, attention_mask=am, output_attentions=True)
+        for a in out.attentions:
+            a.retain_grad()
+        index = torch.arange(start, start + len(ids), device=device)
+        scalars = target(out.last_hidden_state, am, index)
+        if scalars.shape != (len(ids),):
+            raise ValueError(
+                f"target must return one scalar per sentence, shape ({len(ids)},), got {tuple(scalars.shape)}"
+            )
+        scalars.sum().backward()
+        attn_parts.append(torch.stack([a.detach() for a in out.attentions]).float().cpu())
+        grad_parts.append(torch.stack([a.grad for a in out.attentions]).float().cpu())
+        ixg_parts.append((x * x.grad).norm(dim=-1).detach().float().cpu() * am.cpu())
+    pair = (mask[:, :, None] & mask[:, None, :])[None, :, None]  # [1, batch, 1, query, key]
+    return GradientMaps(
+        torch.cat(attn_parts, dim=1) * pair, torch.cat(grad_parts, dim=1) * pair, torch.cat(ixg_parts), mask
+    )
+
+
+def grad_rollout(attn: Tensor, grad: Tensor, *, all_layers: bool = False) -> Tensor:
+    """Gradient-weighted attention rollout (Chefer et al. 2021, eqs. 5-6).
+
+    Each layer's heads are weighted by the gradient of the explained output, negative parts dropped
+    and heads averaged, ``Ā = E_h[(∇A ⊙ A)^+]``; relevance starts as the identity and accumulates
+    ``R <- R + Ā R`` from the first layer up. Unlike :func:`rollout`, rows are not re-normalised and a
+    head whose weights would lower the output counts for nothing.
+
+    Args:
+        attn: [layer, batch, head, query, key] attention probabilities.
+        grad: the gradient of the output with respect to ``attn``, same shape
+            (:func:`attention_gradients`).
+        all_layers: also return the relevance after every layer.
+
+    Returns:
+        [batch, query, key] (or [layer, batch, query, key]), 0 on padding (rows whose attention is 0).
+
+    >>> a = torch.eye(2).expand(3, 1, 1, 2, 2)  # three layers that attend to themselves
+    >>> grad_rollout(a, torch.ones_like(a))[0]  # each layer doubles the identity: 2^3
+    tensor([[8., 0.],
+            [0., 8.]])
+
+    Chefer, Gur & Wolf (2021), "Generic attention-model explainability for interpreting bi-modal and
+    encoder-decoder transformers". Introduced in nbs/01_attention_as_graph.ipynb.
+    """
+    attn, grad = _as_tensor(attn, "attn"), _as_tensor(grad, "grad")
+    if attn.ndim != 5:
+        raise ValueError(f"attn must be [layer, batch, head, query, key], got shape {tuple(attn.shape)}")
+    if grad.shape != attn.shape:
+        raise ValueError(f"grad must have the shape of attn {tuple(attn.shape)}, got {tuple(grad.shape)}")
+    _check_probabilities(attn, "attn")
+    real = attn[0].sum(-1).amax(1) > 0.5  # [batch, query]
+    weighted = (grad * attn).clamp_min(0).mean(2)  # [layer, batch, query, key]
+    eye = torch.eye(attn.shape[-1], dtype=attn.dtype, device=attn.device)
+    result = eye.expand_as(weighted[0])
+    history = []
+    for layer in weighted:
+        result = result + layer @ result
+        history.append(result)
+    keep = (real[:, :, None] & real[:, None, :]).to(attn.dtype)
+    if all_layers:
+        return torch.stack(history) * keep
+    return result * keep
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper's setting: subject-verb number agreement, read by a probe on the frozen encoder
+# ---------------------------------------------------------------------------------------------
+
+
+class VerbNumber(NamedTuple):
+    """Sentences with one present-tense verb masked, its number, and linear probes that predict it."""
+
+    train: list[str]  # sentences with the verb replaced by [MASK]
+    train_labels: np.ndarray  # [train] 1 = plural (VBP), 0 = singular (VBZ)
+    test: list[str]
+    test_labels: np.ndarray  # [test]
+    probes: dict[str, tuple[Tensor, Tensor]]  # readout ("cls", "mean") -> (weight [2, d], bias [2])
+
+
+VERB_NUMBER_VERSION = 1
+
+
+def _verb_candidates(pool: Sequence[str], tokenizer, max_tokens: int) -> list[tuple[int, int, int, int]]:
+    """(pool index, verb start, verb end, label) for sentences with exactly one present-tense verb and a subject."""
+    from helpers.assets import spacy_pipeline
+
+    lengths = [len(ids) for ids in tokenizer(list(pool))["input_ids"]]
+    kept = [i for i, n in enumerate(lengths) if n <= max_tokens]
+    nlp = spacy_pipeline()
+    found = []
+    for i, doc in zip(kept, nlp.pipe([pool[i] for i in kept], batch_size=256, disable=["ner"]), strict=True):
+        verbs = [t for t in doc if t.tag_ in ("VBZ", "VBP")]
+        if len(verbs) != 1:
+            continue
+        verb = verbs[0]
+        subjects = [c for c in verb.children if c.dep_ in ("nsubj", "nsubjpass")]
+        if len(subjects) != 1 or subjects[0].lower_ in ("i", "you"):  # VBP without a plural subject
+            continue
+        found.append((i, verb.idx, verb.idx + len(verb.text), int(verb.tag_ == "VBP")))
+    return found
+
+
+def _mask_verb(sentence: str, start: int, end: int, mask_token: str) -> str:
+    return sentence[:start] + mask_token + sentence[end:]
+
+
+def _readout_features(model, tokenizer, sentences, max_length, batch_size=64) -> dict[str, Tensor]:
+    feats = {"cls": [], "mean": []}
+    with torch.inference_mode():
+        for _, enc in encode_batches(tokenizer, sentences, batch_size=batch_size, max_length=max_length):
+            hidden = model(**enc).last_hidden_state  # [batch, pos, d]
+            feats["cls"].append(hidden[:, 0])
+            weights = enc["attention_mask"].to(hidden.dtype)[..., None]
+            feats["mean"].append((hidden * weights).sum(1) / weights.sum(1))
+    return {k: torch.cat(v).float() for k, v in feats.items()}
+
+
+def verb_number_task(
+    model: nn.Module, tokenizer, *, n_test: int = 300, max_tokens: int = 64, seed: int = 0
+) -> VerbNumber:
+    """The subject-verb number task of Abnar & Zuidema (2020) on the book's Wikipedia sentences.
+
+    Sentences with exactly one present-tense verb (spaCy tag VBZ or VBP, with one nominal subject,
+    not "I"/"you") get that verb replaced by ``[MASK]``; the label is its number (1 = plural). The
+    classes are balanced by subsampling the singular ones, ``n_test`` sentences are held out, and a
+    logistic-regression probe is fitted on the rest for each readout of the frozen encoder's last
+    layer: the ``[CLS]`` vector and the mean of all positions. The split and the probes are a small
+    committed artefact (tagging the ~17k sentences takes about two minutes on 2 cores).
+
+    Args:
+        model, tokenizer: the frozen encoder (MiniLM-L6) and its tokenizer.
+        n_test: held-out sentences (half of each class).
+        max_tokens: longest sentence kept, in word pieces with ``[CLS]`` and ``[SEP]``.
+        seed: seed of the subsampling and the split.
+
+    Returns:
+        :class:`VerbNumber`; a probe maps a readout ``h`` [batch, d] to logits ``h W^T + b`` [batch, 2].
+
+    Introduced in nbs/01_attention_as_graph.ipynb (Abnar & Zuidema 2020, §2; Linzen et al. 2016).
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    from helpers import common
+    from helpers.assets import wikipedia_sentences
+
+    if n_test < 2 or n_test % 2:
+        raise ValueError(f"n_test must be an even number >= 2 (half per class), got {n_test}")
+    if max_tokens < 8:
+        raise ValueError(f"max_tokens must be >= 8, got {max_tokens}")
+    pool = wikipedia_sentences(max_words=200)
+    model_name = "/".join(str(model.config.name_or_path).rstrip("/").split("/")[-2:])
+    recipe = {"v": VERB_NUMBER_VERSION, "n_test": n_test, "max_tokens": max_tokens, "seed": seed,
+              "pool": common.content_hash(pool), "model": model_name}
+    path = common.cache_dir("ch1") / f"verb-number-{common.content_hash(recipe)}.npz"
+
+    def build(out) -> None:
+        found = np.array(_verb_candidates(pool, tokenizer, max_tokens), dtype=np.int64)  # [sentence, 4]
+        rng = np.random.default_rng(seed)
+        plural, singular = np.nonzero(found[:, 3] == 1)[0], np.nonzero(found[:, 3] == 0)[0]
+        if min(len(plural), len(singular)) <= n_test // 2:
+            raise ValueError(f"only {len(plural)} plural and {len(singular)} singular sentences; lower n_test")
+        singular = rng.choice(singular, size=len(plural), replace=False)
+        test = np.concatenate([rng.choice(c, n_test // 2, replace=False) for c in (plural, singular)])
+        train = np.setdiff1d(np.concatenate([plural, singular]), test)
+        rows = {"train": found[rng.permutation(train)], "test": found[rng.permutation(test)]}
+        texts = [_mask_verb(pool[i], a, b, tokenizer.mask_token) for i, a, b, _ in rows["train"]]
+        feats = _readout_features(model, tokenizer, texts, max_tokens)
+        arrays = {f"{k}_rows": v for k, v in rows.items()}
+        for name, x in feats.items():
+            clf = LogisticRegression(C=1.0, max_iter=2000).fit(x.numpy(), rows["train"][:, 3])
+            # two-class logits [-z/2, z/2] give the same probabilities as sklearn's sigmoid(z)
+            w, b = clf.coef_[0], clf.intercept_[0]
+            arrays[f"{name}_weight"] = np.stack([-w / 2, w / 2]).astype(np.float32)
+            arrays[f"{name}_bias"] = np.array([-b / 2, b / 2], dtype=np.float32)
+        with open(out, "wb") as fh:
+            np.savez(fh, **arrays)
+
+    with np.load(common.cached_file(path, build, committed=True)) as data:
+        texts = {split: [_mask_verb(pool[i], a, b, tokenizer.mask_token) for i, a, b, _ in data[f"{split}_rows"]]
+                 for split in ("train", "test")}
+        probes = {k: (torch.from_numpy(data[f"{k}_weight"]), torch.from_numpy(data[f"{k}_bias"]))
+                  for k in ("cls", "mean")}
+        return VerbNumber(texts["train"], data["train_rows"][:, 3].copy(), texts["test"],
+                          data["test_rows"][:, 3].copy(), probes)
+
+
+SETTINGS = {  # what is explained -> (where the graph is read, probe readout or None for the sentence vector)
+    "sentence vector": ("mean", None),
+    "probe on [CLS]": (0, "cls"),
+    "probe on mean": ("mean", "mean"),
+}
+"""The three settings of Chapter 1's experiment: the mean-pooled sentence vector (blank-out on its
+cosine), and the verb-number probe read at ``[CLS]`` or at the mean (blank-out on the probability of
+the correct class, as Abnar & Zuidema 2020 do)."""
+
+
+def probe_logits(task: VerbNumber, hidden: Tensor, attention_mask: Tensor, readout: str) -> Tensor:
+    """The verb-number probe's logits [batch, 2] from last hidden states [batch, pos, d] (``readout``: cls or mean)."""
+    if readout not in task.probes:
+        raise ValueError(f"readout must be one of {sorted(task.probes)}, got {readout!r}")
+    if readout == "cls":
+        features = hidden[:, 0]
+    else:
+        weights = attention_mask.to(hidden.dtype)[..., None]
+        features = (hidden * weights).sum(1) / weights.sum(1)
+    weight, bias = task.probes[readout]
+    return features @ weight.to(features).T + bias.to(features)
+
+
+def setting_target(task: VerbNumber, setting: str, labels: Tensor):
+    """The scalar explained by gradients in a setting: ``||e(x)||``, or the correct class's probe logit.
+
+    Returns ``f(last_hidden, attention_mask, index) -> [batch]`` for :func:`attention_gradients`.
+    """
+    if setting not in SETTINGS:
+        raise ValueError(f"setting must be one of {list(SETTINGS)}, got {setting!r}")
+    readout = SETTINGS[setting][1]
+    if readout is None:
+        def target(hidden, attention_mask, index):
+            weights = attention_mask.to(hidden.dtype)[..., None]
+            return ((hidden * weights).sum(1) / weights.sum(1)).norm(dim=-1)
+    else:
+        def target(hidden, attention_mask, index):
+            logits = probe_logits(task, hidden, attention_mask, readout)
+            return logits.gather(1, labels.to(index.device)[index, None])[:, 0]
+    return target
+
+
+def setting_importance(
+    model: nn.Module, tokenizer, task: VerbNumber, sentences: Sequence[str], labels, *, max_length: int = 64
+) -> dict[str, Tensor]:
+    """Blank-out, input x gradient and gradient-weighted rollout for every setting of :data:`SETTINGS`.
+
+    Blank-out is ``1 - cos`` for the sentence vector and the drop in the correct class's probability
+    for a probe; input x gradient and gradient-weighted rollout differentiate :func:`setting_target`.
+
+    Returns:
+        ``{"blank": [setting, batch, pos], "input_x_grad": [setting, batch, pos],
+        "grad_rollout": [setting, layer, batch, key]}`` (the rollout read at the setting's output),
+        settings in the order of :data:`SETTINGS`.
+    """
+    labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    if labels.shape != (len(sentences),):
+        raise ValueError(f"need one label per sentence, got {tuple(labels.shape)} for {len(sentences)} sentences")
+
+    def outputs(hidden, attention_mask):  # sentence vector, then each probe's class probabilities
+        weights = attention_mask.to(hidden.dtype)[..., None]
+        parts = [(hidden * weights).sum(1) / weights.sum(1)]
+        parts += [probe_logits(task, hidden, attention_mask, k).softmax(-1) for k in ("cls", "mean")]
+        return torch.cat(parts, -1)
+
+    base, blanked = blank_out_outputs(model, tokenizer, sentences, readout=outputs, max_length=max_length)
+    d = base.shape[1] - 4
+    untouched = (blanked == base[:, None]).all(-1)
+    index = labels[:, None, None].expand(-1, blanked.shape[1], 1)
+    blank = [1 - F.cosine_similarity(blanked[..., :d], base[:, None, :d].expand_as(blanked[..., :d]), dim=-1)]
+    for k in (d, d + 2):
+        blank.append((base[:, None, k : k + 2] - blanked[..., k : k + 2]).gather(-1, index)[..., 0])
+    result = {"blank": torch.stack(blank).masked_fill(untouched, 0.0), "input_x_grad": [], "grad_rollout": []}
+    for setting, (output, _) in SETTINGS.items():
+        g = attention_gradients(model, tokenizer, sentences, target=setting_target(task, setting, labels),
+                                max_length=max_length)
+        result["input_x_grad"].append(g.input_x_grad)
+        result["grad_rollout"].append(read_out(grad_rollout(g.attn, g.grad, all_layers=True), g.mask, output=output))
+    result["input_x_grad"] = torch.stack(result["input_x_grad"])
+    result["grad_rollout"] = torch.stack(result["grad_rollout"])
+    return result
+
+
+def verb_number_importance(model: nn.Module, tokenizer, task: VerbNumber, *, max_length: int = 64) -> dict[str, Tensor]:
+    """:func:`setting_importance` on all of ``task.test``, as a committed artefact.
+
+    About 8,000 blank-out passes and three backward passes per sentence cost about 100 s on
+    2 cores; the result (about 1 MB) is committed and verified by hash, and rebuilt when missing.
+    Chapter 1 recomputes a few sentences and checks them against it.
+    """
+    from helpers import common
+
+    recipe = {"v": VERB_NUMBER_VERSION, "test": common.content_hash(task.test), "max_length": max_length,
+              "probes": common.content_hash({k: [w.tolist(), b.tolist()] for k, (w, b) in task.probes.items()})}
+    path = common.cache_dir("ch1") / f"verb-number-importance-{common.content_hash(recipe)}.pt"
+
+    def build(out) -> None:
+        maps = setting_importance(model, tokenizer, task, task.test, task.test_labels, max_length=max_length)
+        torch.save(maps, out)
+
+    return torch.load(common.cached_file(path, build, committed=True), weights_only=True)

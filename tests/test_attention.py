@@ -1,6 +1,9 @@
 """Known-answer tests for helpers.attention (Chapter 1): the BERT block by hand, rollout, flow, graphs."""
 
+import copy
+
 import networkx as nx
+import numpy as np
 import pytest
 import torch
 from transformers import AutoTokenizer, BertConfig, BertModel
@@ -118,7 +121,7 @@ def test_attention_maps_rejects_bad_inputs(tiny, tokenizer):
         attention.attention_maps(tiny, tokenizer, "one sentence")
     with pytest.raises(ValueError, match="non-empty"):
         attention.attention_maps(tiny, tokenizer, ["fine", "  "])
-    sdpa = BertModel._from_config(tiny.config, attn_implementation="sdpa").eval()
+    sdpa = BertModel._from_config(copy.deepcopy(tiny.config), attn_implementation="sdpa").eval()
     with pytest.raises(ValueError, match="eager"):
         attention.attention_maps(sdpa, tokenizer, SENTENCES)
 
@@ -327,3 +330,160 @@ def test_show_head_draws_both_views_and_rejects_bad_heads():
         attention.show_head(maps, 0, 1, 4)
     with pytest.raises(ValueError, match="view"):
         attention.show_head(maps, 0, 1, 1, "bars")
+
+
+def test_blank_out_outputs_with_a_readout_and_mask_skipped(tiny, tokenizer):
+    sentences = ["The cats [MASK] on the mat.", SENTENCES[1]]
+    enc = tokenizer(sentences, padding=True, return_tensors="pt", return_special_tokens_mask=True)
+
+    def first(hidden, attention_mask):  # the [CLS] vector
+        return hidden[:, 0]
+
+    base, blanked = attention.blank_out_outputs(tiny, tokenizer, sentences, readout=first, batch_size=5)
+    assert base.shape == (2, 32) and blanked.shape == (2, enc["input_ids"].shape[1], 32)
+    changed = (blanked != base[:, None]).any(-1)
+    content = enc["attention_mask"].bool() & ~enc["special_tokens_mask"].bool()
+    content &= enc["input_ids"] != tokenizer.mask_token_id
+    assert torch.equal(changed, content), "exactly the content word pieces (not [MASK]) are blanked"
+    ids = enc["input_ids"][:1, : int(enc["attention_mask"][0].sum())].clone()
+    ids[0, 1] = tokenizer.unk_token_id
+    with torch.inference_mode():
+        expected = tiny(input_ids=ids).last_hidden_state[0, 0]
+    assert torch.allclose(blanked[0, 1], expected, atol=1e-5)
+    # the default readout keeps blank_out's cosine
+    base, blanked = attention.blank_out_outputs(tiny, tokenizer, SENTENCES)
+    cos = 1 - torch.nn.functional.cosine_similarity(blanked, base[:, None].expand_as(blanked), dim=-1)
+    assert torch.allclose(cos, attention.blank_out(tiny, tokenizer, SENTENCES), atol=1e-6)
+    with pytest.raises(ValueError, match="readout"):
+        attention.blank_out_outputs(tiny, tokenizer, SENTENCES, readout="cls")
+
+
+def test_value_norms_match_a_loop_over_heads_and_keys(tiny, tokenizer):
+    norms = attention.value_norms(tiny, tokenizer, SENTENCES, batch_size=1)
+    enc = tokenizer(SENTENCES, padding=True, return_tensors="pt")
+    n_layers, n_heads, d = 2, 4, 32
+    assert norms.shape == (n_layers, 2, *[enc["input_ids"].shape[1]] * 2)
+    with torch.no_grad():
+        out = tiny(**enc, output_attentions=True, output_hidden_states=True)
+    b, layer = 1, 1  # the longer sentence, second layer
+    lay = tiny.encoder.layer[layer]
+    x = out.hidden_states[layer][b]  # [pos, d]
+    with torch.no_grad():  # the tiny model's weights require grad
+        for t, s in [(0, 0), (3, 5), (7, 2)]:
+            total = torch.zeros(d)
+            for h in range(n_heads):
+                sl = slice(h * 8, (h + 1) * 8)
+                v = x[s] @ lay.attention.self.value.weight[sl].T + lay.attention.self.value.bias[sl]  # [d_head]
+                total += out.attentions[layer][b, h, t, s] * (v @ lay.attention.output.dense.weight[:, sl].T)
+            assert norms[layer, b, t, s] == pytest.approx(float(total.norm()), rel=1e-4)
+    mask = enc["attention_mask"].bool()
+    assert (norms[:, 0][:, ~mask[0]] == 0).all() and (norms[:, 0][:, :, ~mask[0]] == 0).all()
+
+
+def test_value_norms_single_identity_head_is_weight_times_input_norm():
+    config = BertConfig(vocab_size=20, hidden_size=4, num_hidden_layers=1, num_attention_heads=1,
+                        intermediate_size=8, max_position_embeddings=8)
+    model = BertModel._from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for lin in (model.encoder.layer[0].attention.self.value, model.encoder.layer[0].attention.output.dense):
+            lin.weight.copy_(torch.eye(4))
+            lin.bias.zero_()
+
+    class Tok:  # a tokenizer returning fixed ids
+        def __call__(self, texts, **kw):
+            return {"input_ids": torch.tensor([[1, 2, 3]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
+
+    norms = attention.value_norms(model, Tok(), ["x"])
+    with torch.inference_mode():
+        out = model(input_ids=torch.tensor([[1, 2, 3]]), output_attentions=True, output_hidden_states=True)
+    expected = out.attentions[0][0, 0] * out.hidden_states[0][0].norm(dim=-1)[None, :]  # a_ts ||x_s||
+    assert torch.allclose(norms[0, 0], expected, atol=1e-5)
+
+
+def test_grad_rollout_by_hand_and_negative_parts_dropped():
+    a1 = torch.tensor([[1.0, 0.0], [0.5, 0.5]])
+    a2 = torch.tensor([[0.5, 0.5], [0.0, 1.0]])
+    attn = torch.stack([a1, a2])[:, None, None]  # [layer, batch, head, query, key]
+    grad = torch.ones_like(attn)
+    eye = torch.eye(2)
+    r1 = eye + a1
+    expected = r1 + a2 @ r1
+    assert torch.allclose(attention.grad_rollout(attn, grad)[0], expected)
+    steps = attention.grad_rollout(attn, grad, all_layers=True)
+    assert torch.allclose(steps[0, 0], r1) and torch.allclose(steps[1, 0], expected)
+    # a negative gradient everywhere: every layer counts for nothing, the identity remains
+    assert torch.allclose(attention.grad_rollout(attn, -grad)[0], eye)
+    # two heads, one with a negative gradient: only the positive one counts, averaged over both heads
+    attn2 = torch.stack([a1, a1])[None, None]  # [1, 1, 2, 2, 2]
+    grad2 = torch.stack([torch.ones(2, 2), -torch.ones(2, 2)])[None, None]
+    assert torch.allclose(attention.grad_rollout(attn2, grad2)[0], eye + a1 / 2)
+
+
+def test_grad_rollout_padding_and_bad_inputs():
+    attn = torch.softmax(torch.randn(2, 1, 3, 3, 3), -1)
+    attn[:, :, :, 2] = 0
+    attn[:, :, :, :, 2] = 0
+    attn = attn / attn.sum(-1, keepdim=True).clamp_min(1e-12)
+    out = attention.grad_rollout(attn, torch.randn_like(attn))
+    assert (out[0, 2] == 0).all() and (out[0, :, 2] == 0).all()
+    with pytest.raises(ValueError, match="shape of attn"):
+        attention.grad_rollout(attn, torch.randn(2, 1, 3, 3, 2))
+    with pytest.raises(ValueError, match="layer, batch, head"):
+        attention.grad_rollout(attn[0], attn[0])
+
+
+def test_attention_gradients_match_autograd(tiny, tokenizer):
+    def target(hidden, attention_mask, index):
+        return hidden[:, 0].sum(-1) * (index + 1)  # depends on the sentence's index, to check it is passed
+
+    maps = attention.attention_gradients(tiny, tokenizer, SENTENCES, target=target, batch_size=1)
+    plain = attention.attention_maps(tiny, tokenizer, SENTENCES)
+    assert torch.allclose(maps.attn, plain.attn, atol=1e-6) and torch.equal(maps.mask, plain.mask)
+    enc = tokenizer(SENTENCES[1:], return_tensors="pt")
+    x = tiny.get_input_embeddings()(enc["input_ids"]).detach().requires_grad_(True)
+    out = tiny(inputs_embeds=x, attention_mask=enc["attention_mask"], output_attentions=True)
+    out.attentions[1].retain_grad()
+    (2 * out.last_hidden_state[:, 0].sum()).backward()
+    n = enc["input_ids"].shape[1]
+    assert torch.allclose(maps.grad[1, 1, :, :n, :n], out.attentions[1].grad[0], atol=1e-5)
+    assert torch.allclose(maps.input_x_grad[1, :n], (x * x.grad).norm(dim=-1)[0], atol=1e-5)
+    assert (maps.grad[:, 0][..., ~maps.mask[0], :] == 0).all()
+    with pytest.raises(ValueError, match="one scalar per sentence"):
+        attention.attention_gradients(tiny, tokenizer, SENTENCES, target=lambda h, m, i: h[:, 0])
+
+
+def test_verb_candidates_and_masking(tokenizer):
+    pool = ["The dogs are in the garden.", "The dog barks at night.", "I am here today.",
+            "The dog barked and the cat slept."]
+    found = attention._verb_candidates(pool, tokenizer, 64)
+    assert [(i, label) for i, _, _, label in found] == [(0, 1), (1, 0)], "plural are, singular barks, nothing else"
+    i, a, b, _ = found[1]
+    assert attention._mask_verb(pool[i], a, b, "[MASK]") == "The dog [MASK] at night."
+    assert attention._verb_candidates(pool, tokenizer, 5) == [], "max_tokens drops long sentences"
+
+
+def test_probe_logits_and_setting_targets(tiny, tokenizer):
+    weight, bias = torch.randn(2, 32), torch.randn(2)
+    probes = {"cls": (weight, bias), "mean": (weight, bias)}
+    task = attention.VerbNumber([], np.zeros(0), SENTENCES, np.array([0, 1]), probes)
+    enc = tokenizer(SENTENCES, padding=True, return_tensors="pt")
+    hidden = torch.randn(2, enc["input_ids"].shape[1], 32)
+    logits = hidden[:, 0] @ weight.T + bias
+    assert torch.allclose(attention.probe_logits(task, hidden, enc["attention_mask"], "cls"), logits)
+    target = attention.setting_target(task, "probe on [CLS]", torch.tensor([0, 1]))
+    assert torch.allclose(target(hidden, enc["attention_mask"], torch.tensor([0, 1])), logits[[0, 1], [0, 1]])
+    norm = attention.setting_target(task, "sentence vector", torch.tensor([0, 1]))(hidden, enc["attention_mask"], None)
+    m = enc["attention_mask"][0].bool()
+    assert norm[0] == pytest.approx(float(hidden[0, m].mean(0).norm()), rel=1e-5)
+    with pytest.raises(ValueError, match="setting"):
+        attention.setting_target(task, "probe on max", torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="readout"):
+        attention.probe_logits(task, hidden, enc["attention_mask"], "max")
+    imp = attention.setting_importance(tiny, tokenizer, task, SENTENCES, [0, 1])
+    n_pos = enc["input_ids"].shape[1]
+    assert imp["blank"].shape == (3, 2, n_pos) and imp["grad_rollout"].shape == (3, 2, 2, n_pos)
+    # blank-out for the [CLS] probe is the drop in the correct class's probability
+    base, blanked = attention.blank_out_outputs(
+        tiny, tokenizer, SENTENCES, readout=lambda h, am: attention.probe_logits(task, h, am, "cls").softmax(-1)
+    )
+    assert torch.allclose(imp["blank"][1, 1], base[1, 1] - blanked[1, :, 1], atol=1e-6)
