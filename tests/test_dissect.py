@@ -113,3 +113,90 @@ def test_bad_inputs_raise_clear_errors():
         dissect.importance(torch.ones(3, 4))
     with pytest.raises(ValueError, match="zero"):
         dissect.importance(torch.zeros(2, 1, 1, 3))
+
+
+def _layer_norm_inputs(model, ids, mask, types):
+    """Inputs of every LayerNorm in forward order (embeddings, then attention/output LN of each block)."""
+    lns = [model.embeddings.LayerNorm]
+    for layer in model.encoder.layer:
+        lns += [layer.attention.output.LayerNorm, layer.output.LayerNorm]
+    seen = []
+    handles = [ln.register_forward_pre_hook(lambda _m, args: seen.append(args[0].double())) for ln in lns]
+    record = {}
+    last = model.encoder.layer[-1]
+    handles.append(last.attention.output.dense.register_forward_pre_hook(
+        lambda _m, args: record.__setitem__("context", args[0].double())))
+    handles.append(last.output.dense.register_forward_hook(
+        lambda _m, _a, out: record.__setitem__("ffn", out.double())))
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, token_type_ids=types)
+    for h in handles:
+        h.remove()
+    return lns, seen, record
+
+
+@pytest.mark.parametrize("layers", [1, 3])
+def test_mickus_convention_sums_exactly_and_matches_the_papers_factors(layers):
+    model = _random_bert(layers, seed=2)
+    ids, mask, types = _batch()
+    dec = dissect.decompose(model, input_ids=ids, attention_mask=mask, token_type_ids=types, convention="mickus")
+    assert float(dissect.relative_error(dec).max()) < 1e-5
+    lns, seen, record = _layer_norm_inputs(model, ids, mask, types)
+    sig = [torch.sqrt(z.var(-1, unbiased=False, keepdim=True) + ln.eps) for ln, z in zip(lns, seen, strict=True)]
+    gam = [ln.weight.double() for ln in lns]
+    m = dec.mask
+    # closed form of the reference code: the raw input embedding times every gain over every sigma
+    i_ref = seen[0] * torch.stack(gam).prod(0) / torch.stack(sig).prod(0)
+    torch.testing.assert_close(dec.terms[-1, 0][m], i_ref[m])
+    # the last block's FFN output (bias removed) times the last gain over the last sigma
+    b_2 = model.encoder.layer[-1].output.dense.bias.double()
+    f_last = gam[-1] * (record["ffn"] - b_2) / sig[-1]
+    f_before = dec.terms[-2, 2] * gam[-2] * gam[-1] / (sig[-2] * sig[-1])  # earlier FFN outputs, two LNs later
+    torch.testing.assert_close(dec.terms[-1, 2][m], (f_before + f_last)[m])
+    # the embedding output: i = γ (w + p + s) / σ uncentred, c = β - γ μ / σ
+    ln0 = lns[0]
+    torch.testing.assert_close(dec.terms[0, 0][m], (gam[0] * seen[0] / sig[0])[m])
+    c0 = ln0.bias.double() - gam[0] * seen[0].mean(-1, keepdim=True) / sig[0]
+    torch.testing.assert_close(dec.terms[0, 3][m], c0[m])
+
+
+def test_conventions_differ_only_in_how_the_centring_is_shared():
+    model = _random_bert(2, seed=3)
+    ids, mask, types = _batch()
+    a = dissect.decompose(model, input_ids=ids, attention_mask=mask, token_type_ids=types)
+    b = dissect.decompose(model, input_ids=ids, attention_mask=mask, token_type_ids=types, convention="mickus")
+    m = a.mask
+    torch.testing.assert_close(a.terms.sum(1)[:, m], b.terms.sum(1)[:, m])
+    # at the embedding output the conventions differ by the centring of i, moved into c
+    emb = {}
+    h = model.embeddings.LayerNorm.register_forward_pre_hook(lambda _m, args: emb.__setitem__("z", args[0].double()))
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, token_type_ids=types)
+    h.remove()
+    ln = model.embeddings.LayerNorm
+    z = emb["z"]
+    shift = ln.weight.double() * z.mean(-1, keepdim=True) / torch.sqrt(z.var(-1, unbiased=False, keepdim=True) + ln.eps)
+    torch.testing.assert_close((b.terms[0, 0] - a.terms[0, 0])[m], shift.expand_as(z)[m])
+    torch.testing.assert_close((a.terms[0, 3] - b.terms[0, 3])[m], shift.expand_as(z)[m])
+    # after a block the split really differs (not a relabelling of the same vectors)
+    assert float((a.terms[1:, :3] - b.terms[1:, :3])[:, :, m].abs().max()) > 1e-3
+
+
+def test_unknown_convention_raises():
+    model = _random_bert(1)
+    with pytest.raises(ValueError, match="convention must be one of"):
+        dissect.decompose(model, input_ids=torch.ones(1, 3, dtype=torch.long), convention="paper")
+    with pytest.raises(ValueError, match="convention must be one of"):
+        dissect.push_layer_norm(torch.ones(4, 1, 1, 3), torch.nn.LayerNorm(3), convention="x")
+
+
+def test_decompose_conventions_equals_separate_calls():
+    model = _random_bert(2, seed=4)
+    ids, mask, types = _batch()
+    both = dissect.decompose_conventions(model, input_ids=ids, attention_mask=mask, token_type_ids=types)
+    for cv in dissect.CONVENTIONS:
+        one = dissect.decompose(model, input_ids=ids, attention_mask=mask, token_type_ids=types, convention=cv)
+        torch.testing.assert_close(both[cv].terms, one.terms)
+        torch.testing.assert_close(both[cv].hidden, one.hidden)
+    with pytest.raises(ValueError, match="conventions must be"):
+        dissect.decompose_conventions(model, input_ids=ids, conventions=("paper",))
