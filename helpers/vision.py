@@ -380,6 +380,7 @@ def perturbation_curve(
     canvas: Tensor | float = 0.0,
     steps: int = 28,
     batch_size: int = 512,
+    pixels: Tensor | None = None,
 ) -> Tensor:
     """Class probability as the most salient pixels are deleted (or inserted), step by step.
 
@@ -396,6 +397,9 @@ def perturbation_curve(
         canvas: what deleted pixels become: a number or ``[batch, C, H, W]`` tensor.
         steps: number of equal steps from 0 to all pixels.
         batch_size: images per call to ``predict``.
+        pixels: optional ``[batch, H, W]`` bool mask of the pixels allowed to move (e.g. the
+            foreground); the others never move, and the steps are fractions of each image's own
+            count of allowed pixels. ``None``: every pixel.
 
     Returns:
         ``[batch, steps + 1]`` probabilities at fractions ``0, 1/steps, ..., 1`` of the pixels moved.
@@ -411,17 +415,31 @@ def perturbation_curve(
     if target.shape[0] != images.shape[0]:
         raise ValueError(f"target must have one class per image ({images.shape[0]}), got {target.shape[0]}")
     canvas = torch.broadcast_to(torch.as_tensor(canvas, dtype=images.dtype), images.shape)
-    batch, pixels = saliency.shape[0], saliency[0].numel()
-    order = torch.argsort(saliency.reshape(batch, -1), dim=1, descending=True, stable=True)
+    batch, n_pixels = saliency.shape[0], saliency[0].numel()
+    scores = saliency.reshape(batch, -1)
+    if pixels is None:
+        allowed = torch.full((batch,), n_pixels)
+    else:
+        if pixels.shape != saliency.shape or pixels.dtype != torch.bool:
+            raise ValueError(f"pixels must be a bool mask shaped like saliency {tuple(saliency.shape)}, "
+                             f"got {pixels.dtype} {tuple(pixels.shape)}")
+        keep = pixels.reshape(batch, -1)
+        scores = torch.where(keep, scores, torch.tensor(-float("inf"), dtype=scores.dtype))  # never chosen first
+        allowed = keep.sum(1)
+    order = torch.argsort(scores, dim=1, descending=True, stable=True)
     rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(pixels).expand(batch, -1))  # rank[b, p]: position of pixel p
+    rank.scatter_(1, order, torch.arange(n_pixels).expand(batch, -1))  # rank[b, p]: position of pixel p
     start, end = (images, canvas) if mode == "deletion" else (canvas, images)
-    counts = torch.round(torch.linspace(0, pixels, steps + 1)).long()  # pixels moved at each step
+    if pixels is None:  # every image moves the same counts
+        counts = torch.round(torch.linspace(0, n_pixels, steps + 1)).long()[:, None].expand(-1, batch)
+    else:
+        fractions = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
+        counts = torch.round(fractions[:, None] * allowed[None].double()).long()  # [step, batch] pixels moved
     curves = torch.empty(batch, steps + 1)
     chunk = max(1, batch_size // (steps + 1))
     for b0 in range(0, batch, chunk):
         sl = slice(b0, b0 + chunk)
-        moved = rank[sl][None] < counts[:, None, None]  # [step, b, pixel]
+        moved = rank[sl][None] < counts[:, sl, None]  # [step, b, pixel]
         moved = moved.reshape(steps + 1, -1, 1, *images.shape[2:])
         stack = torch.where(moved, end[sl][None], start[sl][None])  # [step, b, C, H, W]
         with torch.no_grad():
@@ -443,7 +461,7 @@ def auc(curves: Tensor) -> Tensor:
 
 
 def cascading_randomisation(
-    model: nn.Module, layers: Sequence[str], *, seed: int = 0
+    model: nn.Module, layers: Sequence[str], *, seed: int = 0, reset_embeddings: bool = False
 ) -> Iterator[tuple[str, nn.Module]]:
     """Yield copies of ``model`` with more and more layers re-initialised, from the output down.
 
@@ -455,6 +473,10 @@ def cascading_randomisation(
         model: the trained model (left untouched).
         layers: names of submodules, output side first, e.g. ``["head", "blocks.3", ..., "patch_embed"]``.
         seed: seeds the re-initialisation.
+        reset_embeddings: also re-initialise a ViT's ``pos_embed`` and ``cls_token`` (parameters,
+            not submodules, so no layer name reaches them) together with the *last* layer, so that
+            the last step is a fully random network (timm's initialisation: truncated normal with
+            standard deviation 0.02 for positions, 1e-6 for the CLS token).
 
     Yields:
         ``(layer name, model copy in eval mode)`` after each layer is randomised.
@@ -470,12 +492,18 @@ def cascading_randomisation(
     randomised = copy.deepcopy(model).eval()
     modules = dict(randomised.named_modules())
     generator_state = torch.random.get_rng_state()
+    if reset_embeddings and not all(hasattr(randomised, p) for p in ("pos_embed", "cls_token")):
+        raise ValueError("reset_embeddings=True needs a ViT with pos_embed and cls_token parameters")
     torch.manual_seed(seed)
     try:
-        for name in layers:
+        for i, name in enumerate(layers):
             for sub in modules[name].modules():
                 if hasattr(sub, "reset_parameters"):
                     sub.reset_parameters()
+            if reset_embeddings and i == len(layers) - 1:
+                with torch.no_grad():
+                    nn.init.trunc_normal_(randomised.pos_embed, std=0.02)
+                    nn.init.normal_(randomised.cls_token, std=1e-6)
             yield name, randomised
     finally:
         torch.random.set_rng_state(generator_state)
@@ -493,8 +521,6 @@ def rank_correlation(a: Tensor, b: Tensor) -> Tensor:
     return (ra * rb).sum(1) / (ra.norm(dim=1) * rb.norm(dim=1)).clamp_min(1e-12)
 
 
-if __name__ == "__main__":
-    write_committed_weights()
 
 
 def plot_explanation_grid(images, maps: dict, *, row_labels: Sequence[str], title: str, figsize=(11, 6.5),
@@ -531,3 +557,184 @@ def plot_explanation_grid(images, maps: dict, *, row_labels: Sequence[str], titl
         ax.set_xticks([]), ax.set_yticks([])
     fig.suptitle(title)
     return fig
+
+
+def map_similarity(reference: Tensor, maps: Tensor) -> dict[str, Tensor]:
+    """How similar two batches of saliency maps are, by the four measures of Adebayo et al.
+
+    Args:
+        reference: ``[batch, H, W]`` maps of the trained model.
+        maps: ``[batch, H, W]`` maps of the same images from another model (e.g. a randomised copy).
+
+    Returns:
+        ``{"spearman", "spearman_abs", "ssim", "hog"}`` -> ``[batch]``: Spearman rank correlation of the
+        signed maps and of their absolute values; SSIM and the Pearson correlation of HOG features
+        of the absolute maps, each scaled to [0, 1] by its own maximum (an all-zero map stays zero;
+        a constant HOG vector correlates 0 with anything).
+
+    Adebayo et al. (2018), "Sanity checks for saliency maps", §3 and Fig. 2.
+    Used in nbs/08_vision_transformers.ipynb.
+    """
+    from skimage.feature import hog
+    from skimage.metrics import structural_similarity
+
+    reference, maps = torch.as_tensor(reference, dtype=torch.float64), torch.as_tensor(maps, dtype=torch.float64)
+    if reference.shape != maps.shape or reference.ndim != 3:
+        raise ValueError(f"need two [batch, H, W] batches of the same shape, got {tuple(reference.shape)} "
+                         f"and {tuple(maps.shape)}")
+    if min(reference.shape[1:]) < 7:
+        raise ValueError(f"maps must be at least 7 x 7 for SSIM's window, got {tuple(reference.shape[1:])}; upsample")
+
+    def scaled(m: Tensor) -> np.ndarray:
+        a = m.abs()
+        top = a.flatten(1).amax(1).clamp_min(1e-30)[:, None, None]
+        return (a / top).numpy()
+
+    ra, rb = scaled(reference), scaled(maps)
+    cell = (max(1, reference.shape[1] // 4), max(1, reference.shape[2] // 4))
+    ssim, hogs = [], []
+    for x, y in zip(ra, rb, strict=True):
+        ssim.append(structural_similarity(x, y, data_range=1.0))
+        hx, hy = (hog(z, orientations=9, pixels_per_cell=cell, cells_per_block=(2, 2)) for z in (x, y))
+        hx, hy = hx - hx.mean(), hy - hy.mean()
+        denom = np.linalg.norm(hx) * np.linalg.norm(hy)
+        hogs.append(float(hx @ hy / denom) if denom > 1e-12 else 0.0)
+    return {
+        "spearman": rank_correlation(reference, maps),
+        "spearman_abs": rank_correlation(reference.abs(), maps.abs()),
+        "ssim": torch.tensor(ssim, dtype=torch.float64),
+        "hog": torch.tensor(hogs, dtype=torch.float64),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradient-weighted attention relevance (Chefer, Gur & Wolf 2021)
+# ---------------------------------------------------------------------------------------------
+
+
+def chefer_relevance(model: nn.Module, images: Tensor, target: Tensor) -> Tensor:
+    """Chefer et al.'s gradient-weighted attention relevance from ``[CLS]`` to the patches, ``[batch, 4, 4]``.
+
+    Every layer's attention ``A`` is weighted by the gradient of the target logit with respect to
+    it, positive parts kept and heads averaged, ``Ā = E_h[(∇A ⊙ A)^+]``; relevance starts from the
+    identity and accumulates ``R ← R + Ā R`` from the first layer to the last; the map is row 0
+    (``[CLS]``) without its own entry. Unlike rollout it depends on the class explained.
+
+    Args:
+        model: a timm ``VisionTransformer``.
+        images: ``[batch, 1, 28, 28]``.
+        target: ``[batch]`` class explained.
+
+    Chefer, Gur & Wolf (2021), "Generic attention-model explainability for interpreting bi-modal and
+    encoder-decoder transformers", eqs. 5-6. Introduced in nbs/08_vision_transformers.ipynb.
+    """
+    images = check_images(images)
+    target = torch.as_tensor(target).long().reshape(-1)
+    if target.shape[0] != images.shape[0]:
+        raise ValueError(f"target must have one class per image ({images.shape[0]}), got {target.shape[0]}")
+    captured: list[Tensor] = []
+
+    def keep(_m, _i, out):
+        out.retain_grad()
+        captured.append(out)
+
+    hooks = [b.attn.attn_drop.register_forward_hook(keep) for b in _blocks(model)]
+    was_training = model.training
+    model.eval()
+    try:
+        with _unfused(model), torch.enable_grad():
+            logits = model(images)
+            logits.gather(1, target[:, None]).sum().backward()
+    finally:
+        for h in hooks:
+            h.remove()
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    tokens = captured[0].shape[-1]
+    relevance = torch.eye(tokens).expand(len(images), -1, -1).clone()  # [batch, query, key]
+    for a in captured:  # first layer to last
+        weighted = (a.grad * a).clamp_min(0).mean(1).detach()  # [batch, query, key], heads averaged
+        relevance = relevance + weighted @ relevance
+    return relevance[:, 0, 1:].reshape(-1, GRID, GRID)
+
+
+# ---------------------------------------------------------------------------------------------
+# Real photos: explanations of EfficientNet-Lite0 and RISE's deletion/insertion canvases
+# ---------------------------------------------------------------------------------------------
+
+PHOTO_METHODS = ("saliency", "integrated gradients", "GradientSHAP", "occlusion", "Grad-CAM")
+P_BLACK = -1.0  # black in EfficientNet-Lite0's [-1, 1] input
+RISE_PROTOCOL = {"deletion canvas": 0.0, "blur kernel": 11, "blur sigma": 5.0, "pixels per step": 224}
+"""Petsiuk et al.'s deletion/insertion set-up (eclique/RISE, evaluation.py): deleted pixels become the
+normalised zero (the mean image), insertion starts from a Gaussian blur (kernel 11, sigma 5), 224 pixels a step."""
+PhotoMaps = tuple[dict[str, Tensor], dict[str, float], Tensor | None]
+
+
+def photo_maps(model: nn.Module, images: Tensor, target: Tensor, methods: Sequence[str] = PHOTO_METHODS,
+               *, grad_cam_layer: nn.Module | None = None) -> PhotoMaps:  # fmt: skip
+    """Chapter 8's explanations of an ImageNet CNN's class on photos.
+
+    Returns ``({method: [batch, 224, 224]}, {method: s per photo}, IG's convergence delta [batch] or None)``;
+    the delta is Captum's ``sum(attributions) - (f(x) - f(baseline))`` on the logit.
+
+    Saliency (the largest absolute gradient over channels), integrated gradients (black baseline, 64 steps),
+    GradientSHAP (4 noisy black baselines, 8 samples), occlusion (32-pixel squares, stride 24, black)
+    and Grad-CAM (``grad_cam_layer``, default ``model.bn2``, upsampled bilinearly); "random" is a
+    uniform random map (seed 0). Channel attributions are summed.
+    """
+    from captum.attr import LayerAttribution, LayerGradCam, Occlusion, Saliency
+
+    unknown = [m for m in methods if m not in (*PHOTO_METHODS, "random")]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {[*PHOTO_METHODS, 'random']}")
+    layer = grad_cam_layer if grad_cam_layer is not None else model.bn2
+    fns = {
+        "saliency": lambda: Saliency(model).attribute(images, target=target, abs=True).amax(1),
+        "integrated gradients": lambda: _photo_ig(model, images, target, deltas),
+        "GradientSHAP": lambda: _photo_gradient_shap(model, images, target),
+        "occlusion": lambda: Occlusion(model).attribute(
+            images, target=target, sliding_window_shapes=(3, 32, 32), strides=(3, 24, 24), baselines=P_BLACK,
+            perturbations_per_eval=16).sum(1),
+        "Grad-CAM": lambda: LayerAttribution.interpolate(
+            LayerGradCam(model, layer).attribute(images, target=target, relu_attributions=True),
+            images.shape[-2:], interpolate_mode="bilinear")[:, 0],
+        "random": lambda: torch.rand(len(images), *images.shape[-2:], generator=torch.Generator().manual_seed(0)),
+    }  # fmt: skip
+    maps, seconds, deltas = {}, {}, []
+    for name in methods:
+        t0 = time.perf_counter()
+        maps[name] = fns[name]().detach()
+        seconds[name] = (time.perf_counter() - t0) / len(images)
+    return maps, seconds, (deltas[0] if deltas else None)
+
+
+def _photo_ig(model: nn.Module, images: Tensor, target: Tensor, deltas: list) -> Tensor:
+    from captum.attr import IntegratedGradients
+
+    attributions, delta = IntegratedGradients(model).attribute(  # 8 images per backward: bounded memory
+        images, baselines=P_BLACK, target=target, n_steps=64, internal_batch_size=8, return_convergence_delta=True)
+    deltas.append(delta.detach())
+    return attributions.sum(1)
+
+
+def _photo_gradient_shap(model: nn.Module, images: Tensor, target: Tensor) -> Tensor:
+    from captum.attr import GradientShap
+
+    torch.manual_seed(0)
+    noise = torch.full((4, *images.shape[1:]), P_BLACK) + 0.2 * torch.randn(4, *images.shape[1:])
+    return torch.cat([GradientShap(model).attribute(images[i : i + 1], baselines=noise, target=target[i : i + 1],
+                                                    n_samples=8, stdevs=0.1).sum(1)
+                      for i in range(len(images))])  # fmt: skip  # one photo at a time
+
+
+def rise_canvases(images: Tensor) -> tuple[Tensor, Tensor]:
+    """RISE's ``(deletion canvas, insertion canvas)`` for normalised images ``[batch, 3, H, W]``:
+    the normalised zero (the mean image) and a Gaussian blur with kernel 11, sigma 5."""
+    from torchvision.transforms.functional import gaussian_blur
+
+    return torch.zeros_like(images), gaussian_blur(images, kernel_size=RISE_PROTOCOL["blur kernel"],
+                                                   sigma=RISE_PROTOCOL["blur sigma"])
+
+
+if __name__ == "__main__":
+    write_committed_weights()

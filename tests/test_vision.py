@@ -181,3 +181,91 @@ def test_plot_explanation_grid_shape_and_bad_input():
     plt.close(fig)
     with pytest.raises(ValueError, match="one row label"):
         vision.plot_explanation_grid(images, maps, row_labels=["x"], title="t")
+
+
+def test_deletion_restricted_to_foreground_pixels():
+    """With a pixel mask, only those pixels move: the last deletion step knows its answer."""
+    torch.manual_seed(1)
+    weight = torch.rand(6, 6)
+    model = _Linear(weight)
+    images = torch.rand(2, 1, 6, 6)
+    target = torch.ones(2, dtype=torch.long)
+    mask = torch.zeros(2, 6, 6, dtype=torch.bool)
+    mask[0, :3] = True  # top half of image 0
+    mask[1, :, :2] = True  # two left columns of image 1
+    saliency = torch.rand(2, 6, 6)
+    curve = vision.perturbation_curve(model, images, saliency, target=target, steps=6, pixels=mask)
+    kept = (images[:, 0] * weight * ~mask).flatten(1).sum(1)  # only the unmasked pixels stay
+    torch.testing.assert_close(curve[:, -1], torch.sigmoid(kept))
+    torch.testing.assert_close(curve[:, 0], model(images)[:, 1])
+    full = vision.perturbation_curve(model, images, saliency, target=target, steps=6)
+    every = vision.perturbation_curve(model, images, saliency, target=target, steps=6,
+                                      pixels=torch.ones(2, 6, 6, dtype=torch.bool))
+    torch.testing.assert_close(full, every)
+    with pytest.raises(ValueError, match="bool mask"):
+        vision.perturbation_curve(model, images, saliency, target=target, pixels=mask.float())
+
+
+def test_cascading_randomisation_resets_embeddings_at_the_last_step(vit):
+    layers = ["head", "blocks.3"]
+    steps = [{k: v.clone() for k, v in m.state_dict().items()}
+             for _, m in vision.cascading_randomisation(vit, layers, reset_embeddings=True)]
+    for key in ("pos_embed", "cls_token"):
+        assert torch.equal(steps[0][key], vit.state_dict()[key]), "embeddings must wait for the last step"
+        assert not torch.equal(steps[-1][key], vit.state_dict()[key])
+    default = [m.state_dict()["pos_embed"].clone() for _, m in vision.cascading_randomisation(vit, layers)]
+    assert torch.equal(default[-1], vit.state_dict()["pos_embed"]), "the default must leave embeddings trained"
+    with pytest.raises(ValueError, match="pos_embed"):
+        next(vision.cascading_randomisation(vision.SmallCNN(), ["head"], reset_embeddings=True))
+
+
+def test_map_similarity_known_values():
+    torch.manual_seed(0)
+    a = torch.randn(3, 28, 28)
+    same = vision.map_similarity(a, a)
+    for k, v in same.items():
+        torch.testing.assert_close(v, torch.ones(3, dtype=torch.float64), msg=k)
+    flipped = vision.map_similarity(a, -a)
+    torch.testing.assert_close(flipped["spearman"], -torch.ones(3, dtype=torch.float64))
+    for k in ("spearman_abs", "ssim", "hog"):
+        torch.testing.assert_close(flipped[k], torch.ones(3, dtype=torch.float64), msg=k)
+    unrelated = vision.map_similarity(a, torch.randn(3, 28, 28))
+    assert all((v.abs() < 0.5).all() for k, v in unrelated.items() if k != "ssim")
+    with pytest.raises(ValueError, match="same shape"):
+        vision.map_similarity(a, a[:2])
+
+
+def test_chefer_relevance_accumulates_gradient_weighted_attention():
+    """Two blocks: the map is row 0 of (I + Ā2)(I + Ā1) with Ā = mean over heads of (grad ⊙ A)+."""
+    torch.manual_seed(0)
+    model = vision.fashion_vit(depth=2).eval()
+    x, target = torch.randn(3, 1, 28, 28), torch.tensor([0, 3, 7])
+    got = vision.chefer_relevance(model, x, target)
+    attn = []
+    hooks = [b.attn.attn_drop.register_forward_hook(lambda _m, _i, o: attn.append(o)) for b in model.blocks]
+    for b in model.blocks:
+        b.attn.fused_attn = False
+    logits = model(x)
+    for h in hooks:
+        h.remove()
+    grads = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), attn)
+    eye = torch.eye(17).expand(3, -1, -1)
+    a1, a2 = ((g * a).clamp_min(0).mean(1) for g, a in zip(grads, attn, strict=True))
+    expected = ((eye + a2) @ (eye + a1))[:, 0, 1:].reshape(3, 4, 4)
+    torch.testing.assert_close(got, expected.detach())
+    assert (got >= 0).all()
+    with torch.no_grad():
+        model.head.weight.zero_()
+    torch.testing.assert_close(vision.chefer_relevance(model, x, target), torch.zeros(3, 4, 4))
+
+
+def test_rise_canvases_and_photo_method_names():
+    x = torch.full((2, 3, 32, 32), 0.5)
+    x[1, :, 10:20, 10:20] = -1.0
+    delete_to, insert_from = vision.rise_canvases(x)
+    assert torch.equal(delete_to, torch.zeros_like(x)), "RISE deletes to the normalised zero"
+    torch.testing.assert_close(insert_from[0], x[0])  # a constant image is its own blur
+    assert insert_from[1].std() < x[1].std(), "the blur must smooth the square"
+    torch.testing.assert_close(insert_from.mean((2, 3)), x.mean((2, 3)), atol=0.02, rtol=0)
+    with pytest.raises(ValueError, match="unknown method"):
+        vision.photo_maps(nn.Identity(), torch.zeros(1, 3, 8, 8), torch.zeros(1, dtype=torch.long), ["LIME"])
