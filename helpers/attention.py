@@ -1262,9 +1262,9 @@ def setting_importance(
     for a probe; input x gradient and gradient-weighted rollout differentiate :func:`setting_target`.
 
     Returns:
-        ``{"blank": [setting, batch, pos], "input_x_grad": [setting, batch, pos],
-        "grad_rollout": [setting, layer, batch, key]}`` (the rollout read at the setting's output),
-        settings in the order of :data:`SETTINGS`.
+        a dict, settings in the order of :data:`SETTINGS`:
+        ``"blank"`` [setting, batch, pos], ``"input_x_grad"`` [setting, batch, pos] and
+        ``"grad_rollout"`` [setting, layer, batch, key] (the rollout read at the setting's output).
     """
     labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
     if labels.shape != (len(sentences),):
