@@ -10,8 +10,14 @@ on the same batches:
 
 ``overhead_ratio = mine_s / forward_s`` (goal <= 1.5). Each is the median of ``--repeats``
 alternating runs, since the CPU may be shared. Memory: the resident set is sampled every 10 ms
-during mining on half and on all of the corpus; the growth above the level before mining should be
-the same for both (bounded by the top-k buffers, not by the corpus size). Writes
+during mining, on all of the corpus (``--repeats`` runs, the largest growth kept) and then once on half
+of it, and the growth above the level before each run is recorded. The goal is memory bounded by the
+top-k buffers (``topk_buffers_gb``), not by the corpus: keeping every coefficient of the corpus would
+take 30 x 1,536 x 32,000 x 4 bytes = 5.9 GB. In the committed result both growths are of the order of
+the buffers and far below that, but they are not equal (the full-corpus one is about twice the
+half-corpus one). The two figures are not a clean comparison (a maximum over runs against one run, and
+RSS also counts the allocator's caches), so they do not show whether growth depends on corpus size; that
+would take alternating half and full runs and comparing medians. Writes
 ``benchmarks/results/ffn.json``.
 
 With ``--compare-threads``, also mining with 1 thread against ``common.free_cores()`` threads (what

@@ -35,6 +35,15 @@ __all__ = [
     "concept_scores",
     "feed_forward_layers",
     "intervene",
+    "grid_share",
+    "load_value_summary",
+    "next_token_losses",
+    "next_token_probs",
+    "quantisation_steps",
+    "random_memories",
+    "rounding_noise",
+    "value_logits_at",
+    "value_summary",
     "mine_triggers",
     "token_windows",
     "value_logits",
@@ -599,3 +608,309 @@ def intervene(
     finally:
         for handle in handles:
             handle.remove()
+
+
+def random_memories(
+    memories: Mapping[int, Sequence[int]], d_mlp: int, *, seed: int = 0
+) -> dict[int, list[int]]:
+    """A control for :func:`intervene`: as many random memories in the same layers, none of the chosen ones.
+
+    Args:
+        memories: ``{layer: [memory indices]}`` of the edit to control for.
+        d_mlp: memories per layer.
+        seed: seed of the draw.
+
+    Returns:
+        ``{layer: [indices]}`` with the same layers and counts, drawn without replacement among the
+        memories of that layer that are not in ``memories[layer]``, sorted.
+
+    >>> random_memories({3: [0, 1], 7: [5]}, 6, seed=0)
+    {3: [2, 3], 7: [0]}
+
+    Introduced in nbs/05_ffn_memories.ipynb (the random-memory control of the steering experiment).
+    """
+    if not isinstance(memories, Mapping) or not memories:
+        raise ValueError("memories must be a non-empty mapping {layer: [memory indices]}")
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for layer, dims in memories.items():
+        chosen = set(int(d) for d in dims)
+        if not chosen or min(chosen) < 0 or max(chosen) >= d_mlp:
+            raise ValueError(f"memories[{layer}] must be a non-empty list of indices in 0..{d_mlp - 1}")
+        free = torch.tensor([i for i in range(d_mlp) if i not in chosen], dtype=torch.long)
+        if len(free) < len(chosen):
+            raise ValueError(f"layer {layer}: only {len(free)} memories are left to draw {len(chosen)} from")
+        pick = free[torch.randperm(len(free), generator=gen)[: len(chosen)]]
+        out[layer] = sorted(pick.tolist())
+    return out
+
+
+@torch.no_grad()
+def next_token_probs(model: nn.Module, prompts: Sequence[Sequence[int]], *, pad_id: int = 0,
+                     batch_size: int = 16) -> Tensor:
+    """Next-token distribution after each prompt, batched with left padding (same numbers as one at a time).
+
+    Padding goes on the left with an attention mask, and positions are counted from each prompt's
+    first real token, so a padded prompt sees exactly what it would see alone.
+
+    Args:
+        model: a causal LM (hooks such as :func:`intervene` stay active).
+        prompts: token ids of each prompt (e.g. ``tokenizer(p).input_ids``), at least one id each.
+        pad_id: the id written in the padding (masked, so its value does not matter).
+        batch_size: prompts per forward pass.
+
+    Returns:
+        ``[prompt, vocab]`` probabilities of the token that follows each prompt.
+
+    Introduced in nbs/05_ffn_memories.ipynb.
+    """
+    if len(prompts) == 0 or any(len(p) == 0 for p in prompts):
+        raise ValueError("prompts must be a non-empty list of non-empty token-id lists")
+    out = []
+    for s in range(0, len(prompts), batch_size):
+        chunk = [list(p) for p in prompts[s : s + batch_size]]
+        width = max(len(p) for p in chunk)
+        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in chunk], dtype=torch.long)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], dtype=torch.long)
+        position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits[:, -1]
+        out.append(logits.float().softmax(-1))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def next_token_losses(model: nn.Module, input_ids: Tensor, *, first: int = 1, batch_size: int = 8
+                      ) -> tuple[Tensor, Tensor]:
+    """Next-token cross-entropy and top prediction at every scored position of unpadded windows.
+
+    Args:
+        model: a causal LM (hooks such as :func:`intervene` stay active).
+        input_ids: ``[window, pos]`` token ids, e.g. from :func:`token_windows`.
+        first: predictions made before position ``first`` are not scored (1 skips the prediction made on
+            the start token).
+
+    Returns:
+        ``(loss, top)``, both ``[window, pos - first - 1]``: the cross-entropy (nats) of the true next
+        token and the model's most likely next token. ``exp(loss.mean())`` is the perplexity.
+
+    Introduced in nbs/05_ffn_memories.ipynb (perplexity of edited and perturbed models).
+    """
+    if not isinstance(input_ids, Tensor) or input_ids.ndim != 2 or input_ids.shape[1] < first + 2:
+        raise ValueError(f"input_ids must be a [window, pos] tensor with pos >= {first + 2}, "
+                         f"got {getattr(input_ids, 'shape', type(input_ids).__name__)}")
+    losses, tops = [], []
+    for s in range(0, len(input_ids), batch_size):
+        ids = input_ids[s : s + batch_size]
+        logits = model(input_ids=ids).logits[:, first:-1].float()  # [batch, n, vocab]
+        losses.append(nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, first + 1 :], reduction="none"))
+        tops.append(logits.argmax(-1))
+    return torch.cat(losses), torch.cat(tops)
+
+
+# ---------------------------------------------------------------------------------------------
+# What 4-bit de-quantisation does: the rounding grid and a perturbation of the same size
+# ---------------------------------------------------------------------------------------------
+
+QUANT_BLOCK = 32
+"""Weights per block in the GGUF formats Q4_1 and Q8_0 (one scale, and for Q4_1 one minimum, per block)."""
+
+
+def _blocks(weight: Tensor, block: int) -> Tensor:
+    if weight.ndim != 2 or weight.shape[1] % block:
+        raise ValueError(f"weight must be 2-D with a last dimension divisible by {block}, got {tuple(weight.shape)}")
+    return weight.detach().float().reshape(weight.shape[0], -1, block)  # [row, block, weight]
+
+
+def quantisation_steps(weight: Tensor, *, scheme: str = "Q4_1", block: int = QUANT_BLOCK) -> Tensor:
+    """The rounding step of each block of a weight matrix de-quantised from a GGUF block format.
+
+    In Q4_1 each block of 32 consecutive weights of a row is stored as ``d * q + m`` with ``q`` in
+    0..15, ``m`` the block's minimum and ``d = (max - min) / 15``; in Q8_0 as ``d * q`` with ``q`` in
+    -127..127 and ``d = max |w| / 127``. Rounding to the grid moved each original weight by at most
+    ``d / 2``.
+
+    Args:
+        weight: ``[rows, cols]`` de-quantised weights, ``cols`` divisible by ``block``.
+        scheme: ``"Q4_1"`` or ``"Q8_0"``.
+        block: weights per block.
+
+    Returns:
+        ``[rows, cols // block]`` steps ``d``.
+
+    >>> w = torch.tensor([[0.0, 1.5, -3.0, 0.0]])
+    >>> quantisation_steps(w, block=2).mul(1e4).round().div(1e4).tolist()
+    [[0.10000000149011612, 0.20000000298023224]]
+    >>> quantisation_steps(w, scheme="Q8_0", block=2).mul(127).tolist()
+    [[1.5, 3.0]]
+
+    Introduced in nbs/05_ffn_memories.ipynb (llama.cpp's block formats; Dettmers & Zettlemoyer 2023).
+    """
+    b = _blocks(weight, block)
+    if scheme == "Q4_1":
+        return (b.max(-1).values - b.min(-1).values) / 15
+    if scheme == "Q8_0":
+        return b.abs().max(-1).values / 127
+    raise ValueError(f"scheme must be 'Q4_1' or 'Q8_0', got {scheme!r}")
+
+
+def grid_share(weight: Tensor, *, scheme: str = "Q4_1", block: int = QUANT_BLOCK, tol: float = 1e-3) -> float:
+    """Share of weights that sit on their block's rounding grid (1.0 for a de-quantised matrix).
+
+    Args:
+        weight, scheme, block: as for :func:`quantisation_steps`.
+        tol: allowed distance to the nearest grid point, in units of the block's step.
+
+    Returns:
+        a share in [0, 1]; a full-precision matrix gives about ``2 * tol``.
+
+    >>> grid_share(torch.tensor([[0.0, 0.6, 1.4, 3.0]]), block=4)   # step 0.2: levels 0, 3, 7, 15
+    1.0
+    >>> grid_share(torch.tensor([[0.0, 0.61, 1.4, 3.0]]), block=4)
+    0.75
+    """
+    b = _blocks(weight, block)
+    d = quantisation_steps(weight, scheme=scheme, block=block).clamp_min(1e-30)[..., None]
+    q = (b - b.min(-1, keepdim=True).values) / d if scheme == "Q4_1" else b / d
+    return float(((q - q.round()).abs() <= tol).float().mean())
+
+
+GGUF_SCHEMES = {"embed_tokens.weight": "Q8_0", "_proj.weight": "Q4_1"}
+"""Which parameters of SmolLM2's GGUF file are stored in which block format (by name suffix); the
+RMSNorm gains are stored in float32 and are not perturbed."""
+
+
+@contextlib.contextmanager
+def rounding_noise(model: nn.Module, *, seed: int = 0, scale: float = 1.0,
+                   schemes: Mapping[str, str] | None = None, block: int = QUANT_BLOCK) -> Iterator[dict[str, float]]:
+    """Inside the block, add to every quantised weight a fresh rounding error of its block's size.
+
+    Each weight gets ``scale * d * u`` with ``u`` uniform in [-1/2, 1/2] and ``d`` its block's step
+    (:func:`quantisation_steps`): a second rounding error, drawn like the one that de-quantisation
+    left in the weights. Comparing the model with and without it measures how much an error of that
+    size changes what the chapter measures; the weights are restored exactly on exit.
+
+    Args:
+        model: a model whose weights were de-quantised from GGUF blocks.
+        seed: seed of the noise.
+        scale: noise size in units of one rounding error (0 leaves the model unchanged).
+        schemes: ``{parameter-name suffix: "Q4_1" | "Q8_0"}``; default :data:`GGUF_SCHEMES`.
+        block: weights per block.
+
+    Yields:
+        ``{"relative_rms": ...}``: RMS of the added noise over RMS of the perturbed weights.
+
+    Introduced in nbs/05_ffn_memories.ipynb.
+    """
+    schemes = dict(GGUF_SCHEMES if schemes is None else schemes)
+    targets = [(name, p, scheme) for name, p in model.named_parameters()
+               for suffix, scheme in schemes.items() if name.endswith(suffix)]
+    if not targets:
+        raise ValueError(f"no parameter name ends with any of {list(schemes)}: pass schemes= for this model")
+    gen = torch.Generator().manual_seed(seed)
+    saved, noise_sq, weight_sq = [], 0.0, 0.0
+    try:
+        with torch.no_grad():
+            for _name, p, scheme in targets:
+                d = quantisation_steps(p, scheme=scheme, block=block)            # [row, block]
+                u = torch.rand(p.shape, generator=gen, dtype=torch.float32) - 0.5
+                noise = (scale * u.reshape(d.shape[0], d.shape[1], -1) * d[..., None]).reshape(p.shape)
+                saved.append((p, p.detach().clone()))
+                noise_sq += float(noise.double().pow(2).sum())
+                weight_sq += float(p.double().pow(2).sum())
+                p.add_(noise.to(p.dtype))
+        yield {"relative_rms": (noise_sq / weight_sq) ** 0.5}
+    finally:
+        with torch.no_grad():
+            for p, original in saved:
+                p.copy_(original)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every value's top token and top-k threshold, for key-value agreement on all memories
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def value_summary(model: nn.Module, *, k: int = 50, chunk: int = 512, final_norm: bool = True) -> dict[str, Tensor]:
+    """For every value of every layer: its top token and its ``k``-th largest logit.
+
+    With these two numbers per memory, whether a token ``t`` is among a value's top ``k`` is
+    ``logit_t >= kth``, which needs one dot product instead of a ``[value, vocab]`` matrix.
+
+    Args:
+        model: a Llama-style causal LM.
+        k: the rank of the threshold.
+        chunk: values projected at a time (memory: ``chunk x vocab`` floats).
+        final_norm: as for :func:`value_logits`.
+
+    Returns:
+        ``{"top1": [layer, d_mlp] long, "kth": [layer, d_mlp] float}``.
+
+    Introduced in nbs/05_ffn_memories.ipynb (key-value agreement of all 46,080 memories).
+    """
+    if not isinstance(k, int) or k <= 0:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    E, gamma = _unembedding(model, final_norm)
+    top1, kth = [], []
+    for layer in range(len(feed_forward_layers(model))):
+        v = _values(model, layer, None)                                          # [d_mlp, d]
+        if gamma is not None:
+            v = v * gamma
+        best = [(c @ E.T).topk(k, dim=-1) for c in v.split(chunk)]
+        top1.append(torch.cat([b.indices[:, 0] for b in best]))
+        kth.append(torch.cat([b.values[:, -1] for b in best]))
+    return {"top1": torch.stack(top1), "kth": torch.stack(kth)}
+
+
+def value_logits_at(model: nn.Module, *, layer: int, tokens: Tensor, final_norm: bool = True) -> Tensor:
+    """The logit that each value of a layer gives to chosen tokens, without the full projection.
+
+    Args:
+        model: a Llama-style causal LM.
+        layer: which layer's values.
+        tokens: ``[d_mlp, n]`` token ids, one row per memory of the layer.
+        final_norm: as for :func:`value_logits`.
+
+    Returns:
+        ``[d_mlp, n]``: entry ``(i, j)`` equals ``value_logits(model, layer=layer)[i, tokens[i, j]]``.
+
+    Introduced in nbs/05_ffn_memories.ipynb.
+    """
+    E, gamma = _unembedding(model, final_norm)
+    v = _values(model, layer, None)                                              # [d_mlp, d]
+    if gamma is not None:
+        v = v * gamma
+    tokens = torch.as_tensor(tokens, dtype=torch.long)
+    if tokens.ndim != 2 or tokens.shape[0] != v.shape[0]:
+        raise ValueError(f"tokens must be [d_mlp={v.shape[0]}, n], got {tuple(tokens.shape)}")
+    with torch.no_grad():
+        return torch.einsum("md,mnd->mn", v, E[tokens])
+
+
+def _weights_key(model: nn.Module) -> str:
+    """Content hash of what :func:`value_summary` depends on: every value, the final gain, the unembedding."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    E, gamma = _unembedding(model, True)
+    tensors = [mlp.down_proj.weight for mlp in feed_forward_layers(model)] + [E]
+    for t in tensors + ([gamma] if gamma is not None else []):
+        digest.update(t.detach().float().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def load_value_summary(model: nn.Module, *, k: int = 50) -> dict[str, Tensor]:
+    """:func:`value_summary`, committed with the book for SmolLM2 (about 2 min to rebuild on 2 cores).
+
+    The file is named by a hash of the weights it was computed from, so another model (or other
+    weights) gets its own file; it is verified by SHA-256 on load and rebuilt when missing or altered.
+    """
+    from helpers import common
+
+    path = common.cache_dir("results", "ch5") / f"value-summary-k{k}-{_weights_key(model)}.pt"
+
+    def build(target) -> None:
+        with common.torch_threads(common.free_cores()):
+            torch.save(value_summary(model, k=k), target)
+
+    return torch.load(common.cached_file(path, build, committed=True), weights_only=True)

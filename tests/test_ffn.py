@@ -215,3 +215,95 @@ def test_bad_inputs_say_what_to_do():
         ffn.feed_forward_layers(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="training mode"):
         ffn.mine_triggers(model.train(), windows)
+
+
+def test_random_memories_are_a_disjoint_control_in_the_same_layers():
+    chosen = {0: [1, 2, 3], 2: [7]}
+    rand = ffn.random_memories(chosen, D_MLP, seed=3)
+    assert {k: len(v) for k, v in rand.items()} == {0: 3, 2: 1}
+    assert not set(rand[0]) & set(chosen[0]) and rand[2] != [7]
+    assert rand == ffn.random_memories(chosen, D_MLP, seed=3) and rand != ffn.random_memories(chosen, D_MLP, seed=4)
+    with pytest.raises(ValueError, match="only 0 memories"):
+        ffn.random_memories({0: list(range(D_MLP))}, D_MLP)
+
+
+def test_batched_next_token_probs_equal_one_prompt_at_a_time():
+    model = _llama()
+    prompts = [[5, 6, 7, 8, 9], [4], [10, 11, 12]]
+    batched = ffn.next_token_probs(model, prompts, pad_id=0, batch_size=3)
+    with torch.no_grad():
+        alone = torch.stack([model(input_ids=torch.tensor([p])).logits[0, -1].softmax(-1) for p in prompts])
+    torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-4)
+    with ffn.intervene(model, {1: [0, 1, 2]}, value=4.0):
+        edited = ffn.next_token_probs(model, prompts)
+    assert not torch.allclose(edited, batched, atol=1e-3)
+
+
+def test_next_token_losses_are_the_cross_entropy_of_the_next_token():
+    model, windows = _llama(), _windows(n=3, length=6)
+    loss, top = ffn.next_token_losses(model, windows, first=1, batch_size=2)
+    with torch.no_grad():
+        logp = model(input_ids=windows).logits.log_softmax(-1)          # [window, pos, vocab]
+    expected = -logp[:, 1:-1].gather(-1, windows[:, 2:, None])[..., 0]
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-4)
+    assert torch.equal(top, logp[:, 1:-1].argmax(-1)) and loss.shape == (3, 4)
+
+
+def _on_q4_1_grid(w, block=4):
+    # round each block of a matrix to 16 levels between its min and max, as GGUF's Q4_1 stores it
+    b = w.reshape(w.shape[0], -1, block)
+    lo, hi = b.min(-1, keepdim=True).values, b.max(-1, keepdim=True).values
+    d = (hi - lo) / 15
+    return (lo + ((b - lo) / d).round() * d).reshape(w.shape), d[..., 0]
+
+
+def test_quantisation_steps_recover_the_grid_of_a_rounded_matrix():
+    w, d = _on_q4_1_grid(torch.randn(6, 16))
+    torch.testing.assert_close(ffn.quantisation_steps(w, block=4), d)
+    assert ffn.grid_share(w, block=4) == 1.0
+    assert ffn.grid_share(torch.randn(6, 32), block=16) < 0.3           # full precision: only min and max
+    q8 = torch.randint(-127, 128, (3, 8)).float() * 0.01
+    q8[:, 0] = 1.27                                                     # the block's largest |w| sets d
+    torch.testing.assert_close(ffn.quantisation_steps(q8, scheme="Q8_0", block=8), torch.full((3, 1), 0.01))
+    assert ffn.grid_share(q8, scheme="Q8_0", block=8) == 1.0
+    with pytest.raises(ValueError, match="divisible by 32"):
+        ffn.quantisation_steps(torch.zeros(2, 10))
+    with pytest.raises(ValueError, match="scheme"):
+        ffn.quantisation_steps(w, scheme="Q5_K", block=4)
+
+
+def test_rounding_noise_has_the_size_of_one_rounding_error_and_is_undone():
+    model = _llama()
+    with torch.no_grad():                                               # put every projection on a Q4_1 grid
+        for name, p in model.named_parameters():
+            if name.endswith("_proj.weight"):
+                p.copy_(_on_q4_1_grid(p, block=8)[0])
+    schemes = {"_proj.weight": "Q4_1"}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    w = model.model.layers[0].mlp.up_proj.weight
+    d = ffn.quantisation_steps(w, block=8)
+    with ffn.rounding_noise(model, seed=0, schemes=schemes, block=8) as info:
+        noise = (w.detach() - before["model.layers.0.mlp.up_proj.weight"]).reshape(*d.shape, 8)
+        assert (noise.abs() <= d[..., None] / 2 + 1e-6).all()           # never more than half a step
+        ratio = noise.pow(2).mean().sqrt() / (d.pow(2).mean().sqrt() / 12 ** 0.5)
+        assert 0.8 < float(ratio) < 1.2                                  # uniform: RMS = d / sqrt(12)
+        assert 0 < info["relative_rms"] < 0.2
+        assert torch.equal(model.model.norm.weight, before["model.norm.weight"])   # gains untouched
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters()), "weights not restored"
+    with pytest.raises(ValueError, match="no parameter name"):
+        with ffn.rounding_noise(model, schemes={"nothing.weight": "Q4_1"}, block=8):
+            pass
+
+
+def test_value_summary_matches_the_full_projection():
+    model = _llama()
+    summary = ffn.value_summary(model, k=5, chunk=7)
+    for layer in range(LAYERS):
+        top = ffn.value_logits(model, layer=layer).topk(5, dim=-1)
+        assert torch.equal(summary["top1"][layer], top.indices[:, 0])
+        torch.testing.assert_close(summary["kth"][layer], top.values[:, -1])
+        tokens = torch.randint(0, VOCAB, (D_MLP, 3))
+        torch.testing.assert_close(ffn.value_logits_at(model, layer=layer, tokens=tokens),
+                                   ffn.value_logits(model, layer=layer).gather(1, tokens), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="tokens must be"):
+        ffn.value_logits_at(model, layer=0, tokens=torch.zeros(3, 2, dtype=torch.long))
