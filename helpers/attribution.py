@@ -517,7 +517,7 @@ def faithfulness_study(models: dict[str, PooledClassifier], ids: Tensor, am: Ten
     * ``sanity/<kind>/<seed>/<method>`` [m]: per-passage Spearman between the trained and a
       :func:`randomised_copy`'s attributions, on the first ``sanity_per_class`` passages of each class
       (models in ``sanity_models``; integrated gradients with ``sanity_n_steps`` there);
-    * ``convergence/<rule>/<steps>`` [k]: |delta| / |gap| of integrated gradients with Captum's
+    * ``convergence/<rule>/<steps>`` [k]: ``abs(delta) / abs(gap)`` of integrated gradients with Captum's
       Gauss-Legendre rule and the trapezoid Riemann sum on ``convergence_passages`` passages
       (models in ``convergence_models``).
 
