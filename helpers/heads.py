@@ -633,6 +633,23 @@ def _layers(model: nn.Module):
         ) from err
 
 
+def _hidden_states_and_mask(model: nn.Module, layers, enc) -> tuple[tuple[Tensor, ...], dict[str, Tensor]]:
+    """Every hidden state of one forward pass, and ``{"mask": ...}``, the attention mask as the first layer
+    receives it (so that layers can be re-run one by one on the hidden states)."""
+    seen: dict[str, Tensor] = {}
+
+    def grab_mask(_module, args, kwargs):
+        seen["mask"] = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+
+    handle = layers[0].register_forward_pre_hook(grab_mask, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            hidden = model(**enc, output_hidden_states=True).hidden_states  # (layer + 1) x [batch, pos, d]
+    finally:
+        handle.remove()
+    return hidden, seen
+
+
 @contextlib.contextmanager
 def head_mask(model: nn.Module, keep: Tensor) -> Iterator[None]:
     """Mask attention heads inside the block: their output is zeroed before the output projection.
@@ -712,20 +729,11 @@ def ablated_embeddings(
         raise ValueError("texts must be a non-empty list of strings")
     device = next(model.parameters()).device
     first = [int((k != 1).any(1).float().argmax()) if bool((k != 1).any()) else len(layers) for k in keep]
-    seen: dict[str, Tensor] = {}
-
-    def grab_mask(_module, args, kwargs):
-        seen["mask"] = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
 
     out = torch.zeros(len(keep), len(texts), model.config.hidden_size)
     for start, enc in encode_batches(tokenizer, texts, batch_size=batch_size, max_length=max_length, device=device):
         weights = enc["attention_mask"][..., None].float()  # [batch, pos, 1]
-        handle = layers[0].register_forward_pre_hook(grab_mask, with_kwargs=True)
-        try:
-            with torch.inference_mode():
-                hidden = model(**enc, output_hidden_states=True).hidden_states  # (layer + 1) x [batch, pos, d]
-        finally:
-            handle.remove()
+        hidden, seen = _hidden_states_and_mask(model, layers, enc)
         for c, (k, lo) in enumerate(zip(keep, first, strict=True)):
             h = hidden[lo]
             with torch.inference_mode(), head_mask(model, k):
@@ -1210,17 +1218,8 @@ def _ablated_last_hidden(model: nn.Module, enc, keep: Tensor) -> Iterator[tuple[
     """Last hidden state [batch, pos, d] of one encoded batch under every mask of ``keep``, each run
     restarting from the hidden state entering its first masked layer (as :func:`ablated_embeddings`)."""
     layers = _layers(model)
-    seen: dict[str, Tensor] = {}
 
-    def grab_mask(_module, args, kwargs):
-        seen["mask"] = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-
-    handle = layers[0].register_forward_pre_hook(grab_mask, with_kwargs=True)
-    try:
-        with torch.inference_mode():
-            hidden = model(**enc, output_hidden_states=True).hidden_states  # (layer + 1) x [batch, pos, d]
-    finally:
-        handle.remove()
+    hidden, seen = _hidden_states_and_mask(model, layers, enc)
     for c, k in enumerate(keep):
         lo = int((k != 1).any(1).float().argmax()) if bool((k != 1).any()) else len(layers)
         h = hidden[lo]
