@@ -20,9 +20,14 @@ which is monotone and normalised by construction; we parametrise the weights wit
 * ``C(x) = Σ_i φ_i x_i - ½ Σ_{i<j} I_ij |x_i - x_j|``, the per-image decomposition.
 
 :class:`HierarchicalChoquet` stacks such nodes (concepts → groups → class score), one tree per
-class; :class:`ChoquetStudent` adds learned monotone marginal utilities and is distilled from a
-black box's outputs as in CB2 (Atienza et al., IJCAI 2024). Introduced in nbs/10_clip_concepts.ipynb;
-reused by chapters 11 and 12.
+class, and reads a concept's importance as the product of Shapley values along its path
+(:meth:`HierarchicalChoquet.path_shapley`, after Labreuche & Fossier 2018), which is not the Shapley
+value of the capacity the tree induces (:func:`tree_capacity`, :func:`path_product_shapley`).
+:class:`ChoquetStudent` adds marginal utilities and is trained as in CB2 (Atienza et al., IJCAI 2024):
+:func:`distil_cb2` combines distillation on logits with the alignment of the student's node outputs
+with the teacher's latent space (:class:`Aligner`); :func:`distil` is plain KL distillation.
+:func:`seed_study` compares students under one tuning protocol over several seeds. Introduced in
+nbs/10_clip_concepts.ipynb; reused by chapters 11, 12 and 14.
 """
 
 from __future__ import annotations
@@ -144,6 +149,58 @@ def interaction_indices(mu) -> np.ndarray:
                 w = math.factorial(k) * math.factorial(n - k - 2) / math.factorial(n - 1)
                 out[i, j] += w * (mu[s | bi | bj] - mu[s | bi] - mu[s | bj] + mu[s])
         out[j, i] = out[i, j]
+    return out
+
+
+def tree_capacity(root, nodes: Sequence, groups: Sequence[Sequence[int]]) -> np.ndarray:
+    """The capacity a two-level tree of Choquet integrals induces on its leaves, ``[2**K]`` (bitmask index).
+
+    A tree aggregates the leaves of group ``g`` with capacity ``nodes[g]`` and the group outputs with
+    ``root``; on a 0/1 vector (the indicator of a set ``A``) every Choquet integral returns its
+    capacity of the set of ones, so the tree's value on ``1_A`` is the induced capacity ``mu(A)``.
+
+    Args:
+        root: capacity ``[2**G]`` over the groups; nodes: one capacity ``[2**len(g)]`` per group;
+        groups: leaf indices of each group, covering ``0..K-1`` once (small ``K``: ``2**K`` sets).
+
+    >>> tree_capacity([0, 1, 1, 1], [[0, 0, 0, 1], [0, 1]], [[0, 1], [2]]).tolist()  # max(min(x0, x1), x2)
+    [0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+    """
+    root = check_capacity(root)
+    nodes = [check_capacity(m) for m in nodes]
+    flat = sorted(int(i) for g in groups for i in g)
+    if len(groups) != _n_criteria(root) or len(nodes) != len(groups) or flat != list(range(len(flat))):
+        raise ValueError(f"need one node capacity per group, a root over {len(groups)} groups and groups covering "
+                         f"0..K-1 once; got {len(nodes)} nodes, a root on {_n_criteria(root)} criteria, leaves {flat}")
+    for m, g in zip(nodes, groups, strict=True):
+        if _n_criteria(m) != len(g):
+            raise ValueError(f"the node of group {list(g)} needs a capacity on {len(g)} criteria, got {len(m)} values")
+    k = len(flat)
+    mu = np.zeros(2**k)
+    for a in range(2**k):
+        values = [m[sum(1 << j for j, leaf in enumerate(g) if a >> leaf & 1)]  # the node's capacity of A within g
+                  for m, g in zip(nodes, groups, strict=True)]
+        mu[a] = choquet_integral(np.array(values), root)
+    return mu
+
+
+def path_product_shapley(root, nodes: Sequence, groups: Sequence[Sequence[int]]) -> np.ndarray:
+    """Leaf importance read along the tree: root Shapley value of the group × Shapley value in the group, ``[K]``.
+
+    The quantity CB2's code reports for a hierarchical Choquet integral (after Labreuche & Fossier
+    2018); it differs in general from ``shapley_values(tree_capacity(...))``, the Shapley value of
+    the induced capacity.
+
+    >>> path_product_shapley([0, 1, 1, 1], [[0, 0, 0, 1], [0, 1]], [[0, 1], [2]]).tolist()
+    [0.25, 0.25, 0.5]
+    >>> shapley_values(tree_capacity([0, 1, 1, 1], [[0, 0, 0, 1], [0, 1]], [[0, 1], [2]])).round(4).tolist()
+    [0.1667, 0.1667, 0.6667]
+    """
+    tree_capacity(root, nodes, groups)  # validates the tree
+    root_phi = shapley_values(root)
+    out = np.zeros(sum(len(g) for g in groups))
+    for k, (m, g) in enumerate(zip(nodes, groups, strict=True)):
+        out[list(g)] = root_phi[k] * shapley_values(m)
     return out
 
 
@@ -361,14 +418,24 @@ class HierarchicalChoquet(nn.Module):
         return self.root.shapley()
 
     @torch.no_grad()
-    def shapley(self) -> Tensor:
-        """``[classes, K]`` global importance of each concept: root Shapley of its group × its Shapley value
-        in the group node (sums to 1 per class; the Shapley value of the tree read along the path)."""
+    def path_shapley(self) -> Tensor:
+        """``[classes, K]`` path-product importance of each concept: the root's Shapley value of its group
+        times the concept's Shapley value inside the group node (sums to 1 per class).
+
+        This is what CB2's code reads out of a tree (``get_ieow_leaf_global``), after Labreuche &
+        Fossier (IJCAI 2018): a product of node Shapley values along the path from the root. It is
+        *not* the Shapley value of the capacity the tree induces on the concepts; see
+        :func:`tree_capacity` and :func:`path_product_shapley` for a counterexample.
+        """
         out = torch.zeros(self.n_classes, self.n_concepts)
         root = self.root.shapley()
         for k, (node, g) in enumerate(zip(self.nodes, self.groups, strict=True)):
             out[:, g] = root[:, k : k + 1] * node.shapley()
         return out
+
+    def shapley(self) -> Tensor:
+        """Alias of :meth:`path_shapley` (the name chapters 11 and 14 use); a path product, not a Shapley value."""
+        return self.path_shapley()
 
     @torch.no_grad()
     def interactions(self) -> Tensor:
@@ -426,6 +493,13 @@ class ChoquetStudent(nn.Module):
         """``[batch, classes]`` Choquet values in [0, 1] (what the logits are a multiple of)."""
         with torch.no_grad():
             return self.choquet(z)
+
+    def node_outputs(self, z: Tensor) -> Tensor:
+        """``[batch, classes * G]`` outputs of every group node of every class (CB2's ``snz``), with gradients.
+
+        The inputs of CB2's alignment step: what the entangler maps to the teacher's latent space.
+        """
+        return self.choquet.group_values(self.choquet.utilities(z)).flatten(1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -505,3 +579,276 @@ def concepts_for_mass(phi: Tensor, fraction: float = 0.8) -> Tensor:
     mass = phi.abs().sort(-1, descending=True).values
     cum = mass.cumsum(-1) / mass.sum(-1, keepdim=True)
     return (cum < fraction - 1e-9).sum(-1) + 1
+
+
+# ---------------------------------------------------------------------------------------------
+# CB2's full objective: distillation on logits + alignment with the teacher's latent space
+# ---------------------------------------------------------------------------------------------
+
+DISTILLATIONS = ("mse", "kl")
+
+
+def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, *, kind: str = "mse",
+                      temperature: float = 2.0) -> Tensor:
+    """The prediction term of CB2: ``"mse"`` on logits (CB2's code) or ``"kl"`` at temperature ``T`` (Hinton et al.).
+
+    ``"mse"`` compares logits after removing each row's mean: a softmax ignores a per-row shift, and a
+    Choquet student's logits ``s · C(x)`` are non-negative while a teacher's are not (logit matching,
+    Ba & Caruana 2014). ``"kl"`` is ``T² KL(softmax(teacher / T) || softmax(student / T))``.
+
+    >>> t = torch.tensor([[2.0, 0.0], [0.0, 4.0]])
+    >>> float(distillation_loss(t + 5.0, t))            # a per-row shift costs nothing
+    0.0
+    >>> float(distillation_loss(torch.zeros(2, 2), t))  # centred teacher rows (1, -1) and (-2, 2)
+    2.5
+    """
+    if student_logits.shape != teacher_logits.shape or student_logits.ndim != 2:
+        raise ValueError(f"need student and teacher logits of one shape [N, classes], got {tuple(student_logits.shape)}"
+                         f" and {tuple(teacher_logits.shape)}")
+    if kind not in DISTILLATIONS:
+        raise ValueError(f"kind must be one of {DISTILLATIONS}, got {kind!r}")
+    if kind == "mse":
+        centre = lambda t: t - t.mean(-1, keepdim=True)  # noqa: E731
+        return F.mse_loss(centre(student_logits), centre(teacher_logits))
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    log_p = (student_logits / temperature).log_softmax(-1)
+    log_q = (teacher_logits / temperature).log_softmax(-1)
+    return F.kl_div(log_p, log_q, log_target=True, reduction="batchmean") * temperature**2
+
+
+class Aligner(nn.Module):
+    """CB2's alignment module: an entangler from the student's node outputs to the teacher's latent space
+    and a disentangler back (two-layer SiLU MLPs of width ``hidden``, as in CB2's ``InterpreterCB2_HCI_CLS``).
+
+    ``forward(nodes [batch, n_nodes]) -> (latent logits [batch, latent_dim], reconstruction [batch, n_nodes])``.
+    """
+
+    def __init__(self, n_nodes: int, latent_dim: int, *, hidden: int = 100):
+        super().__init__()
+        if n_nodes < 1 or latent_dim < 1 or hidden < 1:
+            raise ValueError(f"need n_nodes, latent_dim, hidden >= 1, got {n_nodes}, {latent_dim}, {hidden}")
+        self.entangler = nn.Sequential(nn.Linear(n_nodes, hidden), nn.SiLU(), nn.Linear(hidden, latent_dim))
+        self.disentangler = nn.Sequential(nn.Linear(latent_dim, hidden), nn.SiLU(), nn.Linear(hidden, n_nodes))
+
+    def forward(self, nodes: Tensor) -> tuple[Tensor, Tensor]:
+        latent = self.entangler(nodes)
+        return latent, self.disentangler(latent)
+
+
+def alignment_loss(aligner: Aligner, nodes: Tensor, teacher_latent: Tensor, *,
+                   temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """CB2's alignment and reconstruction terms, ``(CE(ent(n) / T, softmax(h / T)) / T, MSE(dis(ent(n)), n))``.
+
+    Args:
+        aligner: the entangler / disentangler pair.
+        nodes: ``[batch, n_nodes]`` node outputs of the student.
+        teacher_latent: ``[batch, latent_dim]`` the black box's latent vector (its CLS token here).
+    """
+    latent, rebuilt = aligner(nodes)
+    target = (teacher_latent / temperature).softmax(-1)
+    return F.cross_entropy(latent / temperature, target) / temperature, F.mse_loss(rebuilt, nodes)
+
+
+def latent_gap(aligner: Aligner, nodes: Tensor, teacher_latent: Tensor, *, temperature: float = 1.0) -> Tensor:
+    """Per-example ``KL(softmax(h / T) || softmax(ent(n) / T))``, ``[N]``: 0 when the node outputs give the
+    teacher's latent distribution exactly (the alignment term minus its unavoidable entropy)."""
+    if len(nodes) != len(teacher_latent):
+        raise ValueError(f"need one latent vector per example, got {len(nodes)} and {len(teacher_latent)}")
+    with torch.no_grad():
+        log_p = (aligner.entangler(nodes) / temperature).log_softmax(-1)
+        log_q = (teacher_latent / temperature).log_softmax(-1)
+        return (log_q.exp() * (log_q - log_p)).sum(-1)
+
+
+def distil_cb2(student: nn.Module, inputs: Tensor, teacher_logits: Tensor, *, teacher_latent: Tensor | None = None,
+               aligner: Aligner | None = None, distillation: str = "mse", temperature: float = 2.0,
+               r_pred: float = 1.0, r_align: float = 1.0, r_ae: float = 1.0, align_temperature: float = 1.0,
+               epochs: int = 15, batch_size: int = 512, lr: float = 0.02, aligner_lr: float = 0.01,
+               seed: int = 0) -> dict[str, list[float]]:
+    """Train a student with CB2's objective ``r_pred·L_pred + r_align·L_align + r_ae·L_ae`` (Atienza et al. 2024).
+
+    ``L_pred`` is :func:`distillation_loss` (``"mse"`` on logits as CB2's code, or ``"kl"`` at
+    ``temperature``); with ``teacher_latent`` and ``aligner`` given, the student's node outputs
+    (``student.node_outputs(inputs)``, e.g. :meth:`ChoquetStudent.node_outputs`) are also pushed
+    through the entangler towards the teacher's latent vector (:func:`alignment_loss`), and student
+    and aligner are trained together (the aligner with its own learning rate ``aligner_lr``). Without
+    them it is plain distillation, for any student.
+
+    Returns:
+        per-epoch means of ``"loss"``, ``"pred"``, ``"align"`` and ``"ae"`` (0 without alignment).
+    """
+    if len(inputs) != len(teacher_logits) or teacher_logits.ndim != 2:
+        raise ValueError(f"need inputs [N, ...] and teacher_logits [N, classes], got {tuple(inputs.shape)} and "
+                         f"{tuple(teacher_logits.shape)}")
+    if (teacher_latent is None) != (aligner is None):
+        raise ValueError("give both teacher_latent and aligner (the alignment step), or neither (distillation only)")
+    if teacher_latent is not None:
+        if len(teacher_latent) != len(inputs):
+            raise ValueError(f"need one teacher latent vector per input, got {len(teacher_latent)} and {len(inputs)}")
+        if not hasattr(student, "node_outputs"):
+            raise ValueError("the alignment step needs a student with node_outputs(inputs), e.g. a ChoquetStudent")
+    if distillation not in DISTILLATIONS:
+        raise ValueError(f"distillation must be one of {DISTILLATIONS}, got {distillation!r}")
+    with common.torch_threads(1):  # small dense ops: one thread is faster, and immune to a busy machine
+        return _distil_cb2(student, inputs, teacher_logits, teacher_latent, aligner, distillation, temperature,
+                           (r_pred, r_align, r_ae), align_temperature, epochs, batch_size, (lr, aligner_lr), seed)
+
+
+def _distil_cb2(student, inputs, teacher_logits, teacher_latent, aligner, distillation, temperature, weights,
+                align_temperature, epochs, batch_size, lrs, seed):
+    r_pred, r_align, r_ae = weights
+    generator = torch.Generator().manual_seed(seed)
+    param_groups = [{"params": [p for p in student.parameters() if p.requires_grad], "lr": lrs[0]}]
+    if aligner is not None:
+        param_groups.append({"params": list(aligner.parameters()), "lr": lrs[1]})
+    optimiser = torch.optim.Adam(param_groups)
+    history: dict[str, list[float]] = {"loss": [], "pred": [], "align": [], "ae": []}
+    student.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(inputs), generator=generator)
+        sums = dict.fromkeys(history, 0.0)
+        for i in range(0, len(order), batch_size):
+            b = order[i : i + batch_size]
+            pred = distillation_loss(student(inputs[b]), teacher_logits[b], kind=distillation, temperature=temperature)
+            align = ae = pred.new_zeros(())
+            if aligner is not None:
+                align, ae = alignment_loss(aligner, student.node_outputs(inputs[b]), teacher_latent[b],
+                                           temperature=align_temperature)
+            loss = r_pred * pred + r_align * align + r_ae * ae
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            for key, value in zip(history, (loss, pred, align, ae), strict=True):
+                sums[key] += value.item() * len(b)
+        for key in history:
+            history[key].append(sums[key] / len(inputs))
+    student.eval()
+    return history
+
+
+def fit_aligner(aligner: Aligner, nodes: Tensor, teacher_latent: Tensor, *, r_align: float = 1.0, r_ae: float = 1.0,
+                temperature: float = 1.0, epochs: int = 15, batch_size: int = 512, lr: float = 0.01,
+                seed: int = 0) -> list[float]:
+    """Fit only the aligner on *frozen* node outputs (post hoc): what the latent space can be read from a
+    student that was never trained to align. Returns the mean loss of each epoch."""
+    if nodes.ndim != 2 or len(nodes) != len(teacher_latent):
+        raise ValueError(f"need nodes [N, n_nodes] and teacher_latent [N, d], got {tuple(nodes.shape)} and "
+                         f"{tuple(teacher_latent.shape)}")
+    nodes = nodes.detach()
+    generator = torch.Generator().manual_seed(seed)
+    optimiser = torch.optim.Adam(aligner.parameters(), lr=lr)
+    history = []
+    with common.torch_threads(1):
+        for _ in range(epochs):
+            order = torch.randperm(len(nodes), generator=generator)
+            total = 0.0
+            for i in range(0, len(order), batch_size):
+                b = order[i : i + batch_size]
+                align, ae = alignment_loss(aligner, nodes[b], teacher_latent[b], temperature=temperature)
+                loss = r_align * align + r_ae * ae
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+                total += loss.item() * len(b)
+            history.append(total / len(nodes))
+    aligner.eval()
+    return history
+
+
+# ---------------------------------------------------------------------------------------------
+# One tuning protocol for every student, several seeds (chapter 10's comparison)
+# ---------------------------------------------------------------------------------------------
+
+STUDENT_FAMILIES = ("CB2: Choquet + alignment, MSE", "Choquet, MSE", "Choquet, KL (T = 2)", "linear, MSE",
+                    "linear, KL (T = 2)", "MLP, MSE", "MLP, KL (T = 2)")
+"""The students of chapter 10's comparison: CB2 in full, its ablations, and unconstrained concept students."""
+
+
+def make_student(family: str, groups: Sequence[Sequence[int]], n_classes: int, latent_dim: int
+                 ) -> tuple[nn.Module, Aligner | None, str]:
+    """``(student, aligner or None, distillation kind)`` of one family of :data:`STUDENT_FAMILIES`.
+
+    Seed torch first (``torch.manual_seed``): the aligner, linear and MLP weights are drawn here; a
+    Choquet student starts from fixed weights.
+    """
+    if family not in STUDENT_FAMILIES:
+        raise ValueError(f"family must be one of {STUDENT_FAMILIES}, got {family!r}")
+    kind = "kl" if "KL" in family else "mse"
+    n_concepts = sum(len(g) for g in groups)
+    if family.startswith(("CB2", "Choquet")):
+        student = ChoquetStudent(groups, n_classes, utility="sigmoid")
+        aligner = Aligner(n_classes * len(groups), latent_dim) if family.startswith("CB2") else None
+        return student, aligner, kind
+    if family.startswith("linear"):
+        return nn.Linear(n_concepts, n_classes), None, kind
+    return nn.Sequential(nn.Linear(n_concepts, 256), nn.ReLU(), nn.Linear(256, n_classes)), None, kind
+
+
+def seed_study(groups: Sequence[Sequence[int]], data: dict[str, tuple[Tensor, Tensor, Tensor]], *,
+               families: Sequence[str] = STUDENT_FAMILIES, lrs: Sequence[float] = (0.003, 0.01, 0.03, 0.1),
+               seeds: Sequence[int] = (0, 1, 2), epochs: int = 12, batch_size: int = 1024) -> dict:
+    """Tune every student family the same way, then train it with several seeds and keep its test outputs.
+
+    Protocol: Adam, ``epochs`` epochs, batches of ``batch_size``; the learning rate is chosen from
+    ``lrs`` by agreement with the teacher on the ``"val"`` split (seed 0); then the family is trained
+    with every seed at that rate. Choquet students without alignment get a post-hoc aligner
+    (:func:`fit_aligner`) so that their node outputs can be compared with CB2's on the latent gap.
+
+    Args:
+        groups: concept groups of the Choquet students.
+        data: ``{"fit" | "val" | "test": (concept scores [N, K], teacher logits [N, C], teacher latent [N, d])}``.
+
+    Returns:
+        ``{family: {"lr", "val_by_lr", "pred" [seed, N_test], "val_agreement" [seed], "seconds" [seed]}}``,
+        plus for Choquet families ``"phi"`` [seed, C, K], ``"interactions"`` [seed, C, K, K], ``"latent_gap"``
+        [seed, N_test], and ``"state"`` (seed 0's student, and aligner for CB2).
+    """
+    import time
+
+    if set(data) != {"fit", "val", "test"}:
+        raise ValueError(f"data needs the splits 'fit', 'val' and 'test', got {sorted(data)}")
+    z_fit, t_fit, h_fit = data["fit"]
+    n_classes, latent_dim = t_fit.shape[1], h_fit.shape[1]
+
+    def train(family, lr, seed):
+        torch.manual_seed(seed)
+        student, aligner, kind = make_student(family, groups, n_classes, latent_dim)
+        t0 = time.perf_counter()
+        distil_cb2(student, z_fit, t_fit, teacher_latent=h_fit if aligner is not None else None, aligner=aligner,
+                   distillation=kind, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+        return student, aligner, time.perf_counter() - t0
+
+    def agree(student, split):
+        with torch.no_grad():
+            return agreement(student(data[split][0]), data[split][1])
+
+    out = {}
+    for family in families:
+        val_by_lr, first = {}, {}
+        for lr in lrs:
+            first[lr] = train(family, lr, seeds[0])
+            val_by_lr[lr] = agree(first[lr][0], "val")
+        best = max(lrs, key=lambda lr: val_by_lr[lr])  # max keeps the first (smallest) rate on ties
+        runs = [first[best]] + [train(family, best, s) for s in seeds[1:]]
+        res = {"lr": best, "val_by_lr": val_by_lr, "val_agreement": [agree(r[0], "val") for r in runs],
+               "seconds": [r[2] for r in runs]}
+        with torch.no_grad():
+            res["pred"] = torch.stack([r[0](data["test"][0]).argmax(1) for r in runs]).to(torch.int16)
+        if isinstance(runs[0][0], ChoquetStudent):
+            gaps = []
+            for seed, (student, aligner, _) in zip(seeds, runs, strict=True):
+                with torch.no_grad():
+                    nodes_fit, nodes_test = student.node_outputs(z_fit), student.node_outputs(data["test"][0])
+                if aligner is None:  # post hoc: the same aligner, fitted on the frozen student's node outputs
+                    torch.manual_seed(seed)
+                    aligner = Aligner(nodes_fit.shape[1], latent_dim)
+                    fit_aligner(aligner, nodes_fit, h_fit, epochs=epochs, batch_size=batch_size, seed=seed)
+                gaps.append(latent_gap(aligner, nodes_test, data["test"][2]))
+            res["latent_gap"] = torch.stack(gaps)
+            res["phi"] = torch.stack([r[0].choquet.path_shapley() for r in runs])
+            res["interactions"] = torch.stack([r[0].choquet.interactions() for r in runs])
+            res["state"] = {"student": runs[0][0].state_dict(),
+                            "aligner": runs[0][1].state_dict() if runs[0][1] is not None else None}
+        out[family] = res
+    return out

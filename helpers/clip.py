@@ -403,7 +403,7 @@ def _train_clip(recipe: ClipRecipe, *, progress: bool, text: MiniLMText | None) 
 
 def fit_contrastive(
     recipe: ClipRecipe, x_train: Tensor, y_train: Tensor, draw_captions, *, progress: bool = True,
-    text: MiniLMText | None = None, desc: str = "training CLIP-style model",
+    text: MiniLMText | None = None, desc: str = "training CLIP-style model", decay_log_scale: bool = True,
 ) -> tuple[FashionClip, dict]:  # fmt: skip
     """Chapter 10's contrastive training loop on given images, with captions drawn by ``draw_captions``.
 
@@ -416,6 +416,10 @@ def fit_contrastive(
         draw_captions: ``(attributes, labels, generator) -> [N]`` indices into :func:`caption_table`,
             e.g. :func:`sample_captions` (chapter 11 passes one that never mentions hidden parts).
         text: the frozen text tower (default: the shared MiniLM-L6).
+        decay_log_scale: apply AdamW's weight decay to the learned temperature ``log_scale`` too (the
+            setting the committed weights of chapters 10-12 and 14 were trained with); CLIP excludes
+            it, as ``False`` does. Not part of the recipe's hash: changing the default would silently
+            change other chapters' committed artefacts.
 
     Returns:
         ``(model in eval mode, history)`` as :func:`train_clip`.
@@ -437,7 +441,11 @@ def fit_contrastive(
     minilm[used] = (text or text_tower())([table[i] for i in used.tolist()])
     caption_seconds = time.perf_counter() - t0
     model = FashionClip(dim=recipe.dim, text=text)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    decayed = [p for name, p in model.named_parameters() if decay_log_scale or name != "log_scale"]
+    param_groups = [{"params": decayed}]
+    if not decay_log_scale:
+        param_groups.append({"params": [model.log_scale], "weight_decay": 0.0})
+    optimiser = torch.optim.AdamW(param_groups, lr=recipe.lr, weight_decay=recipe.weight_decay)
     warmup = min(recipe.warmup_steps, total // 2)
     warmup = max(1, warmup)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: common.warmup_cosine(s, total, warmup))

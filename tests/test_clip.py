@@ -161,3 +161,30 @@ def test_hf_clip_adapter_loads_a_local_tiny_checkpoint(tmp_path):
     assert weights.shape == (3, 16)
     with pytest.raises(FileNotFoundError, match="save_pretrained"):
         clip.HFClip.from_pretrained(tmp_path / "missing")
+
+
+class _FakeText:
+    """A stand-in for the frozen MiniLM tower: a fixed random 384-d vector per distinct text."""
+
+    def __call__(self, texts):
+        return torch.stack([torch.randn(384, generator=torch.Generator().manual_seed(hash(t) % 2**31)) for t in texts])
+
+
+@pytest.mark.parametrize("decay", [True, False])
+def test_log_scale_weight_decay_is_an_option(decay):
+    """With AdamW's lr * weight_decay = 0.5, a decayed log_scale halves each step; CLIP's setting leaves it to Adam."""
+    common.set_seed(0)
+    x, y = vision.fashion_tensors("test")
+    recipe = clip.ClipRecipe(n_train=64, epochs=1, batch_size=32, warmup_steps=1, lr=1e-3, weight_decay=500.0,
+                             p_mention=0.0)
+
+    def draw(attributes, labels, generator):
+        return clip.sample_captions(attributes, labels, generator, p_mention=0.0)
+
+    model, _ = clip.fit_contrastive(recipe, x[:64], y[:64], draw, progress=False, text=_FakeText(),
+                                    decay_log_scale=decay)
+    start = math.log(1 / 0.07)
+    if decay:
+        assert model.log_scale.item() < 0.8 * start
+    else:
+        assert abs(model.log_scale.item() - start) < 3e-3  # at most one Adam step of size lr per step
