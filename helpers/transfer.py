@@ -8,10 +8,13 @@ problems than either. This module holds the chapter's reusable parts:
 - the source problem: Fashion-MNIST at two granularities (:data:`COARSE_GROUPS`), with some fine
   classes (:data:`HELD_OUT`) kept out of source training so that they can serve as a target;
 - :class:`SourceNet`, the book's ViT trunk with one or two classification heads, trained by a
-  fixed-seed :class:`SourceRecipe` (:data:`RECIPES`: specialist, generalist, multi-task and budget
-  controls); weights are committed under ``helpers/weights/`` (rebuild: ``python -m helpers.transfer``);
-- transfer targets (:func:`transfer_targets`), frozen features (:func:`features`), a linear probe
-  (:func:`linear_probe`) and fine-tuning (:func:`fine_tune`);
+  fixed-seed :class:`SourceRecipe` that also holds the coarse grouping (:data:`RECIPES`: specialist,
+  generalist, multi-task, budget controls and seed replicates, :data:`SEED_REPLICATES`); weights are
+  committed under ``helpers/weights/`` (rebuild: ``python -m helpers.transfer``);
+- transfer targets (:func:`transfer_targets`), frozen features (:func:`features`), the raw-pixel
+  baseline (:func:`pixel_features`), a linear probe (:func:`linear_probe`) whose ``C`` is chosen by
+  cross-validation on training data (:func:`select_probe_C`, committed as :func:`chosen_probe_C`) and
+  fine-tuning (:func:`fine_tune`);
 - the universality metric (:func:`nrg`, :func:`mnrg`) and a per-dimension purity score
   (:func:`dimension_purity`).
 
@@ -107,6 +110,41 @@ def coarse_mapping(groups: Mapping[str, Sequence[str]] | None = None) -> tuple[l
     return list(groups), of_class
 
 
+Grouping = tuple[tuple[str, tuple[str, ...]], ...]
+"""A coarse grouping frozen into a recipe: ``((group name, (fine class names, ...)), ...)``."""
+
+
+def freeze_groups(groups: Mapping[str, Sequence[str]] | Sequence) -> Grouping:
+    """A coarse grouping as nested tuples (hashable, part of a :class:`SourceRecipe`), validated.
+
+    Args:
+        groups: coarse name -> fine class names (a dict), or the same as ``(name, members)`` pairs.
+
+    >>> freeze_groups({"a": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat"],
+    ...                "b": ["Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]})[1][0]
+    'b'
+    """
+    if isinstance(groups, Mapping):
+        pairs = list(groups.items())
+    else:
+        try:
+            pairs = [(name, members) for name, members in groups]
+        except (TypeError, ValueError):
+            raise ValueError(f"groups must be a dict coarse name -> fine class names, got {groups!r}") from None
+    if any(isinstance(m, str) for _, m in pairs):
+        raise ValueError("each group's members must be a sequence of class names, not one string")
+    frozen = tuple((str(name), tuple(members)) for name, members in pairs)
+    if len({name for name, _ in frozen}) != len(frozen):
+        raise ValueError(f"group names must be distinct, got {[name for name, _ in frozen]}")
+    coarse_mapping(dict(frozen))  # every class in exactly one group
+    return frozen
+
+
+CHAPTER_GROUPS: Grouping = freeze_groups(COARSE_GROUPS)
+"""The chapter's grouping (:data:`COARSE_GROUPS`) frozen at import: the default of every
+:class:`SourceRecipe`. Rebinding ``COARSE_GROUPS`` later changes no recipe; pass ``coarse_groups=`` instead."""
+
+
 def hypernym_paths(synsets: Mapping[str, str] = WORDNET_SYNSETS) -> dict[str, str]:
     """Each class's WordNet hypernym path (below ``artifact.n.01``), as ``"a > b > c"`` text.
 
@@ -137,7 +175,11 @@ class SourceRecipe:
 
     ``tasks`` picks the heads: ``("fine",)`` a specialist, ``("coarse",)`` a generalist, both a
     multi-task network (losses summed). All recipes share the book's ViT trunk (chapter 8) and the
-    optimiser of :class:`helpers.vision.Recipe`.
+    optimiser of :class:`helpers.vision.Recipe`. ``coarse_groups`` is the coarse granularity the
+    ``"coarse"`` head learns (a dict is accepted and frozen, see :func:`freeze_groups`); another
+    grouping gives another :meth:`key`, hence another weights file, so a generalist of your own grouping
+    never loads the chapter's committed one. The chapter's grouping (:data:`CHAPTER_GROUPS`) is left
+    out of the hash, which keeps the committed files' names.
     """
 
     tasks: tuple[str, ...] = ("fine",)
@@ -152,8 +194,10 @@ class SourceRecipe:
     depth: int = 4
     seed: int = 0
     version: int = 1
+    coarse_groups: Grouping = CHAPTER_GROUPS
 
     def __post_init__(self):
+        object.__setattr__(self, "coarse_groups", freeze_groups(self.coarse_groups))
         if not self.tasks or any(t not in TASKS for t in self.tasks) or len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"tasks must be a non-empty tuple of distinct names from {TASKS}, got {self.tasks!r}")
         class_indices(list(self.held_out))
@@ -161,7 +205,14 @@ class SourceRecipe:
             raise ValueError(f"epochs and n_train must be >= 1, got {self.epochs}, {self.n_train}")
 
     def key(self) -> str:
-        return common.content_hash(dataclasses.asdict(self), length=12)
+        fields = dataclasses.asdict(self)
+        if self.coarse_groups == CHAPTER_GROUPS:  # the chapter's grouping: same hash as before the field existed
+            del fields["coarse_groups"]
+        return common.content_hash(fields, length=12)
+
+    def coarse_mapping(self) -> tuple[list[str], list[int]]:
+        """``(group names, group index of each fine label [10])`` of this recipe's grouping."""
+        return coarse_mapping(dict(self.coarse_groups))
 
     def source_classes(self) -> list[int]:
         """Fine labels (of the 10) the source network is trained on, in label order."""
@@ -176,11 +227,25 @@ RECIPES: dict[str, SourceRecipe] = {
     "specialist_seed1": SourceRecipe(tasks=("fine",), seed=1),
     "specialist_long": SourceRecipe(tasks=("fine",), epochs=6),
     "specialist_short": SourceRecipe(tasks=("fine",), epochs=1),
+    **{f"specialist_seed{k}": SourceRecipe(tasks=("fine",), seed=k) for k in (2, 3, 4, 5)},
+    **{f"generalist_seed{k}": SourceRecipe(tasks=("coarse",), seed=k) for k in (1, 2)},
+    **{f"multitask_seed{k}": SourceRecipe(tasks=("fine", "coarse"), seed=k) for k in (1, 2)},
 }
 """The chapter's source networks: same trunk, data and optimiser; 3 epochs over 20,000 images of the 7
 source classes unless stated. ``specialist_long`` has the budget of specialist + generalist together
 (6 epochs), ``specialist_short`` a third of the budget; ``specialist_seed1`` is the specialist
-re-trained from another seed (the "two specialists" control of MuCaLe)."""
+re-trained from another seed (the "two specialists" control of MuCaLe). The ``*_seed{k}`` recipes
+repeat S, S', G and MT over seeds: the seed-level replicates are (S, S') = seeds (0, 1), (2, 3), (4, 5)
+and G, MT = seeds 0, 1, 2 (:data:`SEED_REPLICATES`)."""
+
+SEED_REPLICATES: dict[str, tuple[str, ...]] = {
+    "S": ("specialist", "specialist_seed2", "specialist_seed4"),
+    "S'": ("specialist_seed1", "specialist_seed3", "specialist_seed5"),
+    "G": ("generalist", "generalist_seed1", "generalist_seed2"),
+    "MT": ("multitask", "multitask_seed1", "multitask_seed2"),
+}
+"""Network -> the :data:`RECIPES` names of its three seed replicates (replicate k of every network is
+used together, e.g. MuCaLe replicate k = S[k] + G[k])."""
 
 
 class SourceNet(nn.Module):
@@ -228,14 +293,14 @@ def source_data(recipe: SourceRecipe, split: str = "train") -> tuple[Tensor, dic
         x, y = x[: recipe.n_train], y[: recipe.n_train]
     fine = torch.full((len(CLASSES),), -1, dtype=torch.long)
     fine[torch.tensor(source)] = torch.arange(len(source))
-    _, of_class = coarse_mapping()
+    _, of_class = recipe.coarse_mapping()
     return x, {"fine": fine[y], "coarse": torch.tensor(of_class)[y]}
 
 
 def build_source_net(recipe: SourceRecipe) -> SourceNet:
     """An untrained :class:`SourceNet` for ``recipe``, initialised from its seed."""
     common.set_seed(recipe.seed)
-    n = {"fine": len(recipe.source_classes()), "coarse": len(coarse_mapping()[0])}
+    n = {"fine": len(recipe.source_classes()), "coarse": len(recipe.coarse_groups)}
     return SourceNet({t: n[t] for t in recipe.tasks}, width=recipe.width, depth=recipe.depth)
 
 
@@ -322,7 +387,7 @@ def write_committed_weights(names: Sequence[str] | None = None) -> list[Path]:
     """Train :data:`RECIPES` and write their weights (with SHA-256 sidecars) to ``helpers/weights/``.
 
     Removes ``transfer_*`` files that no current recipe names. Run as ``python -m helpers.transfer``
-    (about five minutes on one CPU thread for all six).
+    (about a minute per 3-epoch network on one CPU thread; fourteen networks).
     """
     names = list(RECIPES) if names is None else list(names)
     keep = {_weights_name(r) for r in RECIPES.values()}
@@ -563,6 +628,96 @@ def linear_probe(train_x, train_y, test_x, test_y, *, C: float = 1.0, return_mod
     probe.fit(train_x, train_y)
     acc = float((probe.predict(test_x) == test_y).mean())
     return (acc, probe) if return_model else acc
+
+
+PROBE_CS: tuple[float, ...] = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
+"""The candidate values of the probe's ``C`` that :func:`select_probe_C` cross-validates."""
+
+
+def pixel_features(images: Tensor) -> Tensor:
+    """The raw-pixel baseline's features: each normalised image flattened, ``[N, 1, 28, 28] -> [N, 784]``.
+
+    >>> pixel_features(torch.zeros(2, 1, 28, 28)).shape
+    torch.Size([2, 784])
+    """
+    return vision.check_images(images).flatten(1)
+
+
+def select_probe_C(problems: Sequence[tuple], *, Cs: Sequence[float] = PROBE_CS, folds: int = 3,
+                   seed: int = 0) -> tuple[float, dict[float, float]]:  # fmt: skip
+    """Choose the linear probe's ``C`` by stratified k-fold cross-validation on training data only.
+
+    Every candidate is scored by its mean held-out-fold accuracy over all the given problems (e.g.
+    every target's training set for every representation of one feature size); the best mean wins,
+    ties going to the smaller ``C`` (the stronger regularisation). Test sets are never seen.
+
+    Args:
+        problems: ``(train_x [n, dim], train_y [n])`` pairs, all of the same width ``dim``.
+        Cs: candidate values (positive).
+        folds: number of stratified folds (at least 2).
+        seed: seeds the fold shuffling.
+
+    Returns:
+        ``(chosen C, {C: mean cross-validated accuracy})``.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    problems = list(problems)
+    if not problems:
+        raise ValueError("problems is empty: give (train_x, train_y) pairs of one feature size")
+    Cs = sorted(float(c) for c in Cs)
+    if not Cs or Cs[0] <= 0:
+        raise ValueError(f"Cs must be a non-empty sequence of positive numbers, got {Cs}")
+    if folds < 2:
+        raise ValueError(f"folds must be >= 2, got {folds}")
+    checked = [_check_xy(x, y, "training") for x, y in problems]
+    widths = sorted({x.shape[1] for x, _ in checked})
+    if len(widths) != 1:
+        raise ValueError(f"problems must share one feature size (C is chosen per size), got widths {widths}")
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    mean_acc = {}
+    for C in Cs:
+        probe = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000))
+        mean_acc[C] = float(np.mean([cross_val_score(probe, x, y, cv=splitter).mean() for x, y in checked]))
+    best = max(Cs, key=lambda c: (mean_acc[c], -c))
+    return best, mean_acc
+
+
+def chosen_probe_C(problems_by_size: Mapping[str, Sequence[tuple]] | None, *, recipe: Mapping,
+                   Cs: Sequence[float] = PROBE_CS, folds: int = 3, seed: int = 0) -> dict:  # fmt: skip
+    """:func:`select_probe_C` for each feature size, as a committed artefact (JSON, verified by SHA-256).
+
+    Cross-validating every candidate on every training set takes a minute or two on one thread, so the
+    choice is kept under ``helpers/weights/results/ch13/`` and named by the content hash of ``recipe``
+    (what determines the problems: networks, targets) together with ``Cs``, ``folds`` and ``seed``.
+
+    Args:
+        problems_by_size: size label -> ``(train_x, train_y)`` pairs; used only when the artefact must
+            be rebuilt (may then not be None).
+        recipe: JSON-serialisable description of the problems, e.g. recipe keys and target settings.
+
+    Returns:
+        ``{size label: {"C": chosen C, "cv_accuracy": {str(C): mean accuracy}}}``.
+    """
+    import json
+
+    key = common.content_hash({"recipe": dict(recipe), "Cs": sorted(map(float, Cs)), "folds": folds,
+                               "seed": seed, "version": 1}, length=12)  # fmt: skip
+    path = common.cache_dir("results", "ch13") / f"probe_C-{key}.json"
+
+    def build(target: Path) -> None:
+        if problems_by_size is None:
+            raise ValueError("the probe-C artefact must be rebuilt: pass problems_by_size")
+        out = {}
+        for size, problems in problems_by_size.items():
+            best, accs = select_probe_C(problems, Cs=Cs, folds=folds, seed=seed)
+            out[size] = {"C": best, "cv_accuracy": {str(c): a for c, a in accs.items()}}
+        target.write_text(json.dumps(out, indent=1, sort_keys=True))
+
+    return json.loads(common.cached_file(path, build, committed=True).read_text())
 
 
 class TransferNet(nn.Module):

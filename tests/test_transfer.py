@@ -68,6 +68,44 @@ def test_source_data_hides_the_held_out_classes():
     assert not torch.isin(torch.tensor(recipe.source_classes()), held).any()
 
 
+def test_grouping_lives_in_the_recipe(monkeypatch):
+    """Another grouping is another recipe (hash, weights file, labels); rebinding COARSE_GROUPS changes nothing."""
+    chapter = transfer.RECIPES["generalist"]
+    assert chapter.key() == "760f02b1cda5"  # the committed generalist's name: the default grouping is not hashed
+    wordnet = {"garment": ("T-shirt/top", "Trouser", "Pullover", "Coat", "Shirt"), "womens": ("Dress",),
+               "footwear": ("Sandal", "Sneaker", "Ankle boot"), "container": ("Bag",)}
+    mine = transfer.SourceRecipe(tasks=("coarse",), n_train=300, coarse_groups=wordnet)  # a dict is frozen
+    assert isinstance(mine.coarse_groups, tuple) and hash(mine)
+    assert mine.key() != dataclasses.replace(mine, coarse_groups=transfer.CHAPTER_GROUPS).key()
+    assert transfer._weights_name(mine) != transfer._weights_name(chapter)
+    _, labels = transfer.source_data(mine, "train")
+    _, y = vision.fashion_tensors("train")
+    names = [transfer.CLASSES[c] for c in y[: transfer.SOURCE_POOL][torch.isin(
+        y[: transfer.SOURCE_POOL], torch.tensor(mine.source_classes()))][:300]]  # fmt: skip
+    expected = [next(g for g, (_, members) in enumerate(mine.coarse_groups) if n in members) for n in names]
+    assert labels["coarse"].tolist() == expected
+    assert transfer.build_source_net(mine).heads["coarse"].out_features == 4
+    # the old route of Exercise 2 (rebinding the module-level grouping) no longer leaks into any recipe
+    monkeypatch.setattr(transfer, "COARSE_GROUPS", wordnet)
+    assert transfer.SourceRecipe(tasks=("coarse",)).key() == chapter.key()
+    _, again = transfer.source_data(dataclasses.replace(chapter, n_train=300), "train")
+    assert again["coarse"].tolist() != expected and set(again["coarse"].tolist()) <= {0, 1, 2, 3}
+    with pytest.raises(ValueError, match="coarse groups leave out"):
+        transfer.SourceRecipe(coarse_groups={"tops": ("T-shirt/top",)})
+    with pytest.raises(ValueError, match="not one string"):
+        transfer.freeze_groups({"all": "Bag"})
+
+
+def test_seed_replicates_are_distinct_seeds_of_one_recipe():
+    for net, names in transfer.SEED_REPLICATES.items():
+        assert len(names) >= 3, f"{net} needs at least 3 seeds"
+        recipes = [transfer.RECIPES[n] for n in names]
+        assert len({r.seed for r in recipes}) == len(recipes)
+        assert len({dataclasses.replace(r, seed=0) for r in recipes}) == 1, f"{net}: replicates differ beyond the seed"
+    seeds = [transfer.RECIPES[n].seed for n in transfer.SEED_REPLICATES["S"] + transfer.SEED_REPLICATES["S'"]]
+    assert len(set(seeds)) == 6, "S and S' must never share a seed"
+
+
 # ---------------------------------------------------------------------------------------------
 # Source networks: determinism, a short recipe, committed weights
 # ---------------------------------------------------------------------------------------------
@@ -219,6 +257,22 @@ def test_mnrg_hand_computed_example():
     np.testing.assert_allclose(transfer.nrg(scores, reference="S")["W"], [-0.5, 0.0])
 
 
+def test_best_normalisation_on_a_hand_made_table():
+    """The best compared representation scores exactly 1 on every target; anchors (random, pixels) never normalise."""
+    table = {"S": [0.80, 0.60, 0.70], "A": [0.85, 0.58, 0.75], "B": [0.82, 0.66, 0.70],
+             "random": [0.40, 0.30, 0.20], "pixels": [0.95, 0.50, 0.90]}
+    nrg = transfer.nrg(table, reference="S", normalisation="best", anchors=["random", "pixels"])
+    # best gains over S: 0.05 (A), 0.06 (B), 0.05 (A)
+    np.testing.assert_allclose(nrg["A"], [1.0, -0.02 / 0.06, 1.0])
+    np.testing.assert_allclose(nrg["B"], [0.02 / 0.05, 1.0, 0.0])
+    np.testing.assert_allclose(nrg["random"], [-0.40 / 0.05, -0.30 / 0.06, -0.50 / 0.05])
+    np.testing.assert_allclose(nrg["pixels"], [3.0, -0.10 / 0.06, 4.0])
+    compared = np.stack([nrg[r] for r in ("S", "A", "B")])
+    np.testing.assert_allclose(compared.max(0), 1.0)
+    m = transfer.mnrg(table, reference="S", normalisation="best", anchors=["random", "pixels"])
+    assert m["A"] == pytest.approx(100 * (2 - 1 / 3) / 3) and m["B"] == pytest.approx(100 * 1.4 / 3)
+
+
 def test_mnrg_bad_inputs():
     with pytest.raises(ValueError, match="empty"):
         transfer.mnrg({}, reference="S")
@@ -243,3 +297,57 @@ def test_dimension_purity():
         transfer.dimension_purity(feats, [0, 0, 1, 0], top=5)
     with pytest.raises(ValueError, match="labels"):
         transfer.dimension_purity(feats, [0, 1], top=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Baselines: raw pixels, the probe's C by cross-validation
+# ---------------------------------------------------------------------------------------------
+
+
+def test_pixel_features():
+    x = torch.arange(2 * 784, dtype=torch.float32).reshape(2, 1, 28, 28)
+    assert transfer.pixel_features(x).shape == (2, 784)
+    assert transfer.pixel_features(x)[1, 0] == 784.0
+    with pytest.raises(ValueError):
+        transfer.pixel_features(torch.zeros(2, 28, 28))
+
+
+def test_select_probe_C_known_answers():
+    rng = np.random.default_rng(0)
+    # separable but imbalanced (4:1): a tiny C shrinks the weights until the intercept predicts the majority
+    x = np.r_[rng.normal(-1, 0.1, (80, 2)), rng.normal(1, 0.1, (20, 2))]
+    y = np.r_[np.zeros(80, int), np.ones(20, int)]
+    best, accs = transfer.select_probe_C([(x, y), (x + 0.01, y)], Cs=(1e-6, 1.0), folds=3)
+    assert best == 1.0 and accs[1.0] == pytest.approx(1.0) and accs[1e-6] == pytest.approx(0.8, abs=0.01)
+    # every candidate perfect: the tie goes to the smaller C
+    best, accs = transfer.select_probe_C([(x, y)], Cs=(10.0, 1.0), folds=2)
+    assert best == 1.0 and accs == {1.0: 1.0, 10.0: 1.0}
+    with pytest.raises(ValueError, match="one feature size"):
+        transfer.select_probe_C([(x, y), (np.c_[x, x], y)])
+    with pytest.raises(ValueError, match="empty"):
+        transfer.select_probe_C([])
+    with pytest.raises(ValueError, match="positive"):
+        transfer.select_probe_C([(x, y)], Cs=(0.0, 1.0))
+    with pytest.raises(ValueError, match="folds"):
+        transfer.select_probe_C([(x, y)], folds=1)
+
+
+def test_chosen_probe_C_is_an_artefact(tmp_path, monkeypatch):
+    monkeypatch.setenv(common.CACHE_ENV, str(tmp_path))
+    rng = np.random.default_rng(0)
+    x = np.r_[rng.normal(-1, 0.1, (80, 2)), rng.normal(1, 0.1, (20, 2))]
+    y = np.r_[np.zeros(80, int), np.ones(20, int)]
+    out = transfer.chosen_probe_C({"2": [(x, y)]}, recipe={"toy": 1}, Cs=(1e-6, 1.0))
+    assert out["2"]["C"] == 1.0
+    # built once: a second call needs no problems
+    assert transfer.chosen_probe_C(None, recipe={"toy": 1}, Cs=(1e-6, 1.0)) == out
+    with pytest.raises(ValueError, match="rebuilt"):
+        transfer.chosen_probe_C(None, recipe={"toy": 2}, Cs=(1e-6, 1.0))
+
+
+def test_committed_chapter_results_are_verified():
+    """The probe-C choice and the seed study of Chapter 13 are committed beside the weights, hash-verified."""
+    files = sorted((common.WEIGHTS_DIR / "results" / "ch13").glob("*.json"))
+    assert {f.name.split("-")[0] for f in files} >= {"probe_C", "seeds"}, "run nbs/13 to rebuild, then commit"
+    for f in files:
+        assert common.verified(f), f"{f.name} does not match its .sha256 sidecar"
