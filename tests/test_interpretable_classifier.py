@@ -397,3 +397,36 @@ def test_randomised_copy_redraws_only_the_named_parts():
     assert not torch.equal(model.linear.bias, readout.linear.bias)          # the original is untouched
     with pytest.raises(ValueError, match="parts"):
         ic.randomised_copy(model, ("encoder",))
+
+
+class _Token:
+    def __init__(self, text, ent):
+        self.text, self.ent_type_ = text, ent
+
+
+class _FakeNlp:
+    """A stand-in for spaCy: capitalised words are PERSON, numbers CARDINAL; counts its calls."""
+
+    calls = 0
+
+    def pipe(self, sentences, batch_size, disable):
+        _FakeNlp.calls += 1
+        for s in sentences:
+            yield [_Token(w, "PERSON" if w[0].isupper() else "CARDINAL" if w.isdigit() else "") for w in s.split()]
+
+
+def test_cached_silver_entities_builds_once_then_reads_the_cache(tmp_path, monkeypatch):
+    from helpers import assets
+
+    monkeypatch.setenv("BOOK_CACHE", str(tmp_path))
+    monkeypatch.setattr(assets, "spacy_pipeline", lambda: _FakeNlp())
+    _FakeNlp.calls = 0
+    sentences = ["Anne met Frederick in 1814", "they walked"]
+    words, tags = ic.cached_silver_entities(sentences, name="toy")
+    assert words[0] == ["Anne", "met", "Frederick", "in", "1814"]
+    assert [[ic.TAGS[t] for t in s] for s in tags] == [["PER", "O", "PER", "O", "NUM"], ["O", "O"]]
+    assert ic.cached_silver_entities(sentences, name="toy") == (words, tags) and _FakeNlp.calls == 1
+    ic.cached_silver_entities(sentences[:1], name="toy")                       # other sentences: built anew
+    assert _FakeNlp.calls == 2
+    with pytest.raises(ValueError, match="non-empty"):
+        ic.cached_silver_entities([], name="toy")
