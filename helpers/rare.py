@@ -322,8 +322,79 @@ def _wordnet():
     return wordnet()
 
 
+def _tokens(text: str) -> list[str]:
+    return re.findall(r"[a-z]+", text.lower())
+
+
+def class_lemmas(class_names: Sequence[str], *, wn=None, synsets: Mapping[str, str] | None = None) -> tuple[str, ...]:
+    """Every name a class goes by: its display name and the lemma names of its synset, lower case, sorted.
+
+    >>> class_lemmas(["Ankle boot"], synsets={"Ankle boot": "boot.n.01"})
+    ('ankle boot', 'boot')
+    """
+    targets = class_synsets(class_names, wn=wn, synsets=synsets)
+    names = {n.lower() for n in class_names} | {n.replace("_", " ").lower() for s in targets for n in s.lemma_names()}
+    return tuple(sorted(names))
+
+
+def leaks_class_name(word: str, lemmas: Sequence[str], *, min_substring: int = 3, min_stem: int = 4) -> bool:
+    """Does a candidate concept name a class? The rule of the chapter's dictionary filter.
+
+    Both ``word`` and every class lemma are split into lower-case letter runs (tokens); tokens shorter than
+    ``min_substring`` letters ("t" of "T-shirt", "s" of "woman's") are ignored. The word leaks a class name
+    when one of its tokens ``t`` and one lemma token ``l``
+
+    * are equal ("ankle" and "ankle boot"), or
+    * one contains the other ("shirtfront" contains "shirt", "pocket" is inside "pocketbook"), or
+    * share a stem: a common prefix of at least ``min_stem`` letters ("pulling" and "pullover").
+
+    The rule is deliberately coarse: a collateral drop ("pocket", because a handbag is also a
+    "pocketbook") costs one word, a leak lets the class name explain the class.
+
+    >>> lemmas = ("coat", "pullover", "shirt", "t-shirt")
+    >>> [w for w in ("coattail", "pulling", "shirt button", "collar", "cover") if leaks_class_name(w, lemmas)]
+    ['coattail', 'pulling', 'shirt button']
+    """
+    if isinstance(lemmas, str):
+        raise ValueError("lemmas must be a list of class names, e.g. class_lemmas(FASHION_CLASSES)")
+    if min_substring < 1 or min_stem < 1:
+        raise ValueError(f"need min_substring >= 1 and min_stem >= 1, got {min_substring}, {min_stem}")
+    words = [t for t in _tokens(word) if len(t) >= min_substring]
+    names = {t for lemma in lemmas for t in _tokens(lemma) if len(t) >= min_substring}
+    for t in words:
+        for n in names:
+            stem = len(t) >= min_stem and len(n) >= min_stem and t[:min_stem] == n[:min_stem]
+            if t == n or t in n or n in t or stem:
+                return True
+    return False
+
+
+def visible_noun(word: str, *, wn=None) -> bool:
+    """Is a gloss word a visible thing? True when WordNet uses it mostly as a noun and its first noun sense is physical.
+
+    "Mostly a noun": in WordNet's sense-tagged counts the noun senses outnumber every other part of speech,
+    or the word has no other part of speech ("personal" in "small personal items" is an adjective).
+    "Physical": the most frequent noun sense descends from ``physical_entity.n.01`` ("money", "item" and
+    "half" do not). Hypernyms and parts come from WordNet as synsets and are not filtered by this rule.
+    """
+    wn = wn if wn is not None else _wordnet()
+    key = word.strip().lower().replace(" ", "_")
+    senses = wn.synsets(key, pos="n")
+    if not senses:
+        return False
+    counts: dict[str, int] = {}
+    for lemma in wn.lemmas(key):
+        pos = lemma.synset().pos().replace("s", "a")  # satellite adjectives count as adjectives
+        counts[pos] = counts.get(pos, 0) + lemma.count()
+    if any(pos != "n" and c >= counts.get("n", 0) for pos, c in counts.items()):
+        return False
+    physical = wn.synset("physical_entity.n.01")
+    return physical in senses[0].closure(lambda s: s.hypernyms() + s.instance_hypernyms())
+
+
 def wordnet_concepts(class_names: Sequence[str], *, wn=None, synsets: Mapping[str, str] | None = None,
-                     hypernym_depth: int = 2, inherit_parts: bool = True, gloss: bool = True) -> list[WordNetConcept]:
+                     hypernym_depth: int = 2, inherit_parts: bool = True, gloss: bool = True,
+                     drop_class_names: bool = True, visible_gloss: bool = True) -> list[WordNetConcept]:
     """Candidate concepts for each class from WordNet: hypernyms, part meronyms and nouns of the gloss.
 
     Args:
@@ -335,20 +406,29 @@ def wordnet_concepts(class_names: Sequence[str], *, wn=None, synsets: Mapping[st
         inherit_parts: also take the part meronyms of the direct hypernyms (a sandal has a shoe's parts).
         gloss: also take the nouns of the definition ("a shoe consisting of a sole fastened by straps").
 
+        drop_class_names: leave out every word that shares a token, a substring or a stem with the name of
+            *any* class (:func:`leaks_class_name` against :func:`class_lemmas`): "coattail", "shirt button",
+            "pulling" (for pullover) would let the class name explain the class.
+        visible_gloss: keep a gloss word only when it names a visible thing (:func:`visible_noun`; drops
+            "money", "personal", "item").
+
     Returns:
         one :class:`WordNetConcept` per distinct word, with every class it came from; a word found by several
-        relations keeps the first of hypernym, part, gloss. The classes' own names are left out.
+        relations keeps the first of hypernym, part, gloss. The classes' own names are always left out.
     """
     wn = wn if wn is not None else _wordnet()
     if hypernym_depth < 0:
         raise ValueError(f"hypernym_depth must be >= 0, got {hypernym_depth}")
     targets = class_synsets(class_names, wn=wn, synsets=synsets)
     own = {n.replace("_", " ").lower() for s in targets for n in s.lemma_names()}
+    lemmas = class_lemmas(class_names, wn=wn, synsets=synsets)
     found: dict[str, tuple[str, set[int]]] = {}
 
     def add(word: str, relation: str, c: int) -> None:
         word = word.replace("_", " ").lower()
-        if word in own:
+        if word in own or (drop_class_names and leaks_class_name(word, lemmas)):
+            return
+        if visible_gloss and relation == "gloss" and not visible_noun(word, wn=wn):
             return
         if word not in found:
             found[word] = (relation, set())
@@ -516,6 +596,94 @@ def concept_activation_vectors(image_emb: Tensor, positives: Tensor | np.ndarray
         fit = LogisticRegression(C=c, class_weight="balanced", max_iter=1000).fit(x, y)
         cavs.append(fit.coef_[0] / np.linalg.norm(fit.coef_[0]))
     return torch.tensor(np.stack(cavs), dtype=torch.float32)
+
+
+def within_class_auc(scores: Tensor | np.ndarray, positives: Tensor | np.ndarray,
+                     labels: Tensor | np.ndarray) -> np.ndarray:
+    """Per-concept ROC AUC computed inside each class, then averaged over the classes where it is defined.
+
+    A score that only tells classes apart gets 0.5 here: it must rank the images *of one class* that show
+    the concept above those of the same class that do not (image-level truth, e.g. a pixel rule).
+
+    Args:
+        scores: ``[N, K]`` concept scores; positives: ``[N, K]`` bool image-level truth; labels: ``[N]`` classes.
+
+    Returns:
+        ``[K]`` mean within-class AUC; ``nan`` where no class has both positive and negative images.
+
+    >>> s = np.array([[0.9], [0.1], [0.2], [0.8]])        # two classes, the concept ranked right in class 0 only
+    >>> within_class_auc(s, np.array([[1], [0], [1], [0]], bool), np.array([0, 0, 1, 1])).tolist()
+    [0.5]
+    """
+    scores, positives, labels = np.asarray(scores, dtype=float), np.asarray(positives, dtype=bool), np.asarray(labels)
+    if scores.ndim != 2 or scores.shape != positives.shape or labels.shape != (len(scores),):
+        raise ValueError(f"need scores [N, K], positives [N, K] and labels [N], got {scores.shape}, "
+                         f"{positives.shape} and {labels.shape}")
+    per_class = np.stack([concept_auc(scores[labels == c], positives[labels == c]) for c in np.unique(labels)])
+    with np.errstate(invalid="ignore"):
+        defined = ~np.isnan(per_class)
+        return np.where(defined.any(0), np.nansum(per_class, 0) / defined.sum(0).clip(min=1), np.nan)
+
+
+@dataclasses.dataclass(frozen=True)
+class CavTest:
+    """TCAV's significance test of one concept (Kim et al. 2018, §3.5), on a grounding statistic.
+
+    ``concept`` and ``random`` hold the statistic of each run's concept CAV and random CAV; ``t`` and ``p``
+    come from a two-sided Welch t-test of the two samples."""
+
+    concept: np.ndarray
+    random: np.ndarray
+    t: float
+    p: float
+
+    def significant(self, alpha: float = 0.05, *, n_tests: int = 1) -> bool:
+        """p below ``alpha / n_tests`` (Bonferroni, as Kim et al. correct for several concepts)."""
+        return bool(self.p < alpha / n_tests)
+
+
+def cav_significance(image_emb: Tensor, positives: Tensor | np.ndarray, statistic, *, n_runs: int = 10,
+                     fraction: float = 0.5, seed: int = 0, c: float = 1.0) -> CavTest:
+    """Is a CAV better than a random direction? TCAV's test with ``n_runs`` concept and random CAVs.
+
+    Run ``r`` draws a random ``fraction`` of the examples; its concept CAV is fitted on them with the
+    concept's labels, its random CAV on the same examples with those labels permuted (a random concept with
+    as many positives). ``statistic(cav [d]) -> float`` scores each CAV on held-out data (e.g. the
+    :func:`within_class_auc` of ``u_test @ cav`` against a pixel rule); the two samples of ``n_runs`` values
+    are compared with a two-sided t-test, as Kim et al. compare TCAV scores against random CAVs.
+
+    Args:
+        image_emb: ``[N, d]`` embeddings of the labelled examples; positives: ``[N]`` bool, which show the concept.
+
+    Returns:
+        a :class:`CavTest`.
+    """
+    from scipy.stats import ttest_ind
+
+    positives = np.asarray(positives, dtype=bool)
+    if positives.ndim != 1 or len(positives) != len(image_emb):
+        raise ValueError(f"positives must be [N] bool for image_emb [N, d], got {positives.shape} and "
+                         f"{tuple(image_emb.shape)}")
+    if n_runs < 2 or not 0 < fraction <= 1:
+        raise ValueError(f"need n_runs >= 2 and fraction in (0, 1], got {n_runs}, {fraction}")
+    rng = np.random.default_rng(seed)
+    concept, random = [], []
+    for _ in range(n_runs):
+        for _ in range(100):  # redraw until the subsample has examples with and without the concept
+            idx = rng.choice(len(positives), size=max(2, round(fraction * len(positives))), replace=False)
+            y = positives[idx]
+            if 0 < y.sum() < len(y):
+                break
+        else:
+            raise ValueError(f"the concept needs examples with and without it, got {int(positives.sum())} of "
+                             f"{len(positives)}")
+        pair = np.stack([y, rng.permutation(y)], 1)
+        cavs = concept_activation_vectors(image_emb[torch.as_tensor(idx)], pair, c=c)
+        concept.append(float(statistic(cavs[0])))
+        random.append(float(statistic(cavs[1])))
+    concept, random = np.array(concept), np.array(random)
+    t, p = ttest_ind(concept, random, equal_var=False)
+    return CavTest(concept, random, float(t), float(p))
 
 
 # ---------------------------------------------------------------------------------------------

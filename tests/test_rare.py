@@ -225,3 +225,72 @@ def test_short_unaware_training_run_learns_and_committed_weights_verify():
         assert common.verified(committed), "committed weights do not match their .sha256 sidecar"
     with pytest.raises(ValueError, match="RareClipRecipe"):
         rare.pretrained_rare_clip(clip.RECIPE)
+
+
+def test_class_name_filter_rule():
+    lemmas = ("coat", "pullover", "shirt", "t-shirt/top", "pocketbook", "ankle boot")
+    leaks = ["coattail", "coat button", "shirtfront", "shirttail", "shirt button", "pulling", "pocket",
+             "Ankle", "boots"]
+    clean = ["collar", "cover", "overgarment", "sleeve", "heel", "strap", "toe", "to", "woman's clothing"]
+    assert all(rare.leaks_class_name(w, lemmas) for w in leaks)  # equal, contains, contained, 4-letter stem
+    assert not any(rare.leaks_class_name(w, lemmas) for w in clean)  # "t" of T-shirt is too short to count
+    assert rare.leaks_class_name("pulling", ["pullover"], min_stem=5) is False  # "pull" is a 4-letter stem
+    assert rare.leaks_class_name("topper", ["top"]) and not rare.leaks_class_name("topper", ["top"], min_substring=4)
+    with pytest.raises(ValueError, match="list of class names"):
+        rare.leaks_class_name("coat", "coat")
+    with pytest.raises(ValueError, match="min_substring"):
+        rare.leaks_class_name("coat", ["coat"], min_substring=0)
+
+
+def test_fashion_dictionary_never_names_a_class(wn):
+    lemmas = rare.class_lemmas(FASHION_CLASSES, wn=wn, synsets=rare.FASHION_SYNSETS)
+    assert {"pocketbook", "gym shoe", "slipover", "t-shirt/top"} <= set(lemmas)
+    words = {c.word for c in rare.wordnet_concepts(FASHION_CLASSES, wn=wn, synsets=rare.FASHION_SYNSETS)}
+    assert not any(rare.leaks_class_name(w, lemmas) for w in words)
+    assert not words & {"pulling", "coattail", "coat button", "shirtfront", "shirttail", "shirt button",
+                        "money", "personal", "item"}
+    assert {"container", "accessory", "strap", "garment", "collar"} <= words
+    raw = {c.word for c in rare.wordnet_concepts(FASHION_CLASSES, wn=wn, synsets=rare.FASHION_SYNSETS,
+                                                 drop_class_names=False, visible_gloss=False)}
+    assert {"pulling", "coattail", "money", "personal"} <= raw  # the leaks exist before the rules
+
+
+def test_visible_noun_keeps_things_and_drops_adjectives_and_abstractions(wn):
+    assert all(rare.visible_noun(w, wn=wn) for w in ["strap", "accessory", "foot", "canvas"])
+    assert not any(rare.visible_noun(w, wn=wn) for w in ["personal", "money", "item", "half", "plural", "zorblax"])
+
+
+def test_within_class_auc_ignores_what_separates_classes():
+    labels = np.repeat([0, 1], 4)
+    truth = np.array([1, 1, 0, 0, 1, 1, 0, 0], bool)[:, None]
+    class_detector = labels[:, None].astype(float)  # ranks class 1 first, nothing inside a class
+    part_detector = np.array([0.9, 0.8, 0.1, 0.2, 0.7, 0.6, 0.3, 0.4])[:, None]
+    assert rare.within_class_auc(class_detector, truth, labels).tolist() == [0.5]
+    assert rare.within_class_auc(part_detector, truth, labels).tolist() == [1.0]
+    constant = np.array([1, 1, 1, 1, 0, 0, 0, 0], bool)[:, None]  # class-level truth: undefined within a class
+    assert math.isnan(rare.within_class_auc(part_detector, constant, labels)[0])
+    with pytest.raises(ValueError, match="labels"):
+        rare.within_class_auc(part_detector, truth, labels[:3])
+
+
+def test_cav_significance_separates_a_planted_concept_from_noise():
+    gen = torch.Generator().manual_seed(0)
+    n, d = 240, 8
+    labels = torch.randint(3, (n,), generator=gen)
+    has = torch.rand(n, generator=gen) < 0.4
+    emb = torch.randn(n, d, generator=gen) + 3.0 * F.one_hot(labels, d).float()  # classes on axes 0..2
+    emb[:, 5] += 2.0 * has.float()  # the concept lives on axis 5, inside every class
+    train, test = slice(0, 120), slice(120, None)
+
+    def statistic(cav):
+        return rare.within_class_auc((emb[test] @ cav[:, None]).numpy(), has[test, None].numpy(),
+                                     labels[test].numpy())[0]
+
+    real = rare.cav_significance(emb[train], has[train].numpy(), statistic, n_runs=6)
+    assert real.concept.mean() > 0.9 and abs(real.random.mean() - 0.5) < 0.2 and real.significant(n_tests=3)
+    noise = rare.cav_significance(emb[train], (torch.rand(120, generator=gen) < 0.4).numpy(), statistic, n_runs=6)
+    assert not noise.significant()
+    with pytest.raises(ValueError, match="n_runs"):
+        rare.cav_significance(emb[train], has[train].numpy(), statistic, n_runs=1)
+    with pytest.raises(ValueError, match=r"\[N\] bool"):
+        rare.cav_significance(emb[train], has[:10].numpy(), statistic)
