@@ -582,6 +582,36 @@ def _corpus_from_words(documents: Sequence[Sequence[str]], *, min_count: int) ->
                        raw_tokens=sum(map(len, documents)))
 
 
+def _pmi_graph(documents, config: Mapping) -> tuple[sinr.Corpus, sparse.csr_matrix, np.ndarray]:
+    """The corpus, its PMI-filtered co-occurrence graph without isolated words, and the kept word ids."""
+    if documents and not isinstance(documents[0], str):
+        corpus = _corpus_from_words(documents, min_count=config["min_count"])
+    else:
+        corpus = sinr.corpus_from_documents(documents, min_count=config["min_count"])
+    graph = sinr.pmi_filter(sinr.cooccurrence(corpus, window=config["window"]))
+    alive = np.flatnonzero(np.diff(graph.indptr) > 0)
+    return corpus, graph[alive][:, alive].tocsr(), alive
+
+
+def _cached_membership(name: str, recipe: dict, size: int, build_membership) -> np.ndarray:
+    path = common.cache_dir("models", "ch3") / f"{name}-{common.content_hash(recipe)}.npz"
+
+    def build(out: Path) -> None:
+        with open(out, "wb") as fh:
+            np.savez_compressed(fh, membership=np.asarray(build_membership(), dtype=np.int32))
+
+    with np.load(common.cached_file(path, build, committed=True)) as stored:
+        membership = stored["membership"].astype(np.int64)
+    if membership.shape != (size,):
+        raise ValueError(f"{path.name} holds {membership.size} memberships for {size} words; delete it to rebuild it")
+    return membership
+
+
+def _recipe(corpus: sinr.Corpus, config: Mapping) -> dict:
+    return {"config": {k: config[k] for k in ("min_count", "window", "gamma", "seed")},
+            "corpus": corpus.fingerprint(), "louvain": "igraph multilevel", "v": 1}
+
+
 def sinr_embedding(documents: Sequence[str] | Sequence[Sequence[str]], *, config: Mapping = sinr.BOOK_CONFIG,
                    name: str = "sinr") -> sinr.SinrEmbedding:
     """Chapter 2's SINr recipe (:func:`helpers.sinr.book_embedding`) on the given documents, with its
@@ -602,32 +632,61 @@ def sinr_embedding(documents: Sequence[str] | Sequence[Sequence[str]], *, config
     Returns:
         the sparsified and filtered :class:`helpers.sinr.SinrEmbedding`.
     """
-    if documents and not isinstance(documents[0], str):
-        corpus = _corpus_from_words(documents, min_count=config["min_count"])
-    else:
-        corpus = sinr.corpus_from_documents(documents, min_count=config["min_count"])
-    graph = sinr.pmi_filter(sinr.cooccurrence(corpus, window=config["window"]))
-    alive = np.flatnonzero(np.diff(graph.indptr) > 0)
-    graph = graph[alive][:, alive].tocsr()
-    recipe = {"config": {k: config[k] for k in ("min_count", "window", "gamma", "seed")},
-              "corpus": corpus.fingerprint(), "louvain": "igraph multilevel", "v": 1}
-    path = common.cache_dir("models", "ch3") / f"{name}-{common.content_hash(recipe)}.npz"
+    corpus, graph, alive = _pmi_graph(documents, config)
+    membership = _cached_membership(name, _recipe(corpus, config), alive.size,
+                                    lambda: sinr.louvain(graph, gamma=config["gamma"], seed=config["seed"]))
+    return _embedding(corpus, graph, alive, membership, config, len(documents))
 
-    def build(out: Path) -> None:
-        membership = sinr.louvain(graph, gamma=config["gamma"], seed=config["seed"])
-        with open(out, "wb") as fh:
-            np.savez_compressed(fh, membership=np.asarray(membership, dtype=np.int32))
 
-    with np.load(common.cached_file(path, build, committed=True)) as stored:
-        membership = stored["membership"].astype(np.int64)
-    if membership.shape != (alive.size,):
-        raise ValueError(f"{path.name} holds {membership.size} memberships for {alive.size} words; delete it to "
-                         "rebuild it")
+def _embedding(corpus, graph, alive, membership, config, n_documents) -> sinr.SinrEmbedding:
     info = {"window": config["window"], "gamma": config["gamma"], "seed": config["seed"], "edges": graph.nnz // 2,
-            "documents": len(documents), "tokens": corpus.n_tokens}
+            "documents": n_documents, "tokens": corpus.n_tokens}
     emb = sinr.SinrEmbedding(tuple(corpus.words[i] for i in alive), sinr.node_recall(graph, membership), membership,
                              sinr.node_predominance(graph, membership), info)
     return emb.sparsified(config["topk"]).filtered(min_nnz=config["min_nnz"])
+
+
+class SinrHierarchy(NamedTuple):
+    """Two nested levels of SINr dimensions over the same words (:func:`helpers.sinr.community_hierarchy`)."""
+
+    fine: sinr.SinrEmbedding    # the flat embedding, as :func:`sinr_embedding` builds it
+    coarse: sinr.SinrEmbedding  # node recall on the merged communities (every one kept, not sparsified)
+    parent: np.ndarray          # [fine dim] the coarse dimension whose community holds it
+
+
+def sinr_hierarchy(documents: Sequence[str] | Sequence[Sequence[str]], *, config: Mapping = sinr.BOOK_CONFIG,
+                   coarse_gamma: float = 2.0, name: str = "sinr") -> SinrHierarchy:
+    """:func:`sinr_embedding` and a coarser level whose communities are unions of its communities.
+
+    The coarse level is Louvain at resolution ``coarse_gamma`` on the graph of the fine communities
+    (:func:`helpers.sinr.community_hierarchy`), so it nests exactly: each fine dimension has one parent.
+    Both partitions are cached and committed; only the node recalls are recomputed.
+
+    Returns:
+        a :class:`SinrHierarchy`.
+    """
+    corpus, graph, alive = _pmi_graph(documents, config)
+    recipe = _recipe(corpus, config)
+    fine_membership = _cached_membership(name, recipe, alive.size,
+                                         lambda: sinr.louvain(graph, gamma=config["gamma"], seed=config["seed"]))
+
+    def merge():
+        h = sinr.community_hierarchy(graph, gamma=config["gamma"], coarse_gammas=(coarse_gamma,), seed=config["seed"])
+        if len(h.gammas) < 2 or h.gammas[-1] != coarse_gamma or not np.array_equal(h.levels[-2], fine_membership):
+            raise ValueError(f"the hierarchy at gamma={coarse_gamma} does not merge the cached partition; choose "
+                             "a coarse_gamma below the fine gamma")
+        return h.levels[-1]
+
+    coarse = _cached_membership(f"{name}-coarse", {**recipe, "coarse_gamma": float(coarse_gamma)}, alive.size, merge)
+    fine = _embedding(corpus, graph, alive, fine_membership, config, len(documents))
+    coarse_emb = sinr.SinrEmbedding(fine.words, sinr.node_recall(graph, coarse), coarse,
+                                    sinr.node_predominance(graph, coarse), {"gamma": float(coarse_gamma)})
+    parent = np.full(fine.n_dims, -1, dtype=np.int64)
+    for d in range(fine.n_dims):
+        members = coarse[fine.membership == d]
+        if members.size and (members == members[0]).all():
+            parent[d] = members[0]
+    return SinrHierarchy(fine, coarse_emb, parent)
 
 
 # ---------------------------------------------------------------------------------------------

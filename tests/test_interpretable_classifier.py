@@ -430,3 +430,35 @@ def test_cached_silver_entities_builds_once_then_reads_the_cache(tmp_path, monke
     assert _FakeNlp.calls == 2
     with pytest.raises(ValueError, match="non-empty"):
         ic.cached_silver_entities([], name="toy")
+
+
+def _two_level_documents(mix, seed=0):
+    """Six topics of six words in two super-topics of three: each text mixes one sibling topic in."""
+    rng = np.random.default_rng(seed)
+    topics = [["q" + "abcdef"[t] + "klmnop"[i] + "z" for i in range(6)] for t in range(6)]
+    docs = []
+    for n in range(300):
+        t = n % 6
+        sibling = [s for s in range(t // 3 * 3, t // 3 * 3 + 3) if s != t][rng.integers(2)]
+        docs.append(" ".join(rng.permutation([*rng.choice(topics[t], 10), *rng.choice(topics[sibling], mix)])))
+    return docs
+
+
+def test_sinr_hierarchy_nests_the_fine_dimensions_in_coarse_ones(tmp_path, monkeypatch):
+    monkeypatch.setenv("BOOK_CACHE", str(tmp_path))
+    config = {"min_count": 2, "window": 3, "gamma": 3.0, "seed": 0, "topk": 10, "min_nnz": 1}
+    docs = _two_level_documents(mix=5)
+    h = ic.sinr_hierarchy(docs, config=config, coarse_gamma=0.5, name="toy")
+    flat = ic.sinr_embedding(docs, config=config, name="toy")
+    assert h.fine.words == flat.words and (h.fine.vectors != flat.vectors).nnz == 0     # the same flat embedding
+    assert h.coarse.words == h.fine.words and h.coarse.n_dims < h.fine.n_dims
+    assert (h.parent >= 0).all()
+    for d in range(h.fine.n_dims):                      # every word of a fine community is in its parent
+        assert (h.coarse.membership[h.fine.membership == d] == h.parent[d]).all()
+    topic_of = {w: w[1] for w in h.fine.words}          # the letter after "q" names the topic
+    for k in range(h.coarse.n_dims):                    # a coarse community never mixes the two super-topics
+        assert len({topic_of[w] in "abc" for w in np.array(h.fine.words)[h.coarse.membership == k]}) == 1
+    assert np.allclose(np.asarray(h.coarse.vectors.sum(1)).ravel(), 1.0)                  # node recall, not cut
+    assert len(list((tmp_path / "models" / "ch3").glob("toy-coarse-*.npz"))) == 1
+    with pytest.raises(ValueError, match="does not merge"):
+        ic.sinr_hierarchy(_two_level_documents(mix=3), config=config, coarse_gamma=0.5, name="toy")
