@@ -18,8 +18,10 @@ Chapter 14 adds what it takes to put every explanation of the book on one scoreb
 explains (tokens, pixels, concepts, prototypes): :func:`rank_correlation` (masked Spearman, for
 stability and sanity checks), :func:`ground_truth_auc` (plausibility against features known by
 construction), :func:`stability` (re-runs under new seeds and small input perturbations),
-:func:`normalise_columns` (every metric on [0, 1], 1 = best) and :func:`axis_scores` (metrics
-averaged into axes).
+:func:`normalise_columns` (every metric on [0, 1], 1 = best, optionally above a noise floor) and
+:func:`axis_scores` (metrics averaged into axes), :func:`sanity_distance` (Adebayo et al.'s
+model-randomisation test as ``1 - abs(rho)``) and :func:`randomised_copy` (every layer of a model
+re-drawn, the last step of the cascade).
 """
 
 from __future__ import annotations
@@ -420,6 +422,7 @@ def stability(
     seed: int = 0,
     mask: Tensor | None = None,
     reference: Tensor | None = None,
+    unchanged: Callable[[object, object], Tensor] | None = None,
 ) -> Tensor:
     """Stability: rank agreement between an explanation and re-runs on perturbed inputs with new seeds.
 
@@ -438,6 +441,12 @@ def stability(
         seed: seed of the first run; re-run ``r`` uses ``seed + r`` (and a generator seeded with it).
         mask: ``[batch, ...]`` bool, the entries compared (default: all).
         reference: ``explain(inputs, seed)`` if the caller already has it (saves one run).
+        unchanged: optional ``(inputs, moved) -> [batch]`` bool, true where the model's prediction
+            did not change under the perturbation; a re-run where it changed is left out of that
+            item's mean (an explanation of another decision is allowed to differ), and an item whose
+            prediction changed in every re-run gets NaN; among the kept re-runs an undefined
+            correlation (exactly one of the two runs constant) counts as 0. Default ``None``: every
+            re-run counts, and an undefined correlation makes the item NaN.
 
     Returns:
         ``[batch]`` float64, mean Spearman correlation over the re-runs.
@@ -451,16 +460,28 @@ def stability(
         raise ValueError(f"repeats must be a positive int, got {repeats!r}")
     reference = torch.as_tensor(explain(inputs, seed) if reference is None else reference)
     total = torch.zeros(len(reference), dtype=torch.float64)
+    count = torch.zeros(len(reference), dtype=torch.float64)
     for r in range(1, repeats + 1):
         generator = torch.Generator().manual_seed(seed + r)
         moved = inputs if perturb is None else perturb(inputs, generator)
         if isinstance(moved, Tensor) and isinstance(inputs, Tensor) and moved.shape != inputs.shape:
             raise ValueError(f"perturb must keep the shape of inputs {tuple(inputs.shape)}, got {tuple(moved.shape)}")
-        total += rank_correlation(reference, torch.as_tensor(explain(moved, seed + r)), mask=mask)
-    return total / repeats
+        rho = rank_correlation(reference, torch.as_tensor(explain(moved, seed + r)), mask=mask)
+        if unchanged is None:
+            total += rho
+            count += 1
+            continue
+        keep = torch.as_tensor(unchanged(inputs, moved)).bool().reshape(-1).cpu()
+        if keep.shape != rho.shape:
+            raise ValueError(f"unchanged must return [batch] = ({len(rho)},) bools, got shape {tuple(keep.shape)}")
+        total += torch.where(keep, rho.nan_to_num(0.0), 0.0)
+        count += keep.double()
+    if unchanged is None:
+        return total / repeats
+    return torch.where(count > 0, total / count.clamp_min(1), torch.nan)
 
 
-def normalise_columns(table, *, higher_is_better: dict[str, bool]):
+def normalise_columns(table, *, higher_is_better: dict[str, bool], floor: dict[str, float] | None = None):
     """Put every metric of a scoreboard on [0, 1], 1 = the best method, by min-max over the methods.
 
     Each column is rescaled over the rows where it is defined (NaN stays NaN: a metric that does not
@@ -468,9 +489,17 @@ def normalise_columns(table, *, higher_is_better: dict[str, bool]):
     sufficiency, seconds) is flipped. A column with one distinct value gets 1 everywhere it is
     defined (no method is worse).
 
+    With ``floor``, a column's spread is not stretched beyond its noise: the best method still gets
+    1, the others ``1 - gap / max(high - low, floor)`` with ``gap`` their distance to the best, so a
+    column whose whole spread lies inside its noise floor keeps every method close to 1 instead of
+    blowing noise up to [0, 1]. Where ``high - low >= floor`` nothing changes.
+
     Args:
         table: pandas ``DataFrame``, methods x metrics, numbers.
         higher_is_better: ``{column: bool}`` for every column of ``table``.
+        floor: optional ``{column: noise floor >= 0}`` in the column's own units (e.g. the typical
+            width of a cell's bootstrap interval); columns not named get no floor. Default ``None``:
+            plain min-max.
 
     Returns:
         a ``DataFrame`` of the same shape in [0, 1].
@@ -496,6 +525,13 @@ def normalise_columns(table, *, higher_is_better: dict[str, bool]):
         raise ValueError(f"every column must be numeric: {err}") from None
     if np.isinf(values.to_numpy()).any():
         raise ValueError("table contains inf; use NaN for a metric that does not apply")
+    floor = dict(floor or {})
+    unknown = [c for c in floor if c not in table.columns]
+    if unknown:
+        raise ValueError(f"floor names columns that are not in the table: {unknown}")
+    bad = {c: f for c, f in floor.items() if not (isinstance(f, (int, float)) and math.isfinite(f) and f >= 0)}
+    if bad:
+        raise ValueError(f"floor values must be finite numbers >= 0, got {bad}")
     out = values.copy()
     for column in values.columns:
         v = values[column]
@@ -503,8 +539,13 @@ def normalise_columns(table, *, higher_is_better: dict[str, bool]):
         if high == low:
             out[column] = v.where(v.isna(), 1.0)
             continue
-        scaled = (v - low) / (high - low)
-        out[column] = scaled if higher_is_better[column] else 1.0 - scaled
+        span = max(high - low, float(floor.get(column, 0.0)))
+        if span == high - low:  # the floor does not bind: plain min-max, computed as it always was
+            scaled = (v - low) / (high - low)
+            out[column] = scaled if higher_is_better[column] else 1.0 - scaled
+            continue
+        gap = (high - v) if higher_is_better[column] else (v - low)
+        out[column] = 1.0 - gap / span
     return out
 
 
@@ -535,3 +576,75 @@ def axis_scores(normalised, axes: dict[str, Sequence[str]]):
     if empty:
         raise ValueError(f"axes {empty} have no columns")
     return pd.DataFrame({name: normalised[list(cols)].mean(axis=1, skipna=True) for name, cols in axes.items()})
+
+
+def sanity_distance(reference: Tensor, randomised: Tensor, *, mask: Tensor | None = None,
+                    absolute: bool = True) -> Tensor:  # fmt: skip
+    """Model-randomisation sanity check: how far an explanation moved when the model was destroyed.
+
+    ``1 - abs(rho)``, with ``rho`` the Spearman correlation (:func:`rank_correlation`) between the
+    explanation of the trained model and that of its randomised copy, on the absolute values of the
+    scores by default. Quantus's MPRT compares the same two explanations with Spearman's rho after
+    taking their absolute value (``abs=True``); Adebayo et al. report the rank correlation with and
+    without it. Taking ``abs(rho)`` as well means that a map whose signs flip, or whose ranking
+    reverses, counts as *unchanged* (distance 0), not as more than fully changed (``1 - rho`` would
+    reach 2). 0: the explanation ignores the weights; 1: no rank relation left.
+
+    Args:
+        reference: ``[batch, ...]`` scores from the trained model.
+        randomised: ``[batch, ...]`` scores of the same inputs from the randomised model (the last
+            step of a cascading randomisation: every layer re-drawn).
+        mask: ``[batch, ...]`` bool, the entries compared (default: all).
+        absolute: rank ``abs(scores)`` (default, Quantus's ``abs=True``); False ranks the signed scores.
+
+    Returns:
+        ``[batch]`` float64 in [0, 1]; NaN where exactly one of the two is constant on the mask.
+
+    >>> a = torch.tensor([[1.0, -2, 3, -4]])
+    >>> b = torch.tensor([[4.0, 3, 2, 1]])
+    >>> [sanity_distance(a, c, absolute=k).round(decimals=6).tolist() for c, k in [(-a, True), (b, False), (b, True)]]
+    [[0.0], [0.6], [0.0]]
+    """
+    if not isinstance(absolute, bool):
+        raise ValueError(f"absolute must be True or False, got {absolute!r}")
+    a, b = torch.as_tensor(reference), torch.as_tensor(randomised)
+    if absolute:
+        a, b = a.abs(), b.abs()
+    return (1.0 - rank_correlation(a, b, mask=mask).abs()).clamp(0.0, 1.0)
+
+
+def randomised_copy(model: torch.nn.Module, *, seed: int = 0) -> torch.nn.Module:
+    """A copy of ``model`` with *every* parameter tensor re-drawn: the last step of a full cascade.
+
+    Each parameter is replaced by i.i.d. Gaussian draws with that tensor's own mean and standard
+    deviation (so LayerNorm gains stay near 1 and weight scales are kept, but everything the model
+    learned is gone); a constant tensor stays constant. Buffers (running statistics, position ids)
+    are kept. The original is untouched; the copy is in eval mode.
+
+    Args:
+        model: any ``nn.Module`` (a text encoder with its head, a recommender, a ViT).
+        seed: seeds the draws.
+
+    Returns:
+        the randomised copy.
+
+    >>> _ = torch.manual_seed(0)
+    >>> lin = torch.nn.Linear(50, 40)
+    >>> r = randomised_copy(lin, seed=1)
+    >>> bool((r.weight != lin.weight).all()), abs(float(r.weight.std() / lin.weight.std().detach()) - 1) < 0.05
+    (True, True)
+    """
+    import copy
+
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    out = copy.deepcopy(model).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in out.parameters():
+            if p.numel() < 2:
+                continue
+            mean, std = float(p.double().mean()), float(p.double().std())
+            draw = torch.randn(p.shape, generator=generator, dtype=torch.float64) * std + mean
+            p.copy_(draw.to(p.dtype))
+    return out

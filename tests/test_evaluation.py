@@ -229,3 +229,96 @@ def test_scoreboard_bad_inputs_raise_clear_errors():
         evaluation.stability(lambda x, s: x, torch.ones(1, 3), repeats=0)
     with pytest.raises(ValueError, match="keep the shape"):
         evaluation.stability(lambda x, s: x[:, :2], torch.ones(1, 3), perturb=lambda x, g: x[:, :2])
+
+
+def test_sanity_distance_known_answers():
+    a = torch.tensor([[1.0, -2.0, 3.0, -4.0], [1.0, 2.0, 3.0, 4.0]])
+    # sign flips and a reversed ranking count as unchanged (distance 0), never as more than changed
+    torch.testing.assert_close(evaluation.sanity_distance(a, -a), torch.zeros(2, dtype=torch.float64))
+    reverse = torch.tensor([[4.0, 3.0, 2.0, 1.0], [4.0, 3.0, 2.0, 1.0]])
+    d = evaluation.sanity_distance(a, reverse, absolute=False)
+    assert float(d[1]) == pytest.approx(0.0, abs=1e-12)  # rho = -1 -> 1 - abs(rho) = 0
+    assert float(d[0]) == pytest.approx(1 - 0.4)  # rho = 0.4 by hand on the signed ranks
+    # an unrelated ranking: rho = 0 -> distance 1
+    unrelated = evaluation.sanity_distance(torch.tensor([[1.0, 2, 3, 4]]), torch.tensor([[2.0, 4, 1, 3]]))
+    torch.testing.assert_close(unrelated, torch.tensor([1.0], dtype=torch.float64))
+    out = evaluation.sanity_distance(torch.randn(20, 30), torch.randn(20, 30))
+    assert ((out >= 0) & (out <= 1)).all()
+    with pytest.raises(ValueError, match="absolute"):
+        evaluation.sanity_distance(a, a, absolute="yes")
+
+
+def test_randomised_copy_redraws_every_parameter_and_keeps_the_original():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 4))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rand = evaluation.randomised_copy(model, seed=3)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k])  # original untouched
+    for (name, p), (_, q) in zip(model.named_parameters(), rand.named_parameters(), strict=True):
+        assert p.shape == q.shape
+        p, q = p.detach(), q.detach()
+        if float(p.std()) > 0:
+            assert (p != q).float().mean() > 0.99, name
+            assert abs(float(q.mean()) - float(p.mean())) < 3 * float(p.std()) + 1e-6
+        else:
+            torch.testing.assert_close(p, q)  # LayerNorm's constant init stays constant
+    again = evaluation.randomised_copy(model, seed=3)
+    for p, q in zip(rand.parameters(), again.parameters(), strict=True):
+        torch.testing.assert_close(p, q)  # same seed, same draw
+    with pytest.raises(ValueError, match="nn.Module"):
+        evaluation.randomised_copy("not a model")
+
+
+def test_stability_leaves_out_reruns_whose_prediction_changed():
+    x = torch.tensor([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]])
+    flip = lambda inputs, g: inputs.flip(1)  # noqa: E731
+    ident = lambda inputs, seed: inputs  # noqa: E731
+    plain = evaluation.stability(ident, x, perturb=flip)
+    torch.testing.assert_close(plain, torch.tensor([-1.0, -1.0], dtype=torch.float64))
+    # the first item's prediction changed: its re-runs are dropped (NaN); the second still counts
+    kept = evaluation.stability(ident, x, perturb=flip, repeats=2, unchanged=lambda a, b: torch.tensor([False, True]))
+    assert math.isnan(float(kept[0])) and float(kept[1]) == pytest.approx(-1.0)
+    with pytest.raises(ValueError, match="unchanged"):
+        evaluation.stability(ident, x, perturb=flip, unchanged=lambda a, b: torch.tensor([True]))
+
+
+def test_normalise_columns_noise_floor():
+    import pandas as pd
+
+    t = pd.DataFrame({"comp": [0.001, 0.005, 0.009], "t": [1.0, 2.0, 3.0]}, index=["a", "b", "c"])
+    # spread 0.008 inside a floor of 0.08: gaps shrink tenfold, the best keeps 1
+    out = evaluation.normalise_columns(t, higher_is_better={"comp": True, "t": False}, floor={"comp": 0.08})
+    assert out["comp"].round(6).tolist() == [0.9, 0.95, 1.0]
+    assert out["t"].round(6).tolist() == [1.0, 0.5, 0.0]  # no floor: plain min-max
+    # a floor below the spread changes nothing
+    plain = evaluation.normalise_columns(t, higher_is_better={"comp": True, "t": False})
+    small = evaluation.normalise_columns(t, higher_is_better={"comp": True, "t": False}, floor={"comp": 1e-4})
+    pd.testing.assert_frame_equal(plain, small)
+    with pytest.raises(ValueError, match="floor names"):
+        evaluation.normalise_columns(t, higher_is_better={"comp": True, "t": False}, floor={"x": 1.0})
+    with pytest.raises(ValueError, match=">= 0"):
+        evaluation.normalise_columns(t, higher_is_better={"comp": True, "t": False}, floor={"comp": -1.0})
+
+
+def test_chapter14_text_study_artefact_is_intact():
+    """The committed per-passage metrics of Chapter 14's text setting match their sidecar and their ranges."""
+    import numpy as np
+
+    from helpers import common
+
+    files = sorted((common.WEIGHTS_DIR / "results" / "ch14").glob("text-study-*.npz"))
+    assert files, "Chapter 14's text study is not committed under helpers/weights/results/ch14"
+    for path in files:
+        assert common.verified(path)
+        study = dict(np.load(path))
+        methods = {k.split("|")[0] for k in study if "|" in k}
+        assert "random" in methods and len(methods) == 7
+        n = len(study["random|plausibility AUC"])
+        assert n >= 100
+        for m in methods:
+            for metric in ("sanity 1 - |ρ|", "sanity head"):
+                v = study[f"{m}|{metric}"]
+                assert v.shape == (n,) and np.all((v[np.isfinite(v)] >= 0) & (v[np.isfinite(v)] <= 1))
+            assert np.all(np.abs(study[f"{m}|stability ρ"][np.isfinite(study[f"{m}|stability ρ"])]) <= 1 + 1e-9)
+        assert np.allclose(study["random|sanity 1 - |ρ|"], 0.0)  # same seed, same random ranking on any model
