@@ -631,7 +631,7 @@ def randomised_copy(model: torch.nn.Module, *, seed: int = 0) -> torch.nn.Module
     >>> _ = torch.manual_seed(0)
     >>> lin = torch.nn.Linear(50, 40)
     >>> r = randomised_copy(lin, seed=1)
-    >>> bool((r.weight != lin.weight).all()), abs(float(r.weight.std() / lin.weight.std().detach()) - 1) < 0.05
+    >>> bool((r.weight != lin.weight).all()), abs(float(r.weight.detach().std() / lin.weight.detach().std()) - 1) < 0.05
     (True, True)
     """
     import copy
