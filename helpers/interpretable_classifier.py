@@ -31,7 +31,6 @@ import copy
 import csv
 import os
 import re
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -566,20 +565,7 @@ def documents_containing(documents: Sequence[tuple[str, str]], sentences: Sequen
 def _corpus_from_words(documents: Sequence[Sequence[str]], *, min_count: int) -> sinr.Corpus:
     """:func:`helpers.sinr.corpus_from_documents` for documents already tokenised by :func:`helpers.sinr.tokenize`
     (the same corpus, fingerprint included, without tokenising again)."""
-    counts = Counter(w for words in documents for w in words)
-    kept = sorted((w for w, n in counts.items() if n >= min_count), key=lambda w: (-counts[w], w))
-    if not kept:
-        raise ValueError(f"no word occurs {min_count} times or more; pass more text or lower min_count")
-    index = {w: i for i, w in enumerate(kept)}
-    ids, offsets = [], [0]
-    for words in documents:
-        doc = [index[w] for w in words if w in index]
-        if doc:
-            ids.extend(doc)
-            offsets.append(len(ids))
-    return sinr.Corpus(words=tuple(kept), counts=np.array([counts[w] for w in kept], dtype=np.int64),
-                       ids=np.array(ids, dtype=np.int32), offsets=np.array(offsets, dtype=np.int64),
-                       raw_tokens=sum(map(len, documents)))
+    return sinr.corpus_from_tokens(documents, min_count=min_count, raw_tokens=sum(map(len, documents)))
 
 
 def _pmi_graph(documents, config: Mapping) -> tuple[sinr.Corpus, sparse.csr_matrix, np.ndarray]:

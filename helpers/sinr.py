@@ -125,6 +125,18 @@ def corpus_from_documents(documents: Iterable[str], *, min_count: int = 5,
     for text in documents:
         raw += len(_WORD.findall(text.lower()))
         tokenised.append(tokenize(text, stop_words=stop))
+    return corpus_from_tokens(tokenised, min_count=min_count, raw_tokens=raw)
+
+
+def corpus_from_tokens(tokenised: Sequence[Sequence[str]], *, min_count: int, raw_tokens: int) -> Corpus:
+    """The :class:`Corpus` of documents already tokenised by :func:`tokenize` (see :func:`corpus_from_documents`).
+
+    Words seen fewer than ``min_count`` times are dropped; ``raw_tokens`` is recorded as the corpus's size
+    before filtering. Empty documents (after filtering) are dropped.
+
+    >>> corpus_from_tokens([["cat", "sat"], ["cat"]], min_count=2, raw_tokens=5).ids.tolist()
+    [0, 0]
+    """
     counts = Counter(w for doc in tokenised for w in doc)
     kept = sorted((w for w, n in counts.items() if n >= min_count), key=lambda w: (-counts[w], w))
     if not kept:
@@ -144,7 +156,7 @@ def corpus_from_documents(documents: Iterable[str], *, min_count: int = 5,
         counts=np.array([counts[w] for w in kept], dtype=np.int64),
         ids=np.array(ids, dtype=np.int32),
         offsets=np.array(offsets, dtype=np.int64),
-        raw_tokens=raw,
+        raw_tokens=raw_tokens,
     )
 
 
