@@ -97,6 +97,54 @@ def test_chapter_skeleton(path):
     assert first_code.strip().startswith(SETUP_CELL), "the first code cell is the book's Setup cell"
 
 
+EXERCISE_LABEL = re.compile(r"^\*\((Easy|Medium|Hard|Open) · importance [123]/3 · \d+ min( · checked)?\.\)\*", re.M)
+FENCED = re.compile(r"^(`{3,}).*?^\1\s*$", re.M | re.S)
+
+
+def _blocks(markdown: str, kind: str) -> list[str]:
+    """The bodies of the ````{kind} ... ```` directives (exercise or solution) of a chapter's markdown."""
+    return re.findall(r"^````\{" + kind + r"\}[^\n]*\n(.*?)^````\s*$", markdown, re.M | re.S)
+
+
+def _typed_numbers(text: str) -> list[str]:
+    """Decimals and percentages in prose: the numbers that must come from a cell (glue), not be typed."""
+    prose = re.sub(r"\{glue:[a-z]+\}`[^`]*`", "", FENCED.sub("", text))  # code and glued numbers are fine
+    prose = re.sub(r"`[^`]*`", "", prose)  # so are inline code (parameters such as `quantile=0.95`)
+    prose = re.sub(r"\$[^$]*\$", "", prose)  # and maths
+    return re.findall(r"(?<![\w.])\d+\.\d+(?![\w.])|\d+(?:\.\d+)? ?%", prose)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_exercises_are_labelled_checked_and_solutions_compute_their_numbers(path):
+    """Every exercise opens with difficulty, importance and minutes; >= 2 are auto-checked (``check.``);
+    no solution's prose types a number (decimals and percentages must be glued or computed by the reader)."""
+    nb = json.loads(path.read_text())
+    markdown = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown")
+    exercises, solutions = _blocks(markdown, "exercise"), _blocks(markdown, "solution")
+    assert len(exercises) >= 3 and len(solutions) >= 3
+    unlabelled = [e.split("\n")[2][:60] for e in exercises if not EXERCISE_LABEL.search(e)]
+    assert not unlabelled, f"exercises without '*(Easy · importance 2/3 · 15 min[ · checked].)*': {unlabelled}"
+    checked = [e for e in exercises if re.search(r"· checked\.\)\*", e)]
+    assert len(checked) >= 2, f"{len(checked)} auto-checked exercises; the book asks for at least 2 per chapter"
+    assert all("check." in e for e in checked), "a 'checked' exercise must call its check (check.<name>(...))"
+    typed = {n for s in solutions for n in _typed_numbers(s)}
+    assert not typed, f"numbers typed into solutions (glue them or let the reader compute them): {sorted(typed)}"
+
+
+def test_typed_number_finder():
+    text = "It rises to 0.43 (12 % more) but `quantile=0.95` and $0.5$ and {glue:text}`x:.2f` and 3 seeds.\n```python\nx = 0.7\n```"
+    assert _typed_numbers(text) == ["0.43", "12 %"]
+
+
+def test_exercise_checks_exist():
+    from helpers import check
+
+    for path in NOTEBOOKS:
+        markdown = "\n".join("".join(c["source"]) for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "markdown")
+        for name in set(re.findall(r"\bcheck\.([a-z_]+)\(", markdown)):
+            assert callable(getattr(check, name, None)), f"{path.name} calls check.{name}, which helpers/check.py lacks"
+
+
 @pytest.fixture(scope="module")
 def built_book(tmp_path_factory):
     """Build the book from the committed outputs (no execution) into a temporary folder."""
