@@ -117,6 +117,39 @@ class PrototypeHead(nn.Module):
         return self.last_layer(log_similarity(min_d, eps=self.eps)), min_d
 
 
+class AttentionPrototypeHead(PrototypeHead):
+    """Prototypes as learned *queries* that attend to the latent patches (one cross-attention layer).
+
+    Prototype ``p_j`` attends to the patches with ``a_jn = softmax_n(-||z_n - p_j||^2 / tau)`` (an RBF
+    kernel in place of the dot product, so the prototype stays a point of the latent space that can be
+    pushed), and its similarity is the log-similarity of the attended distance ``sum_n a_jn ||z_n - p_j||^2``.
+    ``tau`` is learned (``log_tau``); as ``tau -> 0`` the attention becomes ProtoPNet's closest patch.
+    The attention weights ``[batch, P, 16]`` are the prototype's map over the image.
+
+    >>> head = AttentionPrototypeHead(width=8, n_classes=3, per_class=2, dim=4)
+    >>> logits, d = head(torch.randn(5, 16, 8))
+    >>> tuple(logits.shape), tuple(d.shape), tuple(head.attention(torch.randn(5, 16, 8)).sum(-1).shape)
+    ((5, 3), (5, 6), (5, 6))
+    """
+
+    def __init__(self, width: int = 64, *, n_classes: int = 10, per_class: int = 3, dim: int = 32, eps: float = 1e-4,
+                 temperature: float = 0.1):  # fmt: skip
+        super().__init__(width, n_classes=n_classes, per_class=per_class, dim=dim, eps=eps)
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.log_tau = nn.Parameter(torch.tensor(math.log(temperature)))
+
+    def attention(self, tokens: Tensor) -> Tensor:
+        """Each prototype's attention over the patches: ``[batch, 16, width] -> [batch, P, 16]``, rows sum to 1."""
+        return torch.softmax(-self.distances(tokens) / self.log_tau.exp(), dim=-1)
+
+    def forward(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """``(logits [batch, classes], attended distances [batch, P])`` from patch tokens ``[batch, 16, width]``."""
+        d = self.distances(tokens)  # [batch, P, 16]
+        attended = (torch.softmax(-d / self.log_tau.exp(), dim=-1) * d).sum(-1)  # [batch, P]
+        return self.last_layer(log_similarity(attended, eps=self.eps)), attended
+
+
 class ProtoViT(nn.Module):
     """The frozen book ViT followed by a :class:`PrototypeHead`: images ``[batch, 1, 28, 28]`` -> logits."""
 
@@ -125,22 +158,34 @@ class ProtoViT(nn.Module):
         self.backbone, self.head = backbone.eval().requires_grad_(False), head
 
     def patch_tokens(self, images: Tensor) -> Tensor:
-        """``[batch, 16, width]`` final-LayerNorm patch tokens (the CLS token dropped)."""
+        """``[batch, 16, width]`` final-LayerNorm patch tokens (the CLS token dropped), differentiable in ``images``."""
         from helpers import vision
 
-        return vision.vit_tokens(self.backbone, images)[:, 1:]
+        return self.backbone.forward_features(vision.check_images(images))[:, 1:]
 
     def forward(self, images: Tensor) -> Tensor:
         return self.head(self.patch_tokens(images))[0]
 
 
-def patch_tokens(backbone: nn.Module, images: Tensor, *, batch_size: int = 2000) -> Tensor:
-    """Frozen ViT patch tokens of many images, in batches: ``[N, 1, 28, 28] -> [N, 16, width]``."""
+def patch_tokens(backbone: nn.Module, images: Tensor, *, block: int | None = None, batch_size: int = 2000) -> Tensor:
+    """Frozen ViT patch tokens of many images, in batches: ``[N, 1, 28, 28] -> [N, 16, width]``.
+
+    ``block=None`` gives the final tokens (after the last block and the final LayerNorm); ``block=k``
+    the tokens after block ``k`` (0-based), through the same final LayerNorm (timm's
+    ``forward_intermediates(..., norm=True)``), whose receptive fields have mixed fewer patches.
+    """
     from helpers import vision
 
     images = vision.check_images(images)
+    depth = len(getattr(backbone, "blocks", []))
+    if block is not None and not 0 <= block < depth:
+        raise ValueError(f"block must be None (final tokens) or in 0..{depth - 1}, got {block}")
     chunks = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
-    return torch.cat([vision.vit_tokens(backbone, chunk)[:, 1:] for chunk in chunks])
+    if block is None:
+        return torch.cat([vision.vit_tokens(backbone, chunk)[:, 1:] for chunk in chunks])
+    with torch.no_grad():
+        return torch.cat([backbone.forward_intermediates(chunk, indices=[block], norm=True, intermediates_only=True,
+                                                         output_fmt="NLC")[0] for chunk in chunks])  # fmt: skip
 
 
 def prototype_losses(head: PrototypeHead, min_distances: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -174,9 +219,20 @@ class ProtoRecipe:
     l1: float = 1e-4  # ProtoPNet's lambda for wrong-class last-layer weights
     seed: int = 0
     version: int = 1
+    block: int | None = None  # tokens after this ViT block (0-based); None: the final tokens
+    attention: bool = False  # prototypes as attending queries (AttentionPrototypeHead) instead of the closest patch
 
     def key(self) -> str:
-        return common.content_hash(dataclasses.asdict(self), length=12)
+        return common.content_hash(self.hashed_fields(), length=12)
+
+    def hashed_fields(self) -> dict:
+        """The fields that name the cache file; fields added later are left out at their defaults, so
+        recipes from before they existed keep their hash (and their committed files)."""
+        fields = dataclasses.asdict(self)
+        for name, default in (("block", None), ("attention", False)):
+            if fields[name] == default:
+                del fields[name]
+        return fields
 
 
 def _epochs(head, params, tokens, labels, *, epochs, lr, batch_size, generator, loss_fn) -> list[float]:
@@ -222,7 +278,8 @@ def train_prototype_head(
     if labels.shape != (len(tokens),):
         raise ValueError(f"labels must be [N] = [{len(tokens)}], got {tuple(labels.shape)}")
     common.set_seed(recipe.seed)
-    head = PrototypeHead(tokens.shape[2], n_classes=int(labels.max()) + 1, per_class=recipe.per_class, dim=recipe.dim)
+    kind = AttentionPrototypeHead if recipe.attention else PrototypeHead
+    head = kind(tokens.shape[2], n_classes=int(labels.max()) + 1, per_class=recipe.per_class, dim=recipe.dim)
     generator = torch.Generator().manual_seed(recipe.seed)
 
     def warm_loss(logits, min_d, y):
@@ -234,7 +291,8 @@ def train_prototype_head(
         return F.cross_entropy(logits, y) + recipe.l1 * wrong.abs().sum()
 
     head.train()
-    history = {"warm_loss": _epochs(head, [*head.add_on.parameters(), head.prototypes], tokens, labels,
+    warm_params = [p for name, p in head.named_parameters() if not name.startswith("last_layer")]
+    history = {"warm_loss": _epochs(head, warm_params, tokens, labels,
                                     epochs=recipe.warm_epochs, lr=recipe.lr, batch_size=recipe.batch_size,
                                     generator=generator, loss_fn=warm_loss)}  # fmt: skip
     history["state_before_push"] = {k: v.detach().clone() for k, v in head.state_dict().items()}
@@ -256,10 +314,10 @@ def cached_prototype_head(vit: nn.Module, images: Tensor, labels: Tensor,
     Returns:
         ``(head in eval mode, training history)``; the history holds ``"state_before_push"`` and ``"push"``.
     """
-    key = common.content_hash({"recipe": dataclasses.asdict(recipe), "vit": vit.recipe.key()})
+    key = common.content_hash({"recipe": recipe.hashed_fields(), "vit": vit.recipe.key()})
 
     def build(path):
-        tokens = patch_tokens(vit, images[: recipe.n_train])
+        tokens = patch_tokens(vit, images[: recipe.n_train], block=recipe.block)
         head, history = train_prototype_head(tokens, torch.as_tensor(labels)[: recipe.n_train], recipe)
         torch.save({"state": head.state_dict(), "history": history}, path)
 
@@ -269,10 +327,12 @@ def cached_prototype_head(vit: nn.Module, images: Tensor, labels: Tensor,
 
 
 def head_from_state(state: dict) -> PrototypeHead:
-    """A :class:`PrototypeHead` with weights ``state`` (its sizes read from them), in eval mode."""
+    """A :class:`PrototypeHead` (or :class:`AttentionPrototypeHead`, when ``state`` has ``log_tau``) with weights
+    ``state`` (its sizes read from them), in eval mode."""
     n_classes, (n_prototypes, dim) = state["last_layer.weight"].shape[0], state["prototypes"].shape
-    head = PrototypeHead(state["add_on.0.weight"].shape[1], n_classes=n_classes, per_class=n_prototypes // n_classes,
-                         dim=dim)  # fmt: skip
+    kind = AttentionPrototypeHead if "log_tau" in state else PrototypeHead
+    head = kind(state["add_on.0.weight"].shape[1], n_classes=n_classes, per_class=n_prototypes // n_classes,
+                dim=dim)  # fmt: skip
     head.load_state_dict(state)
     return head.eval()
 
@@ -381,28 +441,175 @@ def prototype_purity(head: PrototypeHead, tokens: Tensor, labels: Tensor, *, k: 
     return purity, neighbours
 
 
+def frozen_token_classifier(tokens: Tensor, labels: Tensor, *, hidden: int = 0, epochs: int = 10, lr: float = 3e-3,
+                            batch_size: int = 250, seed: int = 0) -> nn.Module:  # fmt: skip
+    """The non-interpretable baseline on the same frozen tokens: a linear (``hidden=0``) or one-hidden-layer
+    MLP classifier on the flattened patch tokens ``[N, 16, width]`` -> logits ``[N, classes]``.
+
+    Trained with Adam on cross-entropy, ``epochs`` passes, seeded; returned in eval mode.
+    """
+    tokens = _check_tokens(tokens).flatten(1)
+    labels = torch.as_tensor(labels).long()
+    if labels.shape != (len(tokens),):
+        raise ValueError(f"labels must be [N] = [{len(tokens)}], got {tuple(labels.shape)}")
+    if hidden < 0 or epochs < 1:
+        raise ValueError(f"hidden must be >= 0 and epochs >= 1, got hidden={hidden}, epochs={epochs}")
+    common.set_seed(seed)
+    n_classes = int(labels.max()) + 1
+    layers = [nn.Linear(tokens.shape[1], hidden), nn.ReLU(), nn.Linear(hidden, n_classes)] if hidden else [
+        nn.Linear(tokens.shape[1], n_classes)]  # fmt: skip
+    model = nn.Sequential(*layers)
+    optimiser = torch.optim.Adam(model.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        order = torch.randperm(len(tokens), generator=generator)
+        for i in range(0, len(order), batch_size):
+            b = order[i : i + batch_size]
+            loss = F.cross_entropy(model(tokens[b]), labels[b])
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# A segmentation test with masks by construction
+# ---------------------------------------------------------------------------------------------
+
+
+def textured_scenes(images: np.ndarray, *, amplitude: float = 30.0, threshold: int = 25,
+                    seed: int = 0) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Fashion-MNIST items on a smooth random texture, with each item's mask known by construction.
+
+    The item's pixels above ``threshold`` (its mask) are kept; every other pixel is replaced by a
+    texture (uniform noise on a 7 x 7 grid, bicubic to 28 x 28, scaled to ``[0, amplitude]``).
+
+    Args:
+        images: uint8 ``[N, 28, 28]`` items on a black background.
+
+    Returns:
+        ``(scenes uint8 [N, 28, 28], masks bool [N, 28, 28])``.
+
+    >>> scenes, masks = textured_scenes(np.full((2, 28, 28), 200, np.uint8), amplitude=30)
+    >>> bool(masks.all()), int(scenes.max())
+    (True, 200)
+    """
+    images = np.asarray(images)
+    if images.ndim != 3 or images.shape[1:] != (28, 28) or images.dtype != np.uint8:
+        raise ValueError(f"images must be uint8 [N, 28, 28], got {images.dtype} {images.shape}")
+    if not 0 <= amplitude <= 255 or not 0 <= threshold < 255:
+        raise ValueError(f"amplitude must be in [0, 255] and threshold in [0, 255), got {amplitude}, {threshold}")
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.rand(len(images), 1, 7, 7, generator=generator)
+    texture = F.interpolate(noise, size=28, mode="bicubic", align_corners=False)[:, 0].clamp(0, 1).numpy() * amplitude
+    masks = images > threshold
+    return np.where(masks, images, np.round(texture)).astype(np.uint8), masks
+
+
+def _check_maps_masks(maps: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
+    maps, masks = torch.as_tensor(maps).float(), torch.as_tensor(masks).bool()
+    if maps.ndim != 3 or maps.shape != masks.shape:
+        raise ValueError(f"maps and masks must both be [N, H, W] (upsample maps first), got {tuple(maps.shape)} "
+                         f"and {tuple(masks.shape)}")  # fmt: skip
+    if not torch.isfinite(maps).all():
+        raise ValueError("maps contain NaN or infinite values")
+    if not masks.flatten(1).any(1).all() or masks.flatten(1).all(1).any():
+        raise ValueError("every mask needs both object and background pixels")
+    return maps, masks
+
+
+def pointing_game(maps: Tensor, masks: Tensor) -> Tensor:
+    """Pointing game: does each map's maximum fall on the object? ``[N, H, W], [N, H, W] -> [N]`` bool.
+
+    A map whose maximum is shared by several pixels scores the fraction of them on the object
+    (so a flat map scores the object's share of the image, not a lucky first pixel).
+
+    >>> m = torch.zeros(2, 4, 4); m[0, 0, 0] = 1; m[1, 3, 3] = 1
+    >>> mask = torch.zeros(2, 4, 4, dtype=torch.bool); mask[:, :2, :2] = True
+    >>> pointing_game(m, mask).tolist()
+    [1.0, 0.0]
+    """
+    maps, masks = _check_maps_masks(maps, masks)
+    flat = maps.flatten(1)
+    top = flat == flat.max(1, keepdim=True).values
+    return (top & masks.flatten(1)).sum(1).float() / top.sum(1).float()
+
+
+def segmentation_miou(maps: Tensor, masks: Tensor, *, quantile: float) -> Tensor:
+    """Mean IoU over the two classes (object, background) of maps thresholded at their own ``quantile``.
+
+    Args:
+        maps: ``[N, H, W]`` saliency or similarity maps at pixel resolution; masks: ``[N, H, W]`` bool.
+        quantile: a pixel is predicted "object" when its value is at least this quantile of its map.
+
+    Returns:
+        ``[N]`` per-image mIoU = (IoU(object) + IoU(background)) / 2.
+
+    >>> m = torch.zeros(1, 4, 4); m[0, :2, :2] = 1
+    >>> mask = m.bool()
+    >>> segmentation_miou(m, mask, quantile=0.75).tolist()
+    [1.0]
+    """
+    maps, masks = _check_maps_masks(maps, masks)
+    if not 0 < quantile < 1:
+        raise ValueError(f"quantile must be in (0, 1), got {quantile}")
+    cut = torch.quantile(maps.flatten(1), quantile, dim=1)[:, None, None]
+    pred = maps >= cut
+    ious = []
+    for p, t in ((pred, masks), (~pred, ~masks)):
+        inter, union = (p & t).flatten(1).sum(1).float(), (p | t).flatten(1).sum(1).float()
+        ious.append(inter / union.clamp_min(1))
+    return (ious[0] + ious[1]) / 2
+
+
 # ---------------------------------------------------------------------------------------------
 # Recommendation: a simulated shop over Fashion-MNIST items
 # ---------------------------------------------------------------------------------------------
 
 
-def item_attributes(images: np.ndarray | Tensor, *, foreground: float = 0.1) -> np.ndarray:
-    """Two visual attributes computed from pixels: ``[N, 28, 28]`` uint8 -> ``[N, 2]`` (brightness, size).
+ATTRIBUTES = ("brightness", "size", "texture", "aspect")
+"""Pixel attributes :func:`item_attributes` can compute (the default shop uses the first two)."""
 
-    Brightness is the mean intensity (in [0, 1]) of the foreground pixels (those above
-    ``foreground``); size is the fraction of the image that is foreground.
+
+def item_attributes(images: np.ndarray | Tensor, *, foreground: float = 0.1,
+                    names: Sequence[str] = ("brightness", "size")) -> np.ndarray:  # fmt: skip
+    """Visual attributes computed from pixels: ``[N, 28, 28]`` uint8 -> ``[N, len(names)]``.
+
+    With foreground pixels those above ``foreground`` (intensity in [0, 1]):
+
+    * ``"brightness"``: mean intensity of the foreground pixels (tone);
+    * ``"size"``: fraction of the image that is foreground;
+    * ``"texture"``: standard deviation of the foreground intensities (plain vs patterned);
+    * ``"aspect"``: width / height of the foreground's bounding box (silhouette; 1 when empty).
 
     >>> img = np.zeros((1, 28, 28), np.uint8); img[0, :14] = 255
     >>> item_attributes(img).round(3).tolist()
     [[1.0, 0.5]]
+    >>> item_attributes(img, names=("texture", "aspect")).round(3).tolist()
+    [[0.0, 2.0]]
     """
+    names = tuple(names)
+    unknown = [n for n in names if n not in ATTRIBUTES]
+    if not names or unknown:
+        raise ValueError(f"unknown attribute(s) {unknown} (or none asked for); choose from {ATTRIBUTES}")
     x = np.asarray(images, dtype=np.float64) / 255.0
     if x.ndim != 3 or x.shape[1:] != (28, 28):
         raise ValueError(f"images must be uint8 [N, 28, 28], got shape {x.shape}")
     fg = x > foreground
+    count = np.maximum(fg.sum((1, 2)), 1)
     size = fg.mean((1, 2))
-    brightness = (x * fg).sum((1, 2)) / np.maximum(fg.sum((1, 2)), 1)
-    return np.stack([brightness, size], 1)
+    brightness = (x * fg).sum((1, 2)) / count
+    out = {"brightness": brightness, "size": size}
+    if "texture" in names:
+        out["texture"] = np.sqrt(np.maximum((x**2 * fg).sum((1, 2)) / count - brightness**2, 0.0))
+    if "aspect" in names:
+
+        def extent(mask):  # [N, 28] -> [N] span from the first to the last True (1 when none)
+            first, last = mask.argmax(1), mask.shape[1] - 1 - mask[:, ::-1].argmax(1)
+            return np.where(mask.any(1), last - first + 1, 1)
+
+        out["aspect"] = extent(fg.any(1)) / extent(fg.any(2))  # columns with foreground / rows with foreground
+    return np.stack([out[n] for n in names], 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -419,6 +626,15 @@ class ShopConfig:
     temperature: float = 1.0
     repeats: bool = False
     seed: int = 0
+    attributes: tuple[str, ...] = ("brightness", "size")  # the pixel attributes of the taste (ATTRIBUTES)
+
+    def as_key(self) -> dict:
+        """The fields that name cached models: ``dataclasses.asdict`` without ``attributes`` when it is the
+        default, so the default shop keeps the key its committed models were trained under."""
+        key = dataclasses.asdict(self)
+        if tuple(self.attributes) == ("brightness", "size"):
+            del key["attributes"]
+        return key
 
 
 @dataclasses.dataclass
@@ -428,9 +644,9 @@ class Shop:
     config: ShopConfig
     item_index: np.ndarray  # [I] index of each item in the source image set
     item_class: np.ndarray  # [I] class label
-    item_attrs: np.ndarray  # [I, 2] standardised (brightness, size)
+    item_attrs: np.ndarray  # [I, d] standardised config.attributes (default: brightness, size)
     liked: np.ndarray  # [U, classes] bool
-    taste: np.ndarray  # [U, 2] attribute weights w_u
+    taste: np.ndarray  # [U, d] attribute weights w_u
     sequences: np.ndarray  # [U, length] item ids in time order
 
     def utility(self, users: np.ndarray | Sequence[int], previous: np.ndarray | None = None) -> np.ndarray:
@@ -454,8 +670,9 @@ def simulate_shop(images: np.ndarray, labels: np.ndarray, config: ShopConfig = S
     """Generate a shop's interaction sequences from a stated preference model.
 
     Items: ``n_items`` images, the same number per class, with class ``c_i`` and standardised
-    attributes ``x_i`` (:func:`item_attributes`). Users: a set ``L_u`` of ``|L_u| ~ U{liked}``
-    classes and a taste ``w_u ~ N(0, I_2)``. At step ``t`` user ``u`` picks item ``i`` with
+    attributes ``x_i`` (the ``d`` :func:`item_attributes` named by ``config.attributes``). Users: a set
+    ``L_u`` of ``|L_u| ~ U{liked}`` classes and a taste ``w_u ~ N(0, I_d)``. At step ``t`` user ``u``
+    picks item ``i`` with
 
     ``P(i_t = i) ∝ exp(U_t(u, i) / temperature)`` over items not yet chosen (unless ``repeats``), where
     ``U_t(u, i) = alpha 1[c_i ∈ L_u] + beta w_u·x_i + gamma 1[c_i = c_{i_{t-1}}]`` (no bonus at t = 0).
@@ -476,12 +693,12 @@ def simulate_shop(images: np.ndarray, labels: np.ndarray, config: ShopConfig = S
     rng = np.random.default_rng(config.seed)
     per = config.n_items // n_classes
     item_index = np.concatenate([rng.choice(np.flatnonzero(labels == c), per, replace=False) for c in range(n_classes)])
-    attrs = item_attributes(images[item_index])
-    attrs = (attrs - attrs.mean(0)) / attrs.std(0)
+    attrs = item_attributes(images[item_index], names=config.attributes)
+    attrs = (attrs - attrs.mean(0)) / np.maximum(attrs.std(0), 1e-12)  # a constant attribute stays 0
     liked = np.zeros((config.n_users, n_classes), bool)
     for u in range(config.n_users):
         liked[u, rng.choice(n_classes, rng.choice(config.liked), replace=False)] = True
-    taste = rng.normal(size=(config.n_users, 2))
+    taste = rng.normal(size=(config.n_users, len(config.attributes)))
     shop = Shop(config, item_index, labels[item_index], attrs, liked, taste, np.zeros((config.n_users, 0), np.int64))
     users = np.arange(config.n_users)
     base = shop.utility(users)  # [U, I]
@@ -509,6 +726,22 @@ def split_by_time(sequences: np.ndarray, *, n_test: int = 1) -> tuple[np.ndarray
     if sequences.ndim != 2 or not 1 <= n_test < sequences.shape[1]:
         raise ValueError(f"need sequences [users, time] longer than n_test={n_test}, got shape {sequences.shape}")
     return sequences[:, :-n_test], sequences[:, -n_test:]
+
+
+def split_train_valid_test(sequences: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """SASRec's split (Kang & McAuley 2018, §4.1): ``(train [U, T - 2], valid [U], test [U])``.
+
+    Models train on all but the last two items; choices (hyper-parameters) are made on the
+    second-to-last item predicted from ``train``; the last item is reported, predicted from the
+    history *including* the validation item (``np.c_[train, valid]``), as SASRec's reference code does.
+
+    >>> split_train_valid_test(np.array([[1, 2, 3, 4]]))
+    (array([[1, 2]]), array([3]), array([4]))
+    """
+    sequences = np.asarray(sequences)
+    if sequences.ndim != 2 or sequences.shape[1] < 3:
+        raise ValueError(f"need sequences [users, time >= 3] (train, validation and test items), got {sequences.shape}")
+    return sequences[:, :-2], sequences[:, -2], sequences[:, -1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -619,14 +852,18 @@ def cached_recommender(item_features: Tensor, train_sequences: np.ndarray, recip
     Training is :func:`train_recommender`.
 
     The file is named by the hash of the shop, the recipe and the ViT whose CLS tokens are the item
-    features (``vit_key``, ``vit.recipe.key()``), so Chapters 9 and 14 share it.
+    features (``vit_key``, ``vit.recipe.key()``), so Chapters 9 and 14 share it; training sequences
+    other than the leave-last-out ones (``[users, length - 1]``, e.g. :func:`split_train_valid_test`'s)
+    add their shape to the name.
 
     Returns:
         ``(model in eval mode, training history)``; ``model.prototype_items`` is set for a prototype model.
     """
     seqs = np.asarray(train_sequences)
-    key = common.content_hash({"shop": dataclasses.asdict(shop_config), "rec": dataclasses.asdict(recipe),
-                               "vit": vit_key})  # fmt: skip
+    fields = {"shop": shop_config.as_key(), "rec": dataclasses.asdict(recipe), "vit": vit_key}
+    if seqs.shape != (shop_config.n_users, shop_config.length - 1):
+        fields["train_shape"] = list(seqs.shape)
+    key = common.content_hash(fields)
 
     def build(path):
         model, hist = train_recommender(item_features, seqs, recipe)
@@ -933,3 +1170,408 @@ def sampled_scores(
 def popularity_scores(train_sequences: np.ndarray, n_items: int) -> Tensor:
     """``[items]`` interaction counts in the training sequences (the popularity baseline's scores)."""
     return torch.as_tensor(np.bincount(np.asarray(train_sequences).ravel(), minlength=n_items)).double()
+
+
+def full_ranks(scores: Tensor, histories: Sequence[Sequence[int]], targets) -> Tensor:
+    """0-based rank ``[batch]`` of each target among the items its history has not seen (full catalogue).
+
+    ``HR@k`` is ``(rank < k).mean()`` and ``NDCG@k`` is ``((rank < k) / log2(rank + 2)).mean()``
+    (:func:`hit_rate_ndcg`), so per-user ranks are all a paired comparison needs.
+    """
+    scores = torch.as_tensor(scores, dtype=torch.float64).clone()
+    if scores.ndim != 2 or len(histories) != len(scores):
+        raise ValueError(f"need scores [batch, items] and one history per row, got {tuple(scores.shape)} "
+                         f"and {len(histories)} histories")  # fmt: skip
+    scores[seen_mask(histories, scores.shape[1])] = float("-inf")
+    return target_rank(scores, torch.as_tensor(np.asarray(targets)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking the recommender's explanations: baselines, deletion, a shop whose tastes are not classes
+# ---------------------------------------------------------------------------------------------
+
+ATTRIBUTE_SHOP = ShopConfig(alpha=0.0, gamma=0.0, attributes=ATTRIBUTES)
+"""The second shop: no liked classes (``alpha = 0``) and no stay-in-class bonus (``gamma = 0``); users
+differ only by a taste over four pixel attributes (brightness, size, texture, aspect), so an explanation
+that only names classes cannot state the preference."""
+
+
+def most_bought_classes(sequences: np.ndarray, item_class: np.ndarray, *, k: int = 3) -> np.ndarray:
+    """The trivial explanation "you buy these classes": each user's ``k`` most bought classes, ``[U, k]``.
+
+    Args:
+        sequences: ``[U, T]`` item ids; item_class: ``[I]`` class of each item.
+        k: classes per user (1 <= k <= number of classes).
+
+    Returns:
+        ``[U, k]`` class ids, most bought first; equal counts go to the more recently bought class,
+        then to the lower class id (classes never bought come last).
+
+    >>> most_bought_classes(np.array([[0, 1, 2, 3]]), np.array([5, 5, 7, 2]), k=2).tolist()
+    [[5, 2]]
+    """
+    seqs, item_class = np.asarray(sequences), np.asarray(item_class)
+    if seqs.ndim != 2 or seqs.size == 0 or seqs.dtype.kind not in "iu":
+        raise ValueError(f"sequences must be non-empty int [users, time], got {seqs.dtype} {seqs.shape}")
+    if item_class.ndim != 1 or seqs.min() < 0 or seqs.max() >= len(item_class):
+        raise ValueError(f"item ids must index item_class [items] = ({len(item_class)},)")
+    n_classes = int(item_class.max()) + 1
+    if not isinstance(k, (int, np.integer)) or not 1 <= k <= n_classes:
+        raise ValueError(f"k must be an int in 1..{n_classes} (the number of classes), got {k!r}")
+    cls = item_class[seqs]  # [U, T]
+    users, steps = np.arange(len(cls))[:, None], cls.shape[1]
+    counts = np.zeros((len(cls), n_classes))
+    np.add.at(counts, (users, cls), 1.0)
+    last = np.full((len(cls), n_classes), -1.0)
+    np.maximum.at(last, (users, cls), np.broadcast_to(np.arange(steps, dtype=float), cls.shape))
+    return np.argsort(-(counts + (last + 1) / (steps + 1)), axis=1, kind="stable")[:, :k]
+
+
+def liked_share(classes: np.ndarray, liked: np.ndarray) -> np.ndarray:
+    """Per user, the share of the explanation's classes ``[U, k]`` that the user really likes: ``[U]``.
+
+    ``liked`` is the shop's ``[U, n_classes]`` bool ground truth; a class named twice counts twice.
+
+    >>> liked_share(np.array([[0, 1, 1]]), np.array([[True, False]])).round(3).tolist()
+    [0.333]
+    """
+    classes, liked = np.asarray(classes), np.asarray(liked, dtype=bool)
+    if classes.ndim != 2 or liked.ndim != 2 or len(classes) != len(liked):
+        raise ValueError(f"need classes [U, k] and liked [U, n_classes] for the same users, got "
+                         f"{classes.shape} and {liked.shape}")  # fmt: skip
+    if classes.min() < 0 or classes.max() >= liked.shape[1]:
+        raise ValueError(f"class ids must be in 0..{liked.shape[1] - 1}")
+    return liked[np.arange(len(liked))[:, None], classes].mean(1)
+
+
+def attribute_profile(weights, ids, table) -> np.ndarray:
+    """An explanation's attribute profile: the ``weights``-weighted mean of ``table`` rows, ``[U, d]``.
+
+    Args:
+        weights: ``[U, n]`` non-negative weights, e.g. prototype activations ``a_k`` (or ones for a plain mean).
+        ids: ``[n]`` (shared by all users, e.g. the prototypes' items) or ``[U, n]`` (e.g. each history)
+            row ids into ``table``.
+        table: ``[rows, d]`` attributes, e.g. the shop's ``item_attrs`` or per-class mean attributes.
+
+    Returns:
+        ``[U, d]``; each row's weights are normalised to sum to 1.
+
+    >>> attribute_profile(np.array([[3.0, 1.0]]), np.array([0, 1]), np.array([[1.0, 0.0], [0.0, 4.0]])).tolist()
+    [[0.75, 1.0]]
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    ids, table = np.asarray(ids), np.asarray(table, dtype=np.float64)
+    if w.ndim != 2 or table.ndim != 2 or ids.shape not in ((w.shape[1],), w.shape):
+        raise ValueError(f"need weights [U, n], ids [n] or [U, n] and table [rows, d], got {w.shape}, "
+                         f"{ids.shape} and {table.shape}")  # fmt: skip
+    if (w < 0).any() or (w.sum(1) <= 0).any():
+        raise ValueError("weights must be non-negative with a positive sum in every row")
+    if ids.min() < 0 or ids.max() >= len(table):
+        raise ValueError(f"ids must index the table's {len(table)} rows")
+    rows = table[ids]  # [n, d] or [U, n, d]
+    w = w / w.sum(1, keepdims=True)
+    return w @ rows if rows.ndim == 2 else np.einsum("un,und->ud", w, rows)
+
+
+def taste_recovery(taste, profile, *, baseline=None, n_resamples: int = 2000, seed: int = 0):
+    """Does an explanation rank users by their true taste? Mean over attributes of Spearman across users.
+
+    The statistic is ``mean_a spearman(taste[:, a], profile[:, a])`` (:func:`helpers.stats.spearman`),
+    with a bootstrap interval over users (:func:`helpers.stats.bootstrap_ci`); with ``baseline``
+    (another explanation's ``[U, d]`` profile) it is the paired difference profile − baseline, users
+    resampled jointly (:func:`helpers.stats.paired_difference`, which also gives ``p``).
+
+    Args:
+        taste: ``[U, d]`` true attribute weights ``w_u``; profile, baseline: ``[U, d]`` explanation profiles.
+        n_resamples, seed: of the bootstrap.
+
+    Returns:
+        a :class:`helpers.stats.Estimate`.
+    """
+    from helpers import stats
+
+    t, p = np.asarray(taste, dtype=np.float64), np.asarray(profile, dtype=np.float64)
+    b = None if baseline is None else np.asarray(baseline, dtype=np.float64)
+    if t.ndim != 2 or p.shape != t.shape or (b is not None and b.shape != t.shape) or len(t) < 3:
+        raise ValueError(f"taste, profile (and baseline) must be [U >= 3, d] of one shape, got {t.shape}, "
+                         f"{p.shape}" + ("" if b is None else f" and {b.shape}"))  # fmt: skip
+    for label, x in (("taste", t), ("profile", p), ("baseline", b)):
+        if x is not None and (x == x[:1]).all(0).any():
+            raise ValueError(f"{label} has a constant attribute (column {int((x == x[:1]).all(0).argmax())}): "
+                             "its rank correlation is undefined; drop that attribute")  # fmt: skip
+    n = len(t)
+    sources = (p, p if b is None else b)
+
+    def mean_rho(x) -> float:  # x: resampled user ids; ids >= n stand for the baseline's copy of the users
+        idx = np.asarray(x).astype(np.int64)
+        src, idx = (sources[1], idx - n) if idx.min() >= n else (sources[0], idx)
+        return float(np.mean([stats.spearman(t[idx, a], src[idx, a]) for a in range(t.shape[1])]))
+
+    users = np.arange(n)
+    if b is None:
+        return stats.bootstrap_ci(users, statistic=mean_rho, n_resamples=n_resamples, seed=seed)
+    return stats.paired_difference(users, users + n, statistic=mean_rho, n_resamples=n_resamples, seed=seed)
+
+
+def deletion_mask(activations: Tensor, n_removed: int, order: str, *, seed: int = 0) -> Tensor:
+    """Which prototypes a deletion test removes for each user: ``[U, K]`` bool, ``n_removed`` per row.
+
+    ``order``: ``"top"`` the ``n_removed`` most activated (the explanation shown to the user),
+    ``"bottom"`` the least activated, ``"random"`` a uniform draw per user (from ``seed``).
+
+    >>> deletion_mask(torch.tensor([[0.1, 0.6, 0.3]]), 1, "top").tolist()
+    [[False, True, False]]
+    """
+    act = torch.as_tensor(activations, dtype=torch.float64)
+    if act.ndim != 2:
+        raise ValueError(f"activations must be [users, K], got shape {tuple(act.shape)}")
+    if not isinstance(n_removed, (int, np.integer)) or not 1 <= n_removed < act.shape[1]:
+        raise ValueError(f"n_removed must be an int in 1..K-1 = 1..{act.shape[1] - 1}, got {n_removed!r}")
+    if order == "top":
+        chosen = act.topk(n_removed, dim=1).indices
+    elif order == "bottom":
+        chosen = (-act).topk(n_removed, dim=1).indices
+    elif order == "random":
+        chosen = torch.rand(act.shape, generator=torch.Generator().manual_seed(seed)).argsort(1)[:, :n_removed]
+    else:
+        raise ValueError(f"order must be 'top', 'bottom' or 'random', got {order!r}")
+    return torch.zeros(act.shape, dtype=torch.bool).scatter_(1, chosen, True)
+
+
+def prototype_scores(logits: Tensor, kernel: Tensor, *, removed: Tensor | None = None, scale: float | Tensor = 1.0,
+                     bias: Tensor | None = None) -> Tensor:  # fmt: skip
+    """The prototype layer's item scores, optionally with some prototypes removed: ``[U, items]``.
+
+    ``s_i = scale · Σ_k softmax_k(logits)[k] · kernel[k, i] + bias_i``, where ``logits [U, K]`` are
+    ``cos(h, p_k) / tau`` and ``kernel [K, items]`` is ``cos(p_k, e_i)``
+    (:meth:`SequentialRecommender.scores_from_hidden`). Removed prototypes (``removed [U, K]`` bool,
+    at least one kept per row) leave the softmax, so the kept activations are renormalised.
+
+    >>> prototype_scores(torch.zeros(1, 2), torch.tensor([[1.0, 0.0], [0.0, 1.0]])).tolist()
+    [[0.5, 0.5]]
+    >>> prototype_scores(torch.zeros(1, 2), torch.eye(2), removed=torch.tensor([[True, False]])).tolist()
+    [[0.0, 1.0]]
+    """
+    logits, kernel = torch.as_tensor(logits), torch.as_tensor(kernel)
+    if logits.ndim != 2 or kernel.ndim != 2 or logits.shape[1] != kernel.shape[0]:
+        raise ValueError(f"need logits [U, K] and kernel [K, items], got {tuple(logits.shape)} and "
+                         f"{tuple(kernel.shape)}")  # fmt: skip
+    if removed is not None:
+        removed = torch.as_tensor(removed, dtype=torch.bool)
+        if removed.shape != logits.shape or removed.all(1).any():
+            raise ValueError(f"removed must be bool {tuple(logits.shape)} and keep at least one prototype per row")
+        logits = logits.masked_fill(removed, float("-inf"))
+    scores = scale * logits.softmax(1) @ kernel
+    return scores if bias is None else scores + bias
+
+
+@torch.no_grad()
+def prototype_deletion(model: SequentialRecommender, histories: Sequence[Sequence[int]], *, n_removed: int = 3,
+                       order: str = "top", seed: int = 0) -> dict[str, Tensor]:  # fmt: skip
+    """Deletion test of the prototype explanation, per user: remove prototypes, follow the top recommendation.
+
+    For each history, ``i*`` is the model's top recommendation (highest-scored unseen item). The
+    prototypes chosen by :func:`deletion_mask` (``order`` = ``"top"``: the explanation; ``"random"``;
+    ``"bottom"``) are removed from the layer (:func:`prototype_scores`) and ``i*`` is ranked again. A
+    faithful explanation is one whose removal moves ``i*`` further than removing random prototypes.
+
+    Returns:
+        ``{"item": [U] i*, "rank": [U] its 0-based rank among the unseen items after removal
+        (0 = still first), "drop": [U] its score before − after}``.
+    """
+    if not model.n_prototypes:
+        raise ValueError("the deletion test needs a recommender with a prototype layer (n_prototypes > 0)")
+    model.eval()
+    seq = pad_histories(histories, n_items=model.n_items, max_len=model.max_len)
+    hidden = model.encode(seq)[:, -1]
+    unit_p = F.normalize(model.prototypes, dim=-1)
+    logits = F.normalize(hidden, dim=-1) @ unit_p.T / model.tau  # [U, K]
+    kernel = unit_p @ F.normalize(model.item_embeddings(), dim=-1).T  # [K, items]
+    seen = seen_mask(histories, model.n_items)
+    full = prototype_scores(logits, kernel, scale=model.scale, bias=model.bias).masked_fill(seen, float("-inf"))
+    item = full.argmax(1)
+    removed = deletion_mask(logits.softmax(1), n_removed, order, seed=seed)
+    after = prototype_scores(logits, kernel, removed=removed, scale=model.scale, bias=model.bias)
+    after = after.masked_fill(seen, float("-inf"))
+    rows = torch.arange(len(item))
+    return {"item": item, "rank": target_rank(after, item), "drop": (full[rows, item] - after[rows, item]).float()}
+
+
+REC_STUDY = {
+    "grid": {"n_prototypes": [20, 40, 80], "tau": [0.1, 0.3]},  # stage 1, with the default (clst, align)
+    "weights": [[0.1, 0.1], [0.0, 0.0]],  # stage 2: (clst, align) at the chosen (K, tau)
+    "select_on": "NDCG@10",  # on the validation item
+    "seeds": [0, 1, 2],
+    "k": 10,
+    "n_negatives": 100,
+    "n_explain": 3,  # prototypes / classes shown to a user
+    "n_removed": [1, 3],
+    "recipe": {},  # RecRecipe fields shared by every model (none: the chapter's defaults)
+    "version": 2,
+}
+"""Chapter 9's recommender study (:func:`recommender_study`): the grid, the selection and the seeds."""
+
+
+def _ndcg_vector(rank: Tensor, k: int) -> np.ndarray:
+    hit = (rank < k).double()
+    return (hit / torch.log2(rank.double() + 2)).numpy()
+
+
+def recommender_study(shops: dict, item_features: dict, *, vit_key: str, protocol: dict = REC_STUDY) -> dict:
+    """Chapter 9's recommender study on each shop: selection on validation, seeds, explanations, deletion.
+
+    For each shop (SASRec's split, :func:`split_train_valid_test`): the prototype model's ``(K, tau)``
+    grid, then its ``(clst, align)`` weights, are chosen on the validation item's NDCG@k
+    (:func:`helpers.stats.select_then_report`, seed 0); the plain model and the chosen prototype model
+    are then trained with every seed and evaluated on the test item from the history including the
+    validation item. Models come from :func:`cached_recommender` (full-softmax cross-entropy).
+
+    Args:
+        shops: ``{name: Shop}``; item_features: ``{name: [items, features]}`` for each shop.
+        vit_key: the ViT's recipe key (names the cached models).
+        protocol: :data:`REC_STUDY`.
+
+    Returns:
+        ``{"protocol", "shops": {name: {...}}}``; per shop (``S`` seeds, ``U`` users, ``d`` attributes):
+        ``"selection"`` (rows of the validation table), ``"chosen"`` (the recipe fields), test ranks
+        ``"plain_rank"``, ``"proto_rank"`` ``[S, U]`` over the full catalogue and ``"plain_sampled_rank"``,
+        ``"proto_sampled_rank"`` among ``n_negatives`` sampled ones, ``"popularity_rank"``, ``"oracle_rank"``
+        ``[U]``; the ground truth ``"taste"`` ``[U, d]``, ``"liked"`` ``[U, C]``; explanations
+        ``"proto_classes"`` ``[S, U, n_explain]`` (classes of the most activated prototypes),
+        ``"bought_classes"`` ``[U, n_explain]`` (:func:`most_bought_classes`), ``"history_liked"`` ``[U]``
+        (share of the purchases in a liked class), ``"chance_liked"`` ``[S, U]``
+        (share of all prototypes in a liked class), profiles ``"proto_profile"`` ``[S, U, d]``,
+        ``"history_profile"``, ``"class_profile"`` ``[U, d]`` (:func:`attribute_profile`);
+        ``"deletion"`` ``{f"{order}{n}": {"rank", "drop": [S, U]}}`` (:func:`prototype_deletion`); and
+        ``"taste_recovery"``: :func:`taste_recovery` of seed 0's prototypes, the history, the classes and
+        the two differences, plus the prototypes' value over seeds, each ``Estimate.as_dict()``.
+    """
+    from helpers import stats
+
+    k, n_explain = protocol["k"], protocol["n_explain"]
+    out: dict = {"protocol": protocol, "shops": {}}
+    for name, shop in shops.items():
+        feats = torch.as_tensor(item_features[name])
+        train, valid, test = split_train_valid_test(shop.sequences)
+        hist_valid = [list(map(int, h)) for h in train]
+        hist_test = [list(map(int, h)) for h in np.c_[train, valid]]
+        n_users, n_items = len(train), shop.config.n_items
+
+        def fit(recipe, shop=shop, feats=feats, train=train):
+            return cached_recommender(feats, train, recipe, shop_config=shop.config, vit_key=vit_key)[0]
+
+        def test_rank(model, hist_test=hist_test, test=test):
+            return full_ranks(next_item_scores(model, hist_test, exclude_seen=False), hist_test, test)
+
+        rows, valid_ndcg = [], {}
+
+        def option(recipe, stage, hist_valid=hist_valid, valid=valid, rows=rows, valid_ndcg=valid_ndcg):
+            rank = full_ranks(next_item_scores(fit(recipe), hist_valid, exclude_seen=False), hist_valid, valid)
+            valid_ndcg[recipe] = _ndcg_vector(rank, k)
+            rows.append({"stage": stage, "n_prototypes": recipe.n_prototypes, "tau": recipe.tau,
+                         "clst": recipe.clst, "align": recipe.align, f"valid HR@{k}": float((rank < k).double().mean()),
+                         f"valid NDCG@{k}": float(valid_ndcg[recipe].mean())})  # fmt: skip
+
+        plain = RecRecipe(**protocol["recipe"])
+        option(plain, "plain")
+        grid = [dataclasses.replace(plain, n_prototypes=K, tau=tau) for K in protocol["grid"]["n_prototypes"]
+                for tau in protocol["grid"]["tau"]]  # fmt: skip
+        for recipe in grid:
+            option(recipe, "K x tau")
+        best = stats.select_then_report({r: valid_ndcg[r] for r in grid},
+                                        lambda r: _ndcg_vector(test_rank(fit(r)), k)).key  # fmt: skip
+        stage2 = [dataclasses.replace(best, clst=c, align=a) for c, a in protocol["weights"]]
+        for recipe in stage2:
+            if recipe not in valid_ndcg:
+                option(recipe, "weights")
+        chosen = stats.select_then_report({r: valid_ndcg[r] for r in stage2},
+                                          lambda r: _ndcg_vector(test_rank(fit(r)), k)).key  # fmt: skip
+
+        hist_arr = np.c_[train, valid]
+        seen = seen_mask(hist_test, n_items)
+        targets = torch.as_tensor(test)
+        pop = popularity_scores(hist_arr, n_items).expand(n_users, -1)
+        oracle = torch.as_tensor(shop.utility(np.arange(n_users), previous=valid))
+        class_means = np.stack([shop.item_attrs[shop.item_class == c].mean(0) for c in range(shop.liked.shape[1])])
+        bought = most_bought_classes(hist_arr, shop.item_class, k=n_explain)
+        res = {"selection": rows, "chosen": dataclasses.asdict(chosen),
+               "popularity_rank": full_ranks(pop, hist_test, test), "oracle_rank": full_ranks(oracle, hist_test, test),
+               "taste": torch.as_tensor(shop.taste, dtype=torch.float32), "liked": torch.as_tensor(shop.liked),
+               "bought_classes": torch.as_tensor(bought),
+               "history_liked": torch.as_tensor(liked_share(shop.item_class[hist_arr], shop.liked),
+                                                dtype=torch.float32),
+               "history_profile": torch.as_tensor(attribute_profile(np.ones(hist_arr.shape), hist_arr, shop.item_attrs),
+                                                  dtype=torch.float32),
+               "class_profile": torch.as_tensor(attribute_profile(np.ones(bought.shape), bought, class_means),
+                                                dtype=torch.float32)}  # fmt: skip
+        per_seed: dict = {}
+        for seed in protocol["seeds"]:
+            models = {"plain": fit(dataclasses.replace(plain, seed=seed)),
+                      "proto": fit(dataclasses.replace(chosen, seed=seed))}  # fmt: skip
+            for tag, model in models.items():
+                scores = next_item_scores(model, hist_test, exclude_seen=False).double()
+                per_seed.setdefault(f"{tag}_rank", []).append(full_ranks(scores, hist_test, test))
+                sub, zero = sampled_scores(scores.masked_fill(seen, float("-inf")), targets, seen,
+                                           n_negatives=protocol["n_negatives"], seed=0)  # fmt: skip
+                per_seed.setdefault(f"{tag}_sampled_rank", []).append(target_rank(sub, zero))
+            proto = models["proto"]
+            with torch.no_grad():
+                seq = pad_histories(hist_test, n_items=n_items, max_len=proto.max_len)
+                act = proto.activations(proto.encode(seq)[:, -1])  # [U, K]
+            items = proto.prototype_items.numpy()
+            proto_class = shop.item_class[items]  # [K]
+            top = act.topk(n_explain, 1).indices.numpy()  # [U, n_explain] most activated prototypes
+            per_seed.setdefault("proto_classes", []).append(torch.as_tensor(proto_class[top]))
+            per_seed.setdefault("chance_liked", []).append(torch.as_tensor(shop.liked[:, proto_class].mean(1)))
+            profile = attribute_profile(act.numpy(), items, shop.item_attrs)  # [U, d] activation-weighted
+            per_seed.setdefault("proto_profile", []).append(torch.as_tensor(profile, dtype=torch.float32))
+            per_seed.setdefault("prototype_items", []).append(proto.prototype_items.clone())
+            for n in protocol["n_removed"]:
+                for order in ("top", "random", "bottom"):
+                    d = prototype_deletion(proto, hist_test, n_removed=n, order=order, seed=seed)
+                    per_seed.setdefault(f"deletion/{order}{n}/rank", []).append(d["rank"])
+                    per_seed.setdefault(f"deletion/{order}{n}/drop", []).append(d["drop"])
+        deletion: dict = {}
+        for key, values in per_seed.items():
+            stacked = torch.stack([torch.as_tensor(v) for v in values])
+            compact = {torch.int64: torch.int32, torch.float64: torch.float32}  # halves the artefact
+            stacked = stacked.to(compact.get(stacked.dtype, stacked.dtype))
+            if key.startswith("deletion/"):
+                _, cond, field = key.split("/")
+                deletion.setdefault(cond, {})[field] = stacked
+            else:
+                res[key] = stacked
+        res["deletion"] = deletion
+        # taste recovery (seed 0's explanations against the history and the class explanation), computed here
+        # because each bootstrap of a rank correlation takes seconds
+        taste, proto_profile = res["taste"].numpy(), res["proto_profile"].numpy()
+        history, classes = res["history_profile"].numpy(), res["class_profile"].numpy()
+        recovery = {"prototypes": taste_recovery(taste, proto_profile[0]), "history": taste_recovery(taste, history),
+                    "classes": taste_recovery(taste, classes),
+                    "prototypes - history": taste_recovery(taste, proto_profile[0], baseline=history),
+                    "prototypes - classes": taste_recovery(taste, proto_profile[0], baseline=classes),
+                    "prototypes over seeds": stats.over_seeds(
+                        [np.mean([stats.spearman(taste[:, a], p[:, a]) for a in range(taste.shape[1])])
+                         for p in proto_profile])}  # fmt: skip
+        res["taste_recovery"] = {key: e.as_dict() for key, e in recovery.items()}
+        out["shops"][name] = res
+    return out
+
+
+def recommender_results(shops: dict, item_features: dict, *, vit_key: str, protocol: dict = REC_STUDY) -> dict:
+    """:func:`recommender_study`'s results, committed with the book (verified by SHA-256) and rebuilt when
+    missing or altered; the file is named by a hash of the protocol, the shops' configurations and the ViT.
+
+    Rebuilding trains 12 models per shop (about 9 CPU-minutes for both shops on one thread, then about a
+    minute of evaluation); the models themselves stay in the cache (:func:`cached_recommender`).
+    """
+    key = {"protocol": protocol, "shops": {name: shop.config.as_key() for name, shop in shops.items()},
+           "vit": vit_key}  # fmt: skip
+
+    def build(path) -> None:
+        with common.torch_threads(common.free_cores()):
+            torch.save(recommender_study(shops, item_features, vit_key=vit_key, protocol=protocol), path)
+
+    path = common.cached_file(common.cache_dir("results", "ch9") / f"recommender-{common.content_hash(key)}.pt",
+                              build, committed=True)  # fmt: skip
+    return torch.load(path, weights_only=True)

@@ -194,8 +194,6 @@ def test_recommender_prototypes_become_real_item_embeddings(small_shop):
     scores = P.next_item_scores(model, [list(s) for s in train])
     assert scores.shape == (120, 50)
     assert torch.isinf(scores[0, train[0]]).all() and torch.isfinite(scores[0, test[0]]).all()
-    hr, ndcg = P.hit_rate_ndcg(scores, torch.as_tensor(test[:, 0]))
-    assert 0 <= ndcg <= hr <= 1
     plain, _ = P.train_recommender(features, train, P.RecRecipe(dim=16, epochs=1, batch_size=40))
     with pytest.raises(ValueError, match="no prototype layer"):
         plain.project_prototypes()
@@ -326,9 +324,228 @@ def test_cached_prototype_head_trains_once_then_loads(tmp_path, monkeypatch):
     images = torch.zeros(len(labels), 1, 28, 28)
     images[:, 0, :16, :8] = tokens
     recipe = P.ProtoRecipe(n_train=len(labels), per_class=1, dim=4, warm_epochs=2, last_epochs=1, batch_size=10)
-    monkeypatch.setattr(P, "patch_tokens", lambda vit, x, batch_size=2000: vit.forward_features(x))
+    monkeypatch.setattr(P, "patch_tokens", lambda vit, x, **_: vit.forward_features(x))
     head, history = P.cached_prototype_head(TinyViT(), images, labels, recipe)
     assert len(list((tmp_path / "models" / "ch9").glob("protopnet-*.pt"))) == 1
     again, history2 = P.cached_prototype_head(TinyViT(), images, labels, recipe)
     assert all(torch.equal(a, b) for a, b in zip(head.state_dict().values(), again.state_dict().values(), strict=True))
     assert not again.training and "state_before_push" in history2
+
+
+# --- the recommender study: splits, learning, explanation baselines, deletion (issue #24) -------------
+
+
+def test_default_shop_key_is_unchanged_by_the_attribute_option():
+    # committed models are named by this hash of the default shop: the new `attributes` field must not move it
+    key = P.ShopConfig().as_key()
+    assert "attributes" not in key and P.common.content_hash(key) == "9c0c5a80a3895463"
+    assert P.ATTRIBUTE_SHOP.as_key()["attributes"] == P.ATTRIBUTES
+    images, labels = _images()
+    small = dict(n_users=40, n_items=20, length=6)
+    a = P.simulate_shop(images, labels, P.ShopConfig(**small))
+    b = P.simulate_shop(images, labels, P.ShopConfig(**small, attributes=("brightness", "size")))
+    assert np.array_equal(a.sequences, b.sequences) and np.array_equal(a.taste, b.taste)
+
+
+def test_item_attributes_texture_and_aspect_known_answer():
+    img = np.zeros((2, 28, 28), np.uint8)
+    img[0, 4:9, 2:12] = 255  # a 10 wide x 5 tall plain rectangle
+    img[1, :, 0::2] = 255  # columns alternating 1.0 and 0.498 over the whole image
+    img[1, :, 1::2] = 127
+    out = P.item_attributes(img, names=("texture", "aspect", "size"))
+    np.testing.assert_allclose(out[0], [0.0, 2.0, 50 / 784])
+    np.testing.assert_allclose(out[1], [(1 - 127 / 255) / 2, 1.0, 1.0])
+    with pytest.raises(ValueError, match="unknown attribute"):
+        P.item_attributes(img, names=("colour",))
+
+
+def test_attribute_shop_has_no_class_preference_and_follows_the_taste():
+    images, labels = _images()
+    config = P.ShopConfig(n_users=300, n_items=200, length=20, alpha=0.0, gamma=0.0, attributes=P.ATTRIBUTES)
+    shop = P.simulate_shop(images, labels, config)
+    assert shop.taste.shape == (300, 4) and shop.item_attrs.shape == (200, 4)
+    liked = shop.liked[np.arange(300)[:, None], shop.item_class[shop.sequences]].mean()
+    assert abs(liked - shop.liked.mean()) < 0.03  # liked classes play no part when alpha = 0
+    chosen = shop.item_attrs[shop.sequences].mean(1)
+    for a in range(3):  # noise images all fill the frame, so only "aspect" (column 3) is constant (and 0)
+        assert np.corrcoef(shop.taste[:, a], chosen[:, a])[0, 1] > 0.3
+    assert np.all(shop.item_attrs[:, 3] == 0)
+
+
+def test_split_train_valid_test_is_sasrec_leave_two_out():
+    seqs = np.arange(12).reshape(2, 6)
+    train, valid, test = P.split_train_valid_test(seqs)
+    assert train.tolist() == [[0, 1, 2, 3], [6, 7, 8, 9]] and valid.tolist() == [4, 10] and test.tolist() == [5, 11]
+    with pytest.raises(ValueError, match="time >= 3"):
+        P.split_train_valid_test(np.zeros((3, 2), int))
+
+
+def test_full_ranks_excludes_the_history_and_counts_ties_against_the_target():
+    scores = torch.tensor([[0.9, 0.8, 0.7, 0.6, 0.5], [0.1, 0.5, 0.5, 0.9, 0.2]])
+    # user 0 has seen items 0 and 1, so target 3 is behind item 2 only; user 1 saw item 3: target 1 ties with 2
+    ranks = P.full_ranks(scores, [[0, 1], [3]], [3, 1])
+    assert ranks.tolist() == [1, 1]
+    # the same rows with the history masked by hand: rank 1 is a miss at k = 1 and a hit worth 1/log2(3) at k = 2
+    masked = scores.clone()
+    masked[0, :2] = masked[1, 3] = float("-inf")
+    assert P.hit_rate_ndcg(masked, torch.tensor([3, 1]), k=1) == (0.0, 0.0)
+    hr, ndcg = P.hit_rate_ndcg(masked, torch.tensor([3, 1]), k=2)
+    assert hr == 1.0 and ndcg == pytest.approx(1 / math.log2(3))
+
+
+def _predictable_shop():
+    """Users buy one liked class's five items in a row, so the last item is the one left in that class.
+
+    Item features are random (they say nothing about classes): the model must learn from the sequences
+    which items go together.
+    """
+    images, labels = _images()
+    config = P.ShopConfig(n_users=400, n_items=50, length=5, beta=0.0, gamma=10.0, temperature=0.5, seed=1)
+    shop = P.simulate_shop(images, labels, config)
+    one_class = (shop.item_class[shop.sequences] == shop.item_class[shop.sequences[:, :1]]).all(1)
+    assert one_class.mean() > 0.95
+    return shop, torch.randn(50, 10, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("n_prototypes", [0, 10])
+def test_recommender_learns_a_predictable_shop_and_beats_popularity(n_prototypes):
+    shop, features = _predictable_shop()
+    train, test = P.split_by_time(shop.sequences)
+    histories, targets = [list(s) for s in train], torch.as_tensor(test[:, 0])
+    popularity = P.popularity_scores(train, 50).expand(len(train), -1).clone()
+    popularity[P.seen_mask(histories, 50)] = float("-inf")
+    hr_pop, _ = P.hit_rate_ndcg(popularity, targets, k=3)
+    hr = {}
+    for epochs in (0, 20):  # untrained, then trained: the hit rate must come from training
+        recipe = P.RecRecipe(dim=16, dropout=0.0, n_prototypes=n_prototypes, epochs=epochs,
+                             finetune_epochs=5 if epochs else 0, batch_size=50, lr=1e-2)
+        model, history = P.train_recommender(features, train, recipe)
+        hr[epochs], _ = P.hit_rate_ndcg(P.next_item_scores(model, histories), targets, k=1)
+    assert history["loss"][-1] < history["loss"][0]
+    assert hr_pop < 0.15 and hr[0] < 0.15, (hr_pop, hr[0])  # about 3 / 46 and 1 / 46: chance
+    assert hr[20] > 0.9, hr  # HR@1 of the trained model, against HR@3 for popularity
+
+
+def test_most_bought_classes_and_liked_share_known_answer():
+    item_class = np.array([0, 0, 1, 1, 2, 3])
+    seqs = np.array([[0, 2, 1, 4], [5, 4, 2, 3]])
+    # user 0: class 0 twice, then 2 (bought at t=3) before 1 (t=1); user 1: class 1 twice, then 2 (t=1) before 3 (t=0)
+    top = P.most_bought_classes(seqs, item_class, k=3)
+    assert top.tolist() == [[0, 2, 1], [1, 2, 3]]
+    liked = np.array([[True, False, False, True], [False, True, True, True]])
+    np.testing.assert_allclose(P.liked_share(top, liked), [1 / 3, 1.0])
+    with pytest.raises(ValueError, match="k must be"):
+        P.most_bought_classes(seqs, item_class, k=5)
+    with pytest.raises(ValueError, match="item ids"):
+        P.most_bought_classes(seqs, item_class[:3])
+    with pytest.raises(ValueError, match="class ids"):
+        P.liked_share(np.array([[4, 0, 1], [0, 1, 2]]), liked)
+
+
+def test_attribute_profile_known_answer():
+    table = np.array([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0]])
+    shared = P.attribute_profile(np.array([[1.0, 1.0, 2.0], [0.0, 1.0, 0.0]]), np.array([0, 1, 2]), table)
+    np.testing.assert_allclose(shared, [[7 / 4, 2.0], [0.0, 2.0]])
+    per_user = P.attribute_profile(np.ones((2, 2)), np.array([[0, 0], [1, 2]]), table)
+    np.testing.assert_allclose(per_user, [[1.0, 0.0], [1.5, 2.5]])
+    with pytest.raises(ValueError, match="non-negative"):
+        P.attribute_profile(np.array([[1.0, -1.0, 0.0]]), np.array([0, 1, 2]), table)
+    with pytest.raises(ValueError, match="ids must index"):
+        P.attribute_profile(np.ones((1, 2)), np.array([0, 3]), table)
+
+
+def test_taste_recovery_is_one_for_a_monotone_profile_and_detects_a_better_one():
+    rng = np.random.default_rng(0)
+    taste = rng.normal(size=(200, 2))
+    perfect = np.exp(taste)  # same ranks
+    e = P.taste_recovery(taste, perfect, n_resamples=200)
+    assert (e.value, e.lo, e.hi) == pytest.approx((1.0, 1.0, 1.0))
+    assert P.taste_recovery(taste, -taste, n_resamples=200).value == -1.0
+    noisy = taste + rng.normal(scale=3.0, size=taste.shape)
+    d = P.taste_recovery(taste, perfect, baseline=noisy, n_resamples=200)
+    assert d.value > 0.3 and d.lo > 0 and d.p is not None and d.p < 0.05
+    with pytest.raises(ValueError, match="constant attribute"):
+        P.taste_recovery(taste, np.c_[perfect[:, 0], np.ones(200)])
+    with pytest.raises(ValueError, match="one shape"):
+        P.taste_recovery(taste, perfect[:, :1])
+
+
+def test_deletion_mask_and_prototype_scores_known_answer():
+    act = torch.tensor([[0.1, 0.5, 0.3, 0.1], [0.4, 0.05, 0.05, 0.5]])
+    assert P.deletion_mask(act, 2, "top").tolist() == [[False, True, True, False], [True, False, False, True]]
+    bottom = P.deletion_mask(act, 1, "bottom")
+    assert bottom.sum(1).tolist() == [1, 1] and not bottom[0, 1] and not bottom[1, 3]
+    rnd = P.deletion_mask(act, 3, "random", seed=1)
+    assert rnd.sum(1).tolist() == [3, 3] and torch.equal(rnd, P.deletion_mask(act, 3, "random", seed=1))
+    for bad in (0, 4):
+        with pytest.raises(ValueError, match="n_removed"):
+            P.deletion_mask(act, bad, "top")
+    with pytest.raises(ValueError, match="order"):
+        P.deletion_mask(act, 1, "middle")
+    # softmax([0, ln 3]) = [1/4, 3/4]
+    logits = torch.tensor([[0.0, math.log(3.0)]])
+    kernel = torch.tensor([[1.0, 0.0, 2.0], [0.0, 1.0, 2.0]])
+    bias = torch.tensor([0.0, 0.0, 1.0])
+    full = P.prototype_scores(logits, kernel, scale=2.0, bias=bias)
+    assert torch.allclose(full, torch.tensor([[0.5, 1.5, 5.0]]))
+    without_second = P.prototype_scores(logits, kernel, removed=torch.tensor([[False, True]]), scale=2.0, bias=bias)
+    assert torch.allclose(without_second, torch.tensor([[2.0, 0.0, 5.0]]))  # the kept prototype takes all the mass
+    with pytest.raises(ValueError, match="keep at least one"):
+        P.prototype_scores(logits, kernel, removed=torch.tensor([[True, True]]))
+
+
+def test_prototype_deletion_follows_the_top_recommendation(explained_recommender):
+    model, seq, _ = explained_recommender
+    histories = [s[s != model.n_items].tolist() for s in seq]
+    top = P.prototype_deletion(model, histories, n_removed=2, order="top")
+    assert torch.equal(top["item"], P.next_item_scores(model, histories).argmax(1))
+    with torch.no_grad():
+        hidden = model.encode(seq)[:, -1]
+        unit_p = torch.nn.functional.normalize(model.prototypes, dim=-1)
+        logits = torch.nn.functional.normalize(hidden, dim=-1) @ unit_p.T / model.tau
+        kernel = unit_p @ torch.nn.functional.normalize(model.item_embeddings(), dim=-1).T
+        full = P.prototype_scores(logits, kernel, scale=model.scale, bias=model.bias)
+        assert torch.allclose(full, model(seq)[:, -1], atol=1e-5)  # the layer's formula, as stated
+        removed = P.deletion_mask(model.activations(hidden), 2, "top")
+        after = P.prototype_scores(logits, kernel, removed=removed, scale=model.scale, bias=model.bias)
+    rows = torch.arange(len(seq))
+    assert torch.allclose(top["drop"], (full - after)[rows, top["item"]], atol=1e-5)
+    assert (top["rank"] >= 0).all() and top["rank"].dtype == torch.long
+    plain = P.SequentialRecommender(torch.randn(50, 6), dim=8, max_len=7)
+    with pytest.raises(ValueError, match="prototype layer"):
+        P.prototype_deletion(plain, histories)
+
+
+def test_cached_recommender_names_another_split_by_its_shape(small_shop, tmp_path, monkeypatch):
+    monkeypatch.setenv("BOOK_CACHE", str(tmp_path))
+    features = torch.randn(50, 6, generator=torch.Generator().manual_seed(0))
+    recipe = P.RecRecipe(dim=8, epochs=1, batch_size=60)
+    P.cached_recommender(features, P.split_by_time(small_shop.sequences)[0], recipe, shop_config=small_shop.config,
+                         vit_key="test")
+    train3, _, _ = P.split_train_valid_test(small_shop.sequences)
+    model, _ = P.cached_recommender(features, train3, recipe, shop_config=small_shop.config, vit_key="test")
+    assert len(list((tmp_path / "models" / "ch9").glob("sasrec-*.pt"))) == 2 and model.max_len == train3.shape[1] - 1
+
+
+def test_recommender_study_selects_on_validation_and_caches(tmp_path, monkeypatch):
+    monkeypatch.setenv("BOOK_CACHE", str(tmp_path))
+    images, labels = _images()
+    shop = P.simulate_shop(images, labels, P.ShopConfig(n_users=60, n_items=30, length=8, attributes=P.ATTRIBUTES[:3]))
+    features = torch.randn(30, 6, generator=torch.Generator().manual_seed(0))
+    protocol = dict(P.REC_STUDY, grid={"n_prototypes": [3, 4], "tau": [0.1]}, seeds=[0, 1], n_negatives=10,
+                    n_removed=[1], recipe={"dim": 8, "epochs": 2, "finetune_epochs": 1, "batch_size": 30})
+    res = P.recommender_results({"s": shop}, {"s": features}, vit_key="test", protocol=protocol)
+    r = res["shops"]["s"]
+    grid = [row for row in r["selection"] if row["stage"] == "K x tau"]
+    best = max(grid, key=lambda row: row["valid NDCG@10"])  # chosen on validation, never on test
+    stage2 = [best] + [row for row in r["selection"] if row["stage"] == "weights"]
+    pick = max(stage2, key=lambda row: row["valid NDCG@10"])
+    fields = ("n_prototypes", "tau", "clst", "align")
+    assert [r["chosen"][f] for f in fields] == [pick[f] for f in fields]
+    assert r["plain_rank"].shape == r["proto_rank"].shape == (2, 60) and r["oracle_rank"].shape == (60,)
+    assert r["proto_profile"].shape == (2, 60, 3) and r["proto_classes"].shape == (2, 60, 3)
+    assert set(r["deletion"]) == {"top1", "random1", "bottom1"} and r["deletion"]["top1"]["rank"].shape == (2, 60)
+    assert set(r["taste_recovery"]) >= {"prototypes", "history", "classes", "prototypes - history"}
+    again = P.recommender_results({"s": shop}, {"s": features}, vit_key="test", protocol=protocol)
+    assert torch.equal(again["shops"]["s"]["proto_rank"], r["proto_rank"])
+    assert len(list((tmp_path / "results" / "ch9").glob("recommender-*.pt"))) == 1
