@@ -132,7 +132,8 @@ def test_exercises_are_labelled_checked_and_solutions_compute_their_numbers(path
 
 
 def test_typed_number_finder():
-    text = "It rises to 0.43 (12 % more) but `quantile=0.95` and $0.5$ and {glue:text}`x:.2f` and 3 seeds.\n```python\nx = 0.7\n```"
+    text = ("It rises to 0.43 (12 % more) but `quantile=0.95` and $0.5$ and {glue:text}`x:.2f` and 3 seeds.\n"
+            "```python\nx = 0.7\n```")
     assert _typed_numbers(text) == ["0.43", "12 %"]
 
 
@@ -140,7 +141,8 @@ def test_exercise_checks_exist():
     from helpers import check
 
     for path in NOTEBOOKS:
-        markdown = "\n".join("".join(c["source"]) for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "markdown")
+        cells = json.loads(path.read_text())["cells"]
+        markdown = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
         for name in set(re.findall(r"\bcheck\.([a-z_]+)\(", markdown)):
             assert callable(getattr(check, name, None)), f"{path.name} calls check.{name}, which helpers/check.py lacks"
 
