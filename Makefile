@@ -25,7 +25,7 @@ PYTEST_ARGS ?=
 PYTEST := $(BIN)/python -m pytest -n $(JOBS) --dist loadfile --nbval-lax --nbval-current-env \
           --nbval-sanitize-with tests/nbval_sanitize.cfg $(PYTEST_ARGS)
 
-.PHONY: help setup setup-system book test test-unit test-notebooks test-offline check-portable lab serve refresh-artefacts bench lint clean distclean
+.PHONY: help setup setup-system book student test test-unit test-notebooks test-offline check-portable lab serve refresh-artefacts bench lint clean distclean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -45,6 +45,11 @@ $(WEB_ASSETS) &: tools/setup_web_assets.sh | setup-system
 book: setup  ## execute the notebooks (jupyter-cache) and build the HTML book
 	$(BIN)/jupyter-book build . --warningiserror --keep-going
 	@echo "Book built: _build/html/index.html  (browse it with 'make serve')"
+
+student: setup  ## the book without solutions, to hand out: _build/student/_build/html (checks still work)
+	$(BIN)/jupyter-book build . --config "$$($(BIN)/python tools/book_config.py _build/student --student)" \
+	    --path-output _build/student --warningiserror --keep-going
+	@echo "Student edition built: _build/student/_build/html/index.html"
 
 test: setup  ## unit tests, doctests and notebook tests (nbval, lax)
 	$(PYTEST) helpers tests $(NOTEBOOKS)

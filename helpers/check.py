@@ -39,7 +39,7 @@ on small synthetic inputs and tiny models built here, so they take well under a 
 - :func:`nrg` — Chapter 13, the "headroom" normalised relative gain (``transfer.nrg``);
 - :func:`dimension_purity` — Chapter 13, the class purity of a feature dimension (``transfer.dimension_purity``);
 - :func:`ground_truth_auc` — Chapter 14, plausibility against known features (``evaluation.ground_truth_auc``);
-- :func:`sanity_distance` — Chapter 14, 1 - |rho| of the model-randomisation test (``evaluation.sanity_distance``).
+- :func:`sanity_distance` — Chapter 14, ``1 - |rho|`` of the model-randomisation test (``evaluation.sanity_distance``).
 """
 
 from __future__ import annotations

@@ -1376,8 +1376,9 @@ def prototype_deletion(model: SequentialRecommender, histories: Sequence[Sequenc
     faithful explanation is one whose removal moves ``i*`` further than removing random prototypes.
 
     Returns:
-        ``{"item": [U] i*, "rank": [U] its 0-based rank among the unseen items after removal
-        (0 = still first), "drop": [U] its score before − after}``.
+        a dict of ``[U]`` tensors: ``"item"``, the top recommendation ``i*``; ``"rank"``, its 0-based
+        rank among the unseen items after the removal (0 = still first); ``"drop"``, its score before
+        minus after.
     """
     if not model.n_prototypes:
         raise ValueError("the deletion test needs a recommender with a prototype layer (n_prototypes > 0)")

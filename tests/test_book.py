@@ -147,18 +147,14 @@ def test_exercise_checks_exist():
             assert callable(getattr(check, name, None)), f"{path.name} calls check.{name}, which helpers/check.py lacks"
 
 
-@pytest.fixture(scope="module")
-def built_book(tmp_path_factory):
-    """Build the book from the committed outputs (no execution) into a temporary folder."""
+def _build(out: Path, *, student: bool = False) -> Path:
+    """Build the book from the committed outputs (no execution) into ``out``; return its HTML folder."""
     if not (ROOT / "book" / "static" / "mathjax" / "tex-chtml.js").exists():
         pytest.fail("local MathJax missing: run `make setup`")
-    out = tmp_path_factory.mktemp("book")
-    config = dict(CONFIG, execute=dict(CONFIG["execute"], execute_notebooks="off"))
-    # local extension paths are relative to the configuration file, which moves to a temporary folder
-    extensions = {name: str(ROOT / path) for name, path in CONFIG["sphinx"].get("local_extensions", {}).items()}
-    config["sphinx"] = dict(CONFIG["sphinx"], local_extensions=extensions)
-    cfg = out / "_config.yml"
-    cfg.write_text(yaml.safe_dump(config))
+    sys.path.insert(0, str(ROOT / "tools"))
+    from book_config import write_config
+
+    cfg = write_config(out, student=student, execute=False)
     jb = shutil.which("jupyter-book", path=str(Path(sys.executable).parent))
     proc = subprocess.run(
         [jb, "build", str(ROOT), "--config", str(cfg), "--path-output", str(out), "--warningiserror", "--keep-going"],
@@ -168,6 +164,29 @@ def built_book(tmp_path_factory):
     )
     assert proc.returncode == 0, proc.stderr[-6000:] + proc.stdout[-2000:]
     return out / "_build" / "html"
+
+
+@pytest.fixture(scope="module")
+def built_book(tmp_path_factory):
+    """The book built from the committed outputs into a temporary folder."""
+    return _build(tmp_path_factory.mktemp("book"))
+
+
+@pytest.fixture(scope="module")
+def student_book(tmp_path_factory):
+    """The student edition (`make student`): the same build with every solution hidden."""
+    return _build(tmp_path_factory.mktemp("student"), student=True)
+
+
+def test_student_edition_hides_solutions_and_keeps_exercises_and_checks(built_book, student_book):
+    for nb in NOTEBOOKS:
+        full = (built_book / "nbs" / (nb.stem + ".html")).read_text()
+        student = (student_book / "nbs" / (nb.stem + ".html")).read_text()
+        assert 'class="solution' in full, f"{nb.name}: the full book shows no solution"
+        assert 'class="solution' not in student, f"{nb.name}: the student edition shows a solution"
+        assert student.count('class="exercise') == full.count('class="exercise'), f"{nb.name}: exercises lost"
+        text = re.sub(r"<[^>]+>", "", student)  # code is highlighted token by token
+        assert re.search(r"check\.[a-z_]+\(", text), f"{nb.name}: the checked exercises lost their check call"
 
 
 def test_book_builds_with_local_mathjax_and_every_page(built_book):
@@ -240,7 +259,8 @@ def _offline_prefix() -> list[str]:
 
 
 @pytest.mark.skipif(_chromium() is None, reason="headless Chromium not installed (apt-get install chromium)")
-def test_every_page_renders_offline_in_a_browser(built_book, tmp_path):
+@pytest.mark.parametrize("edition", ["built_book", "student_book"])
+def test_every_page_renders_offline_in_a_browser(edition, request, tmp_path):
     """Open every page of the book in headless Chromium with no network.
 
     Fails on a console error or uncaught exception, a failed request, untypeset math, a broken image
@@ -250,11 +270,12 @@ def test_every_page_renders_offline_in_a_browser(built_book, tmp_path):
     """
     from cdp import Chromium
 
+    built_book = request.getfixturevalue(edition)
     pages = sorted(p for p in built_book.rglob("*.html") if "_static" not in p.parts and "_sources" not in p.parts)
     # a bare redirect (index.html -> book/intro.html) has nothing to check; its target is checked itself
     pages = [p for p in pages if 'http-equiv="refresh"' not in p.read_text().lower()]
     assert len(pages) >= len(_toc_files())
-    shots = ROOT / "_build" / "screenshots"
+    shots = ROOT / "_build" / ("screenshots" if edition == "built_book" else "screenshots-student")
     problems = {}
     with Chromium(_chromium(), tmp_path / "profile", prefix=_offline_prefix()) as browser:
         for page in pages:
@@ -319,3 +340,21 @@ def test_chapter_pages_launch_in_local_jupyterlab(built_book, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_course_has_one_week_per_chapter_and_real_exercises():
+    """book/course.md: one row per chapter of _toc.yml, in its order, citing exercises that exist."""
+    course = (ROOT / "book" / "course.md").read_text()
+    table = course[course.index("## Syllabus") : course.index("### A twelve-week variant")]
+    weeks = re.findall(r"^\| (\d+) \| \{ref\}`(ch:[\w-]+)`", table, re.M)
+    labels, exercises = {}, set()
+    for path in NOTEBOOKS:
+        cells = json.loads(path.read_text())["cells"]
+        markdown = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
+        labels[f"nbs/{path.stem}"] = re.match(r"\((ch:[\w-]+)\)=", markdown).group(1)
+        exercises |= set(re.findall(r"^:label: (ex-[\w-]+)", markdown, re.M))
+    toc_chapters = [labels[f] for f in _toc_files() if f in labels]
+    assert [c for _, c in weeks] == toc_chapters, "one week per chapter, in the order of _toc.yml"
+    assert [int(w) for w, _ in weeks] == list(range(1, len(toc_chapters) + 1))
+    cited = set(re.findall(r"\{ref\}`(ex-[\w-]+)`", course))
+    assert cited <= exercises, f"course.md cites exercises that do not exist: {sorted(cited - exercises)}"
