@@ -18,7 +18,7 @@ export BOOK_CACHE="$tmp/cache" BOOK_ARTEFACT_LOG="$tmp/log" HF_HUB_OFFLINE=1 TRA
 for nb in nbs/*.ipynb; do
     echo "[refresh-artefacts] $nb"
     "$python" -m jupyter nbconvert --to notebook --execute --stdout "$nb" \
-        --ExecutePreprocessor.timeout=900 >/dev/null
+        --ExecutePreprocessor.timeout=3600 >/dev/null
 done
 sort -u "$tmp/log" | xargs "$python" -m helpers.common commit
 du -sh helpers/weights
