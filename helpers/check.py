@@ -26,7 +26,7 @@ on small synthetic inputs and tiny models built here, so they take well under a 
 - :func:`rationale_mask` — Chapter 7, the top tokens of an attribution (``evaluation.rationale_mask``);
 - :func:`comprehensiveness` — Chapter 7, ERASER comprehensiveness (``evaluation.comprehensiveness``);
 - :func:`deletion_curve` — Chapter 8, the deletion curve of a saliency map (``vision.perturbation_curve``);
-- :func:`map_rank_correlation` — Chapter 8, the Spearman correlation of two maps (``vision.rank_correlation``);
+- :func:`map_rank_correlation` — Chapter 8, the Spearman correlation of two maps (``stats.rank_correlations``);
 - :func:`prototype_similarity` — Chapter 9, ProtoPNet's similarity of a prototype to an image
   (``prototypes.log_similarity``);
 - :func:`hit_rate_ndcg` — Chapter 9, HitRate@k and NDCG@k (``prototypes.hit_rate_ndcg``);
@@ -1253,7 +1253,7 @@ def map_rank_correlation(fn: Callable) -> bool:
     """Check ``fn(a, b) -> [batch]``: the Spearman rank correlation of two batches of maps (Chapter 8).
 
     Rank the entries of each map (ties get their average rank), then take the Pearson correlation of
-    the ranks, one number per image (``vision.rank_correlation``).
+    the ranks, one number per image (``stats.rank_correlations``).
 
     Args:
         fn: the reader's function of two ``[batch, ...]`` tensors of the same shape, returning ``[batch]``.
@@ -1261,12 +1261,15 @@ def map_rank_correlation(fn: Callable) -> bool:
     Returns:
         True when it matches the reference on every case (it prints ``pass``).
 
-    >>> from helpers import vision
-    >>> map_rank_correlation(vision.rank_correlation)
+    >>> from helpers import stats
+    >>> map_rank_correlation(lambda a, b: torch.from_numpy(stats.rank_correlations(a, b)))
     pass
     True
     """
-    from helpers.vision import rank_correlation as reference
+    from helpers.stats import rank_correlations
+
+    def reference(a, b):
+        return torch.from_numpy(rank_correlations(a.numpy(), b.numpy()))
 
     g = torch.Generator().manual_seed(0)
     a = torch.randn(3, 4, 4, generator=g)

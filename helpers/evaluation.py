@@ -343,37 +343,17 @@ def _flat_pair(a: Tensor, b: Tensor, mask: Tensor | None, names: tuple[str, str]
 
 
 def rank_correlation(a: Tensor, b: Tensor, *, mask: Tensor | None = None) -> Tensor:
-    """Spearman correlation between two explanations of the same inputs, item by item (ties averaged).
-
-    Works for any explanation shape: token scores ``[batch, pos]``, pixel maps ``[batch, H, W]``,
-    concept importances ``[batch, concept]``; only the entries where ``mask`` is true are ranked.
-
-    Args:
-        a, b: ``[batch, ...]`` scores.
-        mask: ``[batch, ...]`` bool (default: everything); at least 2 entries per item.
-
-    Returns:
-        ``[batch]`` float64 in [-1, 1]; 1 where both are constant on the mask (nothing to reorder),
-        NaN where exactly one of them is.
+    """Spearman correlation between two explanations of the same inputs, item by item: the statistics
+    layer's :func:`helpers.stats.rank_correlations` (its convention: 1 where both are constant on the
+    mask, NaN where exactly one is), as a ``[batch]`` float64 tensor.
 
     >>> rank_correlation(torch.tensor([[1.0, 2, 3, 4]]), torch.tensor([[10.0, 20, 40, 30]])).round(decimals=6).tolist()
     [0.8]
     """
-    from scipy.stats import rankdata
+    from helpers import stats
 
     a, b, mask = _flat_pair(a, b, mask, ("a", "b"))
-    if bool((mask.sum(1) < 2).any()):
-        raise ValueError("every item needs at least 2 entries on the mask to rank")
-    out = []
-    for x, y, m in zip(a, b, mask, strict=True):
-        rx, ry = rankdata(x[m].numpy()), rankdata(y[m].numpy())
-        rx, ry = rx - rx.mean(), ry - ry.mean()
-        nx, ny = math.sqrt(float((rx**2).sum())), math.sqrt(float((ry**2).sum()))
-        if nx == 0 or ny == 0:
-            out.append(1.0 if nx == ny else float("nan"))
-        else:
-            out.append(float((rx * ry).sum()) / (nx * ny))
-    return torch.tensor(out, dtype=torch.float64)
+    return torch.from_numpy(stats.rank_correlations(a.numpy(), b.numpy(), mask=mask.numpy()))
 
 
 def ground_truth_auc(scores: Tensor, truth: Tensor, *, mask: Tensor | None = None) -> Tensor:

@@ -11,7 +11,8 @@ made, once for the whole book:
 - a single proportion: a Wilson interval (:func:`binomial_ci`).
 
 Hyper-parameters and "the best of many options" are chosen on one split and reported on another
-(:func:`split_indices`, :func:`select_then_report`). Rank correlations use :func:`spearman`.
+(:func:`split_indices`, :func:`select_then_report`). Rank correlations use :func:`spearman` and, item
+by item, :func:`rank_correlations`.
 """
 
 from __future__ import annotations
@@ -328,27 +329,63 @@ def binomial_ci(successes: int, trials: int, *, confidence: float = 0.95, method
     return Estimate(value, ci.low, ci.high, n=int(trials), method=f"{label} {_pct(confidence)} over {trials} trials")
 
 
+def rank_correlations(a, b, *, mask=None) -> np.ndarray:
+    """Spearman rank correlation item by item (ties averaged): the book's one convention for rank correlations.
+
+    Works for scores of any shape per item: token scores ``[batch, pos]``, pixel maps ``[batch, H, W]``,
+    concept importances ``[batch, concept]``; only the entries where ``mask`` is true are ranked.
+
+    Args:
+        a, b: ``[batch, ...]`` finite scores of the same items (arrays or tensors of one shape).
+        mask: ``[batch, ...]`` bool (default: everything); at least 2 entries per item.
+
+    Returns:
+        ``[batch]`` float64 in [-1, 1]; **1 where both are constant** on the mask (nothing to reorder:
+        the orderings agree), **NaN where exactly one is** (the correlation is undefined; the caller
+        decides), without a scipy warning.
+
+    >>> rank_correlations([[1, 2, 3, 4], [1, 1, 1, 1], [1, 2, 3, 4]], [[10, 20, 40, 30], [5, 5, 5, 5], [2, 2, 2, 2]])
+    array([0.8, 1. , nan])
+
+    Spearman 1904, "The proof and measurement of association between two things".
+    """
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if x.shape != y.shape or x.ndim < 2:
+        raise ValueError(f"a and b must share one [batch, ...] shape, got {x.shape} and {y.shape}")
+    m = np.ones(x.shape, bool) if mask is None else np.asarray(mask, dtype=bool)
+    if m.shape != x.shape:
+        raise ValueError(f"mask must have the shape of the scores {x.shape}, got {m.shape}")
+    x, y, m = x.reshape(len(x), -1), y.reshape(len(y), -1), m.reshape(len(m), -1)
+    if (m.sum(1) < 2).any():
+        raise ValueError("every item needs at least 2 entries on the mask to rank")
+    if not (np.isfinite(x[m]).all() and np.isfinite(y[m]).all()):
+        raise ValueError("scores contain NaN or infinite values")
+    out = np.empty(len(x))
+    for i, (xi, yi, mi) in enumerate(zip(x, y, m, strict=True)):
+        rx, ry = _st.rankdata(xi[mi]), _st.rankdata(yi[mi])
+        rx, ry = rx - rx.mean(), ry - ry.mean()
+        nx, ny = math.sqrt(float(rx @ rx)), math.sqrt(float(ry @ ry))
+        out[i] = (1.0 if nx == ny else math.nan) if nx == 0 or ny == 0 else float(rx @ ry) / (nx * ny)
+    return out
+
+
 def spearman(a, b) -> float:
-    """Spearman rank correlation (ties averaged): the book's one convention for correlating two scorings.
+    """Spearman rank correlation of two scorings of the same items: :func:`rank_correlations` for one item.
 
     Args:
         a, b: ``[item]`` finite scores of the same items, at least 2.
 
     Returns:
-        rho in [-1, 1]; ``nan`` when either input is constant (the correlation is undefined; the
-        caller decides whether that counts as agreement), without a scipy warning.
+        rho in [-1, 1]; 1 when both inputs are constant, ``nan`` when exactly one is (the correlation is
+        undefined; the caller decides whether that counts as agreement), without a scipy warning.
 
     >>> round(spearman([1, 2, 3, 4], [10, 20, 40, 30]), 6), spearman([1, 2, 3], [5, 5, 5])
     (0.8, nan)
-
-    Spearman 1904, "The proof and measurement of association between two things".
     """
     x, y = _as_1d(a, "a", min_size=2), _as_1d(b, "b", min_size=2)
     if x.size != y.size:
         raise ValueError(f"a and b must score the same items, got {x.size} and {y.size}")
-    if np.all(x == x[0]) or np.all(y == y[0]):
-        return float("nan")
-    return float(_st.spearmanr(x, y).statistic)
+    return float(rank_correlations(x[None], y[None])[0])
 
 
 def split_indices(n: int, *, fraction: float = 0.5, seed: int = 0, labels=None) -> tuple[np.ndarray, np.ndarray]:

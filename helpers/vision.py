@@ -509,20 +509,6 @@ def cascading_randomisation(
         torch.random.set_rng_state(generator_state)
 
 
-def rank_correlation(a: Tensor, b: Tensor) -> Tensor:
-    """Spearman rank correlation between two batches of maps ``[batch, ...]`` -> ``[batch]`` (ties averaged)."""
-    from scipy.stats import rankdata
-
-    if a.shape != b.shape:
-        raise ValueError(f"maps must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
-    ra = torch.as_tensor(rankdata(a.reshape(len(a), -1).numpy(), axis=1))
-    rb = torch.as_tensor(rankdata(b.reshape(len(b), -1).numpy(), axis=1))
-    ra, rb = ra - ra.mean(1, keepdim=True), rb - rb.mean(1, keepdim=True)
-    return (ra * rb).sum(1) / (ra.norm(dim=1) * rb.norm(dim=1)).clamp_min(1e-12)
-
-
-
-
 def plot_explanation_grid(images, maps: dict, *, row_labels: Sequence[str], title: str, figsize=(11, 6.5),
                           image_cmap: str | None = "gray", fontsize: int = 8):  # fmt: skip
     """One row per image: the image, then one signed map per method (red supports, blue opposes).
@@ -568,7 +554,8 @@ def map_similarity(reference: Tensor, maps: Tensor) -> dict[str, Tensor]:
 
     Returns:
         ``{"spearman", "spearman_abs", "ssim", "hog"}`` -> ``[batch]``: Spearman rank correlation of the
-        signed maps and of their absolute values; SSIM and the Pearson correlation of HOG features
+        signed maps and of their absolute values (:func:`helpers.stats.rank_correlations`: 1 where both
+        maps are constant; where only one is, 0 instead of its NaN: a flat map keeps no ordering); SSIM and the Pearson correlation of HOG features
         of the absolute maps, each scaled to [0, 1] by its own maximum (an all-zero map stays zero;
         a constant HOG vector correlates 0 with anything).
 
@@ -599,9 +586,16 @@ def map_similarity(reference: Tensor, maps: Tensor) -> dict[str, Tensor]:
         hx, hy = hx - hx.mean(), hy - hy.mean()
         denom = np.linalg.norm(hx) * np.linalg.norm(hy)
         hogs.append(float(hx @ hy / denom) if denom > 1e-12 else 0.0)
+    from helpers import stats
+
+    def spearman(a: Tensor, b: Tensor) -> Tensor:
+        # the book's convention (1 if both constant, NaN if one is), with NaN read as 0 here, as for HOG: a map
+        # that went flat (e.g. Grad-CAM of a randomised network) keeps no ordering of the other
+        return torch.from_numpy(stats.rank_correlations(a.numpy(), b.numpy())).nan_to_num(0.0)
+
     return {
-        "spearman": rank_correlation(reference, maps),
-        "spearman_abs": rank_correlation(reference.abs(), maps.abs()),
+        "spearman": spearman(reference, maps),
+        "spearman_abs": spearman(reference.abs(), maps.abs()),
         "ssim": torch.tensor(ssim, dtype=torch.float64),
         "hog": torch.tensor(hogs, dtype=torch.float64),
     }

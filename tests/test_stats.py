@@ -180,7 +180,7 @@ def test_spearman_convention():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert math.isnan(stats.spearman([1, 2, 3], [5, 5, 5]))
-        assert math.isnan(stats.spearman([4, 4], [4, 4]))
+        assert stats.spearman([4, 4], [4, 4]) == 1.0  # both constant: nothing to reorder (rank_correlations)
 
 
 # held-out selection
@@ -262,3 +262,21 @@ def test_bad_input_raises_a_clear_value_error(case):
     fn, match = BAD[case]
     with pytest.raises(ValueError, match=match):
         fn()
+
+
+def test_rank_correlations_is_the_one_convention_for_spearman():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(5, 12)), rng.normal(size=(5, 12))
+    expected = [float(st.spearmanr(x, y).statistic) for x, y in zip(a, b, strict=True)]
+    np.testing.assert_allclose(stats.rank_correlations(a, b), expected)
+    assert [stats.spearman(x, y) for x, y in zip(a, b, strict=True)] == pytest.approx(expected)
+    assert stats.rank_correlations([[1, 1, 1]], [[2, 2, 2]])[0] == 1.0 and stats.spearman([1, 1], [3, 3]) == 1.0
+    assert np.isnan(stats.rank_correlations([[1, 2, 3]], [[2, 2, 2]])[0])
+    masked = stats.rank_correlations([[1, 2, 3, 9]], [[1, 2, 3, -9]], mask=[[True, True, True, False]])
+    assert masked[0] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="share one"):
+        stats.rank_correlations(a, b[:, :3])
+    with pytest.raises(ValueError, match="at least 2"):
+        stats.rank_correlations([[1, 2]], [[1, 2]], mask=[[True, False]])
+    with pytest.raises(ValueError, match="NaN"):
+        stats.rank_correlations([[1.0, np.nan]], [[1.0, 2.0]])

@@ -134,10 +134,15 @@ def test_cascading_randomisation_changes_weights_in_order(vit):
         assert torch.equal(v, original[k]), "the trained model must be left untouched"
 
 
-def test_rank_correlation():
-    a = torch.rand(4, 5, 5)
-    torch.testing.assert_close(vision.rank_correlation(a, 2 * a + 1), torch.ones(4, dtype=torch.float64))
-    torch.testing.assert_close(vision.rank_correlation(a, -a), -torch.ones(4, dtype=torch.float64))
+def test_map_similarity_uses_the_books_one_spearman_convention():
+    a = torch.rand(4, 8, 8)
+    sim = vision.map_similarity(a, 2 * a + 1)
+    torch.testing.assert_close(sim["spearman"], torch.ones(4, dtype=torch.float64))
+    torch.testing.assert_close(vision.map_similarity(a, -a)["spearman"], -torch.ones(4, dtype=torch.float64))
+    flat = torch.zeros(2, 8, 8)
+    flat[1] = a[1]  # item 0: both maps constant (1, nothing to reorder); item 1: one constant (a flat map: 0)
+    rho = vision.map_similarity(torch.zeros(2, 8, 8), flat)["spearman"]
+    assert rho.tolist() == [1.0, 0.0]
 
 
 @pytest.mark.parametrize(
