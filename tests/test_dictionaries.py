@@ -36,7 +36,7 @@ def test_topk_sae_recovers_planted_directions():
     sae, hist = D.train_sae(x, d_sae=48, kind="topk", k=3, epochs=8, batch_size=256, lr=3e-3, seed=0)
     cos = dirs @ sae.W_dec.T                                                  # [dir, latent], unit rows
     best = cos.max(1).values
-    assert (best > 0.9).float().mean() >= 0.75, best
+    assert (best > 0.95).all(), best  # every planted direction found (min 0.986 here; 0.979-0.990 over seeds 0-2)
     assert hist["loss"][-1] < hist["loss"][0]
     assert float(D.fvu(x, sae(x)[0])) < 0.2
 
