@@ -6,15 +6,20 @@ holds:
 
 * the **task stream** (:func:`make_stream`): shifted Fashion-MNIST domains (inverted, edge maps,
   rotated) and scikit-learn's handwritten digits upscaled to 28 x 28 as new classes, plus a held-out
-  **zero-shot set** (:func:`zero_shot_set`: original Fashion-MNIST test images, held-out prompt
-  templates) that no method trains on;
+  **retention set** (:func:`retention_set`: original Fashion-MNIST test images, held-out prompt
+  templates) that no method trains on. It is drawn from the *pre-training* distribution, so it
+  measures retention of what the model was trained on, not zero-shot transfer to new data;
 * a model wrapper (:class:`ContinualClip`) around chapter 10's :class:`helpers.clip.FashionClip`
   that can also carry per-task linear heads and learned prompt context vectors;
 * the **methods**, all with one signature ``method(model, task, *, state) -> model`` (:data:`METHODS`):
   zero-shot, sequential fine-tuning, linear probe, prompt learning (CoOp), WiSE-FT, LwF, ZSCL-style
-  feature distillation and a small replay buffer;
+  feature distillation and a small replay buffer, plus WiSE-FT and ZSCL with the settings of ZSCL's
+  reference scripts (:data:`PAPER_SETTINGS`);
+* the two distillation losses as functions (:func:`lwf_loss`, :func:`zscl_loss`);
 * the ZSCL **metrics** of an accuracy matrix (:func:`stream_metrics`: Transfer, Avg, Last, forgetting);
-* yes/no **visual questions** answered zero-shot through text prompts (:func:`answer_questions`).
+* yes/no **visual questions** answered zero-shot through text prompts (:func:`answer_questions`);
+* committed multi-seed studies: every method over several seeds (:func:`seed_runs`) and fine-tuning
+  learning curves on a validation part of each task (:func:`learning_curves`).
 
 Only the image tower, the two projections, linear heads or context vectors are ever trained: the
 MiniLM text tower stays frozen, so the MiniLM embedding of every prompt is computed once.
@@ -140,7 +145,7 @@ def digits_tensors() -> tuple[Tensor, Tensor]:
 
 
 ZERO_SHOT_SIZE = 1000
-"""Fashion-MNIST test images ``[0, 1000)`` form the zero-shot set; task test images come after them."""
+"""Fashion-MNIST test images ``[0, 1000)`` form the retention set; task test images come after them."""
 TASK_POOL = 50_000
 """Tasks draw training images from Fashion-MNIST's first 50,000; ZSCL's reference set from the rest."""
 
@@ -150,7 +155,7 @@ def make_stream(domains: Sequence[str] = DOMAINS, *, n_train: int = 2000, n_test
     """The task stream: one :class:`Task` per domain, drawn deterministically from ``seed``.
 
     Fashion-MNIST domains (``"inverted"``, ``"edges"``, ``"rotated"``, ``"none"``) take disjoint
-    random subsets of the training set and of the test images after the zero-shot set; ``"digits"``
+    random subsets of the training set and of the test images after the retention set; ``"digits"``
     splits the 1,797 scikit-learn digits (test first, ``n_test`` images; training from the rest).
 
     Args:
@@ -188,15 +193,22 @@ def make_stream(domains: Sequence[str] = DOMAINS, *, n_train: int = 2000, n_test
     return tasks
 
 
-def zero_shot_set(n: int = ZERO_SHOT_SIZE) -> Task:
-    """The held-out transfer set: the first ``n`` original Fashion-MNIST test images, held-out templates.
+def retention_set(n: int = ZERO_SHOT_SIZE) -> Task:
+    """The retention set: the first ``n`` original Fashion-MNIST test images, held-out templates.
 
-    Its "training" split is empty of meaning (a single image, never used): no method trains on it.
+    The images come from the *pre-training* distribution (the ten classes the CLIP-style model was
+    trained on); only the prompt templates are new. It measures how much of the pre-trained ability a
+    method keeps, not zero-shot transfer to unseen data. Its "training" split is empty of meaning (a
+    single image, never used): no method trains on it.
     """
     if not 1 <= n <= ZERO_SHOT_SIZE:
         raise ValueError(f"n must be in [1, {ZERO_SHOT_SIZE}], got {n}")
     x, y = vision.fashion_tensors("test")
-    return Task("zero-shot", clip.CLASS_TEXT, clip.HELD_OUT_TEMPLATES, x[:1], y[:1], x[:n], y[:n])
+    return Task("retention", clip.CLASS_TEXT, clip.HELD_OUT_TEMPLATES, x[:1], y[:1], x[:n], y[:n])
+
+
+zero_shot_set = retention_set
+"""The former name of :func:`retention_set` (kept so older code runs)."""
 
 
 def reference_images(n: int = 1000, *, seed: int = 0) -> Tensor:
@@ -464,25 +476,56 @@ def _batches(n: int, recipe: StepRecipe, generator: torch.Generator, steps: int)
 
 
 def _fine_tune(model: ContinualClip, task: Task, state: State,
-               extra: Callable[[ContinualClip, Tensor, torch.Generator], Tensor] | None = None) -> ContinualClip:
-    """Cross-entropy over the task's class prompts, image tower + projections trained (+ an extra loss)."""
+               extra: Callable[[ContinualClip, Tensor, torch.Generator], Tensor] | None = None, *,
+               label_smoothing: float = 0.0, l2: float = 0.0, we_every: int = 0, steps: int | None = None,
+               callback: Callable[[int, ContinualClip], None] | None = None) -> ContinualClip:
+    """Cross-entropy over the task's class prompts, image tower + projections trained (+ an extra loss).
+
+    Args:
+        extra: ``extra(student, images, generator) -> loss`` added to the cross-entropy at every step.
+        label_smoothing: of the cross-entropy (ZSCL's scripts use 0.2).
+        l2: weight of ``Σ (θ - θ_start)²`` over the trained parameters, ``θ_start`` the model the task
+            starts from (ZSCL's scripts: 1).
+        we_every: weight ensembling as ZSCL's ``merge_we``: every ``we_every`` steps (counting from the
+            first), the running average (started at ``θ_start``, equal weights) absorbs the current
+            weights; the task returns the average. 0 turns it off.
+        steps: overrides ``state.recipe.steps``.
+        callback: ``callback(steps_done, model)`` after every step (learning curves; ``model`` is in
+            training mode and must not be changed).
+    """
     recipe = state.recipe
+    steps = recipe.steps if steps is None else int(steps)
     model = copy.deepcopy(model)
     model.requires_grad_(False)
     params = _tower_parameters(model)
     for p in params:
         p.requires_grad_(True)
+    start = [p.detach().clone() for p in params] if (l2 > 0 or we_every > 0) else []
+    average, n_average = [a.clone() for a in start] if we_every > 0 else [], 0
     optimiser = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
     generator = torch.Generator().manual_seed(recipe.seed * 1000 + state.step)
     model.train()
-    for batch in _batches(len(task.x_train), recipe, generator, recipe.steps):
+    for i, batch in enumerate(_batches(len(task.x_train), recipe, generator, steps)):
         x = task.x_train[batch]
-        loss = F.cross_entropy(model.logits(x, task), task.y_train[batch])
+        loss = F.cross_entropy(model.logits(x, task), task.y_train[batch], label_smoothing=label_smoothing)
         if extra is not None:
             loss = loss + extra(model, x, generator)
+        if l2 > 0:
+            loss = loss + l2 * sum(((p - a) ** 2).sum() for p, a in zip(params, start, strict=True))
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
+        if we_every > 0 and i % we_every == 0:
+            n_average += 1
+            with torch.no_grad():
+                for a, p in zip(average, params, strict=True):
+                    a.mul_(n_average).add_(p).div_(n_average + 1)
+        if callback is not None:
+            callback(i + 1, model)
+    if we_every > 0:
+        with torch.no_grad():
+            for a, p in zip(average, params, strict=True):
+                p.copy_(a)
     return model.eval().requires_grad_(False)
 
 
@@ -561,6 +604,57 @@ def _kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0
                     log_target=True, reduction="batchmean") * t * t
 
 
+def lwf_loss(student: ContinualClip, teacher: ContinualClip, images: Tensor,
+             old_prompts: Sequence[tuple[Sequence[str], Sequence[str]]], *, temperature: float = 2.0,
+             teacher_text: Tensor | None = None) -> Tensor:
+    """LwF's distillation term: ``T² KL(p_teacher^T ‖ p_student^T)`` over the old classes, on ``images``.
+
+    Args:
+        student, teacher: the model being trained and the frozen previous model (no gradient reaches it).
+        images: ``[B, 1, 28, 28]``, the current task's images.
+        old_prompts: ``(class names, templates)`` of every old class set; their prompt embeddings,
+            concatenated, are the ``C_old`` classes of both softmaxes.
+        temperature: ``T``.
+        teacher_text: the teacher's ``[C_old, d]`` prompt embeddings, when already computed.
+
+    Returns:
+        a scalar, 0 when the student equals the teacher; differentiable in the student only.
+    """
+    with torch.no_grad():
+        if teacher_text is None:
+            teacher_text = torch.cat([teacher.prompt_embeddings(n, t) for n, t in old_prompts])
+        target = teacher.logit_scale * teacher.image_embeddings(images) @ teacher_text.T  # [B, C_old]
+    text = torch.cat([student.prompt_embeddings(n, t) for n, t in old_prompts])
+    logits = student.logit_scale * student.image_embeddings(images) @ text.T
+    return _kl(logits, target, temperature)
+
+
+def zscl_loss(student: ContinualClip, teacher: ContinualClip, images: Tensor, minilm: Tensor, *,
+              temperature: float = 1.0, student_text: bool = True) -> tuple[Tensor, Tensor]:
+    """ZSCL's two distillation terms on reference images and texts: image→text and text→image.
+
+    With ``S`` = scaled cosines ``[B, R]`` between reference images and reference texts, the teacher's
+    ``S_0`` (frozen, no gradient) and the student's ``S_θ``: ``(T² KL(softmax_rows(S_0/T) ‖
+    softmax_rows(S_θ/T)), the same over columns)``.
+
+    Args:
+        images: ``[B, 1, 28, 28]`` reference images; minilm: ``[R, 384]`` MiniLM embeddings of the texts.
+        temperature: ``T`` (ZSCL's scripts: 2).
+        student_text: True (the book's default): the student scores its images against its *own* text
+            embeddings, so the text projection is distilled too; False (ZSCL's reference code): against
+            the *teacher's* text embeddings, so only the image side is distilled.
+
+    Returns:
+        ``(image→text, text→image)`` scalars, both 0 when the student equals the teacher.
+    """
+    with torch.no_grad():
+        teacher_text = F.normalize(teacher.clip.text_features(minilm), dim=-1)
+        target = teacher.logit_scale * teacher.image_embeddings(images) @ teacher_text.T  # [B, R]
+    text = F.normalize(student.clip.text_features(minilm), dim=-1) if student_text else teacher_text
+    logits = student.logit_scale * student.image_embeddings(images) @ text.T
+    return _kl(logits, target, temperature), _kl(logits.T, target.T, temperature)
+
+
 def lwf(model: ContinualClip, task: Task, *, state: State) -> ContinualClip:
     """Learning without Forgetting (Li & Hoiem 2017): fine-tune + distil the previous model's old-class outputs.
 
@@ -577,11 +671,8 @@ def lwf(model: ContinualClip, task: Task, *, state: State) -> ContinualClip:
         teacher_text = torch.cat([teacher.prompt_embeddings(n, t) for n, t in old_prompts])  # [C_old, d]
 
     def distil(student: ContinualClip, x: Tensor, _g: torch.Generator) -> Tensor:
-        with torch.no_grad():
-            target = teacher.logit_scale * teacher.image_embeddings(x) @ teacher_text.T
-        text = torch.cat([student.prompt_embeddings(n, t) for n, t in old_prompts])
-        logits = student.logit_scale * student.image_embeddings(x) @ text.T
-        return state.recipe.distil_weight * _kl(logits, target, state.recipe.temperature)
+        return state.recipe.distil_weight * lwf_loss(student, teacher, x, old_prompts,
+                                                     temperature=state.recipe.temperature, teacher_text=teacher_text)
 
     return _fine_tune(model, task, state, distil)
 
@@ -591,8 +682,9 @@ def zscl(model: ContinualClip, task: Task, *, state: State) -> ContinualClip:
 
     Each step adds, on a batch of reference images (pre-training domain, no labels) and the
     reference texts (captions of the pre-training data), the KL divergence between the initial and
-    the current model's image→text and text→image similarity distributions (ZSCL's weight-ensemble
-    part is not used here).
+    the current model's image→text and text→image similarity distributions (:func:`zscl_loss`, ``T = 1``,
+    averaged). An ablation of ZSCL: distillation only, without its weight ensembling, L2 penalty and
+    label smoothing; :func:`zscl_paper` is the full method.
     """
     _check(model, task, state)
     if state.reference_images is None or not state.reference_texts:
@@ -600,16 +692,11 @@ def zscl(model: ContinualClip, task: Task, *, state: State) -> ContinualClip:
     teacher, recipe = state.initial, state.recipe
     with torch.no_grad():
         minilm = model.clip.text(state.reference_texts)  # [R, 384]
-        teacher_text = F.normalize(teacher.clip.text_features(minilm), dim=-1)
 
     def distil(student: ContinualClip, _x: Tensor, g: torch.Generator) -> Tensor:
         rows = torch.randint(len(state.reference_images), (recipe.reference_batch,), generator=g)
-        ref = state.reference_images[rows]
-        with torch.no_grad():
-            target = teacher.logit_scale * teacher.image_embeddings(ref) @ teacher_text.T  # [B, R]
-        logits = student.logit_scale * student.image_embeddings(ref) @ F.normalize(
-            student.clip.text_features(minilm), dim=-1).T
-        return recipe.distil_weight * (_kl(logits, target) + _kl(logits.T, target.T)) / 2
+        image_to_text, text_to_image = zscl_loss(student, teacher, state.reference_images[rows], minilm)
+        return recipe.distil_weight * (image_to_text + text_to_image) / 2
 
     return _fine_tune(model, task, state, distil)
 
@@ -624,6 +711,54 @@ def _zscl_prepare(state: State) -> None:
 
 
 zscl.prepare = _zscl_prepare
+
+
+PAPER_SETTINGS = {"label_smoothing": 0.2, "temperature": 2.0, "l2": 1.0, "we_snapshots": 10, "alpha": 0.8}
+"""The settings of ZSCL's reference scripts (Thunderbeee/ZSCL, ``mtil/scripts/ZSCL.sh`` and
+``WiSE_finetune.sh``, defaults in ``mtil/src/args.py``): label smoothing 0.2; distillation temperature
+``T = 2`` (image and text losses, weight 1 each, the student's images scored against the *teacher's*
+text embeddings); an L2 penalty of weight 1 on ``Σ (θ - θ_start)²``; weight ensembling every 100 of
+1,000 iterations (here: ``we_snapshots`` snapshots per task); WiSE-FT blends each new model with the
+*previous task's* model, ``0.8 θ_new + 0.2 θ_previous``."""
+
+
+def wise_ft_paper(model: ContinualClip, task: Task, *, state: State) -> ContinualClip:
+    """WiSE-FT as in ZSCL's scripts: fine-tune (label smoothing 0.2), then blend with the *previous* model.
+
+    ``θ_t = (1 - α) θ_{t-1} + α FT(θ_{t-1})`` with ``α = 0.8`` (:data:`PAPER_SETTINGS`), where the
+    book's :func:`wise_ft_method` blends with the initial model ``θ_0`` at ``recipe.alpha``.
+    """
+    _check(model, task, state)
+    tuned = _fine_tune(model, task, state, label_smoothing=PAPER_SETTINGS["label_smoothing"])
+    return wise_ft(model, tuned, PAPER_SETTINGS["alpha"])
+
+
+def zscl_paper(model: ContinualClip, task: Task, *, state: State) -> ContinualClip:
+    """ZSCL with the settings of its reference scripts (:data:`PAPER_SETTINGS`): the full method.
+
+    Distillation from the initial model on the reference set (image and text terms summed, ``T = 2``,
+    the student's reference images scored against the teacher's text embeddings), label smoothing 0.2,
+    an L2 penalty to the model the task starts from, and weight ensembling over the task's training.
+    """
+    _check(model, task, state)
+    if state.reference_images is None or not state.reference_texts:
+        raise ValueError("ZSCL needs state.reference_images and state.reference_texts (see reference_images())")
+    teacher, recipe = state.initial, state.recipe
+    with torch.no_grad():
+        minilm = model.clip.text(state.reference_texts)  # [R, 384]
+
+    def distil(student: ContinualClip, _x: Tensor, g: torch.Generator) -> Tensor:
+        rows = torch.randint(len(state.reference_images), (recipe.reference_batch,), generator=g)
+        image_to_text, text_to_image = zscl_loss(student, teacher, state.reference_images[rows], minilm,
+                                                 temperature=PAPER_SETTINGS["temperature"], student_text=False)
+        return recipe.distil_weight * (image_to_text + text_to_image)
+
+    every = max(1, recipe.steps // PAPER_SETTINGS["we_snapshots"])
+    return _fine_tune(model, task, state, distil, label_smoothing=PAPER_SETTINGS["label_smoothing"],
+                      l2=PAPER_SETTINGS["l2"], we_every=every)
+
+
+zscl_paper.prepare = _zscl_prepare
 
 
 def replay(model: ContinualClip, task: Task, *, state: State) -> ContinualClip:
@@ -664,8 +799,13 @@ METHODS: dict[str, Callable[..., ContinualClip]] = {
     "LwF": lwf,
     "ZSCL": zscl,
     "replay": replay,
+    "WiSE-FT (paper)": wise_ft_paper,
+    "ZSCL (paper)": zscl_paper,
 }
-"""Every method of the chapter, by display name, each ``method(model, task, *, state) -> model``."""
+"""Every method of the chapter, by display name, each ``method(model, task, *, state) -> model``.
+
+"WiSE-FT" and "ZSCL" are the book's ablations (blend with ``θ_0`` at ``recipe.alpha``; distillation
+only, ``T = 1``); "WiSE-FT (paper)" and "ZSCL (paper)" use ZSCL's reference settings (:data:`PAPER_SETTINGS`)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -800,7 +940,7 @@ def question_scores(model: ContinualClip, task: Task, questions: Sequence[Questi
 @torch.no_grad()
 def evaluate(model: ContinualClip, tasks: Sequence[Task], zero_shot_task: Task,
              questions: Sequence[Question] = QUESTIONS, *, image_emb: list[Tensor] | None = None) -> dict:
-    """Accuracy on every task, on the zero-shot set, and the questions' balanced accuracy on the zero-shot set.
+    """Accuracy on every task, on the retention set (``"zero_shot"``), and the questions' balanced accuracy on it.
 
     Args:
         image_emb: the test-image embeddings of ``[*tasks, zero_shot_task]`` when already known (a
@@ -823,10 +963,10 @@ def run_stream(method: str | Callable[..., ContinualClip], initial: clip.Fashion
     Returns:
         ``(result, final model)``; ``result`` holds ``"matrix"`` ``[T + 1][T]`` (row 0: before any
         training), ``"zero_shot"`` and ``"questions"`` (``[T + 1]`` and ``[T + 1][Q]``, on the
-        zero-shot set), ``"seconds"`` and ``"cpu_seconds"`` per step (training only, wall and process
-        CPU time, one torch thread; CPU time is robust to other jobs on the machine), ``"wall_seconds"``
-        (training and evaluation), and the memory
-        accounting ``"trained_params"``, ``"stored_params"`` (extra model copies, heads, contexts)
+        retention set, whose key keeps its old name), ``"seconds"`` and ``"cpu_seconds"`` per step
+        (training only, wall and process CPU time, one torch thread; CPU time is robust to other jobs
+        on the machine), ``"wall_seconds"`` (training and evaluation), and the memory accounting
+        ``"trained_params"``, ``"stored_params"`` (extra model copies, heads, contexts)
         and ``"stored_images"`` (buffer or reference set).
     """
     if isinstance(method, str) and method not in METHODS:
@@ -859,7 +999,8 @@ def run_stream(method: str | Callable[..., ContinualClip], initial: clip.Fashion
     tower = n_parameters(nn.ModuleList([model.clip.vit, model.clip.image_proj, model.clip.text_proj]))
     trained = {"zero-shot": 0, "linear probe": sum(h.numel() for h in model.heads.values()),
                "CoOp": model.context.vectors.numel() if model.context is not None else 0}.get(name, tower)
-    stored = {"WiSE-FT": tower, "LwF": tower, "ZSCL": tower}.get(name, 0)
+    stored = {"WiSE-FT": tower, "LwF": tower, "ZSCL": tower, "WiSE-FT (paper)": tower,
+              "ZSCL (paper)": 3 * tower}.get(name, 0)  # ZSCL (paper): teacher, L2 anchor, running average
     stored += sum(h.numel() for h in model.heads.values())
     stored += model.context.vectors.numel() if model.context is not None else 0
     images = len(state.buffer) if state.buffer is not None else 0
@@ -901,3 +1042,105 @@ def cached_run(method: str, initial: clip.FashionClip, tasks: Sequence[Task], ze
 
     blob = torch.load(common.cached_file(path, build, committed=True), map_location="cpu", weights_only=True)
     return json.loads(blob["result"]), blob["state_dict"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Studies over seeds (committed results, no weights)
+# ---------------------------------------------------------------------------------------------
+
+SEEDS = (0, 1, 2, 3, 4)
+"""The chapter's seeds: seed ``s`` draws the stream with ``make_stream(seed=s)`` and trains with ``recipe.seed = s``."""
+
+
+def _initial_key(initial: clip.FashionClip) -> object:
+    return getattr(getattr(initial, "recipe", None), "key", lambda: None)()
+
+
+def seed_runs(initial: clip.FashionClip, seed: int, *, methods: Sequence[str] = tuple(METHODS),
+              recipe: StepRecipe = StepRecipe(), domains: Sequence[str] = DOMAINS, n_train: int = 2000,
+              n_test: int = 400, progress: bool = False) -> dict[str, dict]:
+    """Every method of ``methods`` on the stream of one seed: :func:`run_stream` results only (no weights).
+
+    Seed ``s`` draws the stream (``make_stream(domains, seed=s)``), the replay buffer, ZSCL's
+    reference set and the batches (``recipe.seed = s``); the pre-trained model is the same for all
+    seeds. The results (a few kB of JSON per seed) are committed under
+    ``helpers/weights/results/ch12/``, named by a content hash of everything that determines them.
+
+    Returns:
+        ``{method: result}``, each result as :func:`run_stream` returns it, measured on the retention set.
+    """
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    recipe = dataclasses.replace(recipe, seed=int(seed))
+    key = {"code": 1, "methods": list(methods), "recipe": dataclasses.asdict(recipe), "domains": list(domains),
+           "n_train": n_train, "n_test": n_test, "initial": _initial_key(initial), "retention": ZERO_SHOT_SIZE,
+           "questions": [q.text for q in QUESTIONS]}
+    path = common.cache_dir("results", "ch12") / f"seeds-s{seed}-{common.content_hash(key, length=12)}.json"
+
+    def build(target: Path) -> None:
+        tasks = make_stream(domains, n_train=n_train, n_test=n_test, seed=seed)
+        retention = retention_set()
+        out = {m: run_stream(m, initial, tasks, retention, recipe=recipe, progress=progress)[0] for m in methods}
+        target.write_text(json.dumps(out))
+
+    return json.loads(common.cached_file(path, build, committed=True).read_text())
+
+
+def _learning_curve(initial: clip.FashionClip, fit: Task, state: State, *, steps: int, every: int) -> dict:
+    """One task's fine-tuning curve on ``fit``'s test split (the validation part), and the linear probe's accuracy."""
+    start = ContinualClip(copy.deepcopy(initial)).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def accuracy(model: ContinualClip) -> float:
+        return float((model.logits(fit.x_test, fit).argmax(1) == fit.y_test).float().mean())
+
+    curve, done = [accuracy(start)], [0]
+
+    def record(n: int, model: ContinualClip) -> None:
+        if n % every == 0:
+            model.eval()
+            curve.append(accuracy(model))
+            done.append(n)
+            model.train()
+
+    _fine_tune(start, fit, state, steps=steps, callback=record)
+    probe = linear_probe(start, fit, state=state)
+    return {"steps": done, "fine-tune": curve, "linear probe": accuracy(probe)}
+
+
+def learning_curves(initial: clip.FashionClip, seed: int, *, steps: int = 200, every: int = 10, n_val: int = 400,
+                    recipe: StepRecipe = StepRecipe(), domains: Sequence[str] = DOMAINS, n_train: int = 2000,
+                    n_test: int = 400) -> dict[str, dict]:
+    """Fine-tuning curves: accuracy on a held-out validation part of each task's training images vs steps.
+
+    Each task of the seed's stream is split into a fitting part and its last ``n_val`` training images
+    (validation; the task's test images are not touched); fine-tuning (the chapter's recipe, from the
+    *pre-trained* model, one task alone) is evaluated on the validation part every ``every`` steps up to
+    ``steps``, and a linear probe (``recipe.probe_steps`` full-batch steps on the frozen tower) gives
+    the frozen-feature reference. Committed JSON under ``helpers/weights/results/ch12/``.
+
+    Returns:
+        ``{task name: {"steps": [0, every, ...], "fine-tune": [accuracy], "linear probe": accuracy}}``.
+    """
+    if steps < every or every < 1:
+        raise ValueError(f"need 1 <= every <= steps, got every={every}, steps={steps}")
+    recipe = dataclasses.replace(recipe, seed=int(seed))
+    key = {"code": 1, "steps": steps, "every": every, "n_val": n_val, "recipe": dataclasses.asdict(recipe),
+           "domains": list(domains), "n_train": n_train, "n_test": n_test, "initial": _initial_key(initial)}
+    path = common.cache_dir("results", "ch12") / f"curves-s{seed}-{common.content_hash(key, length=12)}.json"
+
+    def build(target: Path) -> None:
+        out = {}
+        with common.torch_threads(1):
+            for k, task in enumerate(make_stream(domains, n_train=n_train, n_test=n_test, seed=seed)):
+                if len(task.x_train) <= n_val:
+                    raise ValueError(f"task {task.name!r} has {len(task.x_train)} training images, need > {n_val}")
+                fit = Task(task.name, task.class_names, task.templates, task.x_train[:-n_val], task.y_train[:-n_val],
+                           task.x_train[-n_val:], task.y_train[-n_val:])
+                common.set_seed(seed)
+                state = State(initial=ContinualClip(initial), recipe=recipe, step=k)
+                out[task.name] = _learning_curve(initial, fit, state, steps=steps, every=every)
+        target.write_text(json.dumps(out))
+
+    return json.loads(common.cached_file(path, build, committed=True).read_text())

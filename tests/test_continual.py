@@ -1,4 +1,8 @@
-"""helpers.continual: ZSCL metrics, WiSE-FT endpoints, CoOp's trainable set, the replay buffer, the stream."""
+"""helpers.continual: ZSCL metrics, WiSE-FT endpoints, CoOp's trainable set, the replay buffer, the stream,
+the LwF and ZSCL losses, weight ensembling and the paper's WiSE-FT."""
+
+import copy
+import math
 
 import numpy as np
 import pytest
@@ -155,3 +159,108 @@ def test_bad_inputs_give_clear_errors():
         continual.run_stream("fine-tune", clip.FashionClip(dim=8), [], _tiny_task())
     with pytest.raises(ValueError, match="reference"):
         continual.zscl(a, _tiny_task(), state=continual.State(initial=a))
+    with pytest.raises(ValueError, match="reference"):
+        continual.zscl_paper(a, _tiny_task(), state=continual.State(initial=a))
+    with pytest.raises(ValueError, match="unknown methods"):
+        continual.seed_runs(clip.FashionClip(dim=8), 0, methods=("magic",))
+    with pytest.raises(ValueError, match="every"):
+        continual.learning_curves(clip.FashionClip(dim=8), 0, steps=5, every=10)
+
+
+def _perturbed(model, seed=1, scale=0.05):
+    out = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in out.clip.parameters():
+            if p.is_floating_point():
+                p.add_(scale * torch.randn(p.shape, generator=g))
+    return out
+
+
+def test_kl_matches_a_hand_computed_value_and_scales_with_t_squared():
+    student, teacher = torch.zeros(1, 2), torch.tensor([[math.log(3.0), 0.0]])
+    # T = 1: teacher (3/4, 1/4), student (1/2, 1/2)
+    expected = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
+    assert float(continual._kl(student, teacher, 1.0)) == pytest.approx(expected, rel=1e-5)
+    # T = 2: teacher softmax(log(3)/2, 0) = (sqrt3, 1) / (1 + sqrt3); the KL is multiplied by T^2 = 4
+    q = math.sqrt(3) / (1 + math.sqrt(3))
+    expected2 = 4 * (q * math.log(q / 0.5) + (1 - q) * math.log((1 - q) / 0.5))
+    assert float(continual._kl(student, teacher, 2.0)) == pytest.approx(expected2, rel=1e-5)
+
+
+def test_lwf_and_zscl_losses_are_zero_when_the_student_is_the_teacher():
+    teacher, task = _toy_model(), _tiny_task(n=8)
+    student = copy.deepcopy(teacher)
+    old = [(clip.CLASS_TEXT, ("a photo of a {}.",)), (task.class_names, task.templates)]
+    assert float(continual.lwf_loss(student, teacher, task.x_train, old, temperature=2.0)) == pytest.approx(0, abs=1e-6)
+    minilm = teacher.clip.text(["a photo of a bag.", "a photo of a shirt.", "a photo of a boot."])
+    for student_text in (True, False):
+        for t in (1.0, 2.0):
+            i2t, t2i = continual.zscl_loss(student, teacher, task.x_train, minilm, temperature=t,
+                                           student_text=student_text)
+            assert float(i2t) == pytest.approx(0, abs=1e-6) and float(t2i) == pytest.approx(0, abs=1e-6)
+    # a different student is penalised
+    i2t, t2i = continual.zscl_loss(_perturbed(teacher), teacher, task.x_train, minilm)
+    assert float(i2t) > 1e-4 and float(t2i) > 1e-4
+
+
+def test_distillation_gradients_reach_the_student_only():
+    teacher, task = _toy_model(), _tiny_task(n=8)
+    teacher.requires_grad_(True)  # even a teacher that could take gradients must get none
+    minilm = teacher.clip.text(["a photo of a bag.", "a photo of a shirt.", "a photo of a boot."])
+    old = [(clip.CLASS_TEXT, ("a photo of a {}.",))]
+    cases = {"lwf": lambda s: continual.lwf_loss(s, teacher, task.x_train, old),
+             "zscl": lambda s: sum(continual.zscl_loss(s, teacher, task.x_train, minilm)),
+             "zscl teacher text": lambda s: sum(continual.zscl_loss(s, teacher, task.x_train, minilm,
+                                                                    student_text=False))}
+    for name, loss_of in cases.items():
+        student = _perturbed(teacher).requires_grad_(True)
+        teacher.zero_grad(set_to_none=True)
+        loss_of(student).backward()
+        assert all(p.grad is None for p in teacher.parameters()), name
+        assert float(student.clip.image_proj.weight.grad.abs().sum()) > 0, name
+        assert any(float(p.grad.abs().sum()) > 0 for p in student.clip.vit.parameters() if p.grad is not None), name
+        text_grad = student.clip.text_proj.weight.grad
+        if name == "zscl teacher text":  # ZSCL's reference code: the student's text side is not distilled
+            assert text_grad is None or float(text_grad.abs().sum()) == 0
+        else:
+            assert float(text_grad.abs().sum()) > 0, name
+
+
+def test_weight_ensembling_returns_the_mean_of_the_start_and_the_snapshots():
+    model, task = _toy_model(), _tiny_task()
+    state = continual.State(initial=model, recipe=continual.StepRecipe(steps=3, batch_size=4, lr=1e-2))
+    key = "clip.image_proj.weight"
+    snapshots = [model.state_dict()[key].clone()]
+    out = continual._fine_tune(model, task, state, we_every=1,
+                               callback=lambda n, m: snapshots.append(m.state_dict()[key].clone()))
+    assert len(snapshots) == 4 and not torch.equal(snapshots[0], snapshots[-1])
+    assert torch.allclose(out.state_dict()[key], torch.stack(snapshots).mean(0), atol=1e-6)
+    # every 2 steps: steps 1 and 3 are averaged with the start
+    out2 = continual._fine_tune(model, task, state, we_every=2,
+                                callback=lambda n, m: snapshots.append(m.state_dict()[key].clone()))
+    s = snapshots[4:]
+    assert torch.allclose(out2.state_dict()[key], (snapshots[0] + s[0] + s[2]) / 3, atol=1e-6)
+
+
+def test_l2_penalty_keeps_the_model_closer_to_where_the_task_started():
+    model, task = _toy_model(), _tiny_task()
+    state = continual.State(initial=model, recipe=continual.StepRecipe(steps=5, batch_size=4, lr=1e-2))
+
+    def distance(out):
+        pairs = zip(out.clip.parameters(), model.clip.parameters(), strict=True)
+        return sum(float(((a - b) ** 2).sum()) for a, b in pairs)
+
+    penalised = continual._fine_tune(model, task, state, l2=100.0)
+    assert distance(penalised) < distance(continual._fine_tune(model, task, state))
+
+
+def test_paper_wise_ft_blends_with_the_previous_model_at_alpha():
+    model, task = _toy_model(), _tiny_task()
+    state = continual.State(initial=_toy_model(seed=5), recipe=continual.StepRecipe(steps=2, batch_size=4))
+    tuned = continual._fine_tune(model, task, state, label_smoothing=continual.PAPER_SETTINGS["label_smoothing"])
+    out = continual.wise_ft_paper(model, task, state=state)
+    a = continual.PAPER_SETTINGS["alpha"]
+    k = "clip.image_proj.weight"
+    expected = (1 - a) * model.state_dict()[k] + a * tuned.state_dict()[k]  # the previous model, not state.initial
+    assert torch.allclose(out.state_dict()[k], expected, atol=1e-6)
