@@ -44,6 +44,7 @@ on small synthetic inputs and tiny models built here, so they take well under a 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -55,6 +56,22 @@ def _report(failures: list[str], hint: str) -> bool:
         return True
     print("not yet:\n- " + "\n- ".join(failures[:3]) + f"\nhint: {hint}")
     return False
+
+
+_RAISED = object()  # what _call returns when the reader's function raised
+
+
+def _call(failures: list[str], name: str, fn: Callable, *args, post: Callable | None = None, no_grad: bool = False,
+          **kwargs):  # fmt: skip
+    """``post(fn(*args, **kwargs))`` (``post`` optional; under ``torch.no_grad()`` if asked): the reader's code
+    run on one case; on an exception, record it under the case's ``name`` and return ``_RAISED``."""
+    try:
+        with torch.no_grad() if no_grad else contextlib.nullcontext():
+            out = fn(*args, **kwargs)
+            return post(out) if post is not None else out
+    except Exception as err:  # noqa: BLE001 - the reader's code may raise anything
+        failures.append(f"{name}: your function raised {type(err).__name__}: {err}")
+        return _RAISED
 
 
 def patch_metric(fn: Callable) -> bool:
@@ -82,10 +99,10 @@ def patch_metric(fn: Callable) -> bool:
     ]
     failures = []
     for name, p, c, x in cases:
-        try:
-            got = torch.as_tensor(fn(p.clone(), c.clone(), x.clone()), dtype=torch.float32)
-        except Exception as err:  # noqa: BLE001 - the reader's code may raise anything
-            failures.append(f"{name}: your function raised {type(err).__name__}: {err}")
+        got = _call(
+            failures, name, fn, p.clone(), c.clone(), x.clone(), post=lambda r: torch.as_tensor(r, dtype=torch.float32)
+        )
+        if got is _RAISED:
             continue
         want = normalised(p, clean=c, corrupted=x)
         if got.shape != want.shape or not torch.allclose(got, want, atol=1e-5):
@@ -143,11 +160,8 @@ def logit_lens(fn: Callable) -> bool:
         ]
     failures = []
     for name, r, want in cases:
-        try:
-            with torch.no_grad():
-                got = fn(model, r.clone())
-        except Exception as err:  # noqa: BLE001
-            failures.append(f"{name}: your function raised {type(err).__name__}: {err}")
+        got = _call(failures, name, fn, model, r.clone(), no_grad=True)
+        if got is _RAISED:
             continue
         if not isinstance(got, torch.Tensor) or got.shape != want.shape:
             failures.append(f"{name}: expected a tensor of shape {tuple(want.shape)}, got {getattr(got, 'shape', got)}")
@@ -189,10 +203,8 @@ def topk_activation(fn: Callable) -> bool:
     ]
     failures = []
     for name, pre, k in cases:
-        try:
-            got = fn(pre.clone(), k)
-        except Exception as err:  # noqa: BLE001 - the reader's code may raise anything
-            failures.append(f"{name}: your function raised {type(err).__name__}: {err}")
+        got = _call(failures, name, fn, pre.clone(), k)
+        if got is _RAISED:
             continue
         want = reference(pre, k)
         if not isinstance(got, torch.Tensor) or got.shape != want.shape:
@@ -239,10 +251,8 @@ def rollout(fn: Callable) -> bool:
     ]
     failures = []
     for name, attn, residual in cases:
-        try:
-            got = fn(attn.clone(), residual=residual)
-        except Exception as err:  # noqa: BLE001 - the reader's code may raise anything
-            failures.append(f"{name}: your function raised {type(err).__name__}: {err}")
+        got = _call(failures, name, fn, attn.clone(), residual=residual)
+        if got is _RAISED:
             continue
         want = reference(attn[:, None], residual=residual)[0]
         if not isinstance(got, torch.Tensor) or got.shape != want.shape:
@@ -298,10 +308,8 @@ def grad_rollout(fn: Callable) -> bool:
     ]
     failures = []
     for name, attn, grad in cases:
-        try:
-            got = fn(attn.clone(), grad.clone())
-        except Exception as err:  # noqa: BLE001 - the reader's code may raise anything
-            failures.append(f"{name}: your function raised {type(err).__name__}: {err}")
+        got = _call(failures, name, fn, attn.clone(), grad.clone())
+        if got is _RAISED:
             continue
         want = reference(attn[:, None], grad[:, None])[0]
         if not isinstance(got, torch.Tensor) or got.shape != want.shape:
@@ -487,10 +495,8 @@ def document_vector(fn: Callable) -> bool:
     ]
     failures = []
     for name, x, mask, u, tau in cases:
-        try:
-            got = fn(x.clone(), mask.clone(), u.clone(), tau)
-        except Exception as err:  # noqa: BLE001 - the reader's code may raise anything
-            failures.append(f"{name}: your function raised {type(err).__name__}: {err}")
+        got = _call(failures, name, fn, x.clone(), mask.clone(), u.clone(), tau)
+        if got is _RAISED:
             continue
         want = reference(x, mask, u, tau)
         if not isinstance(got, torch.Tensor) or got.shape != want.shape:
@@ -549,11 +555,8 @@ def leave_one_out(fn: Callable) -> bool:
     for name, ids, mask, target in cases:
         if target is None:  # the class the model finds least likely
             target = model.predict_proba(ids, mask).argmin(1)
-        try:
-            with torch.no_grad():
-                got = fn(model, ids.clone(), mask.clone(), target.clone())
-        except Exception as err:  # noqa: BLE001 - the reader's code may raise anything
-            failures.append(f"{name}: your function raised {type(err).__name__}: {err}")
+        got = _call(failures, name, fn, model, ids.clone(), mask.clone(), target.clone(), no_grad=True)
+        if got is _RAISED:
             continue
         want = reference(model, ids, mask, target)
         if not isinstance(got, torch.Tensor) or got.shape != want.shape:
@@ -614,10 +617,8 @@ def attention_entropy(fn: Callable) -> bool:
     ]
     failures = []
     for name, attn, mask in cases:
-        try:
-            got = fn(attn.clone(), mask.clone())
-        except Exception as err:  # noqa: BLE001 - the reader's code may raise anything
-            failures.append(f"{name}: your function raised {type(err).__name__}: {err}")
+        got = _call(failures, name, fn, attn.clone(), mask.clone())
+        if got is _RAISED:
             continue
         want = reference(attn, mask)
         if not isinstance(got, torch.Tensor) or got.shape != want.shape:
@@ -674,10 +675,8 @@ def word_attention(fn: Callable) -> bool:
     ]
     failures = []
     for name, attn, word_index in cases:
-        try:
-            got = fn(attn.clone(), word_index.clone())
-        except Exception as err:  # noqa: BLE001 - the reader's code may raise anything
-            failures.append(f"{name}: your function raised {type(err).__name__}: {err}")
+        got = _call(failures, name, fn, attn.clone(), word_index.clone())
+        if got is _RAISED:
             continue
         want = reference(attn, word_index)
         if not isinstance(got, torch.Tensor) or got.shape != want.shape:
@@ -776,11 +775,8 @@ def ffn_coefficients(fn: Callable) -> bool:
     ]
     failures = []
     for name, mlp, x in cases:
-        try:
-            with torch.no_grad():
-                got = fn(mlp, x.clone())
-        except Exception as err:  # noqa: BLE001 - the reader's code may raise anything
-            failures.append(f"{name}: your function raised {type(err).__name__}: {err}")
+        got = _call(failures, name, fn, mlp, x.clone(), no_grad=True)
+        if got is _RAISED:
             continue
         with torch.no_grad():
             want = reference(mlp, x)
@@ -820,11 +816,8 @@ def value_logits(fn: Callable) -> bool:
     ]
     failures = []
     for name, layer, dims in cases:
-        try:
-            with torch.no_grad():
-                got = fn(model, layer, list(dims))
-        except Exception as err:  # noqa: BLE001
-            failures.append(f"{name}: your function raised {type(err).__name__}: {err}")
+        got = _call(failures, name, fn, model, layer, list(dims), no_grad=True)
+        if got is _RAISED:
             continue
         want = reference(model, layer=layer, dims=dims)
         _compare(failures, name, got, want, atol=1e-4, rtol=1e-4, show=False)
@@ -866,10 +859,8 @@ def term_importance(fn: Callable) -> bool:
     ]
     failures = []
     for name, terms in cases:
-        try:
-            got = fn(terms.clone())
-        except Exception as err:  # noqa: BLE001
-            failures.append(f"{name}: your function raised {type(err).__name__}: {err}")
+        got = _call(failures, name, fn, terms.clone())
+        if got is _RAISED:
             continue
         _compare(failures, name, got, reference(terms), show=terms.numel() <= 8)
     return _report(
@@ -934,11 +925,8 @@ def push_layer_norm_mickus(fn: Callable) -> bool:
     ]
     failures = []
     for name, terms, ln in cases:
-        try:
-            with torch.no_grad():
-                got = fn(terms.clone(), ln)
-        except Exception as err:  # noqa: BLE001
-            failures.append(f"{name}: your function raised {type(err).__name__}: {err}")
+        got = _call(failures, name, fn, terms.clone(), ln, no_grad=True)
+        if got is _RAISED:
             continue
         with torch.no_grad():
             want = reference(terms, ln, convention="mickus")
@@ -1002,10 +990,8 @@ def fvu(fn: Callable) -> bool:
     ]
     failures = []
     for name, a, b in cases:
-        try:
-            got = fn(a.clone(), b.clone())
-        except Exception as err:  # noqa: BLE001
-            failures.append(f"{name}: your function raised {type(err).__name__}: {err}")
+        got = _call(failures, name, fn, a.clone(), b.clone())
+        if got is _RAISED:
             continue
         try:
             got = float(got)
@@ -1071,10 +1057,8 @@ def rationale_mask(fn: Callable) -> bool:
     ]
     failures = []
     for name, scores, cand, fraction in cases:
-        try:
-            got = fn(scores.clone(), cand.clone(), fraction)
-        except Exception as err:  # noqa: BLE001
-            failures.append(f"{name}: your function raised {type(err).__name__}: {err}")
+        got = _call(failures, name, fn, scores.clone(), cand.clone(), fraction)
+        if got is _RAISED:
             continue
         _compare(failures, name, got, reference(scores, cand, fraction))
     return _report(
@@ -1160,10 +1144,8 @@ def comprehensiveness(fn: Callable) -> bool:
     ]
     failures = []
     for name, ids, am, attr, target, fraction in cases:
-        try:
-            got = fn(predict, ids.clone(), am.clone(), attr.clone(), target.clone(), fraction)
-        except Exception as err:  # noqa: BLE001
-            failures.append(f"{name}: your function raised {type(err).__name__}: {err}")
+        got = _call(failures, name, fn, predict, ids.clone(), am.clone(), attr.clone(), target.clone(), fraction)
+        if got is _RAISED:
             continue
         want = reference(predict, ids, am, attr, target=target, fraction=fraction)
         _compare(failures, name, got, want)
@@ -1232,11 +1214,8 @@ def deletion_curve(fn: Callable) -> bool:
     ]
     failures = []
     for name, predict, x, sal, target, steps in cases:
-        try:
-            with torch.no_grad():
-                got = fn(predict, x.clone(), sal.clone(), target.clone(), steps)
-        except Exception as err:  # noqa: BLE001
-            failures.append(f"{name}: your function raised {type(err).__name__}: {err}")
+        got = _call(failures, name, fn, predict, x.clone(), sal.clone(), target.clone(), steps, no_grad=True)
+        if got is _RAISED:
             continue
         want = reference(predict, x, sal, target=target, steps=steps)
         _compare(failures, name, got, want, atol=1e-5)
@@ -1286,10 +1265,8 @@ def map_rank_correlation(fn: Callable) -> bool:
     ]
     failures = []
     for name, x, y in cases:
-        try:
-            got = fn(x.clone(), y.clone())
-        except Exception as err:  # noqa: BLE001
-            failures.append(f"{name}: your function raised {type(err).__name__}: {err}")
+        got = _call(failures, name, fn, x.clone(), y.clone())
+        if got is _RAISED:
             continue
         _compare(failures, name, got, reference(x, y).double())
     return _report(
@@ -1327,11 +1304,8 @@ def prototype_similarity(fn: Callable) -> bool:
     failures = []
     for name, z, p in cases:
         want = log_similarity(((z[:, None] - p[None, :, None]) ** 2).sum(-1).min(-1).values)
-        try:
-            with torch.no_grad():
-                got = fn(z.clone(), p.clone())
-        except Exception as err:  # noqa: BLE001
-            failures.append(f"{name}: your function raised {type(err).__name__}: {err}")
+        got = _call(failures, name, fn, z.clone(), p.clone(), no_grad=True)
+        if got is _RAISED:
             continue
         if not isinstance(got, torch.Tensor) or got.shape != want.shape:
             failures.append(
@@ -1487,10 +1461,10 @@ def choquet_integral(fn: Callable) -> bool:
     for name, x, mu, hand in cases:
         x, mu = np.asarray(x, dtype=float), np.asarray(mu, dtype=float)
         want = reference(x, mu) if hand is None else hand
-        try:
-            got = float(np.asarray(fn(x.copy(), mu.copy()), dtype=float).reshape(()))
-        except Exception as err:  # noqa: BLE001 - the reader's code may raise anything
-            failures.append(f"{name}: your function raised {type(err).__name__}: {err}")
+        got = _call(
+            failures, name, fn, x.copy(), mu.copy(), post=lambda r: float(np.asarray(r, dtype=float).reshape(()))
+        )
+        if got is _RAISED:
             continue
         if not abs(got - want) <= 1e-6:
             failures.append(f"{name}: expected {want:.4f}, got {got:.4f}")
@@ -1538,10 +1512,8 @@ def concept_auc(fn: Callable) -> bool:
     for name, s, p in cases:
         s, p = np.asarray(s, dtype=float), np.asarray(p, dtype=bool)
         want = reference(s, p)
-        try:
-            got = np.asarray(fn(s.copy(), p.copy()), dtype=float)
-        except Exception as err:  # noqa: BLE001 - the reader's code may raise anything
-            failures.append(f"{name}: your function raised {type(err).__name__}: {err}")
+        got = _call(failures, name, fn, s.copy(), p.copy(), post=lambda r: np.asarray(r, dtype=float))
+        if got is _RAISED:
             continue
         if got.shape != want.shape:
             failures.append(f"{name}: expected shape {want.shape} (one AUC per concept), got {got.shape}")
@@ -1607,10 +1579,8 @@ def within_class_auc(fn: Callable) -> bool:
     for name, s, p, y in cases:
         s, p, y = np.asarray(s, dtype=float), np.asarray(p, dtype=bool), np.asarray(y)
         want = reference(s, p, y)
-        try:
-            got = np.asarray(fn(s.copy(), p.copy(), y.copy()), dtype=float)
-        except Exception as err:  # noqa: BLE001 - the reader's code may raise anything
-            failures.append(f"{name}: your function raised {type(err).__name__}: {err}")
+        got = _call(failures, name, fn, s.copy(), p.copy(), y.copy(), post=lambda r: np.asarray(r, dtype=float))
+        if got is _RAISED:
             continue
         if got.shape != want.shape:
             failures.append(f"{name}: expected shape {want.shape} (one AUC per concept), got {got.shape}")
@@ -1846,10 +1816,8 @@ def dimension_purity(fn: Callable) -> bool:
     for name, f, y, top in cases:
         f, y = np.asarray(f, dtype=float), np.asarray(y)
         want = reference(f, y, top=top)
-        try:
-            got = np.asarray(fn(f.copy(), y.copy(), top=top), dtype=float)
-        except Exception as err:  # noqa: BLE001 - the reader's code may raise anything
-            failures.append(f"{name}: your function raised {type(err).__name__}: {err}")
+        got = _call(failures, name, fn, f.copy(), y.copy(), top=top, post=lambda r: np.asarray(r, dtype=float))
+        if got is _RAISED:
             continue
         if got.shape != want.shape:
             failures.append(f"{name}: expected shape {want.shape} (one purity per dimension), got {got.shape}")
@@ -1907,10 +1875,10 @@ def ground_truth_auc(fn: Callable) -> bool:
     failures = []
     for name, s, t in cases:
         want = reference(s, t)
-        try:
-            got = torch.as_tensor(fn(s.clone(), t.clone()), dtype=torch.float64).reshape(-1)
-        except Exception as err:  # noqa: BLE001 - the reader's code may raise anything
-            failures.append(f"{name}: your function raised {type(err).__name__}: {err}")
+        got = _call(
+            failures, name, fn, s.clone(), t.clone(), post=lambda r: torch.as_tensor(r, dtype=torch.float64).reshape(-1)
+        )
+        if got is _RAISED:
             continue
         if got.shape != want.shape:
             failures.append(f"{name}: expected shape {tuple(want.shape)} (one AUC per item), got {tuple(got.shape)}")
@@ -1966,10 +1934,15 @@ def sanity_distance(fn: Callable) -> bool:
     failures = []
     for name, r, x in cases:
         want = reference(r, x)
-        try:
-            got = torch.as_tensor(fn(r.clone(), x.clone()), dtype=torch.float64).reshape(-1)
-        except Exception as err:  # noqa: BLE001 - the reader's code may raise anything
-            failures.append(f"{name}: your function raised {type(err).__name__}: {err}")
+        got = _call(
+            failures,
+            name,
+            fn,
+            r.clone(),
+            x.clone(),
+            post=lambda out: torch.as_tensor(out, dtype=torch.float64).reshape(-1),
+        )
+        if got is _RAISED:
             continue
         if got.shape != want.shape:
             failures.append(
