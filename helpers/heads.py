@@ -922,7 +922,8 @@ class ArcRecords:
 
     def table(self, select: Sequence[int], report: Sequence[int], *, n_resamples: int = 2000, seed: int = 0):
         """Best head and best offset per relation, chosen on the ``select`` sentences and reported,
-        with 95 % bootstrap intervals over dependents, on the ``report`` sentences.
+        with 95 % bootstrap intervals, on the ``report`` sentences. The intervals resample whole
+        sentences (a cluster bootstrap): the dependents of one sentence are not independent.
 
         Args:
             select, report: disjoint sentence ids (e.g. from ``helpers.stats.split_indices``).
@@ -953,11 +954,13 @@ class ArcRecords:
             sel, rep = np.flatnonzero(is_rel & in_select), np.flatnonzero(is_rel & in_report)
             if sel.size < 2 or rep.size < 2:
                 continue
+            sentences = out["sentence"][rep]  # the report dependents' sentences: the bootstrap's groups
             chosen = stats.select_then_report(self._options(out, sel), self._options(out, rep),
-                                              n_resamples=n_resamples, seed=seed)
+                                              n_resamples=n_resamples, seed=seed, groups=sentences)
             offsets_sel = {o: out["offset"][sel, i] for i, o in enumerate(self.offsets)}
             offsets_rep = {o: out["offset"][rep, i] for i, o in enumerate(self.offsets)}
-            base = stats.select_then_report(offsets_sel, offsets_rep, n_resamples=n_resamples, seed=seed)
+            base = stats.select_then_report(offsets_sel, offsets_rep, n_resamples=n_resamples, seed=seed,
+                                            groups=sentences)
             head_hits = self._options(out, rep)[chosen.key]
             in_sample = max(float(v.mean()) for v in self._options(out, rep).values())
             direction, layer, head = chosen.key
@@ -974,7 +977,7 @@ class ArcRecords:
                     "best offset": int(base.key),
                     "offset accuracy": base.report,
                     "gain": stats.paired_difference(head_hits, offsets_rep[base.key], n_resamples=n_resamples,
-                                                    seed=seed),
+                                                    seed=seed, groups=sentences),
                 }
             )
         return pd.DataFrame(rows).set_index("relation")

@@ -150,8 +150,31 @@ def _batch(n: int) -> int:
     return max(1, 4_000_000 // n)  # bounds memory at ~32 MB of float64 per resampled array
 
 
+def _group_totals(x: np.ndarray, groups, statistic: Statistic) -> tuple[np.ndarray, np.ndarray]:
+    """Per-group sums and counts of ``x`` for the cluster bootstrap (only the mean is supported)."""
+    if statistic is not np.mean:
+        raise ValueError("groups= resamples whole groups and supports the mean only (statistic=np.mean)")
+    g = np.asarray(groups)
+    if g.shape != x.shape:
+        raise ValueError(f"groups must give one group id per example, shape {x.shape}, got {g.shape}")
+    _, inverse = np.unique(g, return_inverse=True)
+    if inverse.max() < 1:
+        raise ValueError("groups= needs at least 2 groups to resample")
+    return np.bincount(inverse, weights=x), np.bincount(inverse).astype(float)
+
+
+def _cluster_means(sums: np.ndarray, counts: np.ndarray, n_resamples: int, seed: int) -> np.ndarray:
+    """``[n_resamples]`` means over resampled groups (groups drawn with replacement, items pooled)."""
+    rng = np.random.default_rng(seed)
+    out = np.empty(n_resamples)
+    for start in range(0, n_resamples, 500):
+        idx = rng.integers(0, sums.size, size=(min(500, n_resamples - start), sums.size))
+        out[start : start + len(idx)] = sums[idx].sum(1) / counts[idx].sum(1)
+    return out
+
+
 def bootstrap_ci(values, *, statistic: Statistic = np.mean, confidence: float = 0.95, n_resamples: int = 2000,
-                 seed: int = 0, method: str = "percentile") -> Estimate:
+                 seed: int = 0, method: str = "percentile", groups=None) -> Estimate:
     """A bootstrap interval for ``statistic(values)`` over examples (accuracy, mean score, ...).
 
     Args:
@@ -161,12 +184,17 @@ def bootstrap_ci(values, *, statistic: Statistic = np.mean, confidence: float = 
         n_resamples: bootstrap resamples (>= 100).
         seed: seed of the resampling; the same seed gives the same interval.
         method: ``"percentile"`` (the book's default), ``"BCa"`` or ``"basic"``.
+        groups: ``[example]`` group ids (e.g. the sentence of each word): resample whole groups, not
+            examples (a cluster bootstrap, percentile, mean only), when examples of a group are not
+            independent. The interval is then usually wider.
 
     Returns:
         An :class:`Estimate`; all-equal values give a zero-width interval.
 
     >>> f"{bootstrap_ci([1, 0, 1, 1, 0, 1, 1, 1, 0, 1]):.2f}"
     '0.70 [0.40, 1.00]'
+    >>> f"{bootstrap_ci([1, 1, 1, 0, 0, 0, 1, 0], groups=[0, 0, 0, 1, 1, 1, 2, 3]):.2f}"
+    '0.50 [0.00, 1.00]'
 
     Efron & Tibshirani 1993, *An Introduction to the Bootstrap*, ch. 13.
     """
@@ -177,6 +205,13 @@ def bootstrap_ci(values, *, statistic: Statistic = np.mean, confidence: float = 
     value = _apply(statistic, x)
     label = {"percentile": "bootstrap", "bca": "BCa bootstrap", "basic": "basic bootstrap"}[method.lower()]
     desc = f"{label} {_pct(confidence)} over {x.size} examples"
+    if groups is not None:
+        if str(method).lower() != "percentile":
+            raise ValueError("groups= supports the percentile method only")
+        sums, counts = _group_totals(x, groups, statistic)
+        dist = _cluster_means(sums, counts, n_resamples, seed)
+        lo, hi = np.quantile(dist, [(1 - confidence) / 2, (1 + confidence) / 2])
+        return Estimate(value, lo, hi, n=x.size, method=f"cluster bootstrap {_pct(confidence)} over {sums.size} groups of {x.size} examples")
     if np.all(x == x[0]):  # every resample is the sample itself; scipy would warn (BCa) or waste time
         return Estimate(value, value, value, n=x.size, method=desc)
     vec = _takes_axis(statistic)
@@ -187,7 +222,7 @@ def bootstrap_ci(values, *, statistic: Statistic = np.mean, confidence: float = 
 
 
 def paired_difference(a, b, *, statistic: Statistic = np.mean, confidence: float = 0.95, n_resamples: int = 2000,
-                      seed: int = 0) -> Estimate:
+                      seed: int = 0, groups=None) -> Estimate:
     """``statistic(a) − statistic(b)`` on the same examples, with a paired bootstrap interval and p-value.
 
     The examples are resampled jointly (one index set for both systems), so what the two systems
@@ -197,7 +232,8 @@ def paired_difference(a, b, *, statistic: Statistic = np.mean, confidence: float
 
     Args:
         a, b: ``[example]`` per-example scores of systems A and B on the same examples, same order.
-        statistic, confidence, n_resamples, seed: as in :func:`bootstrap_ci`.
+        statistic, confidence, n_resamples, seed, groups: as in :func:`bootstrap_ci` (with ``groups``, whole
+            groups are resampled jointly for both systems).
 
     Returns:
         An :class:`Estimate` of ``A − B`` with ``p`` set; ``.verdict((name_a, name_b))`` words it.
@@ -214,6 +250,12 @@ def paired_difference(a, b, *, statistic: Statistic = np.mean, confidence: float
         raise ValueError(f"a and b must score the same examples, got {x.size} and {y.size}; align them first")
     _check_options(confidence, n_resamples)
     value = _apply(statistic, x, y)
+    if groups is not None:
+        sums, counts = _group_totals(x - y, groups, statistic)
+        dist = _cluster_means(sums, counts, n_resamples, seed)
+        lo, hi = np.quantile(dist, [(1 - confidence) / 2, (1 + confidence) / 2])
+        desc = f"paired cluster bootstrap {_pct(confidence)} over {sums.size} groups of {x.size} examples"
+        return Estimate(value, lo, hi, n=x.size, method=desc, p=_bootstrap_p(value, dist))
     if _takes_axis(statistic):
         def diff(u, v, axis=-1):
             return statistic(u, axis=axis) - statistic(v, axis=axis)
@@ -223,15 +265,18 @@ def paired_difference(a, b, *, statistic: Statistic = np.mean, confidence: float
     res = _st.bootstrap((x, y), diff, paired=True, vectorized=_takes_axis(statistic), n_resamples=n_resamples,
                         batch=_batch(x.size), confidence_level=confidence, method="percentile",
                         rng=np.random.default_rng(seed))
-    dist = np.asarray(res.bootstrap_distribution)  # [n_resamples]
-    if value == 0:
-        p = 1.0
-    else:
-        k = int(np.sum(dist <= 0) if value > 0 else np.sum(dist >= 0))
-        p = min(1.0, 2 * (k + 1) / (dist.size + 1))
     ci = res.confidence_interval
     desc = f"paired bootstrap {_pct(confidence)} over {x.size} examples"
-    return Estimate(value, ci.low, ci.high, n=x.size, method=desc, p=p)
+    return Estimate(value, ci.low, ci.high, n=x.size, method=desc,
+                    p=_bootstrap_p(value, np.asarray(res.bootstrap_distribution)))
+
+
+def _bootstrap_p(value: float, dist: np.ndarray) -> float:
+    """Two-sided bootstrap p of an observed difference against its resampled distribution (see above)."""
+    if value == 0:
+        return 1.0
+    k = int(np.sum(dist <= 0) if value > 0 else np.sum(dist >= 0))
+    return min(1.0, 2 * (k + 1) / (dist.size + 1))
 
 
 @dataclass(frozen=True)
@@ -443,7 +488,7 @@ class Selection:
 
 def select_then_report(scores_select: Mapping, scores_report: Mapping | Callable, *, higher_is_better: bool = True,
                        statistic: Statistic = np.mean, confidence: float = 0.95, n_resamples: int = 2000,
-                       seed: int = 0) -> Selection:
+                       seed: int = 0, groups=None) -> Selection:
     """Choose the best option on one split, then report it, and only it, on another.
 
     Args:
@@ -451,7 +496,8 @@ def select_then_report(scores_select: Mapping, scores_report: Mapping | Callable
         scores_report: ``{option: [example] scores on the report split}``, or ``f(option) -> scores``
             (called once, for the chosen option only, so costly evaluations run once).
         higher_is_better: False for losses; ties go to the first option in ``scores_select``.
-        statistic, confidence, n_resamples, seed: as in :func:`bootstrap_ci`, for the report.
+        statistic, confidence, n_resamples, seed, groups: as in :func:`bootstrap_ci`, for the report
+            (``groups``: one group id per report example).
 
     Returns:
         A :class:`Selection`; the report split never influences which option is chosen.
@@ -476,5 +522,5 @@ def select_then_report(scores_select: Mapping, scores_report: Mapping | Callable
     else:
         report_values = scores_report(key)
     report = bootstrap_ci(_as_1d(report_values, f"scores_report[{key!r}]"), statistic=statistic,
-                          confidence=confidence, n_resamples=n_resamples, seed=seed)
+                          confidence=confidence, n_resamples=n_resamples, seed=seed, groups=groups)
     return Selection(key=key, select_score=select_scores[key], report=report, select_scores=select_scores)

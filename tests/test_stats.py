@@ -280,3 +280,29 @@ def test_rank_correlations_is_the_one_convention_for_spearman():
         stats.rank_correlations([[1, 2]], [[1, 2]], mask=[[True, False]])
     with pytest.raises(ValueError, match="NaN"):
         stats.rank_correlations([[1.0, np.nan]], [[1.0, 2.0]])
+
+
+def test_cluster_bootstrap_resamples_whole_groups():
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 2, 400).astype(float)
+    # one example per group: the cluster bootstrap is the ordinary bootstrap (up to resampling noise)
+    single = stats.bootstrap_ci(x, groups=np.arange(400))
+    plain = stats.bootstrap_ci(x)
+    assert single.value == plain.value and abs(single.lo - plain.lo) < 0.015 and abs(single.hi - plain.hi) < 0.015
+    # 40 sentences of 10 identical words: 40 independent observations, not 400
+    sentences = np.repeat(np.arange(40), 10)
+    y = np.repeat(rng.integers(0, 2, 40).astype(float), 10)
+    clustered, naive = stats.bootstrap_ci(y, groups=sentences), stats.bootstrap_ci(y)
+    assert clustered.hi - clustered.lo > 2.5 * (naive.hi - naive.lo)
+    assert "40 groups" in clustered.method
+    # paired: the same, on differences; a constant shift inside every group is still a sure difference
+    d = stats.paired_difference(y + 0.1, y, groups=sentences)
+    assert d.value == pytest.approx(0.1) and d.lo == pytest.approx(0.1) and d.hi == pytest.approx(0.1) and d.p < 0.01
+    wide = stats.paired_difference(y, np.zeros_like(y), groups=sentences)
+    assert wide.hi - wide.lo == pytest.approx(clustered.hi - clustered.lo)
+    with pytest.raises(ValueError, match="mean only"):
+        stats.bootstrap_ci(y, groups=sentences, statistic=np.median)
+    with pytest.raises(ValueError, match="one group id per example"):
+        stats.bootstrap_ci(y, groups=sentences[:10])
+    with pytest.raises(ValueError, match="at least 2 groups"):
+        stats.paired_difference(y, y, groups=np.zeros(400))
