@@ -14,7 +14,10 @@ annotated, and rare classes whose sub-concepts a generic multimodal model barely
 * :func:`concept_activation_vectors`: concept directions learned from labelled examples in the image
   embedding space (CAVs, Kim et al. 2018);
 * :func:`self_train`: pseudo-labelling with a consistency check, seeded by zero-shot predictions,
-  on frozen image embeddings (Lee 2013; Sohn et al. 2020).
+  on frozen image embeddings (Lee 2013; Sohn et al. 2020);
+* :func:`long_tail_indices`, :func:`classification_ci`, :func:`open_set_auroc` and
+  :func:`nearest_mean_distance`: a Zipf-shaped test set, class-averaged metrics with bootstrap intervals,
+  and how well an unknown-detector flags a class the classifier was never given.
 
 Reuses :mod:`helpers.clip` (model, captions, concept bank) and :mod:`helpers.choquet` (the student).
 Introduced in nbs/11_rare_classes.ipynb.
@@ -852,6 +855,208 @@ def fit_student(z: Tensor, teacher_logits: Tensor, groups: Sequence[str], *, epo
     choquet.distil(student, z, teacher_logits, temperature=2.0, epochs=epochs, batch_size=batch_size, lr=lr,
                    seed=seed)
     return student
+
+
+# --------------------------------------------------------------------------------------------------
+# Long-tailed test sets and the open-set case
+# --------------------------------------------------------------------------------------------------
+
+CLASSIFICATION_METRICS = ("macro-F1", "balanced accuracy", "rare recall")
+"""The metrics of :func:`classification_ci`: macro-F1 over ``n_classes``, mean recall over the classes present
+(sklearn's balanced accuracy) and mean recall over the rare classes present."""
+
+
+def long_tail_indices(labels: Tensor | np.ndarray, order: Sequence[int], *, n_head: int | None = None,
+                      exponent: float = 1.0, seed: int = 0) -> np.ndarray:
+    """Indices of a long-tailed (Zipf) subsample of a labelled set, without replacement.
+
+    The class of rank ``r`` in ``order`` (1 = head) keeps ``round(n_head * r ** -exponent)`` images (at least
+    one), drawn at random with ``seed``; classes not in ``order`` are dropped.
+
+    Args:
+        labels: ``[N]`` integer class of each example.
+        order: the classes from head to tail, each once.
+        n_head: images kept of the head class; default: every image of the head class.
+        exponent: Zipf exponent ``s >= 0`` (0 keeps ``n_head`` of every class).
+        seed: seed of the draw.
+
+    Returns:
+        ``[M]`` sorted indices into ``labels``.
+
+    >>> labels = np.repeat([0, 1, 2], 100)
+    >>> np.bincount(labels[long_tail_indices(labels, [2, 0, 1], exponent=1.0)]).tolist()
+    [50, 33, 100]
+    """
+    y = np.asarray(labels)
+    if y.ndim != 1 or y.size == 0 or not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"labels must be a non-empty 1-D integer array, got shape {y.shape}, dtype {y.dtype}")
+    order = [int(c) for c in order]
+    if not order or len(set(order)) != len(order):
+        raise ValueError(f"order must list each class once, head first, got {order}")
+    if not np.isfinite(exponent) or exponent < 0:
+        raise ValueError(f"exponent must be a finite number >= 0, got {exponent}")
+    available = {c: int(np.sum(y == c)) for c in order}
+    n_head = available[order[0]] if n_head is None else int(n_head)
+    if n_head < 1:
+        raise ValueError(f"n_head must be >= 1, got {n_head}")
+    rng = np.random.default_rng(seed)
+    keep = []
+    for rank, c in enumerate(order, start=1):
+        n = max(1, int(round(n_head * rank ** -exponent)))
+        if n > available[c]:
+            raise ValueError(f"class {c} (rank {rank}) needs {n} examples but has {available[c]}; lower n_head")
+        keep.append(rng.choice(np.flatnonzero(y == c), size=n, replace=False))
+    return np.sort(np.concatenate(keep))
+
+
+def encode_predictions(y_true: Tensor | np.ndarray, y_pred: Tensor | np.ndarray, *, n_classes: int) -> np.ndarray:
+    """One float per example, ``y_true * n_classes + y_pred``, so that a bootstrap over examples keeps the pairs.
+
+    ``[N], [N] -> [N]``; :func:`classification_metric` decodes it (also on ``[B, N]`` resamples).
+    """
+    t, p = np.asarray(y_true), np.asarray(y_pred)
+    if t.ndim != 1 or t.shape != p.shape:
+        raise ValueError(f"y_true and y_pred must be 1-D with the same shape, got {t.shape} and {p.shape}")
+    for name, v in (("y_true", t), ("y_pred", p)):
+        if v.size and (v.min() < 0 or v.max() >= n_classes or not np.all(v == np.round(v))):
+            raise ValueError(f"{name} must hold class indices in [0, {n_classes}), got {np.unique(v)[:5].tolist()}")
+    return (t.astype(np.int64) * n_classes + p.astype(np.int64)).astype(np.float64)
+
+
+def classification_metric(codes: np.ndarray, *, metric: str, n_classes: int,
+                          rare_classes: Sequence[int] = RARE_CLASSES, axis: int = -1) -> np.ndarray | float:
+    """A metric of :data:`CLASSIFICATION_METRICS` from :func:`encode_predictions` codes ``[..., N]`` -> ``[...]``.
+
+    Vectorised over leading axes (one confusion matrix per row), as ``helpers.stats.bootstrap_ci`` needs.
+    """
+    if metric not in CLASSIFICATION_METRICS:
+        raise ValueError(f"metric must be one of {CLASSIFICATION_METRICS}, got {metric!r}")
+    x = np.moveaxis(np.asarray(codes), axis, -1).astype(np.int64)
+    lead, n = x.shape[:-1], x.shape[-1]
+    rows = x.reshape(-1, n)
+    k2 = n_classes * n_classes
+    offsets = np.arange(len(rows))[:, None] * k2
+    confusion = np.bincount((rows + offsets).ravel(), minlength=len(rows) * k2).reshape(len(rows), n_classes,
+                                                                                       n_classes)
+    tp = np.diagonal(confusion, axis1=1, axis2=2).astype(np.float64)      # [B, K]
+    n_true, n_pred = confusion.sum(2).astype(np.float64), confusion.sum(1).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if metric == "macro-F1":
+            denom = n_true + n_pred
+            out = np.where(denom > 0, 2 * tp / np.where(denom > 0, denom, 1), 0.0).mean(1)
+        else:
+            recall = np.where(n_true > 0, tp / np.where(n_true > 0, n_true, 1), np.nan)
+            if metric == "rare recall":
+                recall = recall[:, list(rare_classes)]
+            out = np.nanmean(recall, axis=1)
+    out = out.reshape(lead)
+    return float(out) if out.ndim == 0 else out
+
+
+def classification_ci(y_true: Tensor | np.ndarray, y_pred: Tensor | np.ndarray, *, metric: str, n_classes: int = 10,
+                       rare_classes: Sequence[int] = RARE_CLASSES, seed: int = 0, n_resamples: int = 2000):
+    """``metric`` of predictions ``y_pred [N]`` against ``y_true [N]`` with a bootstrap interval over the examples.
+
+    Returns a ``helpers.stats.Estimate`` (from ``stats.bootstrap_ci``).
+    """
+    from helpers import stats
+
+    if metric not in CLASSIFICATION_METRICS:
+        raise ValueError(f"metric must be one of {CLASSIFICATION_METRICS}, got {metric!r}")
+    codes = encode_predictions(y_true, y_pred, n_classes=n_classes)
+
+    def statistic(x, axis=-1):
+        return classification_metric(x, metric=metric, n_classes=n_classes, rare_classes=rare_classes, axis=axis)
+
+    return stats.bootstrap_ci(codes, statistic=statistic, seed=seed, n_resamples=n_resamples)
+
+
+def _auroc_codes(scores: np.ndarray, is_unknown: np.ndarray) -> np.ndarray:
+    # dense rank of the score (ties share a rank) times 2, plus 1 for an unknown example
+    ranks = np.unique(scores, return_inverse=True)[1].reshape(-1)
+    return (2 * ranks + is_unknown).astype(np.float64)
+
+
+def _auroc_of_codes(codes: np.ndarray, axis: int = -1) -> np.ndarray | float:
+    # Mann-Whitney AUROC (ties count 1/2) of every row of codes [..., N], through per-rank counts
+    x = np.moveaxis(np.asarray(codes), axis, -1).astype(np.int64)
+    lead, n = x.shape[:-1], x.shape[-1]
+    rows = x.reshape(-1, n)
+    n_ranks = int(rows.max()) // 2 + 1 if rows.size else 1
+    # one bincount: row b, flag f (1 = unknown), rank r -> bin (2 b + f) * n_ranks + r
+    flat = (rows >> 1) + ((rows & 1) + 2 * np.arange(len(rows))[:, None]) * n_ranks
+    counts = np.bincount(flat.ravel(), minlength=2 * len(rows) * n_ranks).reshape(len(rows), 2, n_ranks)
+    known, unknown = counts[:, 0], counts[:, 1]                                       # [B, ranks]
+    below_twice = 2 * np.cumsum(known, axis=1) - known                      # 2 * (known below) + known tied
+    wins = (unknown * below_twice).sum(1) / 2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = wins / (known.sum(1).astype(np.float64) * unknown.sum(1))
+    out = out.reshape(lead)
+    return float(out) if out.ndim == 0 else out
+
+
+def open_set_auroc(scores: Tensor | np.ndarray, is_unknown: Tensor | np.ndarray, *, seed: int = 0,
+                   n_resamples: int = 2000, min_per_group: int = 10):
+    """AUROC of an unknown-detector: how often an unseen-class example scores above a known one (ties 1/2).
+
+    Args:
+        scores: ``[N]`` "unknown-ness" of each test example (higher = more likely unseen), e.g.
+            ``1 - max softmax`` or :func:`nearest_mean_distance`.
+        is_unknown: ``[N]`` bool, True for the examples of the class held out of training.
+        seed, n_resamples: of the bootstrap over examples (``helpers.stats.bootstrap_ci``).
+
+    Returns:
+        a ``helpers.stats.Estimate``; 0.5 is a random score, 1 a perfect detector. The bootstrap needs at
+        least ``min_per_group`` known and unknown examples (a resample without either has no AUROC).
+
+    >>> open_set_auroc(np.arange(20.0), np.arange(20) >= 10).value
+    1.0
+    """
+    from helpers import stats
+
+    codes = open_set_codes(scores, is_unknown)
+    n_unknown = int(np.asarray(is_unknown).sum())
+    if min(n_unknown, len(codes) - n_unknown) < min_per_group:
+        raise ValueError(f"need at least {min_per_group} known and {min_per_group} unknown examples for the "
+                         f"bootstrap, got {len(codes) - n_unknown} and {n_unknown}")
+    return stats.bootstrap_ci(codes, statistic=_auroc_of_codes, seed=seed, n_resamples=n_resamples)
+
+
+def open_set_codes(scores: Tensor | np.ndarray, is_unknown: Tensor | np.ndarray) -> np.ndarray:
+    """``[N], [N] -> [N]`` floats that carry each example's score rank and unknown flag through a bootstrap.
+
+    ``helpers.stats.paired_difference(codes_a, codes_b, statistic=open_set_auroc_statistic)`` compares two
+    detectors on the same examples.
+
+    >>> open_set_auroc_statistic(open_set_codes([0.1, 0.4, 0.35, 0.8], np.array([False, False, True, True])))
+    0.75
+    """
+    s, u = np.asarray(scores, dtype=np.float64), np.asarray(is_unknown)
+    if s.ndim != 1 or s.shape != u.shape:
+        raise ValueError(f"scores and is_unknown must be 1-D with the same shape, got {s.shape} and {u.shape}")
+    if not np.isfinite(s).all():
+        raise ValueError("scores contain NaN or inf")
+    if u.dtype != bool:
+        raise ValueError(f"is_unknown must be bool, got dtype {u.dtype}")
+    if u.all() or not u.any():
+        raise ValueError(f"need known and unknown examples, got {int(u.sum())} unknown of {u.size}")
+    return _auroc_codes(s, u.astype(np.int64))
+
+
+open_set_auroc_statistic = _auroc_of_codes
+"""The AUROC of :func:`open_set_codes` ``[..., N] -> [...]`` (vectorised), for ``helpers.stats``."""
+
+
+def nearest_mean_distance(emb: Tensor, means: Tensor) -> Tensor:
+    """Cosine distance ``[N]`` of each embedding ``emb [N, d]`` to the nearest class mean ``means [K, d]``.
+
+    An unknown-detector that needs no classifier: an image far from every known class mean is suspect.
+    """
+    if emb.ndim != 2 or means.ndim != 2 or emb.shape[1] != means.shape[1] or len(means) == 0:
+        raise ValueError(f"need emb [N, d] and means [K, d] with the same d, got {tuple(emb.shape)} and "
+                         f"{tuple(means.shape)}")
+    return 1 - (F.normalize(emb.float(), dim=1) @ F.normalize(means.float(), dim=1).T).max(1).values
+
 
 if __name__ == "__main__":
     write_committed_weights()

@@ -294,3 +294,88 @@ def test_cav_significance_separates_a_planted_concept_from_noise():
         rare.cav_significance(emb[train], has[train].numpy(), statistic, n_runs=1)
     with pytest.raises(ValueError, match=r"\[N\] bool"):
         rare.cav_significance(emb[train], has[:10].numpy(), statistic)
+
+
+def test_long_tail_indices_follow_zipf_and_are_seeded():
+    labels = np.repeat([0, 1, 2, 3], 100)
+    idx = rare.long_tail_indices(labels, [3, 0, 1, 2], n_head=80, exponent=1.0, seed=0)
+    assert np.bincount(labels[idx]).tolist() == [40, 27, 20, 80]  # round(80 / r): ranks 2, 3, 4 and 1
+    assert len(np.unique(idx)) == len(idx) and np.all(np.diff(idx) > 0)  # sorted, no repeats
+    assert np.array_equal(idx, rare.long_tail_indices(labels, [3, 0, 1, 2], n_head=80, seed=0))
+    assert not np.array_equal(idx, rare.long_tail_indices(labels, [3, 0, 1, 2], n_head=80, seed=1))
+    flat = rare.long_tail_indices(labels, [1, 2], exponent=0.0)  # s = 0: every listed class keeps n_head
+    assert np.bincount(labels[flat], minlength=4).tolist() == [0, 100, 100, 0]
+    with pytest.raises(ValueError, match="each class once"):
+        rare.long_tail_indices(labels, [0, 0, 1])
+    with pytest.raises(ValueError, match="exponent"):
+        rare.long_tail_indices(labels, [0, 1], exponent=-1.0)
+    with pytest.raises(ValueError, match="lower n_head"):
+        rare.long_tail_indices(labels, [0, 1], n_head=150)
+    with pytest.raises(ValueError, match="integer"):
+        rare.long_tail_indices(labels.astype(float), [0, 1])
+
+
+def test_classification_metrics_match_sklearn_and_bootstrap_in_batches():
+    from sklearn.metrics import balanced_accuracy_score, f1_score, recall_score
+
+    gen = np.random.default_rng(0)
+    y = gen.integers(0, 5, 300)
+    pred = np.where(gen.random(300) < 0.6, y, gen.integers(0, 5, 300))
+    codes = rare.encode_predictions(y, pred, n_classes=5)
+    metric = rare.classification_metric
+    assert metric(codes, metric="macro-F1", n_classes=5) == pytest.approx(
+        f1_score(y, pred, labels=range(5), average="macro", zero_division=0))
+    assert metric(codes, metric="balanced accuracy", n_classes=5) == pytest.approx(balanced_accuracy_score(y, pred))
+    rare_recall = recall_score(y, pred, labels=[1, 3], average=None).mean()
+    assert metric(codes, metric="rare recall", n_classes=5, rare_classes=(1, 3)) == pytest.approx(rare_recall)
+    batch = np.stack([codes, codes[::-1], codes[:150].repeat(2)])  # [3, 300]: one value per row
+    per_row = metric(batch, metric="macro-F1", n_classes=5)
+    assert per_row.shape == (3,) and per_row[0] == pytest.approx(per_row[1])
+    perfect = rare.classification_ci(y, y, metric="macro-F1", n_classes=5)
+    assert (perfect.value, perfect.lo, perfect.hi) == (1.0, 1.0, 1.0)
+    est = rare.classification_ci(y, pred, metric="balanced accuracy", n_classes=5)
+    assert est.lo < balanced_accuracy_score(y, pred) < est.hi
+    with pytest.raises(ValueError, match="metric must be one of"):
+        rare.classification_ci(y, pred, metric="accuracy")
+    with pytest.raises(ValueError, match="class indices"):
+        rare.encode_predictions(y, pred + 5, n_classes=5)
+    with pytest.raises(ValueError, match="same shape"):
+        rare.encode_predictions(y, pred[:10], n_classes=5)
+
+
+def test_open_set_auroc_known_answers_and_paired_comparison():
+    from sklearn.metrics import roc_auc_score
+
+    from helpers import stats
+
+    perfect = rare.open_set_auroc(np.r_[np.zeros(12), np.ones(10)], np.arange(22) >= 12)
+    assert (perfect.value, perfect.lo, perfect.hi) == (1.0, 1.0, 1.0)
+    tied = rare.open_set_codes(np.full(4, 0.5), np.array([0, 1, 0, 1], bool))
+    assert rare.open_set_auroc_statistic(tied) == 0.5  # every pair tied: half a win each
+    with pytest.raises(ValueError, match="at least 10"):
+        rare.open_set_auroc([0.1, 0.2, 0.9], np.array([0, 0, 1], bool))
+    gen = np.random.default_rng(0)
+    unknown = gen.random(400) < 0.25
+    good = np.round(gen.normal(size=400) + 1.5 * unknown, 1)  # rounded: many ties
+    noise = gen.normal(size=400)
+    est = rare.open_set_auroc(good, unknown)
+    assert est.value == pytest.approx(roc_auc_score(unknown, good)) and est.lo > 0.5
+    codes = np.stack([rare.open_set_codes(good, unknown), rare.open_set_codes(noise, unknown)])
+    assert rare.open_set_auroc_statistic(codes) == pytest.approx([roc_auc_score(unknown, s) for s in (good, noise)])
+    d = stats.paired_difference(codes[0], codes[1], statistic=rare.open_set_auroc_statistic)
+    assert d.verdict(("good", "noise")) == "good beats noise"
+    with pytest.raises(ValueError, match="known and unknown"):
+        rare.open_set_auroc(good, np.zeros(400, bool))
+    with pytest.raises(ValueError, match="bool"):
+        rare.open_set_auroc(good, unknown.astype(int))
+    with pytest.raises(ValueError, match="NaN"):
+        rare.open_set_auroc(np.r_[good[:-1], np.nan], unknown)
+
+
+def test_nearest_mean_distance_is_zero_on_a_mean_and_checks_shapes():
+    means = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    emb = torch.tensor([[2.0, 0.0], [1.0, 1.0], [-1.0, 0.0]])
+    dist = rare.nearest_mean_distance(emb, means)
+    assert torch.allclose(dist, torch.tensor([0.0, 1 - 2 ** -0.5, 1.0]), atol=1e-6)
+    with pytest.raises(ValueError, match="same d"):
+        rare.nearest_mean_distance(emb, torch.ones(2, 3))
