@@ -81,7 +81,7 @@ class Estimate:
             higher_is_better: False for losses, errors, perplexities (then a negative ``A − B`` wins).
 
         Returns:
-            ``"A beats B"``, ``"B beats A"`` or ``"a tie (the interval contains 0)"``.
+            ``"A beats B"``, ``"B beats A"`` or ``"a tie"`` (the interval contains 0).
 
         >>> Estimate(0.04, 0.01, 0.07, n=400, method="paired").verdict(("SINr", "bag of words"))
         'SINr beats bag of words'
@@ -89,7 +89,7 @@ class Estimate:
         if len(names) != 2:
             raise ValueError(f"names must be a pair (A, B), got {names!r}")
         if not self.excludes(0.0):
-            return "a tie (the interval contains 0)"
+            return "a tie"
         a_wins = (self.lo > 0) == higher_is_better
         winner, loser = names if a_wins else names[::-1]
         return f"{winner} beats {loser}"
