@@ -411,7 +411,7 @@ def rank_correlations(a, b, *, mask=None) -> np.ndarray:
         rx, ry = rx - rx.mean(), ry - ry.mean()
         nx, ny = math.sqrt(float(rx @ rx)), math.sqrt(float(ry @ ry))
         out[i] = (1.0 if nx == ny else math.nan) if nx == 0 or ny == 0 else float(rx @ ry) / (nx * ny)
-    return out
+    return np.clip(out, -1.0, 1.0)  # rounding can put a perfect correlation a hair outside [-1, 1]
 
 
 def spearman(a, b) -> float:
