@@ -677,6 +677,16 @@ def lwf(model: ContinualClip, task: Task, *, state: State) -> ContinualClip:
     return _fine_tune(model, task, state, distil)
 
 
+def _zscl_inputs(model: ContinualClip, task, state) -> tuple:
+    """ZSCL's teacher (the initial model), the recipe and the reference texts' MiniLM embeddings ``[R, 384]``."""
+    _check(model, task, state)
+    if state.reference_images is None or not state.reference_texts:
+        raise ValueError("ZSCL needs state.reference_images and state.reference_texts (see reference_images())")
+    with torch.no_grad():
+        minilm = model.clip.text(state.reference_texts)  # [R, 384]
+    return state.initial, state.recipe, minilm
+
+
 def zscl(model: ContinualClip, task: Task, *, state: State) -> ContinualClip:
     """ZSCL-style distillation (Zheng et al. 2023) in feature space, on a reference set, from the *initial* model.
 
@@ -686,12 +696,7 @@ def zscl(model: ContinualClip, task: Task, *, state: State) -> ContinualClip:
     averaged). An ablation of ZSCL: distillation only, without its weight ensembling, L2 penalty and
     label smoothing; :func:`zscl_paper` is the full method.
     """
-    _check(model, task, state)
-    if state.reference_images is None or not state.reference_texts:
-        raise ValueError("ZSCL needs state.reference_images and state.reference_texts (see reference_images())")
-    teacher, recipe = state.initial, state.recipe
-    with torch.no_grad():
-        minilm = model.clip.text(state.reference_texts)  # [R, 384]
+    teacher, recipe, minilm = _zscl_inputs(model, task, state)
 
     def distil(student: ContinualClip, _x: Tensor, g: torch.Generator) -> Tensor:
         rows = torch.randint(len(state.reference_images), (recipe.reference_batch,), generator=g)
@@ -740,12 +745,7 @@ def zscl_paper(model: ContinualClip, task: Task, *, state: State) -> ContinualCl
     the student's reference images scored against the teacher's text embeddings), label smoothing 0.2,
     an L2 penalty to the model the task starts from, and weight ensembling over the task's training.
     """
-    _check(model, task, state)
-    if state.reference_images is None or not state.reference_texts:
-        raise ValueError("ZSCL needs state.reference_images and state.reference_texts (see reference_images())")
-    teacher, recipe = state.initial, state.recipe
-    with torch.no_grad():
-        minilm = model.clip.text(state.reference_texts)  # [R, 384]
+    teacher, recipe, minilm = _zscl_inputs(model, task, state)
 
     def distil(student: ContinualClip, _x: Tensor, g: torch.Generator) -> Tensor:
         rows = torch.randint(len(state.reference_images), (recipe.reference_batch,), generator=g)
