@@ -13,9 +13,8 @@ setting (a ``[CLS]`` classifier explained by blank-out on the class probability)
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import networkx as nx
@@ -30,7 +29,6 @@ ROW_TOL = 1e-3  # attention rows must sum to 1 (or 0 on padding) within this tol
 __all__ = [
     "AttentionMaps",
     "attention_maps",
-    "capture",
     "encode_batches",
     "manual_bert_layer",
     "output_weights",
@@ -183,45 +181,6 @@ def attention_maps(
 # ---------------------------------------------------------------------------------------------
 # Activations and one layer by hand
 # ---------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def capture(modules: Mapping[str, nn.Module]) -> Iterator[dict[str, Tensor]]:
-    """Record the outputs of named sub-modules during the forward passes run inside the block.
-
-    Hooks are always removed on exit, even when the forward pass raises.
-
-    Args:
-        modules: ``{name: module}``, e.g. ``{"ffn_act": model.encoder.layer[0].intermediate}``.
-
-    Yields:
-        a dict filled as the modules run: ``name -> output`` (the first element when a module returns
-        a tuple; a later call of the same module overwrites an earlier one).
-
-    >>> lin = nn.Linear(2, 3)
-    >>> with capture({"lin": lin}) as cache:
-    ...     _ = lin(torch.zeros(1, 2))
-    >>> tuple(cache["lin"].shape), len(lin._forward_hooks)
-    ((1, 3), 0)
-    """
-    if not isinstance(modules, Mapping) or not all(isinstance(m, nn.Module) for m in modules.values()):
-        raise ValueError("modules must be a mapping {name: torch.nn.Module}")
-    cache: dict[str, Tensor] = {}
-    handles = []
-
-    def hook_for(name):
-        def hook(_module, _inputs, output):
-            cache[name] = (output[0] if isinstance(output, tuple) else output).detach()
-
-        return hook
-
-    try:
-        for name, module in modules.items():
-            handles.append(module.register_forward_hook(hook_for(name)))
-        yield cache
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @torch.no_grad()

@@ -365,10 +365,6 @@ def splice_transcoder(model: nn.Module, layer: int, tc: Transcoder, *, first: in
 # ---------------------------------------------------------------------------------------------
 
 
-class _Stop(Exception):
-    pass
-
-
 @torch.no_grad()
 def harvest(model: nn.Module, batches: Sequence[dict], *, site: str | Sequence[str], stop: bool = True) -> dict:
     """Activations at ``site`` for every non-padding token of ``batches``, stopping the forward pass there.
@@ -387,20 +383,14 @@ def harvest(model: nn.Module, batches: Sequence[dict], *, site: str | Sequence[s
     if not batches:
         raise ValueError("batches is empty: tokenize some texts first")
     layers = [int(m[1]) for s in sites if (m := re.match(r"blocks\.(\d+)\.", s))]
-    arch, base = hooks._architecture(model)
-    blocks = base.encoder.layer if arch == "bert" else base.layers
     out = {s: [] for s in sites} | {"input_ids": [], "seq": [], "pos": []}
     offset = 0
-    with contextlib.ExitStack() as stack:
-        cache = stack.enter_context(hooks.capture(model, sites))
-        if stop and layers:
-            def halt(*_):
-                raise _Stop
-            handle = blocks[max(layers)].register_forward_hook(halt)
-            stack.callback(handle.remove)
+    with hooks.capture(model, sites) as cache:
         for enc in batches:
             mask = enc["attention_mask"].bool()
-            with contextlib.suppress(_Stop):
+            if stop and layers:
+                hooks.run_until(model, max(layers), input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+            else:
                 model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
             for s in sites:
                 out[s].append(cache[s][mask].float())

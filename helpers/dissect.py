@@ -19,6 +19,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from helpers import hooks
+
 TERMS = ("i", "h", "f", "c")
 """Names of the four terms, in the order of the ``term`` axis: input, attention, feed-forward, correction."""
 
@@ -202,35 +204,23 @@ def _check_inputs(input_ids, attention_mask, token_type_ids) -> tuple[Tensor, Te
 
 @torch.no_grad()
 def _record(model, input_ids, attention_mask, token_type_ids) -> tuple[dict[str, Tensor], Tensor]:
-    layers = model.encoder.layer
     record: dict[str, Tensor] = {}
-    handles = [
-        model.embeddings.LayerNorm.register_forward_pre_hook(
-            lambda _m, args: record.__setitem__("embed", args[0].detach())
-        )
-    ]
-    for n, layer in enumerate(layers):
-        handles.append(
-            layer.attention.output.dense.register_forward_pre_hook(
-                lambda _m, args, n=n: record.__setitem__(f"context{n}", args[0].detach())
-            )
-        )
-        handles.append(
-            layer.output.dense.register_forward_hook(
-                lambda _m, _a, out, n=n: record.__setitem__(f"ffn{n}", out.detach())
-            )
-        )
+    sites = [f"blocks.{n}.{site}" for n in range(len(model.encoder.layer)) for site in ("attn.hook_z", "hook_mlp_out")]
+
+    def keep_embed(_module, args) -> None:  # word + position + segment embeddings, before their LayerNorm
+        record["embed"] = args[0].detach()
+
     device = next(model.parameters()).device
-    try:
+    with hooks.on_modules([(model.embeddings.LayerNorm, "input", keep_embed)]), hooks.capture(model, sites) as cache:
         out = model(
             input_ids=input_ids.to(device),
             attention_mask=attention_mask.to(device),
             token_type_ids=None if token_type_ids is None else token_type_ids.to(device),
             output_hidden_states=True,
         )
-    finally:
-        for handle in handles:
-            handle.remove()
+    for n in range(len(model.encoder.layer)):
+        record[f"context{n}"] = cache[f"blocks.{n}.attn.hook_z"].flatten(-2)  # [batch, pos, d], heads concatenated
+        record[f"ffn{n}"] = cache[f"blocks.{n}.hook_mlp_out"]
 
     hidden = torch.stack(out.hidden_states).detach()  # [layer + 1, batch, pos, d]
     return record, hidden

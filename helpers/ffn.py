@@ -8,8 +8,9 @@ Llama-style models (SmolLM2) use a gated unit, ``FF(x) = W_down (silu(W_gate x) 
 
     m_i = silu(g_i . x) * (u_i . x),        FF(x) = sum_i m_i v_i,   v_i = W_down[:, i],
 
-with two keys per memory (a gate and an "up" key) and a coefficient that can be negative. A forward
-pre-hook on ``down_proj`` sees exactly the vector ``m`` (``[batch, pos, d_mlp]``).
+with two keys per memory (a gate and an "up" key) and a coefficient that can be negative. The input of
+``down_proj`` is exactly the vector ``m`` (``[batch, pos, d_mlp]``): the hook layer's
+``blocks.{l}.mlp.hook_post`` site (:mod:`helpers.hooks`).
 
 Geva, Caciularu, Wang & Goldberg (2022, "Transformer Feed-Forward Layers Build Predictions by
 Promoting Concepts in the Vocabulary Space") read each ``m_i v_i`` as a sub-update promoting tokens
@@ -26,6 +27,8 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
+
+from helpers import hooks
 
 __all__ = [
     "Triggers",
@@ -131,8 +134,8 @@ def coefficients(mlp: nn.Module, x: Tensor) -> Tensor:
 def capture_coefficients(model: nn.Module, *, layers: Sequence[int] | None = None) -> Iterator[dict[int, Tensor]]:
     """Record the memory coefficients of chosen layers during the forward passes run inside the block.
 
-    A forward pre-hook on each ``down_proj`` stores its input, which is exactly ``m``. Hooks are always
-    removed on exit, even when the forward pass raises.
+    The hook layer's ``blocks.{l}.mlp.hook_post`` site, the input of ``down_proj``, is exactly ``m``
+    (:func:`helpers.hooks.observe`). Hooks are always removed on exit, even when the forward pass raises.
 
     Args:
         model: a Llama-style causal LM or decoder.
@@ -143,23 +146,19 @@ def capture_coefficients(model: nn.Module, *, layers: Sequence[int] | None = Non
 
     Introduced in nbs/05_ffn_memories.ipynb.
     """
-    mlps = feed_forward_layers(model)
+    layers = _check_layers(model, layers)
     cache: dict[int, Tensor] = {}
-    handles = []
 
-    def hook_for(layer: int):
-        def hook(_module, inputs):
-            cache[layer] = inputs[0].detach()
+    def keep(site: str, m: Tensor) -> None:
+        cache[int(site.split(".")[1])] = m.detach()
 
-        return hook
-
-    try:
-        for layer in _check_layers(model, layers):
-            handles.append(mlps[layer].down_proj.register_forward_pre_hook(hook_for(layer)))
+    with hooks.observe(model, [_coefficient_site(layer) for layer in layers], keep):
         yield cache
-    finally:
-        for handle in handles:
-            handle.remove()
+
+
+def _coefficient_site(layer: int) -> str:
+    """The hook layer's name for the memory coefficients of ``layer`` (the input of ``down_proj``)."""
+    return f"blocks.{layer}.mlp.hook_post"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,9 +333,9 @@ def mine_triggers(
 ) -> Triggers:
     """Top-k trigger examples of every memory: the prefixes on which its coefficient is largest.
 
-    Runs the decoder (without its vocabulary head) over ``windows`` in batches; a pre-hook on each
-    ``down_proj`` merges the batch's coefficients into a :class:`TopK` buffer, so no activation
-    tensor of the corpus is ever held in memory.
+    Runs the decoder (without its vocabulary head) over ``windows`` in batches, stopping after the last
+    mined layer; a hook (:func:`helpers.hooks.observe`) at each ``down_proj`` input merges the batch's
+    coefficients into a :class:`TopK` buffer, so no activation tensor of the corpus is ever held in memory.
 
     Args:
         model: a Llama-style causal LM in eval mode (e.g. SmolLM2 from ``helpers.assets.smollm2``).
@@ -372,11 +371,10 @@ def mine_triggers(
     top = TopK(len(layers), mlps[0].down_proj.in_features, k=k, per_document=per_document)
     current = {"docs": torch.zeros(0, dtype=torch.long)}
 
-    def hook_for(slot: int):
-        def hook(_module, inputs):
-            top.update(slot, inputs[0], docs=current["docs"], min_position=min_position)
+    slot_of = {_coefficient_site(layer): slot for slot, layer in enumerate(layers)}
 
-        return hook
+    def update(site: str, m: Tensor) -> None:
+        top.update(slot_of[site], m, docs=current["docs"], min_position=min_position)
 
     starts = range(0, windows.shape[0], batch_size)
     if progress:
@@ -384,41 +382,12 @@ def mine_triggers(
 
         starts = tqdm(starts, desc="mining", unit="batch")
     device = next(model.parameters()).device
-    handles = []
-    try:
-        for slot, layer in enumerate(layers):
-            handles.append(mlps[layer].down_proj.register_forward_pre_hook(hook_for(slot)))
-        last = max(layers)
+    with hooks.observe(decoder, list(slot_of), update):
         for s in starts:
             current["docs"] = torch.arange(s, min(s + batch_size, windows.shape[0]))
-            _run_until(decoder, windows[s : s + batch_size].to(device), last)
-    finally:
-        for handle in handles:
-            handle.remove()
+            hooks.run_until(decoder, max(layers), input_ids=windows[s : s + batch_size].to(device), use_cache=False)
     n_tokens = windows.shape[0] * (windows.shape[1] - min_position)
     return Triggers(top.coef, top.doc, top.pos, layers, n_tokens)
-
-
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass once the last layer of interest has run."""
-
-
-def _run_until(decoder: nn.Module, input_ids: Tensor, last: int) -> None:
-    """Forward ``input_ids`` through ``decoder`` and stop after layer ``last`` (later layers are not needed)."""
-    if last == len(decoder.layers) - 1:
-        decoder(input_ids=input_ids, use_cache=False)
-        return
-
-    def stop(_module, _inputs, _output):
-        raise _Stop
-
-    handle = decoder.layers[last].register_forward_hook(stop)
-    try:
-        decoder(input_ids=input_ids, use_cache=False)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -589,25 +558,16 @@ def intervene(
             raise ValueError(f"memories[{layer}] must be a non-empty list of indices in 0..{d_mlp - 1}")
         index[layer] = dims
 
-    def hook_for(dims: Tensor):
-        def hook(_module, inputs):
-            m = inputs[0].clone()  # [batch, pos, d_mlp]
-            if scale is not None:
-                m[..., dims] = m[..., dims] * scale
-            else:
-                m[..., dims] = value
-            return (m, *inputs[1:])
+    def edit_for(dims: Tensor):
+        def edit(m: Tensor) -> Tensor:  # [batch, pos, d_mlp]
+            m = m.clone()
+            m[..., dims] = m[..., dims] * scale if scale is not None else value
+            return m
 
-        return hook
+        return edit
 
-    handles = []
-    try:
-        for layer, dims in index.items():
-            handles.append(mlps[layer].down_proj.register_forward_pre_hook(hook_for(dims)))
+    with hooks.patches(hooks.patch(model, _coefficient_site(layer), fn=edit_for(d)) for layer, d in index.items()):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def random_memories(

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from helpers import hooks
 from helpers.attention import ROW_TOL, AttentionMaps, encode_batches
 
 PATTERNS = ("previous", "current", "next", "first", "cls", "sep", "dot", "comma", "punct", "broad")
@@ -641,12 +642,8 @@ def _hidden_states_and_mask(model: nn.Module, layers, enc) -> tuple[tuple[Tensor
     def grab_mask(_module, args, kwargs):
         seen["mask"] = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
 
-    handle = layers[0].register_forward_pre_hook(grab_mask, with_kwargs=True)
-    try:
-        with torch.inference_mode():
-            hidden = model(**enc, output_hidden_states=True).hidden_states  # (layer + 1) x [batch, pos, d]
-    finally:
-        handle.remove()
+    with hooks.on_modules([(layers[0], "input_kwargs", grab_mask)]), torch.inference_mode():
+        hidden = model(**enc, output_hidden_states=True).hidden_states  # (layer + 1) x [batch, pos, d]
     return hidden, seen
 
 
@@ -656,8 +653,8 @@ def head_mask(model: nn.Module, keep: Tensor) -> Iterator[None]:
 
     Equivalent to the ``head_mask`` argument older versions of transformers offered (which multiplied
     each head's attention probabilities by 0 or 1): a head's context vector ``A^h V^h`` is scaled by
-    ``keep[layer, head]``. Implemented as a forward pre-hook on each layer's output projection
-    ``attention.output.dense``, always removed on exit.
+    ``keep[layer, head]``. Implemented as :func:`helpers.hooks.patch` of each layer's
+    ``attn.hook_z`` (the input of the output projection ``attention.output.dense``), always removed on exit.
 
     Args:
         model: a BERT-like encoder.
@@ -674,25 +671,19 @@ def head_mask(model: nn.Module, keep: Tensor) -> Iterator[None]:
     n_heads = model.config.num_attention_heads
     if keep.shape != (len(layers), n_heads):
         raise ValueError(f"keep must be [layer, head] = {(len(layers), n_heads)}, got {tuple(keep.shape)}")
-    handles = []
 
-    def hook_for(layer_keep: Tensor):
-        def hook(_module, args):
-            (context,) = args  # [batch, pos, d] heads concatenated
-            shape = context.shape
-            scaled = context.view(*shape[:-1], n_heads, -1) * layer_keep.to(context)[:, None]
-            return (scaled.view(shape),)
+    def scale_for(layer_keep: Tensor):
+        def scale(z: Tensor) -> Tensor:  # [batch, pos, head, d_head]
+            return z * layer_keep.to(z)[:, None]
 
-        return hook
+        return scale
 
-    try:
-        for layer, layer_keep in zip(layers, keep, strict=True):
-            if bool((layer_keep != 1).any()):
-                handles.append(layer.attention.output.dense.register_forward_pre_hook(hook_for(layer_keep)))
+    with hooks.patches(
+        hooks.patch(model, f"blocks.{layer}.attn.hook_z", fn=scale_for(layer_keep))
+        for layer, layer_keep in enumerate(keep)
+        if bool((layer_keep != 1).any())
+    ):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def ablated_embeddings(

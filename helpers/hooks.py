@@ -27,6 +27,12 @@ returns on every call (``output_attentions`` is not needed); SDPA/flash kernels 
 needs a model loaded with ``attn_implementation="eager"`` (or ``model.set_attn_implementation("eager")``).
 It cannot be patched: patch ``hook_z`` to change what a head writes.
 
+Public functions: :func:`capture` / :func:`run_with_cache` (record), :func:`observe` (call a function, store
+nothing), :func:`patch` / :func:`ablate` / :func:`patches` (write), :func:`run_until` (stop after a block) at
+the sites above; :func:`on_modules` / :func:`capture_modules` for modules without a role name (a timm ViT,
+a recommender, BERT's embedding sum). Every hook of the book's helpers goes through this module and is
+removed on exit, also after an exception (a test checks that no other module registers a torch hook).
+
 Why hand-written hooks and not nnsight: nnsight 0.8.1 (the version PyPI serves) was evaluated as a
 package only, not run: a 313 kB wheel with a compiled extension, 75 Python files (18k lines) and 11
 unpinned requirements, of which greenlet and zstandard are not in the book's environment. This layer is
@@ -44,9 +50,10 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 import operator
 import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -225,15 +232,18 @@ def _install(site: _Site, edit: Callable[[Tensor], Tensor | None], writes: bool)
 
 
 class _Hooks(contextlib.AbstractContextManager):
-    """Installs hooks on ``__enter__`` and always removes them on ``__exit__`` (also after an exception)."""
+    """Installs hooks on ``__enter__`` and always removes them on ``__exit__`` (also after an exception).
 
-    def __init__(self, plan: list[tuple[_Site, Callable, bool]], result=None):
-        self._plan, self._result, self._handles = plan, result, []
+    ``installers``: functions that register hooks and return their handles.
+    """
+
+    def __init__(self, installers: list[Callable[[], list]], result=None):
+        self._installers, self._result, self._handles = installers, result, []
 
     def __enter__(self):
         try:
-            for site, edit, writes in self._plan:
-                self._handles += _install(site, edit, writes)
+            for install in self._installers:
+                self._handles += install()
         except BaseException:
             self.__exit__()
             raise
@@ -243,6 +253,10 @@ class _Hooks(contextlib.AbstractContextManager):
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+def _plan(items: Iterable[tuple[_Site, Callable, bool]], result=None) -> _Hooks:
+    return _Hooks([functools.partial(_install, site, edit, writes) for site, edit, writes in items], result)
 
 
 def capture(model: nn.Module, sites: str | Iterable[str], *, detach: bool = True) -> _Hooks:
@@ -280,7 +294,7 @@ def capture(model: nn.Module, sites: str | Iterable[str], *, detach: bool = True
 
         return record
 
-    return _Hooks([(_site(model, n), recorder(n), False) for n in names], cache)
+    return _plan([(_site(model, n), recorder(n), False) for n in names], cache)
 
 
 def run_with_cache(model: nn.Module, *args, sites: str | Iterable[str] | None = None, **kwargs):
@@ -297,6 +311,138 @@ def run_with_cache(model: nn.Module, *args, sites: str | Iterable[str] | None = 
     with capture(model, _expand(model, sites)) as cache:
         output = model(*args, **kwargs)
     return output, cache
+
+
+def observe(model: nn.Module, sites: str | Iterable[str], fn: Callable[[str, Tensor], None]) -> _Hooks:
+    """Call ``fn(site, activation)`` at named sites during the forward passes inside the ``with`` block.
+
+    A read-only hook for what :func:`capture` cannot hold in memory, e.g. a running top-k of MLP
+    activations over a corpus (Chapter 5). ``fn``'s return value is ignored; nothing is stored.
+
+    Args:
+        model: a BERT-style encoder or Llama-style decoder.
+        sites: as in :func:`capture`.
+        fn: called with the site name and its activation (shapes in the module docstring, not detached).
+
+    Returns:
+        a context manager (yields ``None``).
+    """
+    names = _expand(model, sites)
+    if not callable(fn):
+        raise ValueError(f"fn must be callable, got {type(fn).__name__}")
+    return _plan([(_site(model, n), functools.partial(_call_and_drop, fn, n), False) for n in names])
+
+
+def _call_and_drop(fn: Callable[[str, Tensor], None], name: str, x: Tensor) -> None:
+    fn(name, x)
+
+
+class _Stop(Exception):
+    """Raised by :func:`run_until`'s hook to end a forward pass once the last block of interest has run."""
+
+
+def run_until(model: nn.Module, layer: int, *args, **kwargs) -> None:
+    """Run ``model(*args, **kwargs)`` but stop right after block ``layer`` (later blocks are not needed).
+
+    Hooks entered before (e.g. :func:`capture` or :func:`observe` of blocks up to ``layer``) see their
+    activations as in a full pass; the model's output is not computed, so nothing is returned.
+
+    Args:
+        model: a BERT-style encoder or Llama-style decoder (a bare ``LlamaModel`` too).
+        layer: the last block to run, ``0 <= layer < n_layers`` (negative counts from the end).
+        args, kwargs: passed to the model.
+    """
+    arch, base = _architecture(model)
+    blocks = base.encoder.layer if arch == "bert" else base.layers
+    if not -len(blocks) <= layer < len(blocks):
+        raise ValueError(f"layer {layer} out of range: the model has blocks 0..{len(blocks) - 1}")
+    if layer % len(blocks) == len(blocks) - 1:
+        model(*args, **kwargs)
+        return
+
+    def stop(_module, _args, _output):
+        raise _Stop
+
+    with contextlib.suppress(_Stop), on_modules([(blocks[layer], "output", stop)]):
+        model(*args, **kwargs)
+
+
+_WHEN = {"output": "register_forward_hook", "input": "register_forward_pre_hook"}
+
+
+def on_modules(items: Iterable[tuple[nn.Module, str, Callable]], *, result=None) -> _Hooks:
+    """Plain torch hooks on modules that have no role name here, always removed on exit.
+
+    For the parts of the book's other models (a timm ViT's attention dropout, the last layer of a
+    recommender) and for places inside a block that no site names (BERT's embedding sum before its
+    LayerNorm, the attention mask a layer receives). Role-named sites go through :func:`capture`,
+    :func:`observe` and :func:`patch` instead.
+
+    Args:
+        items: ``(module, when, fn)`` triples; ``when`` is ``"output"`` (``fn(module, args, output)``; a
+            returned value replaces the output), ``"input"`` (``fn(module, args)``; a returned tuple
+            replaces the positional inputs) or ``"input_kwargs"`` (``fn(module, args, kwargs)``).
+        result: what the ``with`` statement yields (e.g. the dict the hooks fill).
+
+    Returns:
+        a context manager yielding ``result``.
+
+    >>> lin = nn.Linear(2, 3)
+    >>> seen = []
+    >>> with on_modules([(lin, "output", lambda _m, _a, out: seen.append(out.shape))]):
+    ...     _ = lin(torch.zeros(4, 2))
+    >>> seen, len(lin._forward_hooks)
+    ([torch.Size([4, 3])], 0)
+    """
+    items = list(items)
+    installers = []
+    for item in items:
+        if len(item) != 3 or not isinstance(item[0], nn.Module) or not callable(item[2]):
+            raise ValueError(f"each item must be (torch.nn.Module, when, callable), got {item!r}")
+        module, when, fn = item
+        if when == "input_kwargs":
+            installers.append(functools.partial(_register, module.register_forward_pre_hook, fn, with_kwargs=True))
+        elif when in _WHEN:
+            installers.append(functools.partial(_register, getattr(module, _WHEN[when]), fn))
+        else:
+            raise ValueError(f"when must be 'output', 'input' or 'input_kwargs', got {when!r}")
+    return _Hooks(installers, result)
+
+
+def _register(register: Callable, fn: Callable, **options) -> list:
+    return [register(fn, **options)]
+
+
+def capture_modules(modules: Mapping[str, nn.Module], *, detach: bool = True) -> _Hooks:
+    """Record the output of any modules by a name of your choice (first element if a tuple).
+
+    :func:`capture` by role name is the usual way; this one is for modules without a role name.
+
+    Args:
+        modules: ``{name: module}``.
+        detach: store detached tensors.
+
+    Returns:
+        a context manager yielding ``{name: output}`` (a later forward pass overwrites an entry).
+
+    >>> lin = nn.Linear(2, 3)
+    >>> with capture_modules({"lin": lin}) as cache:
+    ...     _ = lin(torch.zeros(1, 2))
+    >>> tuple(cache["lin"].shape), len(lin._forward_hooks)
+    ((1, 3), 0)
+    """
+    if not isinstance(modules, Mapping) or not all(isinstance(m, nn.Module) for m in modules.values()):
+        raise ValueError("modules must be a mapping {name: torch.nn.Module}")
+    cache: dict[str, Tensor] = {}
+
+    def keeper(name: str):
+        def keep(_module, _args, output):
+            out = output[0] if isinstance(output, tuple) else output
+            cache[name] = out.detach() if detach else out
+
+        return keep
+
+    return on_modules([(module, "output", keeper(name)) for name, module in modules.items()], result=cache)
 
 
 def _indices(what: str, items: int | Sequence[int] | None) -> list[int] | None:
@@ -376,7 +522,7 @@ def patch(
         if not torch.isfinite(value).all():
             raise ValueError(f"patch value for {site} has non-finite entries (NaN or inf)")
         _check_value(value, where, pos_list, head_list)
-    return _Hooks([(where, _editor(where, value, fn, pos_list, head_list), True)])
+    return _plan([(where, _editor(where, value, fn, pos_list, head_list), True)])
 
 
 def _check_value(value: Tensor, site: _Site, pos: list[int] | None, heads: list[int] | None) -> None:
@@ -513,4 +659,7 @@ def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
     return (total / mask.sum(dim=1, dtype=accumulate)).to(hidden.dtype)
 
 
-__all__ = ["Cache", "ablate", "capture", "mean_pool", "patch", "patches", "run_with_cache", "site_names"]
+__all__ = [
+    "Cache", "ablate", "capture", "capture_modules", "mean_pool", "observe", "on_modules", "patch", "patches",
+    "run_until", "run_with_cache", "site_names",
+]

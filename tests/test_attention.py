@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, BertConfig, BertModel
 
-from helpers import attention
+from helpers import attention, hooks
 from helpers.assets import minilm, minilm_path, wikipedia_sentences
 
 SENTENCES = ["The cat sat on the mat.", "Attention is a graph over tokens, read one head at a time."]
@@ -70,7 +70,7 @@ def test_manual_layer_intermediates_match_hooks(tiny, tokenizer):
     enc = tokenizer(SENTENCES, padding=True, return_tensors="pt")
     layer = tiny.encoder.layer[1]
     modules = {"ffn_act": layer.intermediate, "resid_mid": layer.attention.output, "in": layer.attention.self.query}
-    with attention.capture(modules) as cache, torch.inference_mode():
+    with hooks.capture_modules(modules) as cache, torch.inference_mode():
         out = tiny(**enc, output_hidden_states=True)
     mine = attention.manual_bert_layer(layer, out.hidden_states[1], enc["attention_mask"])
     assert torch.allclose(mine["ffn_act"], cache["ffn_act"], atol=1e-5)
@@ -80,7 +80,7 @@ def test_manual_layer_intermediates_match_hooks(tiny, tokenizer):
 
 def test_capture_removes_hooks_on_error():
     lin = torch.nn.Linear(2, 2)
-    with pytest.raises(RuntimeError), attention.capture({"lin": lin}):
+    with pytest.raises(RuntimeError), hooks.capture_modules({"lin": lin}):
         lin(torch.zeros(1, 3))  # wrong width: the forward pass raises
     assert not lin._forward_hooks
 

@@ -324,3 +324,80 @@ def test_mean_pool_matches_sentence_transformers():
     mask[:, 0] = 1
     expected = pooling(16, pooling_mode="mean")({"token_embeddings": hidden, "attention_mask": mask})
     torch.testing.assert_close(hooks.mean_pool(hidden, mask), expected["sentence_embedding"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_observe_sees_what_capture_stores(arch, bert, llama, ids):
+    model = bert if arch == "bert" else llama
+    sites = ["blocks.0.mlp.hook_post", "blocks.1.attn.hook_z"]
+    seen, before = {}, all_hooks(model)  # transformers may keep hooks of its own (output_attentions)
+    with hooks.capture(model, sites) as cache, hooks.observe(model, sites, lambda s, x: seen.__setitem__(s, x.clone())):
+        model(ids[0])
+    assert sorted(seen) == sorted(sites)
+    assert all(torch.equal(seen[s], cache[s]) for s in sites)
+    assert all_hooks(model) == before
+    with pytest.raises(ValueError, match="callable"):
+        hooks.observe(model, sites, "not a function")
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_run_until_stops_after_the_block_and_keeps_its_activations(arch, bert, llama, ids):
+    model = bert if arch == "bert" else llama
+    ran, before = [], all_hooks(model)
+    blocks = model.encoder.layer if arch == "bert" else model.model.layers
+    watch = [(block, "output", lambda _m, _a, _o, n=n: ran.append(n)) for n, block in enumerate(blocks)]
+    with hooks.capture(model, "blocks.0.hook_resid_post") as early, hooks.on_modules(watch):
+        assert hooks.run_until(model, 0, ids[0]) is None
+    assert ran == [0]  # block 1 never ran
+    with hooks.capture(model, "blocks.0.hook_resid_post") as full:
+        model(ids[0])
+    assert torch.equal(early["blocks.0.hook_resid_post"], full["blocks.0.hook_resid_post"])
+    ran.clear()
+    with hooks.on_modules(watch):
+        hooks.run_until(model, -1, ids[0])  # the last block: a full pass
+    assert ran == [0, 1] and all_hooks(model) == before
+    with pytest.raises(ValueError, match="out of range"):
+        hooks.run_until(model, N_LAYERS, ids[0])
+
+
+def test_on_modules_and_capture_modules_remove_their_hooks():
+    lin = torch.nn.Linear(2, 2)
+    with pytest.raises(RuntimeError), hooks.capture_modules({"lin": lin}) as cache:
+        lin(torch.zeros(1, 3))  # wrong width: the forward pass raises
+    assert not lin._forward_hooks and cache == {}
+    doubled = (lin, "output", lambda _m, _a, out: 2 * out)
+    shifted = (lin, "input", lambda _m, args: (args[0] + 1,))
+    x = torch.randn(4, 2)
+    with hooks.on_modules([doubled, shifted]):
+        assert torch.allclose(lin(x), 2 * lin.forward(x + 1))
+    kwargs_seen = {}
+    with hooks.on_modules([(lin, "input_kwargs", lambda _m, args, kw: kwargs_seen.update(n=len(args)))]):
+        lin(x)
+    assert kwargs_seen == {"n": 1} and all_hooks(lin) == 0
+    with pytest.raises(ValueError, match="when must be"):
+        hooks.on_modules([(lin, "after", print)])
+    with pytest.raises(ValueError, match="each item"):
+        hooks.on_modules([(lin, print)])
+    with pytest.raises(ValueError, match="mapping"):
+        hooks.capture_modules([lin])
+
+
+def test_no_bare_hook_registration_outside_the_hook_layer():
+    """Every torch hook goes through helpers.hooks (always removed); one teaching cell shows a bare one."""
+    import json
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    bare = re.compile(r"\.register_(full_)?(forward|backward)(_pre)?_hook\(")
+    teaching = {"06b_causal_interventions.ipynb": 1}  # a raw hook, shown equal to hooks.patch
+    found = {}
+    for path in sorted((root / "helpers").glob("*.py")) + sorted((root / "benchmarks").glob("*.py")):
+        if path.name != "hooks.py" and bare.search(path.read_text()):
+            found[path.name] = len(bare.findall(path.read_text()))
+    for path in sorted((root / "nbs").glob("*.ipynb")):
+        cells = json.loads(path.read_text())["cells"]
+        n = sum(len(bare.findall("".join(c["source"]))) for c in cells)
+        if n != teaching.get(path.name, 0):
+            found[path.name] = n
+    assert not found, f"bare torch hook registrations outside helpers/hooks.py: {found}"
