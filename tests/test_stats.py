@@ -306,3 +306,29 @@ def test_cluster_bootstrap_resamples_whole_groups():
         stats.bootstrap_ci(y, groups=sentences[:10])
     with pytest.raises(ValueError, match="at least 2 groups"):
         stats.paired_difference(y, y, groups=np.zeros(400))
+
+
+def test_label_permutation_p_finds_structure_and_not_noise():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 6)  # 4 groups of 6 items
+    points = rng.normal(size=(24, 2))
+    dist = np.linalg.norm(points[:, None] - points[None], axis=-1)
+
+    def within_over_across(lab):
+        same = (lab[:, None] == lab[None]) & ~np.eye(lab.size, dtype=bool)
+        return dist[same].mean() / dist[lab[:, None] != lab[None]].mean()
+
+    _, p_noise = stats.label_permutation_p(within_over_across, labels, n_resamples=999)
+    assert p_noise > 0.05  # no group structure in random points
+    points[:, 0] += 3 * labels  # now groups sit apart
+    dist = np.linalg.norm(points[:, None] - points[None], axis=-1)
+    value, p = stats.label_permutation_p(within_over_across, labels, n_resamples=999)
+    assert value < 1 and p <= 0.002
+    _, p_greater = stats.label_permutation_p(within_over_across, labels, alternative="greater", n_resamples=999)
+    assert p_greater > 0.99
+    with pytest.raises(ValueError, match="2 groups"):
+        stats.label_permutation_p(within_over_across, np.zeros(5))
+    with pytest.raises(ValueError, match="alternative"):
+        stats.label_permutation_p(within_over_across, labels, alternative="smaller")
+    with pytest.raises(ValueError, match="not finite"):
+        stats.label_permutation_p(lambda lab: float("nan"), labels)
