@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, BertConfig, BertModel
 
-from helpers import attention, hooks
+from helpers import attention, common, hooks
 from helpers.assets import minilm, minilm_path, wikipedia_sentences
 
 SENTENCES = ["The cat sat on the mat.", "Attention is a graph over tokens, read one head at a time."]
@@ -487,3 +487,21 @@ def test_probe_logits_and_setting_targets(tiny, tokenizer):
         tiny, tokenizer, SENTENCES, readout=lambda h, am: attention.probe_logits(task, h, am, "cls").softmax(-1)
     )
     assert torch.allclose(imp["blank"][1, 1], base[1, 1] - blanked[1, :, 1], atol=1e-6)
+
+
+@pytest.mark.slow
+def test_committed_verb_number_probes_are_what_the_fitting_code_gives():
+    """Re-run the probe fitting of Chapter 1 from scratch on the committed split (about a minute on one
+    thread): the refitted probes give the committed probes' probabilities on the held-out sentences."""
+    from sklearn.linear_model import LogisticRegression
+
+    model, tok = minilm()
+    task = attention.verb_number_task(model, tok)
+    with common.torch_threads(common.free_cores()):
+        train = attention._readout_features(model, tok, task.train, 64)
+        test = attention._readout_features(model, tok, task.test, 64)
+    for readout in ("cls", "mean"):
+        refit = LogisticRegression(C=1.0, max_iter=2000).fit(train[readout].numpy(), task.train_labels)
+        weight, bias = task.probes[readout]
+        committed = (test[readout] @ weight.T + bias).softmax(-1)[:, 1].numpy()
+        assert np.abs(refit.predict_proba(test[readout].numpy())[:, 1] - committed).max() < 1e-3  # 3e-7 measured
