@@ -11,7 +11,8 @@ No registry package ships CLIP or ViT weights, so the book trains its own CLIP-s
 * symmetric InfoNCE with a learned temperature.
 
 Captions combine a class name, attributes computed from the pixels (tone, texture, silhouette) and
-parts known per class, in several templates; :data:`HELD_OUT_TEMPLATES` are never seen in training.
+parts known per class, in several templates (:mod:`helpers.data`); :data:`helpers.data.HELD_OUT_TEMPLATES`
+are never seen in training.
 
 Everything downstream (zero-shot classification, retrieval, concept scores) talks to a
 :class:`ClipLike` object: the model trained here (:class:`FashionClip`) or a Hugging Face
@@ -19,7 +20,7 @@ Everything downstream (zero-shot classification, retrieval, concept scores) talk
 those weights). Chapters 11 and 12 reuse :func:`pretrained_clip`, :func:`zero_shot_weights`,
 :func:`concept_probabilities` and :class:`ConceptBank`.
 
-Tensors: images are ``[batch, 1, 28, 28]`` normalised as in :mod:`helpers.vision`; embeddings are
+Tensors: images are ``[batch, 1, 28, 28]`` normalised as in :mod:`helpers.data`; embeddings are
 L2-normalised ``[n, d]``.
 """
 
@@ -39,57 +40,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from helpers import common, vision
-
-CLASS_TEXT = (
-    "t-shirt",
-    "pair of trousers",
-    "pullover",
-    "dress",
-    "coat",
-    "sandal",
-    "shirt",
-    "sneaker",
-    "bag",
-    "ankle boot",
-)
-"""How captions name the ten Fashion-MNIST classes (``assets.FASHION_CLASSES`` order)."""
-
-SYNONYMS = ("tee", "pair of pants", "sweater", "gown", "jacket", "flip-flop", "blouse", "trainer", "handbag", "boot")
-"""Other names for the classes, never used in training (a test of how far the text tower generalises)."""
-
-CLASS_PARTS = (
-    ("short sleeves", "a round neckline"),
-    ("two long legs", "a waistband"),
-    ("long sleeves", "a ribbed hem"),
-    ("a long skirt", "a fitted waist"),
-    ("long sleeves", "buttons down the front"),
-    ("thin straps", "an open toe"),
-    ("a collar", "buttons down the front"),
-    ("laces", "a flat rubber sole"),
-    ("a handle", "a rectangular shape"),
-    ("a heel", "an ankle-high shaft"),
-)
-"""Two parts per class that captions may mention ("a sneaker with laces"); known per class, not measured."""
-
-TRAIN_TEMPLATES = (
-    "a photo of a {}.",
-    "a picture of a {}.",
-    "a {}.",
-    "an image of a {}.",
-    "a product photo of a {}.",
-    "a black and white photo of a {}.",
-)
-HELD_OUT_TEMPLATES = (
-    "a low resolution photo of a {}.",
-    "a close-up of a {}.",
-    "this is a {}.",
-    "a catalogue image showing a {}.",
-)
-"""Templates never seen in training: zero-shot accuracy with them tests prompt generalisation."""
-
-TONES, TEXTURES, SHAPES = ("dark", "grey", "light"), ("plain", "patterned"), ("slim", "", "wide")
-
+from helpers import common, data, vision
 
 # ---------------------------------------------------------------------------------------------
 # The interface every chapter uses
@@ -220,7 +171,7 @@ class FashionClip(nn.Module):
 
     @torch.no_grad()
     def encode_image(self, images: Tensor, *, batch_size: int = 1000) -> Tensor:
-        images = vision.check_images(images)
+        images = data.check_images(images)
         was = self.training
         self.eval()
         out = torch.cat([self.image_features(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
@@ -255,98 +206,6 @@ def contrastive_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor | 
 
 
 # ---------------------------------------------------------------------------------------------
-# Captions from class names, pixel attributes and known parts
-# ---------------------------------------------------------------------------------------------
-
-
-def pixel_attributes(images: Tensor, labels: Tensor) -> dict[str, Tensor]:
-    """Visual attributes measured on the pixels: tone, texture and silhouette, as indices ``[N]``.
-
-    * tone (:data:`TONES`): mean brightness of the item's pixels (pixel > 0.1), cut at 0.55 and 0.72
-      (about the tertiles of the training set);
-    * texture (:data:`TEXTURES`): "patterned" when the mean absolute difference between neighbouring
-      item pixels exceeds 0.12 (stripes, prints, knit), else "plain";
-    * shape (:data:`SHAPES`): the item's area relative to the median of its class: < 0.85 "slim",
-      > 1.15 "wide", otherwise unnamed.
-
-    Args:
-        images: ``[N, 1, 28, 28]`` normalised; labels: ``[N]``.
-    """
-    pixels = vision.unnormalise(vision.check_images(images))  # [N, 28, 28] in [0, 1]
-    item = pixels > 0.1
-    count = item.sum((1, 2)).clamp_min(1).float()
-    brightness = (pixels * item).sum((1, 2)) / count
-    tone = (brightness > 0.55).long() + (brightness > 0.72).long()
-    dx = (pixels[:, :, 1:] - pixels[:, :, :-1]).abs() * (item[:, :, 1:] & item[:, :, :-1])
-    dy = (pixels[:, 1:] - pixels[:, :-1]).abs() * (item[:, 1:] & item[:, :-1])
-    pairs = (item[:, :, 1:] & item[:, :, :-1]).sum((1, 2)) + (item[:, 1:] & item[:, :-1]).sum((1, 2))
-    roughness = (dx.sum((1, 2)) + dy.sum((1, 2))) / pairs.clamp_min(1)
-    texture = (roughness > 0.12).long()
-    median = torch.stack([count[labels == c].median() if (labels == c).any() else count.new_tensor(1.0)
-                          for c in range(len(CLASS_TEXT))])
-    ratio = count / median[labels]
-    shape = torch.where(ratio < 0.85, 0, torch.where(ratio > 1.15, 2, 1))
-    return {"tone": tone, "texture": texture, "shape": shape}
-
-
-def describe(label: int, *, tone: int | None = None, texture: int | None = None, shape: int | None = None,
-             part: int | None = None, names: Sequence[str] = CLASS_TEXT) -> str:
-    """The noun phrase of a caption, e.g. ``"dark patterned pullover with long sleeves"``.
-
-    >>> describe(2, tone=0, texture=1, part=0)
-    'dark patterned pullover with long sleeves'
-    """
-    words = [TONES[tone] if tone is not None else "", TEXTURES[texture] if texture is not None else "",
-             SHAPES[shape] if shape is not None else "", names[label]]
-    phrase = " ".join(w for w in words if w)
-    return phrase + (f" with {CLASS_PARTS[label][part]}" if part is not None else "")
-
-
-def caption_table(templates: Sequence[str] = TRAIN_TEMPLATES) -> list[str]:
-    """Every caption the training recipe can draw, indexed by :func:`caption_index` (10 x T x 4 x 3 x 4 x 3)."""
-    out = []
-    for label in range(len(CLASS_TEXT)):
-        for template in templates:
-            for tone in (None, 0, 1, 2):
-                for texture in (None, 0, 1):
-                    for shape in (None, 0, 1, 2):
-                        for part in (None, 0, 1):
-                            phrase = describe(label, tone=tone, texture=texture, shape=shape, part=part)
-                            out.append(template.format(phrase))
-    return out
-
-
-def caption_index(labels: Tensor, template: Tensor, tone: Tensor, texture: Tensor, shape: Tensor, part: Tensor,
-                  *, n_templates: int = len(TRAIN_TEMPLATES)) -> Tensor:
-    """Row of :func:`caption_table` for each example; attribute index ``-1`` means "not mentioned"."""
-    index = labels * n_templates + template
-    index = index * 4 + (tone + 1)
-    index = index * 3 + (texture + 1)
-    index = index * 4 + (shape + 1)
-    return index * 3 + (part + 1)
-
-
-def sample_captions(attributes: dict[str, Tensor], labels: Tensor, generator: torch.Generator, *,
-                    p_mention: float = 0.5, n_templates: int = len(TRAIN_TEMPLATES)) -> Tensor:
-    """Draw one caption index per image: a random template; each attribute and one part mentioned with ``p_mention``.
-
-    The unnamed middle silhouette (``SHAPES[1] == ""``) is never mentioned.
-    """
-    n = len(labels)
-
-    def maybe(values: Tensor) -> Tensor:
-        keep = torch.rand(n, generator=generator) < p_mention
-        return torch.where(keep, values, -1)
-
-    template = torch.randint(n_templates, (n,), generator=generator)
-    shape = maybe(attributes["shape"])
-    shape = torch.where(shape == 1, -1, shape)
-    part = maybe(torch.randint(2, (n,), generator=generator))
-    return caption_index(labels, template, maybe(attributes["tone"]), maybe(attributes["texture"]), shape, part,
-                         n_templates=n_templates)
-
-
-# ---------------------------------------------------------------------------------------------
 # Training recipe, cached / committed weights
 # ---------------------------------------------------------------------------------------------
 
@@ -378,7 +237,7 @@ def train_clip(recipe: ClipRecipe = RECIPE, *, progress: bool = True,
                text: MiniLMText | None = None) -> tuple[FashionClip, dict]:
     """Train a :class:`FashionClip` by ``recipe`` on Fashion-MNIST images and generated captions.
 
-    The MiniLM embeddings of all :func:`caption_table` captions are computed first (the text tower is
+    The MiniLM embeddings of all :func:`helpers.data.caption_table` captions are computed first (the text tower is
     frozen), so each step costs one ViT forward/backward and two small projections.
 
     Returns:
@@ -391,12 +250,12 @@ def train_clip(recipe: ClipRecipe = RECIPE, *, progress: bool = True,
 
 def _train_clip(recipe: ClipRecipe, *, progress: bool, text: MiniLMText | None) -> tuple[FashionClip, dict]:
     common.set_seed(recipe.seed)
-    x_train, y_train = vision.fashion_tensors("train")
+    x_train, y_train = data.fashion_tensors("train")
     if recipe.n_train is not None:
         x_train, y_train = x_train[: recipe.n_train], y_train[: recipe.n_train]
 
     def draw(attributes: dict[str, Tensor], labels: Tensor, generator: torch.Generator) -> Tensor:
-        return sample_captions(attributes, labels, generator, p_mention=recipe.p_mention)
+        return data.sample_captions(attributes, labels, generator, p_mention=recipe.p_mention)
 
     return fit_contrastive(recipe, x_train, y_train, draw, progress=progress, text=text)
 
@@ -413,8 +272,8 @@ def fit_contrastive(
         recipe: optimisation settings (epochs, batch size, learning rate, warm-up, width, seed of the
             caption/batch generator).
         x_train: ``[N, 1, 28, 28]`` images; y_train: ``[N]`` labels.
-        draw_captions: ``(attributes, labels, generator) -> [N]`` indices into :func:`caption_table`,
-            e.g. :func:`sample_captions` (chapter 11 passes one that never mentions hidden parts).
+        draw_captions: ``(attributes, labels, generator) -> [N]`` indices into :func:`helpers.data.caption_table`,
+            e.g. :func:`helpers.data.sample_captions` (chapter 11 passes one that never mentions hidden parts).
         text: the frozen text tower (default: the shared MiniLM-L6).
         decay_log_scale: apply AdamW's weight decay to the learned temperature ``log_scale`` too (the
             setting the committed weights of chapters 10-12 and 14 were trained with); CLIP excludes
@@ -426,7 +285,7 @@ def fit_contrastive(
     """
     from tqdm.auto import tqdm
 
-    attributes = pixel_attributes(x_train, y_train)
+    attributes = data.pixel_attributes(x_train, y_train)
     steps_per_epoch = math.ceil(len(x_train) / recipe.batch_size)
     total = max(1, round(recipe.epochs * steps_per_epoch))
     generator = torch.Generator().manual_seed(recipe.seed)
@@ -435,7 +294,7 @@ def fit_contrastive(
         order = torch.randperm(len(x_train), generator=generator)
         epochs.append((order, draw_captions(attributes, y_train, generator)))
     t0 = time.perf_counter()
-    table = caption_table()
+    table = data.caption_table()
     used = torch.unique(torch.cat([c for _, c in epochs]))
     minilm = torch.zeros(len(table), MiniLMText.dim)  # [captions, 384]; only the drawn ones are encoded
     minilm[used] = (text or text_tower())([table[i] for i in used.tolist()])
@@ -514,8 +373,8 @@ def write_committed_weights() -> Path:
 # ---------------------------------------------------------------------------------------------
 
 
-def zero_shot_weights(model: ClipLike, class_names: Sequence[str] = CLASS_TEXT,
-                      templates: Sequence[str] = TRAIN_TEMPLATES) -> Tensor:
+def zero_shot_weights(model: ClipLike, class_names: Sequence[str] = data.CLASS_TEXT,
+                      templates: Sequence[str] = data.TRAIN_TEMPLATES) -> Tensor:
     """One text embedding per class: the normalised mean over templates (prompt ensembling), ``[C, d]``."""
     class_names, templates = _check_texts(class_names, "class_names"), _check_texts(templates, "templates")
     if not all("{}" in t for t in templates):
@@ -757,7 +616,7 @@ class HFClip:
 
     def preprocess(self, images: Tensor) -> Tensor:
         """``[B, 1, 28, 28]`` book images → ``[B, 3, size, size]`` CLIP pixel values."""
-        pixels = vision.unnormalise(vision.check_images(images))[:, None]  # [B, 1, 28, 28] in [0, 1]
+        pixels = data.unnormalise(data.check_images(images))[:, None]  # [B, 1, 28, 28] in [0, 1]
         pixels = F.interpolate(pixels, size=(self.size, self.size), mode="bilinear", align_corners=False)
         return (pixels.expand(-1, 3, -1, -1) - self.mean) / self.std
 

@@ -4,11 +4,12 @@ A pretrained multimodal model meets new domains and new classes one task at a ti
 all the data, and it should not lose what it knew (zero-shot ability, earlier tasks). This module
 holds:
 
-* the **task stream** (:func:`make_stream`): shifted Fashion-MNIST domains (inverted, edge maps,
-  rotated) and scikit-learn's handwritten digits upscaled to 28 x 28 as new classes, plus a held-out
-  **retention set** (:func:`retention_set`: original Fashion-MNIST test images, held-out prompt
-  templates) that no method trains on. It is drawn from the *pre-training* distribution, so it
-  measures retention of what the model was trained on, not zero-shot transfer to new data;
+* the **task stream**, made in :mod:`helpers.data` (:func:`helpers.data.make_stream`): shifted
+  Fashion-MNIST domains (inverted, edge maps, rotated) and scikit-learn's handwritten digits upscaled
+  to 28 x 28 as new classes, plus a held-out **retention set** (:func:`helpers.data.retention_set`:
+  original Fashion-MNIST test images, held-out prompt templates) that no method trains on. It is
+  drawn from the *pre-training* distribution, so it measures retention of what the model was trained
+  on, not zero-shot transfer to new data;
 * a model wrapper (:class:`ContinualClip`) around chapter 10's :class:`helpers.clip.FashionClip`
   that can also carry per-task linear heads and learned prompt context vectors;
 * the **methods**, all with one signature ``method(model, task, *, state) -> model`` (:data:`METHODS`):
@@ -24,7 +25,7 @@ holds:
 Only the image tower, the two projections, linear heads or context vectors are ever trained: the
 MiniLM text tower stays frozen, so the MiniLM embedding of every prompt is computed once.
 
-Tensors: images ``[N, 1, 28, 28]`` normalised as in :mod:`helpers.vision`; class embeddings ``[C, d]``.
+Tensors: images ``[N, 1, 28, 28]`` normalised as in :mod:`helpers.data`; class embeddings ``[C, d]``.
 Introduced in nbs/12_continual_adaptation.ipynb.
 """
 
@@ -42,186 +43,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from helpers import clip, common, vision
-
-DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-DIGIT_TEMPLATES = ("a photo of the digit {}.", "a picture of the number {}.", "a handwritten {}.")
-"""Captions of the new classes: "a photo of the digit three"."""
-
-DOMAINS = ("inverted", "digits", "edges", "rotated")
-"""The default stream: domain shift, new classes, domain shift, domain shift."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Tasks and the stream
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Task:
-    """One step of the stream: images, labels and the prompts that name its classes.
-
-    Args:
-        name: short name (``"digits"``).
-        class_names: what the prompts call each class, ``C`` entries.
-        templates: prompt templates with ``{}`` for the class name; class embeddings average over them.
-        x_train, y_train, x_test, y_test: ``[N, 1, 28, 28]`` images and ``[N]`` labels in ``[0, C)``.
-    """
-
-    name: str
-    class_names: tuple[str, ...]
-    templates: tuple[str, ...]
-    x_train: Tensor
-    y_train: Tensor
-    x_test: Tensor
-    y_test: Tensor
-
-    def __post_init__(self):
-        if len(self.class_names) == 0 or len(self.templates) == 0:
-            raise ValueError(f"task {self.name!r} needs at least one class name and one template")
-        if not all("{}" in t for t in self.templates):
-            raise ValueError(f"task {self.name!r}: every template must contain '{{}}' for the class name")
-        for split in ("train", "test"):
-            x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
-            if len(x) == 0:
-                raise ValueError(f"task {self.name!r} has an empty {split} set: give it at least one image")
-            vision.check_images(x, name=f"x_{split}")
-            if y.shape != (len(x),):
-                raise ValueError(f"task {self.name!r}: y_{split} must be [{len(x)}], got {tuple(y.shape)}")
-            if int(y.min()) < 0 or int(y.max()) >= len(self.class_names):
-                raise ValueError(f"task {self.name!r}: labels must lie in [0, {len(self.class_names)})")
-
-    @property
-    def prompts(self) -> list[str]:
-        """Every (class, template) prompt, class-major: ``C * T`` strings."""
-        return [t.format(c) for c in self.class_names for t in self.templates]
-
-
-def _renormalise(pixels: Tensor) -> Tensor:
-    """Pixels ``[N, 28, 28]`` in [0, 1] → model input ``[N, 1, 28, 28]``."""
-    return ((pixels - vision.FASHION_MEAN) / vision.FASHION_STD)[:, None].float()
-
-
-def shift(images: Tensor, kind: str) -> Tensor:
-    """Apply a domain shift to normalised images ``[N, 1, 28, 28]`` → ``[N, 1, 28, 28]``.
-
-    ``"inverted"``: ``1 - pixel``; ``"edges"``: Sobel gradient magnitude, scaled to a maximum of 1
-    per image; ``"rotated"``: a quarter turn counter-clockwise; ``"none"``: unchanged.
-
-    >>> x = _renormalise(torch.zeros(1, 28, 28))
-    >>> float(vision.unnormalise(shift(x, "inverted")).min())
-    1.0
-    """
-    pixels = vision.unnormalise(vision.check_images(images))  # [N, 28, 28]
-    if kind == "none":
-        out = pixels
-    elif kind == "inverted":
-        out = 1 - pixels
-    elif kind == "rotated":
-        out = torch.rot90(pixels, 1, dims=(-2, -1))
-    elif kind == "edges":
-        sobel = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
-        kernels = torch.stack([sobel, sobel.T])[:, None]  # [2, 1, 3, 3]
-        grad = F.conv2d(pixels[:, None], kernels, padding=1)  # [N, 2, 28, 28]
-        magnitude = grad.pow(2).sum(1).sqrt()
-        out = magnitude / magnitude.amax((1, 2), keepdim=True).clamp_min(1e-6)
-    else:
-        raise ValueError(f"unknown shift {kind!r}; choose from 'none', 'inverted', 'edges', 'rotated'")
-    return _renormalise(out)
-
-
-def digits_tensors() -> tuple[Tensor, Tensor]:
-    """scikit-learn's 1,797 handwritten digits (8 x 8, 0-16) upscaled to 20 x 20 and padded to 28 x 28 like MNIST.
-
-    Returns:
-        ``([1797, 1, 28, 28] normalised images, [1797] labels)``.
-    """
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    small = torch.as_tensor(data.images, dtype=torch.float32)[:, None] / 16.0  # [N, 1, 8, 8]
-    big = F.interpolate(small, size=(20, 20), mode="bilinear", align_corners=False).clamp(0, 1)
-    return _renormalise(F.pad(big, (4, 4, 4, 4))[:, 0]), torch.as_tensor(data.target).long()
-
-
-ZERO_SHOT_SIZE = 1000
-"""Fashion-MNIST test images ``[0, 1000)`` form the retention set; task test images come after them."""
-TASK_POOL = 50_000
-"""Tasks draw training images from Fashion-MNIST's first 50,000; ZSCL's reference set from the rest."""
-
-
-def make_stream(domains: Sequence[str] = DOMAINS, *, n_train: int = 2000, n_test: int = 400,
-                seed: int = 0) -> list[Task]:
-    """The task stream: one :class:`Task` per domain, drawn deterministically from ``seed``.
-
-    Fashion-MNIST domains (``"inverted"``, ``"edges"``, ``"rotated"``, ``"none"``) take disjoint
-    random subsets of the training set and of the test images after the retention set; ``"digits"``
-    splits the 1,797 scikit-learn digits (test first, ``n_test`` images; training from the rest).
-
-    Args:
-        domains: one entry per step.
-        n_train, n_test: images per task (digits have at most ``1797 - n_test`` training images).
-        seed: fixes every draw.
-
-    Returns:
-        ``len(domains)`` tasks.
-    """
-    if len(domains) == 0:
-        raise ValueError("the stream is empty: give at least one domain, e.g. DOMAINS")
-    if n_train < 1 or n_test < 1:
-        raise ValueError(f"n_train and n_test must be >= 1, got {n_train} and {n_test}")
-    generator = torch.Generator().manual_seed(seed)
-    x_train, y_train = vision.fashion_tensors("train")
-    x_test, y_test = vision.fashion_tensors("test")
-    train_order = torch.randperm(TASK_POOL, generator=generator)
-    test_order = ZERO_SHOT_SIZE + torch.randperm(len(x_test) - ZERO_SHOT_SIZE, generator=generator)
-    tasks, used_train, used_test = [], 0, 0
-    for kind in domains:
-        if kind == "digits":
-            x, y = digits_tensors()
-            order = torch.randperm(len(x), generator=generator)
-            test, train = order[:n_test], order[n_test : n_test + n_train]
-            tasks.append(Task("digits", DIGIT_NAMES, DIGIT_TEMPLATES, x[train], y[train], x[test], y[test]))
-            continue
-        tr = train_order[used_train : used_train + n_train]
-        te = test_order[used_test : used_test + n_test]
-        used_train, used_test = used_train + n_train, used_test + n_test
-        if len(te) < n_test or len(tr) < n_train:
-            raise ValueError(f"not enough Fashion-MNIST images for {len(domains)} tasks of {n_train} + {n_test}")
-        tasks.append(Task(kind, clip.CLASS_TEXT, clip.TRAIN_TEMPLATES, shift(x_train[tr], kind), y_train[tr],
-                          shift(x_test[te], kind), y_test[te]))
-    return tasks
-
-
-def retention_set(n: int = ZERO_SHOT_SIZE) -> Task:
-    """The retention set: the first ``n`` original Fashion-MNIST test images, held-out templates.
-
-    The images come from the *pre-training* distribution (the ten classes the CLIP-style model was
-    trained on); only the prompt templates are new. It measures how much of the pre-trained ability a
-    method keeps, not zero-shot transfer to unseen data. Its "training" split is empty of meaning (a
-    single image, never used): no method trains on it.
-    """
-    if not 1 <= n <= ZERO_SHOT_SIZE:
-        raise ValueError(f"n must be in [1, {ZERO_SHOT_SIZE}], got {n}")
-    x, y = vision.fashion_tensors("test")
-    return Task("retention", clip.CLASS_TEXT, clip.HELD_OUT_TEMPLATES, x[:1], y[:1], x[:n], y[:n])
-
-
-zero_shot_set = retention_set
-"""The former name of :func:`retention_set` (kept so older code runs)."""
-
-
-def reference_images(n: int = 1000, *, seed: int = 0) -> Tensor:
-    """ZSCL's reference set: ``n`` original Fashion-MNIST training images (pre-training domain), ``[n, 1, 28, 28]``.
-
-    Drawn from training images ``[TASK_POOL, 60000)``, which no task uses; no labels are kept.
-    """
-    x, _ = vision.fashion_tensors("train")
-    if not 1 <= n <= len(x) - TASK_POOL:
-        raise ValueError(f"n must be in [1, {len(x) - TASK_POOL}], got {n}")
-    order = TASK_POOL + torch.randperm(len(x) - TASK_POOL, generator=torch.Generator().manual_seed(seed))
-    return x[order[:n]]
-
+from helpers import clip, common, data
 
 # ---------------------------------------------------------------------------------------------
 # The model: FashionClip + optional per-task heads + optional prompt context
@@ -302,14 +124,14 @@ class ContinualClip(nn.Module):
         emb = F.normalize(self.clip.text_features(minilm), dim=-1).reshape(len(names), len(templates), -1)
         return F.normalize(emb.mean(1), dim=-1)
 
-    def class_embeddings(self, task: Task) -> Tensor:
+    def class_embeddings(self, task: data.Task) -> Tensor:
         if task.name in self.heads:
             return F.normalize(self.heads[task.name], dim=-1)
         if self.context is not None:
             return F.normalize(self.clip.text_features(self.context(task.class_names)), dim=-1)
         return self.prompt_embeddings(task.class_names, task.templates)
 
-    def logits(self, images: Tensor, task: Task) -> Tensor:
+    def logits(self, images: Tensor, task: data.Task) -> Tensor:
         """``logit_scale * cos(image, class)``, ``[N, C]`` (differentiable)."""
         return self.logit_scale * self.image_embeddings(images) @ self.class_embeddings(task).T
 
@@ -377,7 +199,7 @@ class ReplayBuffer:
             raise ValueError(f"buffer size must be a positive int, got {size!r}")
         self.size = size
         self.generator = torch.Generator().manual_seed(seed)
-        self.images = torch.zeros(0, 1, vision.IMAGE_SIZE, vision.IMAGE_SIZE)
+        self.images = torch.zeros(0, 1, data.IMAGE_SIZE, data.IMAGE_SIZE)
         self.labels = torch.zeros(0, dtype=torch.long)
         self.task_ids = torch.zeros(0, dtype=torch.long)
 
@@ -445,17 +267,17 @@ class State:
 
     initial: ContinualClip
     recipe: StepRecipe = StepRecipe()
-    seen: list[Task] = dataclasses.field(default_factory=list)
+    seen: list[data.Task] = dataclasses.field(default_factory=list)
     buffer: ReplayBuffer | None = None
     reference_images: Tensor | None = None
     reference_texts: list[str] | None = None
     step: int = 0
 
 
-def _check(model: ContinualClip, task: Task, state: State) -> None:
+def _check(model: ContinualClip, task: data.Task, state: State) -> None:
     if not isinstance(model, ContinualClip):
         raise ValueError(f"model must be a ContinualClip (wrap a FashionClip), got {type(model).__name__}")
-    if not isinstance(task, Task):
+    if not isinstance(task, data.Task):
         raise ValueError(f"task must be a Task, got {type(task).__name__}")
     if not isinstance(state, State):
         raise ValueError(f"state must be a State, got {type(state).__name__}")
@@ -475,7 +297,7 @@ def _batches(n: int, recipe: StepRecipe, generator: torch.Generator, steps: int)
     return out[:steps]
 
 
-def _fine_tune(model: ContinualClip, task: Task, state: State,
+def _fine_tune(model: ContinualClip, task: data.Task, state: State,
                extra: Callable[[ContinualClip, Tensor, torch.Generator], Tensor] | None = None, *,
                label_smoothing: float = 0.0, l2: float = 0.0, we_every: int = 0, steps: int | None = None,
                callback: Callable[[int, ContinualClip], None] | None = None) -> ContinualClip:
@@ -529,19 +351,19 @@ def _fine_tune(model: ContinualClip, task: Task, state: State,
     return model.eval().requires_grad_(False)
 
 
-def zero_shot(model: ContinualClip, task: Task, *, state: State) -> ContinualClip:
+def zero_shot(model: ContinualClip, task: data.Task, *, state: State) -> ContinualClip:
     """No training: the pre-trained model, prompts only (the reference every method is compared with)."""
     _check(model, task, state)
     return model
 
 
-def finetune(model: ContinualClip, task: Task, *, state: State) -> ContinualClip:
+def finetune(model: ContinualClip, task: data.Task, *, state: State) -> ContinualClip:
     """Sequential full fine-tuning of the image tower and both projections on each task in turn."""
     _check(model, task, state)
     return _fine_tune(model, task, state)
 
 
-def linear_probe(model: ContinualClip, task: Task, *, state: State) -> ContinualClip:
+def linear_probe(model: ContinualClip, task: data.Task, *, state: State) -> ContinualClip:
     """A linear head per task on frozen image embeddings, initialised from the task's prompt embeddings.
 
     Full-batch Adam on cross-entropy; the tower never changes, so earlier tasks keep their heads
@@ -564,7 +386,7 @@ def linear_probe(model: ContinualClip, task: Task, *, state: State) -> Continual
     return model
 
 
-def coop(model: ContinualClip, task: Task, *, state: State) -> ContinualClip:
+def coop(model: ContinualClip, task: data.Task, *, state: State) -> ContinualClip:
     """Prompt learning (CoOp, Zhou et al. 2022): only the shared context vectors are trained, task after task.
 
     Images are embedded once by the frozen tower; each step re-encodes the task's learned prompts
@@ -591,7 +413,7 @@ def coop(model: ContinualClip, task: Task, *, state: State) -> ContinualClip:
     return model
 
 
-def wise_ft_method(model: ContinualClip, task: Task, *, state: State) -> ContinualClip:
+def wise_ft_method(model: ContinualClip, task: data.Task, *, state: State) -> ContinualClip:
     """Fine-tune on the task, then interpolate with the *initial* model: ``θ_t = (1-α) θ_0 + α FT(θ_{t-1})``."""
     _check(model, task, state)
     return wise_ft(state.initial, _fine_tune(model, task, state), state.recipe.alpha)
@@ -655,7 +477,7 @@ def zscl_loss(student: ContinualClip, teacher: ContinualClip, images: Tensor, mi
     return _kl(logits, target, temperature), _kl(logits.T, target.T, temperature)
 
 
-def lwf(model: ContinualClip, task: Task, *, state: State) -> ContinualClip:
+def lwf(model: ContinualClip, task: data.Task, *, state: State) -> ContinualClip:
     """Learning without Forgetting (Li & Hoiem 2017): fine-tune + distil the previous model's old-class outputs.
 
     "Old classes" are the classes of the pre-training head (Fashion-MNIST, training templates) and
@@ -664,7 +486,7 @@ def lwf(model: ContinualClip, task: Task, *, state: State) -> ContinualClip:
     """
     _check(model, task, state)
     teacher = copy.deepcopy(model).eval()
-    old = {(tuple(clip.CLASS_TEXT), tuple(clip.TRAIN_TEMPLATES))}
+    old = {(tuple(data.CLASS_TEXT), tuple(data.TRAIN_TEMPLATES))}
     old |= {(t.class_names, t.templates) for t in state.seen}
     old_prompts = [(list(n), list(t)) for n, t in sorted(old)]
     with torch.no_grad():
@@ -681,13 +503,14 @@ def _zscl_inputs(model: ContinualClip, task, state) -> tuple:
     """ZSCL's teacher (the initial model), the recipe and the reference texts' MiniLM embeddings ``[R, 384]``."""
     _check(model, task, state)
     if state.reference_images is None or not state.reference_texts:
-        raise ValueError("ZSCL needs state.reference_images and state.reference_texts (see reference_images())")
+        raise ValueError("ZSCL needs state.reference_images and state.reference_texts "
+                         "(see helpers.data.reference_images())")
     with torch.no_grad():
         minilm = model.clip.text(state.reference_texts)  # [R, 384]
     return state.initial, state.recipe, minilm
 
 
-def zscl(model: ContinualClip, task: Task, *, state: State) -> ContinualClip:
+def zscl(model: ContinualClip, task: data.Task, *, state: State) -> ContinualClip:
     """ZSCL-style distillation (Zheng et al. 2023) in feature space, on a reference set, from the *initial* model.
 
     Each step adds, on a batch of reference images (pre-training domain, no labels) and the
@@ -709,8 +532,8 @@ def zscl(model: ContinualClip, task: Task, *, state: State) -> ContinualClip:
 def _zscl_prepare(state: State) -> None:
     """ZSCL's reference set: images and captions drawn once, before the stream (``state.recipe``'s sizes)."""
     recipe = state.recipe
-    state.reference_images = reference_images(recipe.n_reference, seed=recipe.seed)
-    table = clip.caption_table()
+    state.reference_images = data.reference_images(recipe.n_reference, seed=recipe.seed)
+    table = data.caption_table()
     pick = torch.randperm(len(table), generator=torch.Generator().manual_seed(recipe.seed))
     state.reference_texts = [table[i] for i in pick[: recipe.n_reference_texts].tolist()]
 
@@ -727,7 +550,7 @@ text embeddings); an L2 penalty of weight 1 on ``Σ (θ - θ_start)²``; weight 
 *previous task's* model, ``0.8 θ_new + 0.2 θ_previous``."""
 
 
-def wise_ft_paper(model: ContinualClip, task: Task, *, state: State) -> ContinualClip:
+def wise_ft_paper(model: ContinualClip, task: data.Task, *, state: State) -> ContinualClip:
     """WiSE-FT as in ZSCL's scripts: fine-tune (label smoothing 0.2), then blend with the *previous* model.
 
     ``θ_t = (1 - α) θ_{t-1} + α FT(θ_{t-1})`` with ``α = 0.8`` (:data:`PAPER_SETTINGS`), where the
@@ -738,7 +561,7 @@ def wise_ft_paper(model: ContinualClip, task: Task, *, state: State) -> Continua
     return wise_ft(model, tuned, PAPER_SETTINGS["alpha"])
 
 
-def zscl_paper(model: ContinualClip, task: Task, *, state: State) -> ContinualClip:
+def zscl_paper(model: ContinualClip, task: data.Task, *, state: State) -> ContinualClip:
     """ZSCL with the settings of its reference scripts (:data:`PAPER_SETTINGS`): the full method.
 
     Distillation from the initial model on the reference set (image and text terms summed, ``T = 2``,
@@ -761,7 +584,7 @@ def zscl_paper(model: ContinualClip, task: Task, *, state: State) -> ContinualCl
 zscl_paper.prepare = _zscl_prepare
 
 
-def replay(model: ContinualClip, task: Task, *, state: State) -> ContinualClip:
+def replay(model: ContinualClip, task: data.Task, *, state: State) -> ContinualClip:
     """Fine-tune with a small replay buffer: each step adds a batch of stored earlier-task examples.
 
     Stored examples are scored against their own task's class prompts. After the task, its
@@ -859,11 +682,11 @@ def _group(indices: Sequence[int]) -> Callable[[Tensor, Tensor], Tensor]:
 
 
 def _dark(labels: Tensor, images: Tensor) -> Tensor:
-    return clip.pixel_attributes(images, labels)["tone"] == 0
+    return data.pixel_attributes(images, labels)["tone"] == 0
 
 
 def _class_prompts(indices: Sequence[int], template: str = "a photo of a {}.") -> tuple[str, ...]:
-    return tuple(template.format(clip.CLASS_TEXT[i]) for i in indices)
+    return tuple(template.format(data.CLASS_TEXT[i]) for i in indices)
 
 
 _FOOTWEAR, _SLEEVES, _BAG = (5, 7, 9), (0, 2, 4, 6), (8,)
@@ -873,8 +696,8 @@ QUESTIONS = (
     Question("Is this footwear?", _class_prompts(_FOOTWEAR), _class_prompts(_REST(_FOOTWEAR)), _group(_FOOTWEAR)),
     Question("Does it have sleeves?", _class_prompts(_SLEEVES), _class_prompts(_REST(_SLEEVES)), _group(_SLEEVES)),
     Question("Is this a bag?", _class_prompts(_BAG), _class_prompts(_REST(_BAG)), _group(_BAG)),
-    Question("Is it dark?", tuple(f"a photo of a dark {c}." for c in clip.CLASS_TEXT),
-             tuple(f"a photo of a {tone} {c}." for tone in ("grey", "light") for c in clip.CLASS_TEXT), _dark),
+    Question("Is it dark?", tuple(f"a photo of a dark {c}." for c in data.CLASS_TEXT),
+             tuple(f"a photo of a {tone} {c}." for tone in ("grey", "light") for c in data.CLASS_TEXT), _dark),
 )
 """The chapter's questions: three by class-group aggregation, one about a pixel attribute (tone)."""
 
@@ -925,7 +748,7 @@ def balanced_accuracy(p_yes: Tensor, truth: Tensor) -> float:
     return float(((said & truth).sum() / truth.sum() + (~said & ~truth).sum() / (~truth).sum()) / 2)
 
 
-def question_scores(model: ContinualClip, task: Task, questions: Sequence[Question] = QUESTIONS, *,
+def question_scores(model: ContinualClip, task: data.Task, questions: Sequence[Question] = QUESTIONS, *,
                     image_emb: Tensor | None = None) -> list[float]:
     """Balanced accuracy of each question on ``task``'s test images (labels and pixels give the truth)."""
     p = answer_questions(model, task.x_test, questions, image_emb=image_emb)
@@ -938,7 +761,7 @@ def question_scores(model: ContinualClip, task: Task, questions: Sequence[Questi
 
 
 @torch.no_grad()
-def evaluate(model: ContinualClip, tasks: Sequence[Task], zero_shot_task: Task,
+def evaluate(model: ContinualClip, tasks: Sequence[data.Task], zero_shot_task: data.Task,
              questions: Sequence[Question] = QUESTIONS, *, image_emb: list[Tensor] | None = None) -> dict:
     """Accuracy on every task, on the retention set (``"zero_shot"``), and the questions' balanced accuracy on it.
 
@@ -955,8 +778,8 @@ def evaluate(model: ContinualClip, tasks: Sequence[Task], zero_shot_task: Task,
             "questions": question_scores(model, zero_shot_task, questions, image_emb=image_emb[-1])}
 
 
-def run_stream(method: str | Callable[..., ContinualClip], initial: clip.FashionClip, tasks: Sequence[Task],
-               zero_shot_task: Task, *, recipe: StepRecipe = StepRecipe(), progress: bool = False
+def run_stream(method: str | Callable[..., ContinualClip], initial: clip.FashionClip, tasks: Sequence[data.Task],
+               zero_shot_task: data.Task, *, recipe: StepRecipe = StepRecipe(), progress: bool = False
                ) -> tuple[dict, ContinualClip]:
     """Train ``method`` on ``tasks`` in order, evaluating before training and after every step.
 
@@ -1013,14 +836,14 @@ def run_stream(method: str | Callable[..., ContinualClip], initial: clip.Fashion
     return result, model
 
 
-def cached_run(method: str, initial: clip.FashionClip, tasks: Sequence[Task], zero_shot_task: Task, *,
+def cached_run(method: str, initial: clip.FashionClip, tasks: Sequence[data.Task], zero_shot_task: data.Task, *,
                recipe: StepRecipe = StepRecipe(), stream_key: object = None, progress: bool = False
                ) -> tuple[dict, dict]:
     """:func:`run_stream`, cached under a content hash of (method, recipe, stream, initial model).
 
     Args:
         stream_key: a JSON-able description of how ``tasks`` were made (e.g. the arguments of
-            :func:`make_stream`); it keys the cache together with the initial model's recipe.
+            :func:`helpers.data.make_stream`); it keys the cache together with the initial model's recipe.
 
     Returns:
         ``(result, final clip state dict)``; the ``"seconds"`` are those measured when the cache was built.
@@ -1057,7 +880,7 @@ def _initial_key(initial: clip.FashionClip) -> object:
 
 
 def seed_runs(initial: clip.FashionClip, seed: int, *, methods: Sequence[str] = tuple(METHODS),
-              recipe: StepRecipe = StepRecipe(), domains: Sequence[str] = DOMAINS, n_train: int = 2000,
+              recipe: StepRecipe = StepRecipe(), domains: Sequence[str] = data.DOMAINS, n_train: int = 2000,
               n_test: int = 400, progress: bool = False) -> dict[str, dict]:
     """Every method of ``methods`` on the stream of one seed: :func:`run_stream` results only (no weights).
 
@@ -1074,20 +897,20 @@ def seed_runs(initial: clip.FashionClip, seed: int, *, methods: Sequence[str] = 
         raise ValueError(f"unknown methods {unknown}; choose from {list(METHODS)}")
     recipe = dataclasses.replace(recipe, seed=int(seed))
     key = {"code": 1, "methods": list(methods), "recipe": dataclasses.asdict(recipe), "domains": list(domains),
-           "n_train": n_train, "n_test": n_test, "initial": _initial_key(initial), "retention": ZERO_SHOT_SIZE,
+           "n_train": n_train, "n_test": n_test, "initial": _initial_key(initial), "retention": data.ZERO_SHOT_SIZE,
            "questions": [q.text for q in QUESTIONS]}
     path = common.cache_dir("results", "ch12") / f"seeds-s{seed}-{common.content_hash(key, length=12)}.json"
 
     def build(target: Path) -> None:
-        tasks = make_stream(domains, n_train=n_train, n_test=n_test, seed=seed)
-        retention = retention_set()
+        tasks = data.make_stream(domains, n_train=n_train, n_test=n_test, seed=seed)
+        retention = data.retention_set()
         out = {m: run_stream(m, initial, tasks, retention, recipe=recipe, progress=progress)[0] for m in methods}
         target.write_text(json.dumps(out))
 
     return json.loads(common.cached_file(path, build, committed=True).read_text())
 
 
-def _learning_curve(initial: clip.FashionClip, fit: Task, state: State, *, steps: int, every: int) -> dict:
+def _learning_curve(initial: clip.FashionClip, fit: data.Task, state: State, *, steps: int, every: int) -> dict:
     """One task's fine-tuning curve on ``fit``'s test split (the validation part), and the linear probe's accuracy."""
     start = ContinualClip(copy.deepcopy(initial)).eval().requires_grad_(False)
 
@@ -1110,7 +933,7 @@ def _learning_curve(initial: clip.FashionClip, fit: Task, state: State, *, steps
 
 
 def learning_curves(initial: clip.FashionClip, seed: int, *, steps: int = 200, every: int = 10, n_val: int = 400,
-                    recipe: StepRecipe = StepRecipe(), domains: Sequence[str] = DOMAINS, n_train: int = 2000,
+                    recipe: StepRecipe = StepRecipe(), domains: Sequence[str] = data.DOMAINS, n_train: int = 2000,
                     n_test: int = 400) -> dict[str, dict]:
     """Fine-tuning curves: accuracy on a held-out validation part of each task's training images vs steps.
 
@@ -1133,11 +956,11 @@ def learning_curves(initial: clip.FashionClip, seed: int, *, steps: int = 200, e
     def build(target: Path) -> None:
         out = {}
         with common.torch_threads(1):
-            for k, task in enumerate(make_stream(domains, n_train=n_train, n_test=n_test, seed=seed)):
+            for k, task in enumerate(data.make_stream(domains, n_train=n_train, n_test=n_test, seed=seed)):
                 if len(task.x_train) <= n_val:
                     raise ValueError(f"task {task.name!r} has {len(task.x_train)} training images, need > {n_val}")
-                fit = Task(task.name, task.class_names, task.templates, task.x_train[:-n_val], task.y_train[:-n_val],
-                           task.x_train[-n_val:], task.y_train[-n_val:])
+                fit = data.Task(task.name, task.class_names, task.templates, task.x_train[:-n_val],
+                                task.y_train[:-n_val], task.x_train[-n_val:], task.y_train[-n_val:])
                 common.set_seed(seed)
                 state = State(initial=ContinualClip(initial), recipe=recipe, step=k)
                 out[task.name] = _learning_curve(initial, fit, state, steps=steps, every=every)

@@ -22,11 +22,24 @@ construction), :func:`stability` (re-runs under new seeds and small input pertur
 :func:`axis_scores` (metrics averaged into axes), :func:`sanity_distance` (Adebayo et al.'s
 model-randomisation test as ``1 - abs(rho)``) and :func:`randomised_copy` (every layer of a model
 re-drawn, the last step of the cascade).
+
+Chapter 14's harness lives here too, so the notebook imports it: the explanations it scores
+(:func:`image_explanation` with Chapter 8's settings, :func:`concept_contributions`,
+:func:`text_study` for the token methods), the perturbations and prediction checks of
+:func:`stability` (:func:`gaussian_perturbation`, :func:`token_masking`, :func:`item_swap`,
+:func:`prediction_kept`), the models it compares against (:func:`concept_students`,
+:func:`redrawn_prototypes`, :func:`history_predictor`), the text ground truth
+(:func:`tokenizer_words`, :func:`exclusive_words`, :func:`word_piece_truth`), the tables
+(:func:`setting_table`, :func:`normalise_columns_batched`, :func:`paired_comparison`,
+:func:`tied_with_best`) and word intrusion (:func:`intrusion_oddness`, :func:`unit_rows`,
+:func:`word_rows`).
 """
 
 from __future__ import annotations
 
 import math
+import time
+import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -628,3 +641,620 @@ def randomised_copy(model: torch.nn.Module, *, seed: int = 0) -> torch.nn.Module
             draw = torch.randn(p.shape, generator=generator, dtype=torch.float64) * std + mean
             p.copy_(draw.to(p.dtype))
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Chapter 14's harness: the explanations it scores, the perturbations, the per-setting tables
+# ---------------------------------------------------------------------------------------------
+
+IMAGE_METHODS = ("saliency", "integrated gradients", "GradientSHAP", "occlusion", "last-layer attention", "rollout",
+                 "prototype map", "random")
+"""The pixel explanations Chapter 14 scores: Chapter 8's six methods, Chapter 9's prototype map, a random map."""
+
+CONCEPT_METHODS = ("Choquet contributions", "linear contributions", "random concepts")
+"""The concept explanations Chapter 14 scores (:func:`concept_contributions`)."""
+
+
+def _check_target_batch(target, batch: int, name: str = "target") -> Tensor:
+    target = torch.as_tensor(target)
+    if target.shape != (batch,):
+        raise ValueError(f"{name} must be a [batch] = ({batch},) tensor of classes, got shape {tuple(target.shape)}")
+    return target
+
+
+def _check_image_batch(images: Tensor, name: str) -> None:
+    if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] != 1 or len(images) == 0:
+        raise ValueError(f"{name} must be a non-empty [batch, 1, height, width] tensor of grey images, got "
+                         f"{tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__}")
+    if not torch.isfinite(images).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+
+
+def image_explanation(model: torch.nn.Module, method: str, images: Tensor, target: Tensor, *, black: float,
+                      shap_baselines: Tensor | None = None, seed: int = 0) -> Tensor:
+    """``[batch, 28, 28]`` explanation of class ``target`` by ``method`` (higher = more important).
+
+    Chapter 8's settings: saliency (absolute gradient), integrated gradients from a black image
+    (``black``, 64 steps), GradientSHAP (``shap_baselines``, 16 samples, noise 0.1; seeds torch's global
+    generator with ``seed``, where Captum draws), occlusion (4 x 4 window, stride 2, black), the
+    CLS row of the last layer's attention and attention rollout (upsampled from the 4 x 4 grid);
+    Chapter 9's prototype map (the class's last-layer weights times the prototypes' similarity
+    maps; ``model`` must then be a :class:`helpers.prototypes.ProtoViT`); and a random map drawn
+    with ``seed``.
+
+    Args:
+        model: the book's ViT (or a ProtoViT for ``"prototype map"``), images -> ``[batch, class]`` logits.
+        method: one of :data:`IMAGE_METHODS`.
+        images: ``[batch, 1, 28, 28]`` normalised Fashion-MNIST images.
+        target: ``[batch]`` the explained class of each image.
+        black: a black pixel in the normalised units of ``images`` (baseline of IG and occlusion).
+        shap_baselines: ``[n, 1, 28, 28]`` images GradientSHAP draws its baselines from (needed for it only).
+        seed: seed of GradientSHAP's and the random map's draws.
+
+    Returns:
+        ``[batch, 28, 28]`` scores, detached.
+    """
+    from helpers import prototypes, vision
+
+    if method not in IMAGE_METHODS:
+        raise ValueError(f"method must be one of {IMAGE_METHODS}, got {method!r}")
+    _check_image_batch(images, "images")
+    target = _check_target_batch(target, len(images))
+    if not isinstance(black, (int, float)) or not math.isfinite(black):
+        raise ValueError(f"black must be a finite number (a black pixel, normalised), got {black!r}")
+    if method == "saliency":
+        from captum.attr import Saliency
+
+        return Saliency(model).attribute(images, target=target, abs=True)[:, 0].detach()
+    if method == "integrated gradients":
+        from captum.attr import IntegratedGradients
+
+        return IntegratedGradients(model).attribute(images, baselines=black, target=target, n_steps=64,
+                                                    internal_batch_size=2048)[:, 0].detach()
+    if method == "GradientSHAP":
+        from captum.attr import GradientShap
+
+        if shap_baselines is None:
+            raise ValueError("GradientSHAP needs shap_baselines, [n, 1, 28, 28] images to draw baselines from")
+        _check_image_batch(shap_baselines, "shap_baselines")
+        torch.manual_seed(seed)  # Captum draws baselines and noise from torch's global generator
+        return GradientShap(model).attribute(images, baselines=shap_baselines, target=target, n_samples=16,
+                                             stdevs=0.1)[:, 0].detach()
+    if method == "occlusion":
+        from captum.attr import Occlusion
+
+        with torch.no_grad():
+            return Occlusion(model).attribute(images, target=target, sliding_window_shapes=(1, 4, 4),
+                                              strides=(1, 2, 2), baselines=black, perturbations_per_eval=64)[:, 0]
+    if method in ("last-layer attention", "rollout"):
+        _, a = vision.vit_attentions(model, images)  # [layer, batch, head, 17, 17]
+        patch = (a[-1, :, :, 0, 1:].mean(1).reshape(-1, vision.GRID, vision.GRID) if method == "last-layer attention"
+                 else vision.cls_rollout(a))
+        return vision.upsample(patch, vision.IMAGE_SIZE)
+    if method == "prototype map":
+        if not isinstance(model, prototypes.ProtoViT):
+            raise ValueError(f"the prototype map explains a prototypes.ProtoViT, got {type(model).__name__}")
+        with torch.no_grad():
+            maps = prototypes.similarity_maps(model.head, model.patch_tokens(images))  # [batch, P, 4, 4]
+            w = model.head.last_layer.weight[target]  # [batch, P]
+            return vision.upsample((w[:, :, None, None] * maps).sum(1), vision.IMAGE_SIZE)
+    generator = torch.Generator().manual_seed(seed)  # "random"
+    return torch.rand(len(images), vision.IMAGE_SIZE, vision.IMAGE_SIZE, generator=generator)
+
+
+def softmax_predictor(model: Callable[[Tensor], Tensor], *, flatten: bool = False) -> Callable[[Tensor], Tensor]:
+    """``inputs -> [batch, class]`` probabilities, the softmax of ``model``'s logits (for perturbation curves).
+
+    With ``flatten``, the inputs are reshaped to ``[batch, -1]`` first (concept scores that a
+    perturbation curve handles as ``[batch, 1, 1, concepts]`` images).
+
+    >>> softmax_predictor(lambda x: x, flatten=True)(torch.zeros(1, 1, 1, 4)).tolist()
+    [[0.25, 0.25, 0.25, 0.25]]
+    """
+    if not callable(model):
+        raise ValueError(f"model must be callable (inputs -> logits), got {type(model).__name__}")
+    if flatten:
+        return lambda inputs: model(inputs.reshape(len(inputs), -1)).softmax(-1)
+    return lambda inputs: model(inputs).softmax(-1)
+
+
+def gaussian_perturbation(std: float) -> Callable[[Tensor, torch.Generator], Tensor]:
+    """``(x, generator) -> x + std * noise``, i.i.d. standard Gaussian noise of ``x``'s shape: a
+    ``perturb`` for :func:`stability`.
+
+    >>> gaussian_perturbation(0.0)(torch.ones(2, 3), torch.Generator().manual_seed(0)).tolist()
+    [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]
+    """
+    if not isinstance(std, (int, float)) or not math.isfinite(std) or std < 0:
+        raise ValueError(f"std must be a finite number >= 0, got {std!r}")
+    return lambda x, generator: x + std * torch.randn(x.shape, generator=generator)
+
+
+def prediction_kept(predict: Callable[[Tensor], Tensor], target: Tensor) -> Callable[[object, Tensor], Tensor]:
+    """``(inputs, moved) -> [batch]`` bool, true where ``predict(moved)``'s top class is still ``target``:
+    the ``unchanged`` of :func:`stability` (a perturbation must not change the decision).
+
+    Args:
+        predict: ``inputs -> [batch, class]`` scores (logits or probabilities; only the argmax counts).
+        target: ``[batch]`` the explained class of each input.
+
+    >>> kept = prediction_kept(lambda x: x, torch.tensor([0, 1]))
+    >>> kept(None, torch.tensor([[2.0, 1.0], [3.0, 0.0]])).tolist()
+    [True, False]
+    """
+    if not callable(predict):
+        raise ValueError(f"predict must be callable (inputs -> [batch, class] scores), got {type(predict).__name__}")
+    target = torch.as_tensor(target)
+    if target.ndim != 1:
+        raise ValueError(f"target must be a [batch] tensor of classes, got shape {tuple(target.shape)}")
+
+    def unchanged(inputs, moved):
+        with torch.no_grad():
+            return predict(moved).argmax(1) == target
+
+    return unchanged
+
+
+def setting_table(per_item: dict[str, dict[str, np.ndarray]], seconds_of: dict[str, float], setting: str):
+    """One setting's table: the mean of every per-item metric (NaN items left out) and the cost.
+
+    Args:
+        per_item: ``{"setting: method": {metric: [item] values}}`` for every setting.
+        seconds_of: ``{"setting: method": seconds per input}``.
+        setting: the prefix of the rows wanted (``"image"``, ``"text"``, ...).
+
+    Returns:
+        a ``DataFrame``, methods x (``"setting"``, metrics..., ``"seconds per input"``), object dtype.
+
+    >>> t = setting_table({"a: x": {"m": np.array([1.0, np.nan, 3.0])}, "b: y": {"m": np.array([0.0])}},
+    ...                   {"a: x": 0.5, "b: y": 1.0}, "a")
+    >>> t.to_dict("index")
+    {'x': {'setting': 'a', 'm': 2.0, 'seconds per input': 0.5}}
+    """
+    import pandas as pd
+
+    rows = [r for r in per_item if r.startswith(f"{setting}: ")]
+    if not rows:
+        raise ValueError(f"no row of per_item belongs to setting {setting!r} (rows are named 'setting: method')")
+    missing = [r for r in rows if r not in seconds_of]
+    if missing:
+        raise ValueError(f"seconds_of has no cost for {missing}")
+    table = {r.split(": ", 1)[1]: {"setting": setting, **{c: float(np.nanmean(v)) for c, v in per_item[r].items()},
+                                   "seconds per input": seconds_of[r]}
+             for r in rows}
+    return pd.DataFrame(table).T
+
+
+def tokenizer_words(tokenizer, text: str) -> list[str]:
+    """The words a Hugging Face fast tokenizer sees in ``text`` (normalised, e.g. lower-cased, and
+    split at spaces and punctuation), in order: the units of ``encoding.word_ids``."""
+    if not isinstance(text, str):
+        raise ValueError(f"text must be a str, got {type(text).__name__}")
+    normalised = tokenizer.backend_tokenizer.normalizer.normalize_str(text)
+    return [w for w, _ in tokenizer.backend_tokenizer.pre_tokenizer.pre_tokenize_str(normalised)]
+
+
+def exclusive_words(word_lists: Sequence[Sequence[str]], labels: Sequence[int], n_classes: int, *,
+                    min_count: int) -> tuple[list[dict[str, int]], list[set[str]]]:
+    """Words that only one class uses: a ground truth for text plausibility, known by construction.
+
+    Args:
+        word_lists: the words of each training text.
+        labels: the class of each text, in ``[0, n_classes)``.
+        n_classes: number of classes.
+        min_count: a word must occur at least this often in its class.
+
+    Returns:
+        ``counts`` (per class, ``{word: occurrences}``) and ``exclusive`` (per class, the alphabetic
+        words seen ``min_count`` times or more in that class and never in another).
+
+    >>> counts, excl = exclusive_words([["emma", "the"], ["anne", "the"], ["emma"]], [0, 1, 0], 2, min_count=2)
+    >>> excl
+    [{'emma'}, set()]
+    """
+    labels = [int(y) for y in labels]
+    if len(word_lists) != len(labels) or not labels:
+        raise ValueError(f"need one label per text and at least one text, got {len(word_lists)} texts "
+                         f"and {len(labels)} labels")
+    if any(not 0 <= y < n_classes for y in labels):
+        raise ValueError(f"labels must lie in [0, {n_classes}), got {sorted(set(labels))}")
+    if not isinstance(min_count, int) or min_count < 1:
+        raise ValueError(f"min_count must be a positive int, got {min_count!r}")
+    counts: list[dict[str, int]] = [{} for _ in range(n_classes)]
+    for words, label in zip(word_lists, labels, strict=True):
+        for w in words:
+            counts[label][w] = counts[label].get(w, 0) + 1
+    exclusive = [{w for w, n in counts[k].items() if n >= min_count and w.isalpha()
+                  and all(w not in counts[j] for j in range(n_classes) if j != k)} for k in range(n_classes)]
+    return counts, exclusive
+
+
+def word_piece_truth(word_ids: Sequence[Sequence[int | None]], word_lists: Sequence[Sequence[str]],
+                     allowed: Sequence[set[str]], candidates: Tensor) -> Tensor:
+    """``[passage, pos]`` bool: the candidate word pieces whose word is in that passage's ``allowed`` set.
+
+    Args:
+        word_ids: per passage, the word index of each position (``encoding.word_ids(b)``; None off words).
+        word_lists: per passage, its words (:func:`tokenizer_words`).
+        allowed: per passage, the words that count as ground truth (e.g. those exclusive to the
+            predicted class).
+        candidates: ``[passage, pos]`` bool, the positions that may be marked.
+
+    >>> word_piece_truth([[None, 0, 1, 1, None]], [["emma", "walked"]], [{"walked"}],
+    ...                  torch.tensor([[False, True, True, True, False]])).tolist()
+    [[False, False, True, True, False]]
+    """
+    candidates = torch.as_tensor(candidates).bool()
+    if candidates.ndim != 2 or not len(word_ids) == len(word_lists) == len(allowed) == len(candidates):
+        raise ValueError(f"need [passage, pos] candidates and one word_ids, word list and allowed set per passage, "
+                         f"got {tuple(candidates.shape)}, {len(word_ids)}, {len(word_lists)}, {len(allowed)}")
+    truth = torch.zeros_like(candidates)
+    for b, (ids, words) in enumerate(zip(word_ids, word_lists, strict=True)):
+        if len(ids) != candidates.shape[1]:
+            raise ValueError(f"passage {b} has {len(ids)} word ids for {candidates.shape[1]} positions")
+        for pos, w in enumerate(ids):
+            if w is not None and candidates[b, pos] and words[w] in allowed[b]:
+                truth[b, pos] = True
+    return truth
+
+
+def token_masking(candidates: Tensor, mask_id: int) -> Callable[[Tensor, torch.Generator], Tensor]:
+    """``(input_ids, generator) -> input_ids`` with one random candidate word piece per passage
+    replaced by ``mask_id``: a ``perturb`` for :func:`stability` on text.
+
+    Args:
+        candidates: ``[passage, pos]`` bool, the positions that may be masked (at least one per passage).
+        mask_id: the tokenizer's ``[MASK]`` id.
+
+    >>> perturb = token_masking(torch.tensor([[False, True, False]]), 103)
+    >>> perturb(torch.tensor([[101, 7, 102]]), torch.Generator().manual_seed(0)).tolist()
+    [[101, 103, 102]]
+    """
+    candidates = torch.as_tensor(candidates).bool()
+    if candidates.ndim != 2:
+        raise ValueError(f"candidates must be [passage, pos], got shape {tuple(candidates.shape)}")
+    empty = (candidates.sum(1) == 0).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"passages {empty} have no candidate position to mask")
+
+    def mask_one(input_ids: Tensor, generator: torch.Generator) -> Tensor:
+        if input_ids.shape != candidates.shape:
+            raise ValueError(f"input_ids must have the candidates' shape {tuple(candidates.shape)}, "
+                             f"got {tuple(input_ids.shape)}")
+        out = input_ids.clone()
+        for b in range(len(out)):
+            pos = candidates[b].nonzero()[:, 0]
+            out[b, pos[torch.randint(len(pos), (1,), generator=generator)]] = mask_id
+        return out
+
+    return mask_one
+
+
+def text_study(classifier, ids: Tensor, am: Tensor, content: Tensor, names: Tensor, target: Tensor, *,
+               methods: Sequence[str], pad_id: int, mask_id: int, ig_steps: int,
+               path=None) -> dict[str, np.ndarray]:
+    """Every text metric of Chapter 14, passage by passage, for every method (its expensive part).
+
+    For each method of :func:`helpers.attribution.token_attributions`: the seconds per passage,
+    AOPC comprehensiveness and sufficiency (ERASER deletion, :func:`aopc`), plausibility against
+    ``names`` (:func:`ground_truth_auc`), stability under one masked word piece (:func:`stability`,
+    re-runs whose prediction changed left out), and the sanity distance to the explanation of the
+    classifier with its head re-drawn (``"sanity head"``) and with every weight re-drawn; for
+    integrated gradients also its convergence delta relative to the gap ``p(x) - p(baseline)``.
+
+    Args:
+        classifier: a :class:`helpers.attribution.PooledClassifier`.
+        ids, am: ``[passage, pos]`` token ids and attention mask.
+        content: ``[passage, pos]`` bool, the candidate tokens (no special tokens).
+        names: ``[passage, pos]`` bool, the ground-truth tokens.
+        target: ``[passage]`` the explained class (the prediction).
+        methods: the methods, e.g. :data:`helpers.attribution.METHODS`.
+        pad_id: baseline and deletion token; mask_id: the ``[MASK]`` token; ig_steps: IG's steps.
+        path: if given, the arrays are also written there as an ``.npz`` file.
+
+    Returns:
+        ``{"method|metric": [passage] float64}`` plus ``"method|seconds"`` ``[1]`` and ``"ig delta / gap"``.
+    """
+    from helpers import attribution, common
+
+    if ids.ndim != 2 or not ids.shape == am.shape == content.shape == torch.as_tensor(names).shape:
+        raise ValueError(f"ids, am, content and names must share one [passage, pos] shape, got {tuple(ids.shape)}, "
+                         f"{tuple(am.shape)}, {tuple(content.shape)}, {tuple(torch.as_tensor(names).shape)}")
+    target = _check_target_batch(target, len(ids))
+    if not methods:
+        raise ValueError("methods must name at least one attribution method")
+    if not isinstance(ig_steps, int) or ig_steps < 1:
+        raise ValueError(f"ig_steps must be a positive int, got {ig_steps!r}")
+
+    def scores_of(model, method, input_ids, seed=0, return_delta=False):
+        return attribution.token_attributions(model, input_ids, am, method=method, target=target, candidates=content,
+                                              baseline_id=pad_id, n_steps=ig_steps, internal_batch_size=256,
+                                              seed=seed, return_delta=return_delta)
+
+    head_only = attribution.randomised_copy(classifier, "head", seed=1)  # first step of the cascade
+    destroyed = attribution.randomised_copy(classifier, "model", seed=1)  # last step: every weight re-drawn
+    rows = torch.arange(len(ids))
+    with torch.no_grad():
+        gap = (classifier.predict_proba(ids, am)[rows, target]
+               - classifier.predict_proba(ids.masked_fill(content, pad_id), am)[rows, target])
+    unchanged = prediction_kept(lambda x: classifier.predict_proba(x, am), target)
+    out = {}
+    with common.torch_threads(common.free_cores()):  # MiniLM passes in batches: every free core helps
+        for m in methods:
+            t0 = time.perf_counter()
+            if m == "integrated_gradients":
+                scores, delta = scores_of(classifier, m, ids, return_delta=True)
+                out["ig delta / gap"] = (delta.detach().abs() / gap.abs()).double().numpy()
+            else:
+                scores = scores_of(classifier, m, ids)
+            out[f"{m}|seconds"] = np.array([(time.perf_counter() - t0) / len(ids)])
+            faith = aopc(classifier.predict_proba, ids, am, scores, target=target, candidates=content, pad_id=pad_id)
+            stab = stability(lambda x, seed, m=m: scores_of(classifier, m, x, seed=seed), ids,
+                             perturb=token_masking(content, mask_id), repeats=1, mask=content, reference=scores,
+                             unchanged=unchanged)
+            out[f"{m}|text AOPC comprehensiveness"] = faith["aopc_comprehensiveness"].numpy()
+            out[f"{m}|text AOPC sufficiency"] = faith["aopc_sufficiency"].numpy()
+            out[f"{m}|plausibility AUC"] = ground_truth_auc(scores.abs(), names, mask=content).numpy()
+            out[f"{m}|stability ρ"] = stab.numpy()
+            out[f"{m}|sanity head"] = sanity_distance(scores, scores_of(head_only, m, ids), mask=content).numpy()
+            out[f"{m}|sanity 1 - |ρ|"] = sanity_distance(scores, scores_of(destroyed, m, ids), mask=content).numpy()
+    if path is not None:
+        with open(path, "wb") as fh:  # a file handle: np.savez would add ".npz" to a path without it
+            np.savez(fh, **out)
+    return out
+
+
+def concept_students(groups: Sequence[Sequence[int]], n_concepts: int, n_classes: int, *,
+                     seed: int) -> tuple[torch.nn.Module, torch.nn.Linear]:
+    """A fresh (untrained) hierarchical Choquet student (sigmoid utilities) and a linear bottleneck,
+    ``[batch, n_concepts]`` concept scores -> ``[batch, n_classes]`` logits, both drawn after
+    :func:`helpers.common.set_seed` ``(seed)``."""
+    from helpers import choquet, common
+
+    covered = sorted(i for g in groups for i in g)
+    if not groups or covered != list(range(n_concepts)):
+        raise ValueError(f"groups must partition the {n_concepts} concepts, got indices {covered[:10]}...")
+    if not isinstance(n_classes, int) or n_classes < 2:
+        raise ValueError(f"n_classes must be an int >= 2, got {n_classes!r}")
+    common.set_seed(seed)
+    choq = choquet.ChoquetStudent(groups, n_classes, utility="sigmoid")
+    lin = torch.nn.Linear(n_concepts, n_classes)
+    return choq, lin
+
+
+def concept_contributions(student: torch.nn.Module, z: Tensor, target: Tensor, method: str, *,
+                          seed: int = 0) -> Tensor:
+    """``[batch, concepts]`` contribution of each concept to class ``target``'s score.
+
+    ``"Choquet contributions"``: the Choquet student's local (Shapley-style) contributions;
+    ``"linear contributions"``: weight x standardised score of a linear student; ``"random
+    concepts"``: uniform draws from a generator seeded with ``seed`` (the student is ignored).
+
+    >>> lin = torch.nn.Linear(2, 2, bias=False)
+    >>> _ = lin.weight.data.copy_(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+    >>> concept_contributions(lin, torch.tensor([[1.0, -1.0]]), torch.tensor([1]), "linear contributions").tolist()
+    [[3.0, -4.0]]
+    """
+    if method not in CONCEPT_METHODS:
+        raise ValueError(f"method must be one of {CONCEPT_METHODS}, got {method!r}")
+    if z.ndim != 2:
+        raise ValueError(f"z must be [batch, concepts] concept scores, got shape {tuple(z.shape)}")
+    target = _check_target_batch(target, len(z))
+    with torch.no_grad():
+        if method == "Choquet contributions":
+            return student.choquet.local_contributions(z)[torch.arange(len(z)), target]
+        if method == "linear contributions":
+            return student.weight[target] * z
+    return torch.rand(z.shape, generator=torch.Generator().manual_seed(seed))
+
+
+def history_predictor(model: torch.nn.Module, pad_item: int) -> Predict:
+    """ERASER's ``predict(ids, attention_mask) -> [batch, item]`` next-item probabilities for a
+    sequential recommender: the histories that :func:`delete_tokens` packed to the left are
+    left-padded again (``pad_item``) to the model's ``max_len``."""
+    from helpers import prototypes
+
+    if not hasattr(model, "max_len"):
+        raise ValueError(f"model must be a prototypes.SequentialRecommender (with max_len), got {type(model).__name__}")
+
+    def predict(ids: Tensor, attention_mask: Tensor) -> Tensor:
+        kept = [row[m.bool()].tolist() for row, m in zip(ids, attention_mask, strict=True)]
+        with torch.no_grad():
+            return model(prototypes.pad_histories(kept, n_items=pad_item, max_len=model.max_len))[:, -1].softmax(-1)
+
+    return predict
+
+
+def item_swap(n_items: int) -> Callable[[Tensor, torch.Generator], Tensor]:
+    """``(sequences, generator) -> sequences`` with one random purchase per history replaced by a
+    random catalogue item in ``[0, n_items)``: a ``perturb`` for :func:`stability` on histories.
+
+    >>> out = item_swap(1)(torch.tensor([[5, 6, 7]]), torch.Generator().manual_seed(0))
+    >>> int((out == 0).sum()), int((out != torch.tensor([[5, 6, 7]])).sum())
+    (1, 1)
+    """
+    if not isinstance(n_items, int) or n_items < 1:
+        raise ValueError(f"n_items must be a positive int, got {n_items!r}")
+
+    def swap_one(sequences: Tensor, generator: torch.Generator) -> Tensor:
+        if sequences.ndim != 2:
+            raise ValueError(f"sequences must be [user, pos] item ids, got shape {tuple(sequences.shape)}")
+        out = sequences.clone()
+        at = torch.randint(sequences.shape[1], (len(sequences),), generator=generator)
+        out[torch.arange(len(sequences)), at] = torch.randint(n_items, (len(sequences),), generator=generator)
+        return out
+
+    return swap_one
+
+
+def redrawn_prototypes(model: torch.nn.Module, *, seed: int) -> torch.nn.Module:
+    """A copy of a prototype recommender whose scoring layer is re-drawn: prototypes from
+    ``N(0, std)`` of the trained ones, bias zero (the first step of its cascade). Seeds torch's
+    global generator with ``seed``; the original is untouched."""
+    import copy
+
+    if not isinstance(getattr(model, "prototypes", None), Tensor) or not isinstance(getattr(model, "bias", None),
+                                                                                     Tensor):
+        raise ValueError(f"model must have `prototypes` and `bias` tensors (a prototype recommender), "
+                         f"got {type(model).__name__}")
+    out = copy.deepcopy(model)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        out.prototypes.normal_(0, float(model.prototypes.std()))
+        out.bias.zero_()
+    return out
+
+
+def normalise_columns_batched(values: np.ndarray, columns: Sequence[str], *, higher_is_better: dict[str, bool],
+                              floor: dict[str, float] | None = None) -> np.ndarray:
+    """:func:`normalise_columns` on many tables at once (bootstrap resamples of a scoreboard).
+
+    Args:
+        values: ``[resample, method, metric]`` float array (NaN: metric does not apply).
+        columns: the ``metric`` names, in order.
+        higher_is_better: ``{column: bool}`` for every column.
+        floor: optional ``{column: noise floor >= 0}``.
+
+    Returns:
+        ``[resample, method, metric]`` in [0, 1], 1 = best of its resample.
+
+    >>> normalise_columns_batched(np.array([[[0.2], [0.4], [0.6]]]), ["auc"], higher_is_better={"auc": False})[0, :, 0]
+    array([1. , 0.5, 0. ])
+    """
+    values = np.asarray(values, dtype=float)
+    if values.ndim != 3 or values.shape[2] != len(columns):
+        raise ValueError(f"values must be [resample, method, metric] with {len(columns)} metrics, "
+                         f"got shape {values.shape}")
+    missing = [c for c in columns if c not in higher_is_better]
+    if missing:
+        raise ValueError(f"say for every column whether higher is better; missing {missing} in higher_is_better")
+    floor = dict(floor or {})
+    out = np.full_like(values, np.nan)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN column stays NaN
+        for j, c in enumerate(columns):
+            v = values[:, :, j]
+            low, high = np.nanmin(v, 1, keepdims=True), np.nanmax(v, 1, keepdims=True)
+            span = np.maximum(high - low, floor.get(c, 0.0))
+            gap = (high - v) if higher_is_better[c] else (v - low)
+            out[:, :, j] = np.where(span > 0, 1 - gap / np.where(span > 0, span, 1.0),
+                                    np.where(np.isnan(v), np.nan, 1.0))
+    return out
+
+
+def paired_comparison(per_item: dict[str, dict[str, np.ndarray]], setting: str, metric: str, a: str, b: str):
+    """The paired difference ``a - b`` of one metric over a setting's items (the items where both are
+    defined), with its bootstrap interval: :func:`helpers.stats.paired_difference`.
+
+    Args:
+        per_item: ``{"setting: method": {metric: [item] values}}``.
+        setting, metric: which items and which metric.
+        a, b: the two methods.
+
+    Returns:
+        a :class:`helpers.stats.Estimate`.
+    """
+    from helpers import stats
+
+    rows = [f"{setting}: {a}", f"{setting}: {b}"]
+    for r in rows:
+        if r not in per_item or metric not in per_item[r]:
+            raise ValueError(f"per_item has no {metric!r} for {r!r}")
+    x, y = (np.asarray(per_item[r][metric], dtype=float) for r in rows)
+    if x.shape != y.shape:
+        raise ValueError(f"{rows[0]} and {rows[1]} must be measured on the same items, got {x.shape} and {y.shape}")
+    ok = np.isfinite(x) & np.isfinite(y)
+    return stats.paired_difference(x[ok], y[ok])
+
+
+def tied_with_best(per_item: dict[str, dict[str, np.ndarray]], setting, columns: Sequence[str], *,
+                   higher_is_better: dict[str, bool], cell_ci: dict):
+    """Which methods are within noise of the best of their setting, metric by metric.
+
+    For every setting and every metric its methods have, the best method by mean, and the methods
+    whose paired difference with it (:func:`helpers.stats.paired_difference`, same items) has an
+    interval that contains 0 (or that have fewer than two shared items, or the same values).
+
+    Args:
+        per_item: ``{"setting: method": {metric: [item] values}}``.
+        setting: pandas ``Series``, row name -> setting, in the scoreboard's row order.
+        columns: the metrics, in the scoreboard's column order.
+        higher_is_better: ``{metric: bool}``.
+        cell_ci: ``{row: {metric: Estimate}}``, the cells' intervals (shown with the best).
+
+    Returns:
+        a ``DataFrame`` with columns ``setting``, ``metric``, ``best`` (name and interval) and
+        ``tied with the best (paired bootstrap)`` (comma-separated names, ``-`` for none).
+    """
+    import pandas as pd
+
+    from helpers import stats
+
+    rows = list(setting.index)
+    missing = [r for r in rows if r not in per_item or r not in cell_ci]
+    if missing:
+        raise ValueError(f"per_item and cell_ci need every row of setting; missing {missing}")
+    out = []
+    for s in setting.unique():
+        members = [r for r in rows if setting[r] == s]
+        for c in [c for c in columns if c in per_item[members[0]]]:
+            if c not in higher_is_better:
+                raise ValueError(f"higher_is_better does not say which way {c!r} is better")
+            means = {r: np.nanmean(per_item[r][c]) for r in members}
+            best = (max if higher_is_better[c] else min)(means, key=means.get)
+            tied = []
+            for r in members:
+                if r == best:
+                    continue
+                x, y = per_item[best][c], per_item[r][c]
+                ok = np.isfinite(x) & np.isfinite(y)
+                if (ok.sum() < 2 or np.allclose(x[ok], y[ok])
+                        or not stats.paired_difference(x[ok], y[ok]).excludes(0.0)):
+                    tied.append(r.split(": ", 1)[1])
+            out.append({"setting": s, "metric": c, "best": f"{best.split(': ', 1)[1]} {cell_ci[best][c]:.3f}",
+                        "tied with the best (paired bootstrap)": ", ".join(tied) or "-"})
+    return pd.DataFrame(out)
+
+
+def intrusion_oddness(unit: Tensor) -> Tensor:
+    """Word intrusion without a reader: ``[sets, words, d]`` unit vectors -> ``[sets, words]`` mean
+    cosine distance of each word to the others (the intruder should be the oddest).
+
+    >>> intrusion_oddness(torch.tensor([[[1.0, 0], [1.0, 0], [0.0, 1]]])).tolist()
+    [[0.5, 0.5, 1.0]]
+    """
+    if unit.ndim != 3 or unit.shape[1] < 2:
+        raise ValueError(f"unit must be [sets, words >= 2, d] vectors, got shape {tuple(unit.shape)}")
+    sim = unit @ unit.transpose(1, 2)
+    return 1 - (sim.sum(-1) - 1) / (unit.shape[1] - 1)
+
+
+def unit_rows(vectors, idx) -> Tensor:
+    """``vectors`` (``[n, d]`` dense or scipy sparse) normalised to unit length, float64, at the
+    integer indices ``idx`` (any shape) -> ``[*idx.shape, d]``.
+
+    >>> unit_rows(np.array([[3.0, 4.0], [0.0, 2.0]]), np.array([[1, 0]])).tolist()
+    [[[0.0, 1.0], [0.6, 0.8]]]
+    """
+    import torch.nn.functional as F
+
+    dense = torch.as_tensor(vectors.toarray() if hasattr(vectors, "toarray") else np.asarray(vectors)).double()
+    if dense.ndim != 2:
+        raise ValueError(f"vectors must be [n, d], got shape {tuple(dense.shape)}")
+    idx = torch.as_tensor(idx)
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= len(dense)):
+        raise ValueError(f"idx must lie in [0, {len(dense)}), got [{int(idx.min())}, {int(idx.max())}]")
+    return F.normalize(dense, dim=-1)[idx]
+
+
+def word_rows(table: Tensor, row_of: dict[str, int], words) -> Tensor:
+    """The rows of ``table`` (``[vocab, d]``) for an array of ``words`` (any shape) -> ``[*shape, d]`` float64.
+
+    >>> word_rows(torch.eye(2), {"a": 0, "b": 1}, np.array([["b", "a"]], dtype=object)).tolist()
+    [[[0.0, 1.0], [1.0, 0.0]]]
+    """
+    words = np.asarray(words, dtype=object)
+    unknown = sorted({w for w in words.ravel() if w not in row_of})
+    if unknown:
+        raise ValueError(f"words not in the table: {unknown[:10]}")
+    return table[torch.as_tensor(np.vectorize(row_of.get)(words))].double()

@@ -11,7 +11,7 @@ separation costs, push with :func:`push_prototypes`, last-layer optimisation);
 :func:`similarity_maps`, :func:`part_masks` and :func:`prototype_purity` give the explanations and
 their measures.
 
-*Recommendation* (SASRec, Kang & McAuley 2018): :func:`simulate_shop` generates interaction
+*Recommendation* (SASRec, Kang & McAuley 2018): :func:`helpers.data.simulate_shop` generates interaction
 sequences over Fashion-MNIST items from a stated preference model (so the ground truth is known);
 :class:`SequentialRecommender` is a small causal transformer whose next-item scores come either from
 a dot product with item embeddings (plain SASRec) or from a prototype layer whose prototypes are
@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from helpers import common
+from helpers import common, data, hooks
 
 GRID = 4  # the book's ViT: 28 x 28 images, 7 x 7 patches -> 4 x 4 grid
 N_PATCHES = GRID * GRID
@@ -159,9 +159,7 @@ class ProtoViT(nn.Module):
 
     def patch_tokens(self, images: Tensor) -> Tensor:
         """``[batch, 16, width]`` final-LayerNorm patch tokens (the CLS token dropped), differentiable in ``images``."""
-        from helpers import vision
-
-        return self.backbone.forward_features(vision.check_images(images))[:, 1:]
+        return self.backbone.forward_features(data.check_images(images))[:, 1:]
 
     def forward(self, images: Tensor) -> Tensor:
         return self.head(self.patch_tokens(images))[0]
@@ -176,7 +174,7 @@ def patch_tokens(backbone: nn.Module, images: Tensor, *, block: int | None = Non
     """
     from helpers import vision
 
-    images = vision.check_images(images)
+    images = data.check_images(images)
     depth = len(getattr(backbone, "blocks", []))
     if block is not None and not 0 <= block < depth:
         raise ValueError(f"block must be None (final tokens) or in 0..{depth - 1}, got {block}")
@@ -563,188 +561,6 @@ def segmentation_miou(maps: Tensor, masks: Tensor, *, quantile: float) -> Tensor
 
 
 # ---------------------------------------------------------------------------------------------
-# Recommendation: a simulated shop over Fashion-MNIST items
-# ---------------------------------------------------------------------------------------------
-
-
-ATTRIBUTES = ("brightness", "size", "texture", "aspect")
-"""Pixel attributes :func:`item_attributes` can compute (the default shop uses the first two)."""
-
-
-def item_attributes(images: np.ndarray | Tensor, *, foreground: float = 0.1,
-                    names: Sequence[str] = ("brightness", "size")) -> np.ndarray:  # fmt: skip
-    """Visual attributes computed from pixels: ``[N, 28, 28]`` uint8 -> ``[N, len(names)]``.
-
-    With foreground pixels those above ``foreground`` (intensity in [0, 1]):
-
-    * ``"brightness"``: mean intensity of the foreground pixels (tone);
-    * ``"size"``: fraction of the image that is foreground;
-    * ``"texture"``: standard deviation of the foreground intensities (plain vs patterned);
-    * ``"aspect"``: width / height of the foreground's bounding box (silhouette; 1 when empty).
-
-    >>> img = np.zeros((1, 28, 28), np.uint8); img[0, :14] = 255
-    >>> item_attributes(img).round(3).tolist()
-    [[1.0, 0.5]]
-    >>> item_attributes(img, names=("texture", "aspect")).round(3).tolist()
-    [[0.0, 2.0]]
-    """
-    names = tuple(names)
-    unknown = [n for n in names if n not in ATTRIBUTES]
-    if not names or unknown:
-        raise ValueError(f"unknown attribute(s) {unknown} (or none asked for); choose from {ATTRIBUTES}")
-    x = np.asarray(images, dtype=np.float64) / 255.0
-    if x.ndim != 3 or x.shape[1:] != (28, 28):
-        raise ValueError(f"images must be uint8 [N, 28, 28], got shape {x.shape}")
-    fg = x > foreground
-    count = np.maximum(fg.sum((1, 2)), 1)
-    size = fg.mean((1, 2))
-    brightness = (x * fg).sum((1, 2)) / count
-    out = {"brightness": brightness, "size": size}
-    if "texture" in names:
-        out["texture"] = np.sqrt(np.maximum((x**2 * fg).sum((1, 2)) / count - brightness**2, 0.0))
-    if "aspect" in names:
-
-        def extent(mask):  # [N, 28] -> [N] span from the first to the last True (1 when none)
-            first, last = mask.argmax(1), mask.shape[1] - 1 - mask[:, ::-1].argmax(1)
-            return np.where(mask.any(1), last - first + 1, 1)
-
-        out["aspect"] = extent(fg.any(1)) / extent(fg.any(2))  # columns with foreground / rows with foreground
-    return np.stack([out[n] for n in names], 1)
-
-
-@dataclasses.dataclass(frozen=True)
-class ShopConfig:
-    """The generative model of the simulated shop (see :func:`simulate_shop`)."""
-
-    n_users: int = 2000
-    n_items: int = 1000  # drawn evenly over the 10 classes
-    length: int = 25  # interactions per user
-    liked: tuple[int, ...] = (2, 3)  # a user likes 2 or 3 classes (uniformly)
-    alpha: float = 3.0  # utility of a liked class
-    beta: float = 1.0  # weight of the attribute taste w_u . x_i
-    gamma: float = 1.0  # bonus for staying in the class of the previous item
-    temperature: float = 1.0
-    repeats: bool = False
-    seed: int = 0
-    attributes: tuple[str, ...] = ("brightness", "size")  # the pixel attributes of the taste (ATTRIBUTES)
-
-    def as_key(self) -> dict:
-        """The fields that name cached models: ``dataclasses.asdict`` without ``attributes`` when it is the
-        default, so the default shop keeps the key its committed models were trained under."""
-        key = dataclasses.asdict(self)
-        if tuple(self.attributes) == ("brightness", "size"):
-            del key["attributes"]
-        return key
-
-
-@dataclasses.dataclass
-class Shop:
-    """A simulated shop: items, users' hidden preferences and their interaction sequences."""
-
-    config: ShopConfig
-    item_index: np.ndarray  # [I] index of each item in the source image set
-    item_class: np.ndarray  # [I] class label
-    item_attrs: np.ndarray  # [I, d] standardised config.attributes (default: brightness, size)
-    liked: np.ndarray  # [U, classes] bool
-    taste: np.ndarray  # [U, d] attribute weights w_u
-    sequences: np.ndarray  # [U, length] item ids in time order
-
-    def utility(self, users: np.ndarray | Sequence[int], previous: np.ndarray | None = None) -> np.ndarray:
-        """The stated utility ``U[u, i]``, ``[len(users), I]``; with ``previous`` items, the stay-in-class bonus too."""
-        users = self.check_users(users)
-        c = self.config
-        u = c.alpha * self.liked[users][:, self.item_class] + c.beta * self.taste[users] @ self.item_attrs.T
-        if previous is not None:
-            u = u + c.gamma * (self.item_class[None, :] == self.item_class[np.asarray(previous)][:, None])
-        return u
-
-    def check_users(self, users: np.ndarray | Sequence[int]) -> np.ndarray:
-        """Validate user ids (``ValueError`` for an unknown user) and return them as an int array."""
-        users = np.atleast_1d(np.asarray(users))
-        if users.dtype.kind not in "iu" or ((users < 0) | (users >= len(self.liked))).any():
-            raise ValueError(f"unknown user id(s) {users.tolist()[:5]}: users are 0..{len(self.liked) - 1}")
-        return users.astype(np.int64)
-
-
-def simulate_shop(images: np.ndarray, labels: np.ndarray, config: ShopConfig = ShopConfig()) -> Shop:
-    """Generate a shop's interaction sequences from a stated preference model.
-
-    Items: ``n_items`` images, the same number per class, with class ``c_i`` and standardised
-    attributes ``x_i`` (the ``d`` :func:`item_attributes` named by ``config.attributes``). Users: a set
-    ``L_u`` of ``|L_u| ~ U{liked}`` classes and a taste ``w_u ~ N(0, I_d)``. At step ``t`` user ``u``
-    picks item ``i`` with
-
-    ``P(i_t = i) ∝ exp(U_t(u, i) / temperature)`` over items not yet chosen (unless ``repeats``), where
-    ``U_t(u, i) = alpha 1[c_i ∈ L_u] + beta w_u·x_i + gamma 1[c_i = c_{i_{t-1}}]`` (no bonus at t = 0).
-
-    Args:
-        images: uint8 ``[N, 28, 28]`` candidate item images; labels: ``[N]`` their classes.
-        config: sizes and weights; ``config.seed`` makes the shop deterministic.
-
-    Returns:
-        a :class:`Shop`.
-    """
-    labels = np.asarray(labels)
-    n_classes = int(labels.max()) + 1
-    if config.n_items % n_classes:
-        raise ValueError(f"n_items must be a multiple of the number of classes ({n_classes}), got {config.n_items}")
-    if not config.repeats and config.length > config.n_items:
-        raise ValueError(f"length {config.length} > n_items {config.n_items}: allow repeats or shorten the sequences")
-    rng = np.random.default_rng(config.seed)
-    per = config.n_items // n_classes
-    item_index = np.concatenate([rng.choice(np.flatnonzero(labels == c), per, replace=False) for c in range(n_classes)])
-    attrs = item_attributes(images[item_index], names=config.attributes)
-    attrs = (attrs - attrs.mean(0)) / np.maximum(attrs.std(0), 1e-12)  # a constant attribute stays 0
-    liked = np.zeros((config.n_users, n_classes), bool)
-    for u in range(config.n_users):
-        liked[u, rng.choice(n_classes, rng.choice(config.liked), replace=False)] = True
-    taste = rng.normal(size=(config.n_users, len(config.attributes)))
-    shop = Shop(config, item_index, labels[item_index], attrs, liked, taste, np.zeros((config.n_users, 0), np.int64))
-    users = np.arange(config.n_users)
-    base = shop.utility(users)  # [U, I]
-    chosen = np.zeros((config.n_users, config.n_items), bool)
-    seq = np.zeros((config.n_users, config.length), np.int64)
-    for t in range(config.length):
-        u_t = base.copy()
-        if t:
-            u_t += config.gamma * (shop.item_class[None, :] == shop.item_class[seq[:, t - 1]][:, None])
-        logits = u_t / config.temperature
-        if not config.repeats:
-            logits[chosen] = -np.inf
-        p = np.exp(logits - logits.max(1, keepdims=True))
-        p /= p.sum(1, keepdims=True)
-        # inverse-CDF sampling, one uniform per user (vectorised and seeded)
-        seq[:, t] = np.minimum((p.cumsum(1) < rng.random((config.n_users, 1))).sum(1), config.n_items - 1)
-        chosen[users, seq[:, t]] = True
-    shop.sequences = seq
-    return shop
-
-
-def split_by_time(sequences: np.ndarray, *, n_test: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Leave-last-out split: ``(train [U, T - n_test], test [U, n_test])``; the last items are held out."""
-    sequences = np.asarray(sequences)
-    if sequences.ndim != 2 or not 1 <= n_test < sequences.shape[1]:
-        raise ValueError(f"need sequences [users, time] longer than n_test={n_test}, got shape {sequences.shape}")
-    return sequences[:, :-n_test], sequences[:, -n_test:]
-
-
-def split_train_valid_test(sequences: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """SASRec's split (Kang & McAuley 2018, §4.1): ``(train [U, T - 2], valid [U], test [U])``.
-
-    Models train on all but the last two items; choices (hyper-parameters) are made on the
-    second-to-last item predicted from ``train``; the last item is reported, predicted from the
-    history *including* the validation item (``np.c_[train, valid]``), as SASRec's reference code does.
-
-    >>> split_train_valid_test(np.array([[1, 2, 3, 4]]))
-    (array([[1, 2]]), array([3]), array([4]))
-    """
-    sequences = np.asarray(sequences)
-    if sequences.ndim != 2 or sequences.shape[1] < 3:
-        raise ValueError(f"need sequences [users, time >= 3] (train, validation and test items), got {sequences.shape}")
-    return sequences[:, :-2], sequences[:, -2], sequences[:, -1]
-
-
-# ---------------------------------------------------------------------------------------------
 # Recommendation: SASRec with an optional prototype layer
 # ---------------------------------------------------------------------------------------------
 
@@ -846,14 +662,14 @@ class SequentialRecommender(nn.Module):
 
 
 def cached_recommender(item_features: Tensor, train_sequences: np.ndarray, recipe: RecRecipe, *,
-                       shop_config: ShopConfig, vit_key: str) -> tuple[SequentialRecommender, dict]:  # fmt: skip
+                       shop_config: data.ShopConfig, vit_key: str) -> tuple[SequentialRecommender, dict]:  # fmt: skip
     """Chapter 9's recommender for ``recipe``: its committed copy, the cache, or trained here.
 
     Training is :func:`train_recommender`.
 
     The file is named by the hash of the shop, the recipe and the ViT whose CLS tokens are the item
     features (``vit_key``, ``vit.recipe.key()``), so Chapters 9 and 14 share it; training sequences
-    other than the leave-last-out ones (``[users, length - 1]``, e.g. :func:`split_train_valid_test`'s)
+    other than the leave-last-out ones (``[users, length - 1]``, e.g. :func:`helpers.data.split_train_valid_test`'s)
     add their shape to the name.
 
     Returns:
@@ -940,10 +756,9 @@ def history_attributions(model: SequentialRecommender, sequences: Tensor, target
     elif method == "attention":
         captured = {}
         last = model.blocks.layers[-1]
-        hook = last.register_forward_pre_hook(lambda _m, args: captured.setdefault("x", args[0]))
-        with torch.no_grad():
+        with hooks.on_modules([(last, "input", lambda _m, args: captured.setdefault("x", args[0]))]), torch.no_grad():
             model.encode(sequences)
-            hook.remove()
+        with torch.no_grad():
             x = last.norm1(captured["x"])  # norm_first: attention reads the normalised input
             t = x.shape[1]
             causal = torch.triu(torch.full((t, t), float("-inf")), 1)
@@ -1190,11 +1005,6 @@ def full_ranks(scores: Tensor, histories: Sequence[Sequence[int]], targets) -> T
 # Checking the recommender's explanations: baselines, deletion, a shop whose tastes are not classes
 # ---------------------------------------------------------------------------------------------
 
-ATTRIBUTE_SHOP = ShopConfig(alpha=0.0, gamma=0.0, attributes=ATTRIBUTES)
-"""The second shop: no liked classes (``alpha = 0``) and no stay-in-class bonus (``gamma = 0``); users
-differ only by a taste over four pixel attributes (brightness, size, texture, aspect), so an explanation
-that only names classes cannot state the preference."""
-
 
 def most_bought_classes(sequences: np.ndarray, item_class: np.ndarray, *, k: int = 3) -> np.ndarray:
     """The trivial explanation "you buy these classes": each user's ``k`` most bought classes, ``[U, k]``.
@@ -1421,14 +1231,14 @@ def _ndcg_vector(rank: Tensor, k: int) -> np.ndarray:
 def recommender_study(shops: dict, item_features: dict, *, vit_key: str, protocol: dict = REC_STUDY) -> dict:
     """Chapter 9's recommender study on each shop: selection on validation, seeds, explanations, deletion.
 
-    For each shop (SASRec's split, :func:`split_train_valid_test`): the prototype model's ``(K, tau)``
+    For each shop (SASRec's split, :func:`helpers.data.split_train_valid_test`): the prototype model's ``(K, tau)``
     grid, then its ``(clst, align)`` weights, are chosen on the validation item's NDCG@k
     (:func:`helpers.stats.select_then_report`, seed 0); the plain model and the chosen prototype model
     are then trained with every seed and evaluated on the test item from the history including the
     validation item. Models come from :func:`cached_recommender` (full-softmax cross-entropy).
 
     Args:
-        shops: ``{name: Shop}``; item_features: ``{name: [items, features]}`` for each shop.
+        shops: ``{name: helpers.data.Shop}``; item_features: ``{name: [items, features]}`` for each shop.
         vit_key: the ViT's recipe key (names the cached models).
         protocol: :data:`REC_STUDY`.
 
@@ -1453,7 +1263,7 @@ def recommender_study(shops: dict, item_features: dict, *, vit_key: str, protoco
     out: dict = {"protocol": protocol, "shops": {}}
     for name, shop in shops.items():
         feats = torch.as_tensor(item_features[name])
-        train, valid, test = split_train_valid_test(shop.sequences)
+        train, valid, test = data.split_train_valid_test(shop.sequences)
         hist_valid = [list(map(int, h)) for h in train]
         hist_test = [list(map(int, h)) for h in np.c_[train, valid]]
         n_users, n_items = len(train), shop.config.n_items

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from helpers import assets, clip, common, vision
+from helpers import assets, clip, common, data
 
 RARE_CLASSES = (5, 6, 8)
 """Sandal, shirt and bag: the classes made rare and hidden from the CLIP-style model."""
@@ -51,10 +51,10 @@ PART_CONCEPTS = {
     "a handle": "handle", "a rectangular shape": "rectangular", "a heel": "heel",
     "an ankle-high shaft": "ankle shaft",
 }  # fmt: skip
-"""Each part of :data:`helpers.clip.CLASS_PARTS` → the :data:`helpers.clip.FASHION_CONCEPTS` concept that names it."""
+"""Each part of :data:`helpers.data.CLASS_PARTS` → the :data:`helpers.clip.FASHION_CONCEPTS` concept that names it."""
 
 
-def _check_classes(classes: Sequence[int], n_classes: int = len(clip.CLASS_TEXT)) -> tuple[int, ...]:
+def _check_classes(classes: Sequence[int], n_classes: int = len(data.CLASS_TEXT)) -> tuple[int, ...]:
     classes = tuple(int(c) for c in classes)
     if not classes or len(set(classes)) != len(classes) or not all(0 <= c < n_classes for c in classes):
         raise ValueError(f"rare classes must be distinct class indices in 0..{n_classes - 1}, got {classes}")
@@ -62,13 +62,13 @@ def _check_classes(classes: Sequence[int], n_classes: int = len(clip.CLASS_TEXT)
 
 
 def part_classes(parts: Sequence[str] | None = None) -> dict[str, tuple[int, ...]]:
-    """Which classes have each part of :data:`helpers.clip.CLASS_PARTS` (class-level annotation).
+    """Which classes have each part of :data:`helpers.data.CLASS_PARTS` (class-level annotation).
 
     >>> part_classes(["buttons down the front"])
     {'buttons down the front': (4, 6)}
     """
     table: dict[str, list[int]] = {}
-    for c, row in enumerate(clip.CLASS_PARTS):
+    for c, row in enumerate(data.CLASS_PARTS):
         for part in row:
             table.setdefault(part, []).append(c)
     parts = list(table) if parts is None else list(parts)
@@ -84,7 +84,7 @@ def hidden_parts(rare_classes: Sequence[int] = RARE_CLASSES) -> tuple[str, ...]:
     >>> hidden_parts((5, 8))
     ('thin straps', 'an open toe', 'a handle', 'a rectangular shape')
     """
-    return tuple(p for c in _check_classes(rare_classes) for p in clip.CLASS_PARTS[c])
+    return tuple(p for c in _check_classes(rare_classes) for p in data.CLASS_PARTS[c])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,9 +178,9 @@ RARE_RECIPE = RareClipRecipe()
 
 def rare_captions(attributes: dict[str, Tensor], labels: Tensor, generator: torch.Generator, *,
                   hidden_parts: Sequence[str], p_mention: float = 0.5) -> Tensor:
-    """:func:`helpers.clip.sample_captions`, except that a drawn part in ``hidden_parts`` is not mentioned."""
+    """:func:`helpers.data.sample_captions`, except that a drawn part in ``hidden_parts`` is not mentioned."""
     n = len(labels)
-    template = torch.randint(len(clip.TRAIN_TEMPLATES), (n,), generator=generator)
+    template = torch.randint(len(data.TRAIN_TEMPLATES), (n,), generator=generator)
 
     def maybe(values: Tensor) -> Tensor:
         keep = torch.rand(n, generator=generator) < p_mention
@@ -189,9 +189,9 @@ def rare_captions(attributes: dict[str, Tensor], labels: Tensor, generator: torc
     shape = maybe(attributes["shape"])
     shape = torch.where(shape == 1, -1, shape)
     part = maybe(torch.randint(2, (n,), generator=generator))
-    hidden = torch.tensor([[p in hidden_parts for p in row] for row in clip.CLASS_PARTS])  # [class, 2]
+    hidden = torch.tensor([[p in hidden_parts for p in row] for row in data.CLASS_PARTS])  # [class, 2]
     part = torch.where((part >= 0) & hidden[labels, part.clamp_min(0)], -1, part)
-    return clip.caption_index(labels, template, maybe(attributes["tone"]), maybe(attributes["texture"]), shape, part)
+    return data.caption_index(labels, template, maybe(attributes["tone"]), maybe(attributes["texture"]), shape, part)
 
 
 def train_rare_clip(recipe: RareClipRecipe = RARE_RECIPE, *, progress: bool = True) -> tuple[clip.FashionClip, dict]:
@@ -209,7 +209,7 @@ def train_rare_clip(recipe: RareClipRecipe = RARE_RECIPE, *, progress: bool = Tr
 def _train_rare_clip(recipe: RareClipRecipe, *, progress: bool) -> tuple[clip.FashionClip, dict]:
     base = recipe.base
     common.set_seed(base.seed)
-    x_train, y_train = vision.fashion_tensors("train")
+    x_train, y_train = data.fashion_tensors("train")
     if base.n_train is not None:
         x_train, y_train = x_train[: base.n_train], y_train[: base.n_train]
     keep = ~torch.isin(y_train, torch.tensor(recipe.hidden_classes, dtype=torch.long))
@@ -696,9 +696,9 @@ def cav_significance(image_emb: Tensor, positives: Tensor | np.ndarray, statisti
 
 def augment(images: Tensor, *, seed: int = 0, max_shift: int = 2) -> Tensor:
     """A second view of each image: a random shift of up to ``max_shift`` pixels and a random horizontal flip."""
-    images = vision.check_images(images)
+    images = data.check_images(images)
     generator = torch.Generator().manual_seed(seed)
-    background = -vision.FASHION_MEAN / vision.FASHION_STD  # a black pixel, normalised
+    background = -data.FASHION_MEAN / data.FASHION_STD  # a black pixel, normalised
     n = len(images)
     flip = torch.rand(n, generator=generator) < 0.5
     out = torch.where(flip[:, None, None, None], images.flip(-1), images)

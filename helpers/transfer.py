@@ -18,7 +18,7 @@ problems than either. This module holds the chapter's reusable parts:
 - the universality metric (:func:`nrg`, :func:`mnrg`) and a per-dimension purity score
   (:func:`dimension_purity`).
 
-Tensors: images are ``[batch, 1, 28, 28]`` normalised as in :mod:`helpers.vision`; features are
+Tensors: images are ``[batch, 1, 28, 28]`` normalised as in :mod:`helpers.data`; features are
 ``[item, dim]``.
 """
 
@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from helpers import assets, common, vision
+from helpers import assets, common, data, vision
 
 CLASSES = assets.FASHION_CLASSES
 COARSE_GROUPS: dict[str, tuple[str, ...]] = {
@@ -58,8 +58,6 @@ HELD_OUT: tuple[str, ...] = ("Pullover", "Shirt", "Sandal")
 SOURCE_POOL = 50_000
 """Source networks train on the first images of the training split below this index; targets draw
 their training images from the rest (indices 50,000-59,999), so source and target never share an image."""
-
-DOMAIN_SHIFTS = ("rotate", "invert", "edges")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,7 +281,7 @@ def source_data(recipe: SourceRecipe, split: str = "train") -> tuple[Tensor, dic
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    x, y = vision.fashion_tensors(split)
+    x, y = data.fashion_tensors(split)
     if split == "train":
         x, y = x[:SOURCE_POOL], y[:SOURCE_POOL]
     source = recipe.source_classes()
@@ -412,48 +410,6 @@ def write_committed_weights(names: Sequence[str] | None = None) -> list[Path]:
 # ---------------------------------------------------------------------------------------------
 
 
-def digits_images(size: int = 28) -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's 8 x 8 handwritten digits, upscaled (bilinear) to ``size`` x ``size`` uint8.
-
-    Returns:
-        ``(images [1797, size, size] uint8 in 0-255, labels [1797] in 0-9)``; white digits on black,
-        as Fashion-MNIST's items are light on a dark background.
-    """
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    x = torch.as_tensor(digits.images, dtype=torch.float32)[:, None] / 16.0  # [N, 1, 8, 8] in [0, 1]
-    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
-    return (x.clamp(0, 1) * 255).round().to(torch.uint8).numpy(), digits.target.astype(np.int64)
-
-
-def shift_domain(images: np.ndarray, kind: str) -> np.ndarray:
-    """A shifted copy of uint8 images ``[N, H, W]``: ``"rotate"`` (90 degrees counter-clockwise),
-    ``"invert"`` (255 - x) or ``"edges"`` (Sobel gradient magnitude, rescaled to 0-255 per image).
-
-    >>> shift_domain(np.array([[[0, 255], [0, 0]]], dtype=np.uint8), "rotate")[0].tolist()
-    [[255, 0], [0, 0]]
-    """
-    images = np.asarray(images)
-    if images.ndim != 3 or images.dtype != np.uint8:
-        raise ValueError(f"images must be uint8 [N, H, W], got {images.dtype} {images.shape}")
-    if kind == "rotate":
-        return np.ascontiguousarray(np.rot90(images, 1, axes=(1, 2)))
-    if kind == "invert":
-        return 255 - images
-    if kind == "edges":
-        from scipy import ndimage
-
-        x = images.astype(np.float64)
-        sobel = np.outer([1.0, 2.0, 1.0], [-1.0, 0.0, 1.0])[None]  # [1, 3, 3]: each image on its own
-        gx = ndimage.correlate(x, sobel, mode="nearest")  # [N, H, W] horizontal gradient
-        gy = ndimage.correlate(x, sobel.transpose(0, 2, 1), mode="nearest")
-        mag = np.hypot(gx, gy)
-        peak = mag.reshape(len(x), -1).max(1).reshape(-1, 1, 1)
-        return np.round(255 * mag / np.maximum(peak, 1e-9)).astype(np.uint8)
-    raise ValueError(f"unknown domain shift {kind!r}; choose from {DOMAIN_SHIFTS}")
-
-
 @dataclasses.dataclass
 class Target:
     """A transfer target: training and test images (normalised) with labels, and class names."""
@@ -482,8 +438,9 @@ def transfer_targets(*, n_train_per_class: int = 100, n_test: int = 2000, seed: 
 
     - ``held-out classes``: the :data:`HELD_OUT` fine classes (never in source training);
     - ``fashion-10``: all ten fine classes (a re-labelling: 7 source classes + 3 new ones);
-    - ``rotated`` and ``edges``: all ten classes in a shifted domain (:func:`shift_domain`);
-    - ``digits``: scikit-learn's handwritten digits (:func:`digits_images`), another domain.
+    - ``rotated`` and ``edges``: all ten classes in a shifted domain (:func:`helpers.data.shift_domain`, edges with
+      the border replicated);
+    - ``digits``: scikit-learn's handwritten digits (:func:`helpers.data.digits_images`), another domain.
 
     Fashion targets train on images from the target pool of the training split (indices >= :data:`SOURCE_POOL`)
     and test on a random subset of the test split; digits are split at random per class.
@@ -513,23 +470,23 @@ def transfer_targets(*, n_train_per_class: int = 100, n_test: int = 2000, seed: 
         remap = {c: i for i, c in enumerate(classes)}
         xs = [pool_x[tr], test_x[te]]
         if transform is not None:
-            xs = [shift_domain(x, transform) for x in xs]
+            xs = [data.shift_domain(x, transform) for x in xs]
         ys = [torch.tensor([remap[int(v)] for v in y]) for y in (pool_y[tr], test_y[te])]
-        return Target(name, vision.normalise(xs[0]), ys[0], vision.normalise(xs[1]), ys[1],
+        return Target(name, data.normalise(xs[0]), ys[0], data.normalise(xs[1]), ys[1],
                       tuple(CLASSES[c] for c in classes))  # fmt: skip
 
     everything = list(range(len(CLASSES)))
     targets = {
         "held-out classes": fashion("held-out classes", held),
         "fashion-10": fashion("fashion-10", everything),
-        "rotated": fashion("rotated", everything, "rotate"),
-        "edges": fashion("edges", everything, "edges"),
+        "rotated": fashion("rotated", everything, "rotated"),
+        "edges": fashion("edges", everything, "edges-replicate"),
     }
-    dx, dy = digits_images()
+    dx, dy = data.digits_images()
     tr = _per_class(dy, n_train_per_class, rng)
     te = np.setdiff1d(np.arange(len(dy)), tr)
     te = np.sort(rng.permutation(te)[:n_test])
-    x_tr, x_te = vision.normalise(dx[tr]), vision.normalise(dx[te])
+    x_tr, x_te = data.normalise(dx[tr]), data.normalise(dx[te])
     digit_names = tuple(map(str, range(10)))
     targets["digits"] = Target("digits", x_tr, torch.as_tensor(dy[tr]), x_te, torch.as_tensor(dy[te]), digit_names)
     return targets
@@ -559,7 +516,7 @@ def features(models: nn.Module | Sequence[nn.Module], images: Tensor, *, batch_s
     Returns:
         ``[N, sum of the models' d]``, the models' features side by side in the given order.
     """
-    images = vision.check_images(images)
+    images = data.check_images(images)
     parts = []
     for model in _embedders(models):
         was_training = model.training
@@ -640,7 +597,7 @@ def pixel_features(images: Tensor) -> Tensor:
     >>> pixel_features(torch.zeros(2, 1, 28, 28)).shape
     torch.Size([2, 784])
     """
-    return vision.check_images(images).flatten(1)
+    return data.check_images(images).flatten(1)
 
 
 def select_probe_C(problems: Sequence[tuple], *, Cs: Sequence[float] = PROBE_CS, folds: int = 3,

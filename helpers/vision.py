@@ -7,9 +7,8 @@ call :func:`pretrained` and never retrain. The trained weights of the two defaul
 changed, retrains into the book's cache (under a file lock, so parallel notebooks train once).
 Rebuild the committed copies with ``python -m helpers.vision``.
 
-Tensors: images are ``[batch, 1, 28, 28]`` floats normalised with :data:`FASHION_MEAN` /
-:data:`FASHION_STD`; ViT tokens are ``[batch, 1 + 16, width]`` (the CLS token first, then the 4 x 4 grid of 7 x 7
-patches in row-major order).
+Tensors: images are ``[batch, 1, 28, 28]`` floats normalised as in :mod:`helpers.data`; ViT tokens are
+``[batch, 1 + 16, width]`` (the CLS token first, then the 4 x 4 grid of 7 x 7 patches in row-major order).
 """
 
 from __future__ import annotations
@@ -26,58 +25,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from helpers import assets, common
+from helpers import assets, common, data, hooks
 
-FASHION_MEAN, FASHION_STD = 0.2860, 0.3530  # training-set pixel mean and std (of values in [0, 1])
-IMAGE_SIZE, PATCH = 28, 7
+IMAGE_SIZE, PATCH = data.IMAGE_SIZE, 7
 GRID = IMAGE_SIZE // PATCH  # 4 x 4 patches
 WEIGHTS_DIR = common.WEIGHTS_DIR  # committed weights (helpers/weights/)
-
-
-# ---------------------------------------------------------------------------------------------
-# Data
-# ---------------------------------------------------------------------------------------------
-
-
-def check_images(images: Tensor, *, name: str = "images") -> Tensor:
-    """Validate a batch of normalised Fashion-MNIST images and return it as float32.
-
-    Raises a ``ValueError`` that says what shape was expected, e.g. for an RGB photo or a missing
-    batch axis.
-    """
-    if not isinstance(images, Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor [batch, 1, 28, 28], got {type(images).__name__}")
-    if images.ndim == 3 and images.shape[-2:] == (IMAGE_SIZE, IMAGE_SIZE):
-        raise ValueError(f"{name} has shape {tuple(images.shape)}: add the channel axis with images[:, None]")
-    if images.ndim != 4 or images.shape[1] != 1 or images.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):
-        raise ValueError(
-            f"{name} must be [batch, 1, {IMAGE_SIZE}, {IMAGE_SIZE}] grey images, got shape {tuple(images.shape)}; "
-            "convert photos with fashion_tensors()-style preprocessing (grey, 28 x 28, normalised)"
-        )
-    if not torch.isfinite(images).all():
-        raise ValueError(f"{name} contains NaN or infinite values")
-    return images.float()
-
-
-def normalise(images: np.ndarray | Tensor) -> Tensor:
-    """uint8 ``[N, 28, 28]`` (0-255) → float ``[N, 1, 28, 28]`` normalised for the book's models."""
-    x = torch.as_tensor(np.asarray(images)).float().div(255.0)
-    if x.ndim == 2:
-        x = x[None]
-    if x.ndim != 3 or x.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):
-        raise ValueError(f"expected uint8 images [N, 28, 28], got shape {tuple(x.shape)}")
-    return ((x - FASHION_MEAN) / FASHION_STD)[:, None]
-
-
-def unnormalise(images: Tensor) -> Tensor:
-    """Inverse of :func:`normalise`: back to pixel values in [0, 1], ``[N, 28, 28]``."""
-    return (images[:, 0] * FASHION_STD + FASHION_MEAN).clamp(0, 1)
-
-
-def fashion_tensors(split: str = "train") -> tuple[Tensor, Tensor]:
-    """Fashion-MNIST as model-ready tensors: ``([N, 1, 28, 28] float, [N] long)``."""
-    images, labels = assets.fashion_mnist(split)
-    return normalise(images), torch.as_tensor(labels)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,7 +118,7 @@ def _cpu_name() -> str:
 @torch.no_grad()
 def predict_logits(model: nn.Module, images: Tensor, *, batch_size: int = 1000) -> Tensor:
     """Logits ``[N, classes]`` of ``model`` on ``images`` ``[N, 1, 28, 28]`` in eval mode, in batches."""
-    images = check_images(images)
+    images = data.check_images(images)
     was_training = model.training
     model.eval()
     out = torch.cat([model(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
@@ -197,8 +149,8 @@ def train(recipe: Recipe, *, progress: bool = True) -> tuple[nn.Module, dict]:
     from tqdm.auto import tqdm
 
     common.set_seed(recipe.seed)
-    x_train, y_train = fashion_tensors("train")
-    x_test, y_test = fashion_tensors("test")
+    x_train, y_train = data.fashion_tensors("train")
+    x_test, y_test = data.fashion_tensors("test")
     if recipe.n_train is not None:
         x_train, y_train = x_train[: recipe.n_train], y_train[: recipe.n_train]
     model = ARCHITECTURES[recipe.arch]()
@@ -310,18 +262,11 @@ def vit_attentions(model: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
         ``(logits [batch, classes], attn [layer, batch, head, query, key])`` with query/key over
         the 1 + 16 tokens (CLS first); rows sum to 1. Same layout as chapter 1's BERT attentions.
     """
-    images = check_images(images)
+    images = data.check_images(images)
     captured: list[Tensor] = []
-    hooks = [
-        b.attn.attn_drop.register_forward_hook(lambda _m, _i, out: captured.append(out.detach()))
-        for b in _blocks(model)
-    ]
-    try:
-        with _unfused(model), torch.no_grad():
-            logits = model(images)
-    finally:
-        for h in hooks:
-            h.remove()
+    keep = [(b.attn.attn_drop, "output", lambda _m, _i, out: captured.append(out.detach())) for b in _blocks(model)]
+    with hooks.on_modules(keep), _unfused(model), torch.no_grad():
+        logits = model(images)
     return logits, torch.stack(captured)
 
 
@@ -330,7 +275,7 @@ def vit_tokens(model: nn.Module, images: Tensor) -> Tensor:
 
     Chapter 9's prototypes live in this space (patch tokens ``[:, 1:]``).
     """
-    images = check_images(images)
+    images = data.check_images(images)
     with torch.no_grad():
         return model.forward_features(images)
 
@@ -622,7 +567,7 @@ def chefer_relevance(model: nn.Module, images: Tensor, target: Tensor) -> Tensor
     Chefer, Gur & Wolf (2021), "Generic attention-model explainability for interpreting bi-modal and
     encoder-decoder transformers", eqs. 5-6. Introduced in nbs/08_vision_transformers.ipynb.
     """
-    images = check_images(images)
+    images = data.check_images(images)
     target = torch.as_tensor(target).long().reshape(-1)
     if target.shape[0] != images.shape[0]:
         raise ValueError(f"target must have one class per image ({images.shape[0]}), got {target.shape[0]}")
@@ -632,16 +577,14 @@ def chefer_relevance(model: nn.Module, images: Tensor, target: Tensor) -> Tensor
         out.retain_grad()
         captured.append(out)
 
-    hooks = [b.attn.attn_drop.register_forward_hook(keep) for b in _blocks(model)]
     was_training = model.training
     model.eval()
     try:
-        with _unfused(model), torch.enable_grad():
-            logits = model(images)
-            logits.gather(1, target[:, None]).sum().backward()
+        with hooks.on_modules([(b.attn.attn_drop, "output", keep) for b in _blocks(model)]), _unfused(model):
+            with torch.enable_grad():
+                logits = model(images)
+                logits.gather(1, target[:, None]).sum().backward()
     finally:
-        for h in hooks:
-            h.remove()
         model.zero_grad(set_to_none=True)
         model.train(was_training)
     tokens = captured[0].shape[-1]

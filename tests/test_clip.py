@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from helpers import clip, common, vision
+from helpers import clip, common, data
 
 
 class ToyClip:
@@ -16,7 +16,7 @@ class ToyClip:
     logit_scale = 10.0
 
     def encode_image(self, images):
-        bright = vision.unnormalise(images).mean((1, 2))
+        bright = data.unnormalise(images).mean((1, 2))
         return F.normalize(torch.stack([1 - bright, bright], 1), dim=-1)
 
     def encode_text(self, texts):
@@ -24,7 +24,7 @@ class ToyClip:
 
 
 def _images(values):
-    return vision.normalise((torch.tensor(values)[:, None, None] * 255 * torch.ones(len(values), 28, 28)).byte())
+    return data.normalise((torch.tensor(values)[:, None, None] * 255 * torch.ones(len(values), 28, 28)).byte())
 
 
 def test_contrastive_loss_is_lower_on_aligned_pairs():
@@ -37,19 +37,6 @@ def test_contrastive_loss_is_lower_on_aligned_pairs():
     assert aligned < math.log(16) < shuffled  # log(batch) is the loss of uninformative embeddings
     with pytest.raises(ValueError, match="same shape"):
         clip.contrastive_loss(images, texts[:4], 10.0)
-
-
-def test_captions_index_the_table_and_describe_the_pixels():
-    table = clip.caption_table()
-    assert len(table) == len(clip.CLASS_TEXT) * len(clip.TRAIN_TEMPLATES) * 4 * 3 * 4 * 3
-    index = clip.caption_index(torch.tensor([2]), torch.tensor([0]), torch.tensor([0]), torch.tensor([1]),
-                               torch.tensor([-1]), torch.tensor([0]))
-    assert table[int(index)] == "a photo of a dark patterned pullover with long sleeves."
-    images = _images([0.3, 0.9])
-    attrs = clip.pixel_attributes(images, torch.tensor([0, 0]))
-    assert attrs["tone"].tolist() == [0, 2] and attrs["texture"].tolist() == [0, 0]   # flat grey squares
-    drawn = clip.sample_captions(attrs, torch.tensor([0, 0]), torch.Generator().manual_seed(0))
-    assert all(table[int(i)].startswith(("a ", "an ")) and "t-shirt" in table[int(i)] for i in drawn)
 
 
 def test_toy_model_satisfies_the_protocol_and_gives_concept_scores():
@@ -81,7 +68,7 @@ def test_bad_concepts_and_scores_give_clear_errors():
     with pytest.raises(ValueError, match="'\\{\\}'"):
         clip.zero_shot_weights(model, ["x"], ["no slot"])
     with pytest.raises(ValueError, match="NaN"):
-        model.encode_image(vision.check_images(torch.full((1, 1, 28, 28), math.nan)))
+        model.encode_image(data.check_images(torch.full((1, 1, 28, 28), math.nan)))
 
 
 def test_retrieval_recall_with_shared_captions():
@@ -108,10 +95,10 @@ def test_short_training_run_learns_and_committed_weights_verify():
     model, history = clip.train_clip(recipe, progress=False)
     assert history["loss"][-1] < math.log(128)
     assert isinstance(model, clip.ClipLike)
-    x, y = vision.fashion_tensors("test")
+    x, y = data.fashion_tensors("test")
     emb = model.encode_image(x[:8])
     assert emb.shape == (8, recipe.dim) and torch.allclose(emb.norm(dim=-1), torch.ones(8), atol=1e-5)
-    committed = vision.WEIGHTS_DIR / clip._weights_name(clip.RECIPE)
+    committed = common.WEIGHTS_DIR / clip._weights_name(clip.RECIPE)
     if committed.exists():
         assert common.verified(committed), "committed CLIP weights do not match their .sha256 sidecar"
 
@@ -147,7 +134,7 @@ def test_hf_clip_adapter_loads_a_local_tiny_checkpoint(tmp_path):
     path = _tiny_clip_dir(tmp_path)
     model = clip.HFClip.from_pretrained(path)
     assert isinstance(model, clip.ClipLike)
-    x, _ = vision.fashion_tensors("test")
+    x, _ = data.fashion_tensors("test")
     pixels = model.preprocess(x[:3])
     assert pixels.shape == (3, 3, 32, 32)
     img = model.encode_image(x[:3])
@@ -157,7 +144,7 @@ def test_hf_clip_adapter_loads_a_local_tiny_checkpoint(tmp_path):
     assert model.logit_scale == pytest.approx(1 / 0.07, rel=1e-3)
     probs = clip.concept_probabilities(model, x[:3], clip.FASHION_CONCEPTS)
     assert probs.shape == (3, len(clip.FASHION_CONCEPTS))
-    weights = clip.zero_shot_weights(model, clip.CLASS_TEXT[:3])
+    weights = clip.zero_shot_weights(model, data.CLASS_TEXT[:3])
     assert weights.shape == (3, 16)
     with pytest.raises(FileNotFoundError, match="save_pretrained"):
         clip.HFClip.from_pretrained(tmp_path / "missing")
@@ -174,12 +161,12 @@ class _FakeText:
 def test_log_scale_weight_decay_is_an_option(decay):
     """With AdamW's lr * weight_decay = 0.5, a decayed log_scale halves each step; CLIP's setting leaves it to Adam."""
     common.set_seed(0)
-    x, y = vision.fashion_tensors("test")
+    x, y = data.fashion_tensors("test")
     recipe = clip.ClipRecipe(n_train=64, epochs=1, batch_size=32, warmup_steps=1, lr=1e-3, weight_decay=500.0,
                              p_mention=0.0)
 
     def draw(attributes, labels, generator):
-        return clip.sample_captions(attributes, labels, generator, p_mention=0.0)
+        return data.sample_captions(attributes, labels, generator, p_mention=0.0)
 
     model, _ = clip.fit_contrastive(recipe, x[:64], y[:64], draw, progress=False, text=_FakeText(),
                                     decay_log_scale=decay)

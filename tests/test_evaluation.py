@@ -322,3 +322,294 @@ def test_chapter14_text_study_artefact_is_intact():
                 assert v.shape == (n,) and np.all((v[np.isfinite(v)] >= 0) & (v[np.isfinite(v)] <= 1))
             assert np.all(np.abs(study[f"{m}|stability ρ"][np.isfinite(study[f"{m}|stability ρ"])]) <= 1 + 1e-9)
         assert np.allclose(study["random|sanity 1 - |ρ|"], 0.0)  # same seed, same random ranking on any model
+
+
+# ---------------------------------------------------------------------------------------------
+# Chapter 14's harness: explanations, perturbations, tables (small synthetic inputs, known answers)
+# ---------------------------------------------------------------------------------------------
+
+
+def _linear_image_model(n_classes=3):
+    """[batch, 1, 28, 28] -> [batch, class] logits of a linear model with known weights."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, n_classes)).eval()
+    return model, model[1].weight.detach().reshape(n_classes, 28, 28)
+
+
+def test_image_explanation_known_answers_on_a_linear_model():
+    model, w = _linear_image_model()
+    images = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    target = torch.tensor([0, 1, 2, 1])
+    black = -0.8
+    sal = evaluation.image_explanation(model, "saliency", images, target, black=black)
+    torch.testing.assert_close(sal, w[target].abs())  # |gradient| of a linear logit = |its weights|
+    ig = evaluation.image_explanation(model, "integrated gradients", images, target, black=black)
+    torch.testing.assert_close(ig, (images[:, 0] - black) * w[target], rtol=1e-4, atol=1e-5)  # exact on a linear model
+    occ = evaluation.image_explanation(model, "occlusion", images, target, black=black)
+    assert occ.shape == (4, 28, 28) and torch.isfinite(occ).all()
+    r1 = evaluation.image_explanation(model, "random", images, target, black=black, seed=3)
+    r2 = evaluation.image_explanation(model, "random", images, target, black=black, seed=3)
+    assert torch.equal(r1, r2) and r1.shape == (4, 28, 28) and float(r1.min()) >= 0 and float(r1.max()) < 1
+    assert not torch.equal(r1, evaluation.image_explanation(model, "random", images, target, black=black, seed=4))
+    shap = evaluation.image_explanation(model, "GradientSHAP", images, target, black=black,
+                                        shap_baselines=torch.zeros(2, 1, 28, 28))
+    assert shap.shape == (4, 28, 28)
+
+
+def test_image_explanation_attention_maps_on_a_tiny_vit():
+    from helpers import vision
+
+    torch.manual_seed(0)
+    vit = vision.fashion_vit(width=16, depth=2, heads=2).eval()
+    images = torch.randn(3, 1, 28, 28)
+    for method in ("last-layer attention", "rollout"):
+        m = evaluation.image_explanation(vit, method, images, torch.zeros(3, dtype=torch.long), black=-0.8)
+        assert m.shape == (3, 28, 28) and bool((m >= 0).all())  # attention weights are non-negative
+
+
+def test_image_explanation_bad_inputs():
+    model, _ = _linear_image_model()
+    images, target = torch.zeros(2, 1, 28, 28), torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="method must be one of"):
+        evaluation.image_explanation(model, "lime", images, target, black=0.0)
+    with pytest.raises(ValueError, match=r"\[batch, 1, height, width\]"):
+        evaluation.image_explanation(model, "saliency", images[:, 0], target, black=0.0)
+    with pytest.raises(ValueError, match="NaN"):
+        evaluation.image_explanation(model, "saliency", images.fill_(float("nan")), target, black=0.0)
+    with pytest.raises(ValueError, match="target must be"):
+        evaluation.image_explanation(model, "saliency", torch.zeros(2, 1, 28, 28), torch.tensor([0]), black=0.0)
+    with pytest.raises(ValueError, match="shap_baselines"):
+        evaluation.image_explanation(model, "GradientSHAP", torch.zeros(2, 1, 28, 28), target, black=0.0)
+    with pytest.raises(ValueError, match="ProtoViT"):
+        evaluation.image_explanation(model, "prototype map", torch.zeros(2, 1, 28, 28), target, black=0.0)
+    with pytest.raises(ValueError, match="black"):
+        evaluation.image_explanation(model, "saliency", torch.zeros(2, 1, 28, 28), target, black=float("nan"))
+
+
+def test_perturbations_and_prediction_check():
+    x = torch.zeros(3, 5)
+    noisy = evaluation.gaussian_perturbation(0.5)(x, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(noisy, 0.5 * torch.randn(3, 5, generator=torch.Generator().manual_seed(0)))
+    with pytest.raises(ValueError, match="std"):
+        evaluation.gaussian_perturbation(-1.0)
+    kept = evaluation.prediction_kept(lambda v: v, torch.tensor([1, 0, 2]))
+    assert kept(None, torch.tensor([[0.0, 1, 0], [0, 1, 0], [0, 0, 1]])).tolist() == [True, False, True]
+    with pytest.raises(ValueError, match="target"):
+        evaluation.prediction_kept(lambda v: v, torch.zeros(2, 2))
+    probs = evaluation.softmax_predictor(lambda v: v)(torch.tensor([[0.0, math.log(3.0)]]))
+    torch.testing.assert_close(probs, torch.tensor([[0.25, 0.75]]))
+    with pytest.raises(ValueError, match="callable"):
+        evaluation.softmax_predictor("model")
+
+
+def test_token_masking_masks_one_candidate_per_passage():
+    ids = torch.tensor([[101, 5, 6, 7, 102], [101, 8, 102, 0, 0]])
+    cand = torch.tensor([[False, True, True, True, False], [False, True, False, False, False]])
+    moved = evaluation.token_masking(cand, 103)(ids, torch.Generator().manual_seed(0))
+    changed = moved != ids
+    assert changed.sum(1).tolist() == [1, 1] and bool((changed <= cand).all()) and bool((moved[changed] == 103).all())
+    again = evaluation.token_masking(cand, 103)(ids, torch.Generator().manual_seed(0))
+    assert torch.equal(moved, again)  # the generator decides
+    with pytest.raises(ValueError, match="no candidate"):
+        evaluation.token_masking(torch.tensor([[True, False], [False, False]]), 103)
+    with pytest.raises(ValueError, match="shape"):
+        evaluation.token_masking(cand, 103)(ids[:, :3], torch.Generator())
+
+
+def test_item_swap_replaces_one_purchase():
+    seqs = torch.tensor([[10, 11, 12, 13], [20, 21, 22, 23], [30, 31, 32, 33]])
+    moved = evaluation.item_swap(5)(seqs, torch.Generator().manual_seed(0))
+    assert bool(((moved != seqs).sum(1) == 1).all())  # catalogue 0..4 never holds the old items
+    assert bool(((moved == seqs) | (moved < 5)).all())
+    with pytest.raises(ValueError, match="n_items"):
+        evaluation.item_swap(0)
+
+
+def test_setting_table_hand_computed():
+    per_item = {"image: a": {"auc": np.array([0.2, np.nan, 0.4]), "rho": np.array([1.0, 0.0, 0.5])},
+                "image: b": {"auc": np.array([0.6, 0.6, 0.6]), "rho": np.array([0.0, 0.0, 0.0])},
+                "text: a": {"auc": np.array([0.9])}}
+    seconds = {"image: a": 0.1, "image: b": 0.2, "text: a": 3.0}
+    table = evaluation.setting_table(per_item, seconds, "image")
+    assert list(table.index) == ["a", "b"] and list(table.columns) == ["setting", "auc", "rho", "seconds per input"]
+    assert table.loc["a", "auc"] == pytest.approx(0.3) and table.loc["a", "rho"] == pytest.approx(0.5)
+    assert table.loc["b", "seconds per input"] == 0.2 and set(table["setting"]) == {"image"}
+    with pytest.raises(ValueError, match="no row"):
+        evaluation.setting_table(per_item, seconds, "shop")
+    with pytest.raises(ValueError, match="seconds_of"):
+        evaluation.setting_table(per_item, {"image: a": 0.1}, "image")
+
+
+class _Words:
+    """A stand-in for a fast tokenizer's backend: lower-cases, splits at spaces and punctuation."""
+
+    class backend_tokenizer:  # noqa: N801 (the attribute name of a Hugging Face tokenizer)
+        class normalizer:  # noqa: N801
+            normalize_str = staticmethod(str.lower)
+
+        class pre_tokenizer:  # noqa: N801
+            @staticmethod
+            def pre_tokenize_str(text):
+                import re
+
+                return [(m.group(), m.span()) for m in re.finditer(r"\w+|[^\w\s]", text)]
+
+
+def test_exclusive_words_and_their_word_pieces():
+    assert evaluation.tokenizer_words(_Words(), "Emma, said Harriet.") == ["emma", ",", "said", "harriet", "."]
+    texts = [("Emma said yes", 0), ("Emma said no", 0), ("Anne said 3 3 3", 1), ("Anne Anne", 1)]
+    words = [evaluation.tokenizer_words(_Words(), t) for t, _ in texts]
+    counts, exclusive = evaluation.exclusive_words(words, [y for _, y in texts], 2, min_count=2)
+    assert counts[0] == {"emma": 2, "said": 2, "yes": 1, "no": 1} and counts[1]["anne"] == 3
+    assert exclusive == [{"emma"}, {"anne"}]  # "said" is in both novels; "3" is not a word; "yes" is too rare
+    cand = torch.tensor([[False, True, True, True, False], [False, True, True, False, False]])
+    truth = evaluation.word_piece_truth([[None, 0, 0, 1, None], [None, 0, 1, None, None]],
+                                        [["emma", "said"], ["said", "anne"]], [{"emma"}, {"anne"}], cand)
+    assert truth.tolist() == [[False, True, True, False, False], [False, False, True, False, False]]
+    with pytest.raises(ValueError, match="labels"):
+        evaluation.exclusive_words(words, [0, 0, 1, 2], 2, min_count=1)
+    with pytest.raises(ValueError, match="min_count"):
+        evaluation.exclusive_words(words, [0, 0, 1, 1], 2, min_count=0)
+    with pytest.raises(ValueError, match="word ids"):
+        evaluation.word_piece_truth([[None, 0]], [["emma"]], [{"emma"}], torch.ones(1, 3).bool())
+
+
+def test_text_study_on_a_tiny_classifier(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    from helpers import attribution
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                     max_position_embeddings=16)
+    cfg._attn_implementation = "eager"
+    clf = attribution.PooledClassifier(BertModel(cfg, add_pooling_layer=False), 3).eval().requires_grad_(False)
+    with torch.no_grad():
+        clf.head.weight.normal_(0, 3.0)
+    ids = torch.tensor([[1, 7, 8, 9, 10, 2], [1, 11, 12, 13, 2, 0]])
+    am = (ids != 0).long()
+    content = am.bool() & (ids != 1) & (ids != 2)
+    names = torch.tensor([[False, True, False, False, False, False], [False, False, True, True, False, False]])
+    with torch.no_grad():
+        target = clf.predict_proba(ids, am).argmax(1)
+    methods = ["integrated_gradients", "random"]
+    out = evaluation.text_study(clf, ids, am, content, names, target, methods=methods, pad_id=0, mask_id=3,
+                                ig_steps=4, path=tmp_path / "study.npz")
+    assert set(out) == {"ig delta / gap"} | {f"{m}|{k}" for m in methods for k in
+                                             ("seconds", "text AOPC comprehensiveness", "text AOPC sufficiency",
+                                              "plausibility AUC", "stability ρ", "sanity head", "sanity 1 - |ρ|")}
+    for key, v in out.items():
+        assert v.shape == ((1,) if key.endswith("seconds") else (2,)), key
+    assert np.allclose(out["random|sanity 1 - |ρ|"], 0.0)  # same seed, same random ranking on any model
+    saved = dict(np.load(tmp_path / "study.npz"))
+    assert all(np.array_equal(saved[k], out[k], equal_nan=True) for k in out)
+    with pytest.raises(ValueError, match="share one"):
+        evaluation.text_study(clf, ids, am[:, :5], content, names, target, methods=methods, pad_id=0, mask_id=3,
+                              ig_steps=4)
+    with pytest.raises(ValueError, match="ig_steps"):
+        evaluation.text_study(clf, ids, am, content, names, target, methods=methods, pad_id=0, mask_id=3, ig_steps=0)
+
+
+def test_concept_students_and_contributions():
+    groups = [[0, 1], [2, 3, 4]]
+    choq, lin = evaluation.concept_students(groups, 5, 3, seed=0)
+    choq2, lin2 = evaluation.concept_students(groups, 5, 3, seed=0)
+    assert torch.equal(lin.weight, lin2.weight) and lin.weight.shape == (3, 5)  # the seed decides
+    z = torch.randn(4, 5, generator=torch.Generator().manual_seed(0))
+    target = torch.tensor([0, 2, 1, 2])
+    c = evaluation.concept_contributions(choq, z, target, "Choquet contributions")
+    torch.testing.assert_close(c.sum(1), choq.scores(z)[torch.arange(4), target])  # shares sum to the class score
+    lc = evaluation.concept_contributions(lin, z, target, "linear contributions")
+    torch.testing.assert_close(lc.sum(1) + lin.bias[target].detach(), lin(z)[torch.arange(4), target].detach())
+    r = evaluation.concept_contributions(lin, z, target, "random concepts", seed=2)
+    assert torch.equal(r, evaluation.concept_contributions(choq, z, target, "random concepts", seed=2))
+    with pytest.raises(ValueError, match="partition"):
+        evaluation.concept_students([[0, 1], [2]], 5, 3, seed=0)
+    with pytest.raises(ValueError, match="method"):
+        evaluation.concept_contributions(lin, z, target, "shapley")
+    with pytest.raises(ValueError, match="target"):
+        evaluation.concept_contributions(lin, z, target[:2], "linear contributions")
+
+
+def test_history_predictor_and_redrawn_prototypes():
+    from helpers import prototypes
+
+    torch.manual_seed(0)
+    model = prototypes.SequentialRecommender(torch.randn(50, 6), dim=8, max_len=7, n_prototypes=3).eval()
+    predict = evaluation.history_predictor(model, 50)
+    ids, am = torch.tensor([[3, 4, 5], [6, 7, 0]]), torch.tensor([[1, 1, 1], [1, 1, 0]])
+    with torch.no_grad():
+        expected = model(prototypes.pad_histories([[3, 4, 5], [6, 7]], n_items=50, max_len=7))[:, -1].softmax(-1)
+    torch.testing.assert_close(predict(ids, am), expected)
+    assert predict(ids, am).shape == (2, 50)
+    redrawn = evaluation.redrawn_prototypes(model, seed=1)
+    assert not torch.equal(redrawn.prototypes, model.prototypes) and bool((redrawn.bias == 0).all())
+    torch.testing.assert_close(evaluation.redrawn_prototypes(model, seed=1).prototypes, redrawn.prototypes)
+    for name, p in model.named_parameters():  # everything else, and the original, untouched
+        if name not in ("prototypes", "bias"):
+            assert torch.equal(p, dict(redrawn.named_parameters())[name])
+    with pytest.raises(ValueError, match="prototypes"):
+        evaluation.redrawn_prototypes(torch.nn.Linear(2, 2), seed=0)
+    with pytest.raises(ValueError, match="max_len"):
+        evaluation.history_predictor(torch.nn.Linear(2, 2), 50)
+
+
+def test_normalise_columns_batched_matches_normalise_columns():
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=(3, 5, 3))
+    values[0, 1, 0] = values[2, :, 2] = np.nan  # a missing cell; a column missing from every method
+    values[1, :, 1] = 0.7  # a constant column
+    cols, higher = ["auc", "rho", "t"], {"auc": True, "rho": False, "t": False}
+    floor = {"auc": 5.0}  # wider than the spread: the floor binds
+    out = evaluation.normalise_columns_batched(values, cols, higher_is_better=higher, floor=floor)
+    for b in range(2):
+        one = evaluation.normalise_columns(pd.DataFrame(values[b], columns=cols), higher_is_better=higher, floor=floor)
+        np.testing.assert_allclose(out[b], one.to_numpy(), equal_nan=True)
+    assert np.isnan(out[2, :, 2]).all()
+    with pytest.raises(ValueError, match="metric"):
+        evaluation.normalise_columns_batched(values[0], cols, higher_is_better=higher)
+    with pytest.raises(ValueError, match="missing"):
+        evaluation.normalise_columns_batched(values, cols, higher_is_better={"auc": True})
+
+
+def test_paired_comparison_and_ties_with_the_best():
+    from helpers import stats
+
+    base = np.linspace(0.0, 1.0, 20)
+    per_item = {"s: best": {"auc": base + 1.0}, "s: same": {"auc": base + 1.0},
+                "s: close": {"auc": base + 1.0 + np.where(np.arange(20) % 2, 0.01, -0.01)},
+                "s: worse": {"auc": base}}
+    d = evaluation.paired_comparison(per_item, "s", "auc", "best", "worse")
+    assert d.value == pytest.approx(1.0) and d.excludes(0.0) and d.n == 20
+    per_item["s: worse"]["auc"][3] = np.nan  # an item undefined for one method is left out of the pair
+    assert evaluation.paired_comparison(per_item, "s", "auc", "best", "worse").n == 19
+    setting = pd.Series("s", index=list(per_item))
+    cell_ci = {r: {"auc": stats.bootstrap_ci(v["auc"][np.isfinite(v["auc"])])} for r, v in per_item.items()}
+    tied = evaluation.tied_with_best(per_item, setting, ["auc"], higher_is_better={"auc": True}, cell_ci=cell_ci)
+    assert tied.to_dict("records")[0]["tied with the best (paired bootstrap)"] == "same, close"
+    assert tied.loc[0, "best"].startswith("best ") and tied.loc[0, "metric"] == "auc"
+    lower = evaluation.tied_with_best(per_item, setting, ["auc"], higher_is_better={"auc": False}, cell_ci=cell_ci)
+    assert lower.loc[0, "best"].startswith("worse ") and lower.loc[0, "tied with the best (paired bootstrap)"] == "-"
+    with pytest.raises(ValueError, match="no 'auc'"):
+        evaluation.paired_comparison(per_item, "s", "auc", "best", "missing")
+    with pytest.raises(ValueError, match="which way"):
+        evaluation.tied_with_best(per_item, setting, ["auc"], higher_is_better={}, cell_ci=cell_ci)
+
+
+def test_word_intrusion_helpers():
+    unit = evaluation.unit_rows(np.array([[1.0, 0.0], [2.0, 0.0], [0.0, 3.0]]), np.array([[0, 1, 2]]))
+    torch.testing.assert_close(unit, torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]], dtype=torch.float64))
+    odd = evaluation.intrusion_oddness(unit)
+    assert odd.tolist() == [[0.5, 0.5, 1.0]] and int(odd.argmax(1)) == 2  # the orthogonal word is the intruder
+    import scipy.sparse
+
+    sparse = evaluation.unit_rows(scipy.sparse.csr_matrix(np.array([[0.0, 4.0]])), np.array([0]))
+    assert sparse.tolist() == [[0.0, 1.0]]
+    rows = evaluation.word_rows(torch.arange(6.0).reshape(3, 2), {"a": 0, "b": 2}, np.array([["b", "a"]], dtype=object))
+    assert rows.tolist() == [[[4.0, 5.0], [0.0, 1.0]]] and rows.dtype == torch.float64
+    with pytest.raises(ValueError, match="not in the table"):
+        evaluation.word_rows(torch.eye(2), {"a": 0}, np.array(["a", "zz"], dtype=object))
+    with pytest.raises(ValueError, match="idx"):
+        evaluation.unit_rows(np.eye(2), np.array([2]))
+    with pytest.raises(ValueError, match="sets"):
+        evaluation.intrusion_oddness(torch.ones(3, 2))

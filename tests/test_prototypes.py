@@ -1,4 +1,4 @@
-"""helpers.prototypes: push returns real patches/items, map shapes, the shop simulator, ranking metrics, bad input."""
+"""helpers.prototypes: push returns real patches/items, map shapes, ranking metrics, bad input (the shop: test_data)."""
 
 import math
 
@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import data
 from helpers import prototypes as P
 
 
@@ -94,59 +95,6 @@ def _images(n=400, seed=0):
     return images, np.arange(n) % 10
 
 
-def test_item_attributes_known_answer():
-    img = np.zeros((2, 28, 28), np.uint8)
-    img[0, :7] = 255  # a quarter of the image, full brightness
-    img[1, :, :14] = 102  # half the image at 0.4
-    np.testing.assert_allclose(P.item_attributes(img), [[1.0, 0.25], [0.4, 0.5]])
-
-
-def test_simulator_is_deterministic_and_follows_its_preference_model():
-    images, labels = _images()
-    config = P.ShopConfig(n_users=300, n_items=200, length=20, seed=3)
-    shop = P.simulate_shop(images, labels, config)
-    again = P.simulate_shop(images, labels, config)
-    assert np.array_equal(shop.sequences, again.sequences) and np.array_equal(shop.liked, again.liked)
-    other = P.simulate_shop(images, labels, P.ShopConfig(n_users=300, n_items=200, length=20, seed=4))
-    assert not np.array_equal(shop.sequences, other.sequences)
-    assert shop.sequences.shape == (300, 20)
-    assert all(len(set(s)) == len(s) for s in shop.sequences), "repeats are forbidden by default"
-    assert set(shop.liked.sum(1)) <= {2, 3}
-    # empirical class frequencies follow the liked classes
-    counts = np.stack([np.bincount(shop.item_class[s], minlength=10) for s in shop.sequences])  # [U, classes]
-    corr = [np.corrcoef(c, l)[0, 1] for c, l in zip(counts, shop.liked, strict=True)]
-    assert np.mean(corr) > 0.7
-    assert shop.liked[np.arange(300)[:, None], shop.item_class[shop.sequences]].mean() > 0.75
-    # and the attribute taste: users with a positive weight pick items above the mean attribute
-    chosen = shop.item_attrs[shop.sequences].mean(1)  # [U, 2]
-    for a in range(2):
-        assert np.corrcoef(shop.taste[:, a], chosen[:, a])[0, 1] > 0.3
-
-
-def test_simulator_can_allow_repeats_and_split_holds_out_the_last_items():
-    images, labels = _images()
-    shop = P.simulate_shop(images, labels, P.ShopConfig(n_users=50, n_items=20, length=30, repeats=True))
-    assert any(len(set(s)) < len(s) for s in shop.sequences)
-    train, test = P.split_by_time(shop.sequences, n_test=2)
-    assert train.shape == (50, 28) and test.shape == (50, 2)
-    assert np.array_equal(np.concatenate([train, test], 1), shop.sequences)
-
-
-def test_shop_bad_inputs():
-    images, labels = _images()
-    shop = P.simulate_shop(images, labels, P.ShopConfig(n_users=10, n_items=20, length=5))
-    with pytest.raises(ValueError, match="unknown user"):
-        shop.utility([10])
-    with pytest.raises(ValueError, match="unknown user"):
-        shop.check_users([-1])
-    with pytest.raises(ValueError, match="multiple"):
-        P.simulate_shop(images, labels, P.ShopConfig(n_items=25))
-    with pytest.raises(ValueError, match="allow repeats"):
-        P.simulate_shop(images, labels, P.ShopConfig(n_items=20, length=30))
-    with pytest.raises(ValueError, match="uint8"):
-        P.item_attributes(np.zeros((2, 32, 32)))
-
-
 # --- the recommender and the metrics ----------------------------------------------------------
 
 
@@ -180,11 +128,11 @@ def test_sampled_protocol_keeps_the_target_first_and_avoids_seen_items():
 @pytest.fixture(scope="module")
 def small_shop():
     images, labels = _images()
-    return P.simulate_shop(images, labels, P.ShopConfig(n_users=120, n_items=50, length=8))
+    return data.simulate_shop(images, labels, data.ShopConfig(n_users=120, n_items=50, length=8))
 
 
 def test_recommender_prototypes_become_real_item_embeddings(small_shop):
-    train, test = P.split_by_time(small_shop.sequences)
+    train, test = data.split_by_time(small_shop.sequences)
     features = torch.randn(50, 6, generator=torch.Generator().manual_seed(0))
     recipe = P.RecRecipe(dim=16, n_prototypes=5, epochs=2, finetune_epochs=1, batch_size=40)
     model, history = P.train_recommender(features, train, recipe)
@@ -219,7 +167,7 @@ def test_recommender_bad_inputs(small_shop):
 
 @pytest.fixture(scope="module")
 def explained_recommender(small_shop):
-    train, _ = P.split_by_time(small_shop.sequences)
+    train, _ = data.split_by_time(small_shop.sequences)
     features = torch.randn(50, 6, generator=torch.Generator().manual_seed(0))
     recipe = P.RecRecipe(dim=16, n_prototypes=5, epochs=2, finetune_epochs=1, batch_size=40)
     model, _ = P.train_recommender(features, train, recipe)
@@ -298,7 +246,7 @@ def test_history_attributions_bad_inputs(explained_recommender):
 
 def test_cached_recommender_trains_once_then_loads(small_shop, tmp_path, monkeypatch):
     monkeypatch.setenv("BOOK_CACHE", str(tmp_path))
-    train, _ = P.split_by_time(small_shop.sequences)
+    train, _ = data.split_by_time(small_shop.sequences)
     features = torch.randn(50, 6, generator=torch.Generator().manual_seed(0))
     recipe = P.RecRecipe(dim=8, n_prototypes=3, epochs=1, finetune_epochs=1, batch_size=60)
     model, history = P.cached_recommender(features, train, recipe, shop_config=small_shop.config, vit_key="test")
@@ -335,51 +283,6 @@ def test_cached_prototype_head_trains_once_then_loads(tmp_path, monkeypatch):
 # --- the recommender study: splits, learning, explanation baselines, deletion (issue #24) -------------
 
 
-def test_default_shop_key_is_unchanged_by_the_attribute_option():
-    # committed models are named by this hash of the default shop: the new `attributes` field must not move it
-    key = P.ShopConfig().as_key()
-    assert "attributes" not in key and P.common.content_hash(key) == "9c0c5a80a3895463"
-    assert P.ATTRIBUTE_SHOP.as_key()["attributes"] == P.ATTRIBUTES
-    images, labels = _images()
-    small = dict(n_users=40, n_items=20, length=6)
-    a = P.simulate_shop(images, labels, P.ShopConfig(**small))
-    b = P.simulate_shop(images, labels, P.ShopConfig(**small, attributes=("brightness", "size")))
-    assert np.array_equal(a.sequences, b.sequences) and np.array_equal(a.taste, b.taste)
-
-
-def test_item_attributes_texture_and_aspect_known_answer():
-    img = np.zeros((2, 28, 28), np.uint8)
-    img[0, 4:9, 2:12] = 255  # a 10 wide x 5 tall plain rectangle
-    img[1, :, 0::2] = 255  # columns alternating 1.0 and 0.498 over the whole image
-    img[1, :, 1::2] = 127
-    out = P.item_attributes(img, names=("texture", "aspect", "size"))
-    np.testing.assert_allclose(out[0], [0.0, 2.0, 50 / 784])
-    np.testing.assert_allclose(out[1], [(1 - 127 / 255) / 2, 1.0, 1.0])
-    with pytest.raises(ValueError, match="unknown attribute"):
-        P.item_attributes(img, names=("colour",))
-
-
-def test_attribute_shop_has_no_class_preference_and_follows_the_taste():
-    images, labels = _images()
-    config = P.ShopConfig(n_users=300, n_items=200, length=20, alpha=0.0, gamma=0.0, attributes=P.ATTRIBUTES)
-    shop = P.simulate_shop(images, labels, config)
-    assert shop.taste.shape == (300, 4) and shop.item_attrs.shape == (200, 4)
-    liked = shop.liked[np.arange(300)[:, None], shop.item_class[shop.sequences]].mean()
-    assert abs(liked - shop.liked.mean()) < 0.03  # liked classes play no part when alpha = 0
-    chosen = shop.item_attrs[shop.sequences].mean(1)
-    for a in range(3):  # noise images all fill the frame, so only "aspect" (column 3) is constant (and 0)
-        assert np.corrcoef(shop.taste[:, a], chosen[:, a])[0, 1] > 0.3
-    assert np.all(shop.item_attrs[:, 3] == 0)
-
-
-def test_split_train_valid_test_is_sasrec_leave_two_out():
-    seqs = np.arange(12).reshape(2, 6)
-    train, valid, test = P.split_train_valid_test(seqs)
-    assert train.tolist() == [[0, 1, 2, 3], [6, 7, 8, 9]] and valid.tolist() == [4, 10] and test.tolist() == [5, 11]
-    with pytest.raises(ValueError, match="time >= 3"):
-        P.split_train_valid_test(np.zeros((3, 2), int))
-
-
 def test_full_ranks_excludes_the_history_and_counts_ties_against_the_target():
     scores = torch.tensor([[0.9, 0.8, 0.7, 0.6, 0.5], [0.1, 0.5, 0.5, 0.9, 0.2]])
     # user 0 has seen items 0 and 1, so target 3 is behind item 2 only; user 1 saw item 3: target 1 ties with 2
@@ -400,8 +303,8 @@ def _predictable_shop():
     which items go together.
     """
     images, labels = _images()
-    config = P.ShopConfig(n_users=400, n_items=50, length=5, beta=0.0, gamma=10.0, temperature=0.5, seed=1)
-    shop = P.simulate_shop(images, labels, config)
+    config = data.ShopConfig(n_users=400, n_items=50, length=5, beta=0.0, gamma=10.0, temperature=0.5, seed=1)
+    shop = data.simulate_shop(images, labels, config)
     one_class = (shop.item_class[shop.sequences] == shop.item_class[shop.sequences[:, :1]]).all(1)
     assert one_class.mean() > 0.95
     return shop, torch.randn(50, 10, generator=torch.Generator().manual_seed(0))
@@ -410,7 +313,7 @@ def _predictable_shop():
 @pytest.mark.parametrize("n_prototypes", [0, 10])
 def test_recommender_learns_a_predictable_shop_and_beats_popularity(n_prototypes):
     shop, features = _predictable_shop()
-    train, test = P.split_by_time(shop.sequences)
+    train, test = data.split_by_time(shop.sequences)
     histories, targets = [list(s) for s in train], torch.as_tensor(test[:, 0])
     popularity = P.popularity_scores(train, 50).expand(len(train), -1).clone()
     popularity[P.seen_mask(histories, 50)] = float("-inf")
@@ -520,9 +423,9 @@ def test_cached_recommender_names_another_split_by_its_shape(small_shop, tmp_pat
     monkeypatch.setenv("BOOK_CACHE", str(tmp_path))
     features = torch.randn(50, 6, generator=torch.Generator().manual_seed(0))
     recipe = P.RecRecipe(dim=8, epochs=1, batch_size=60)
-    P.cached_recommender(features, P.split_by_time(small_shop.sequences)[0], recipe, shop_config=small_shop.config,
+    P.cached_recommender(features, data.split_by_time(small_shop.sequences)[0], recipe, shop_config=small_shop.config,
                          vit_key="test")
-    train3, _, _ = P.split_train_valid_test(small_shop.sequences)
+    train3, _, _ = data.split_train_valid_test(small_shop.sequences)
     model, _ = P.cached_recommender(features, train3, recipe, shop_config=small_shop.config, vit_key="test")
     assert len(list((tmp_path / "models" / "ch9").glob("sasrec-*.pt"))) == 2 and model.max_len == train3.shape[1] - 1
 
@@ -530,7 +433,8 @@ def test_cached_recommender_names_another_split_by_its_shape(small_shop, tmp_pat
 def test_recommender_study_selects_on_validation_and_caches(tmp_path, monkeypatch):
     monkeypatch.setenv("BOOK_CACHE", str(tmp_path))
     images, labels = _images()
-    shop = P.simulate_shop(images, labels, P.ShopConfig(n_users=60, n_items=30, length=8, attributes=P.ATTRIBUTES[:3]))
+    config = data.ShopConfig(n_users=60, n_items=30, length=8, attributes=data.ATTRIBUTES[:3])
+    shop = data.simulate_shop(images, labels, config)
     features = torch.randn(30, 6, generator=torch.Generator().manual_seed(0))
     protocol = dict(P.REC_STUDY, grid={"n_prototypes": [3, 4], "tau": [0.1]}, seeds=[0, 1], n_negatives=10,
                     n_removed=[1], recipe={"dim": 8, "epochs": 2, "finetune_epochs": 1, "batch_size": 30})

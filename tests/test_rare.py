@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from helpers import clip, common, rare, vision
+from helpers import clip, common, data, rare
 from helpers.assets import FASHION_CLASSES
 
 
@@ -178,7 +178,7 @@ def test_self_training_seed_prior_and_bad_input():
 
 
 def test_augment_shifts_and_flips_deterministically():
-    x, _ = vision.fashion_tensors("test")
+    x, _ = data.fashion_tensors("test")
     a, b = rare.augment(x[:16], seed=3), rare.augment(x[:16], seed=3)
     assert a.shape == (16, 1, 28, 28) and torch.equal(a, b) and not torch.equal(a, x[:16])
     assert torch.allclose(a.mean(), x[:16].mean(), atol=0.1)  # shifts only move the item
@@ -187,13 +187,13 @@ def test_augment_shifts_and_flips_deterministically():
 
 
 def test_captions_of_the_unaware_model_never_name_hidden_parts():
-    x, y = vision.fashion_tensors("test")
-    attributes = clip.pixel_attributes(x[:2000], y[:2000])
+    x, y = data.fashion_tensors("test")
+    attributes = data.pixel_attributes(x[:2000], y[:2000])
     hidden = rare.hidden_parts((5, 6, 8))
     assert "buttons down the front" in hidden  # shared with coats: removed from their captions too
     index = rare.rare_captions(attributes, y[:2000], torch.Generator().manual_seed(0), hidden_parts=hidden,
                                p_mention=1.0)
-    table = clip.caption_table()
+    table = data.caption_table()
     captions = [table[i] for i in index.tolist()]
     assert not any(part in caption for caption in captions for part in hidden)
     assert any("with long sleeves" in caption for caption in captions)  # other parts are still named
@@ -216,11 +216,11 @@ def test_short_unaware_training_run_learns_and_committed_weights_verify():
     recipe = rare.RareClipRecipe(base=clip.ClipRecipe(n_train=1024, epochs=2, batch_size=128, warmup_steps=4,
                                                       p_mention=0.0))
     model, history = rare.train_rare_clip(recipe, progress=False)
-    y = vision.fashion_tensors("train")[1][:1024]
+    y = data.fashion_tensors("train")[1][:1024]
     assert history["n_images"] == int((~torch.isin(y, torch.tensor(rare.RARE_CLASSES))).sum())
     assert history["loss"][-1] < math.log(128)
     assert isinstance(model, clip.ClipLike)
-    committed = vision.WEIGHTS_DIR / rare._weights_name(rare.RARE_RECIPE)
+    committed = common.WEIGHTS_DIR / rare._weights_name(rare.RARE_RECIPE)
     if committed.exists():
         assert common.verified(committed), "committed weights do not match their .sha256 sidecar"
     with pytest.raises(ValueError, match="RareClipRecipe"):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import common, transfer, vision
+from helpers import common, data, transfer
 
 # ---------------------------------------------------------------------------------------------
 # Granularities
@@ -61,7 +61,7 @@ def test_source_data_hides_the_held_out_classes():
     assert x.shape == (500, 1, 28, 28)
     assert labels["fine"].min() >= 0 and labels["fine"].max() == len(recipe.source_classes()) - 1 == 6
     assert set(labels["coarse"].tolist()) == {0, 1, 2, 3}
-    x_all, y_all = vision.fashion_tensors("train")
+    x_all, y_all = data.fashion_tensors("train")
     source = torch.isin(y_all[: transfer.SOURCE_POOL], torch.tensor(recipe.source_classes()))
     torch.testing.assert_close(x, x_all[: transfer.SOURCE_POOL][source][:500])
     held = torch.tensor(transfer.class_indices(list(transfer.HELD_OUT)))
@@ -79,7 +79,7 @@ def test_grouping_lives_in_the_recipe(monkeypatch):
     assert mine.key() != dataclasses.replace(mine, coarse_groups=transfer.CHAPTER_GROUPS).key()
     assert transfer._weights_name(mine) != transfer._weights_name(chapter)
     _, labels = transfer.source_data(mine, "train")
-    _, y = vision.fashion_tensors("train")
+    _, y = data.fashion_tensors("train")
     names = [transfer.CLASSES[c] for c in y[: transfer.SOURCE_POOL][torch.isin(
         y[: transfer.SOURCE_POOL], torch.tensor(mine.source_classes()))][:300]]  # fmt: skip
     expected = [next(g for g, (_, members) in enumerate(mine.coarse_groups) if n in members) for n in names]
@@ -193,25 +193,12 @@ def test_linear_probe_known_answer_and_bad_inputs():
         transfer.linear_probe(x, y, x[:, :2], y)
 
 
-def test_targets_and_domain_shifts():
+def test_targets_are_the_chapters_problems():
     targets = transfer.transfer_targets(n_train_per_class=5, n_test=50)
     assert list(targets) == ["held-out classes", "fashion-10", "rotated", "edges", "digits"]
     held = targets["held-out classes"]
     assert held.classes == transfer.HELD_OUT and len(held.y_train) == 15 and len(held.y_test) == 50
     assert targets["digits"].x_train.shape == (50, 1, 28, 28)
-    images = np.arange(2 * 9, dtype=np.uint8).reshape(2, 3, 3)
-    assert (transfer.shift_domain(images, "invert") == 255 - images).all()
-    assert (transfer.shift_domain(transfer.shift_domain(images, "rotate"), "rotate") == images[:, ::-1, ::-1]).all()
-    edges = transfer.shift_domain(np.pad(np.full((1, 4, 4), 200, np.uint8), ((0, 0), (2, 2), (2, 2))), "edges")
-    assert edges.max() == 255 and edges[0, 4, 4] == 0  # a flat interior has no edge
-    rng = np.random.default_rng(0)
-    batch = rng.integers(0, 256, (3, 8, 8), dtype=np.uint8)
-    alone = np.stack([transfer.shift_domain(batch[i : i + 1], "edges")[0] for i in range(3)])
-    assert (transfer.shift_domain(batch, "edges") == alone).all(), "edge maps must not mix neighbouring images"
-    with pytest.raises(ValueError, match="unknown domain shift"):
-        transfer.shift_domain(images, "blur")
-    with pytest.raises(ValueError, match="uint8"):
-        transfer.shift_domain(images.astype(float), "invert")
 
 
 def test_fine_tune_runs_and_leaves_the_source_untouched():

@@ -6,12 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import common, vision
+from helpers import common, data, vision
 
 
 @pytest.fixture(scope="module")
 def test_set():
-    x, y = vision.fashion_tensors("test")
+    x, y = data.fashion_tensors("test")
     return x[:500], y[:500]
 
 
