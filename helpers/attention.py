@@ -52,6 +52,8 @@ __all__ = [
     "probe_logits",
     "setting_target",
     "setting_importance",
+    "contribution_maps",
+    "contribution_rollout",
     "verb_number_importance",
 ]
 
@@ -929,6 +931,134 @@ def value_norms(
             parts.append(torch.stack(layers))  # [layer, chunk, query, key]
     norms = torch.cat(parts, dim=1)
     return norms * (mask[:, :, None] & mask[:, None, :])[None]
+
+
+def _linear_layer_norm(v: Tensor, ln: nn.LayerNorm, states: Tensor) -> Tensor:
+    """LayerNorm applied to each part ``v`` [..., part, d] of a sum: centred, scaled by gamma / sigma(states).
+
+    The parts sum to the normalised states minus beta; ``states`` [..., d] is what the LayerNorm sees.
+    """
+    sigma = (states.var(-1, unbiased=False, keepdim=True) + ln.eps).sqrt()  # [..., 1]
+    return ln.weight * (v - v.mean(-1, keepdim=True)) / sigma[..., None, :]
+
+
+def contribution_maps(
+    model: nn.Module,
+    tokenizer,
+    sentences: Sequence[str],
+    *,
+    method: str = "alti",
+    max_length: int = 64,
+    batch_size: int = 8,
+) -> Tensor:
+    """Per-layer token-to-token contributions that include the residual stream and the LayerNorms.
+
+    Each BERT block's attention sub-layer writes ``s_i = x_i + sum_j sum_h a^h_ij f^h(x_j) + b_O`` into
+    its first LayerNorm; splitting the sum by source token ``j`` and pushing every part through the
+    LayerNorm as a linear map (centre, scale by ``gamma / sigma(s_i)``) gives vectors ``T_i(x_j)`` that
+    add up, with the biases, to the LayerNorm's output ``y_i``.
+
+    - ``"alti"`` (Ferrando, Gállego & Costa-jussà 2022): ``c_ij = max(0, ||y_i||_1 - ||y_i - T_i(x_j)||_1)``,
+      rows normalised to sum to 1 (the reference code's ``min_sum`` scaling);
+    - ``"globenc"`` (Modarressi et al. 2022, N_Enc): ``||LN2(T_i(x_j))||_2``, each part pushed through the
+      second LayerNorm the same way (the feed-forward network itself is left out, as in the paper);
+      not normalised (the reference code rolls out the raw norms).
+
+    Args:
+        model: a BERT-family encoder loaded with eager attention (``BertSelfAttention`` layout).
+        tokenizer: its tokenizer; sentences are tokenised as in :func:`attention_maps`.
+        sentences: the texts.
+        method: ``"alti"`` or ``"globenc"``.
+        max_length: truncation length.
+        batch_size: sentences per forward pass (the parts take ``batch * pos^2 * d`` floats per layer).
+
+    Returns:
+        [layer, batch, query, key] non-negative, 0 on padding rows and columns; roll them out over
+        layers with :func:`contribution_rollout`.
+
+    Reference code: mt-upc/transformer-contributions (``src/contributions.py``) and
+    mohsenfayyaz/GlobEnc (``src/modeling/modeling_bert.py``). Introduced in nbs/01_attention_as_graph.ipynb.
+    """
+    from helpers import hooks
+
+    if method not in ("alti", "globenc"):
+        raise ValueError(f"method must be 'alti' or 'globenc', got {method!r}")
+    if isinstance(sentences, str) or not isinstance(sentences, Sequence) or len(sentences) == 0:
+        raise ValueError("sentences must be a non-empty list of strings (wrap a single sentence in a list)")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if getattr(model.config, "_attn_implementation", "eager") != "eager":
+        raise ValueError("the model must return attention probabilities: load it with attn_implementation='eager'")
+    enc = tokenizer(list(sentences), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    mask = enc["attention_mask"].bool()
+    device = next(model.parameters()).device
+    n_heads = model.config.num_attention_heads
+    layers = model.encoder.layer
+    parts = []
+    with torch.inference_mode():
+        for start in range(0, len(sentences), batch_size):
+            part = {k: v[start : start + batch_size].to(device) for k, v in enc.items()}
+            seen: dict[str, Tensor] = {}
+
+            def keep_input(name, store=seen):
+                return lambda _m, args: store.__setitem__(name, args[0])
+
+            watch = [(layer.attention.output.LayerNorm, "input", keep_input(f"ln1_in{n}"))
+                     for n, layer in enumerate(layers)]  # fmt: skip
+            watch += [(layer.output.LayerNorm, "input", keep_input(f"ln2_in{n}")) for n, layer in enumerate(layers)]
+            outputs = {f"ln1_out{n}": layer.attention.output.LayerNorm for n, layer in enumerate(layers)}
+            outputs |= {f"value{n}": layer.attention.self.value for n, layer in enumerate(layers)}
+            with hooks.on_modules(watch), hooks.capture_modules(outputs) as cache:
+                out = model(**part, output_attentions=True, output_hidden_states=True)
+            per_layer = []
+            for n, layer in enumerate(layers):
+                x, probs = out.hidden_states[n], out.attentions[n]  # [batch, pos, d], [batch, head, q, k]
+                batch, pos, d = x.shape
+                value = cache[f"value{n}"].view(batch, pos, n_heads, d // n_heads)  # with its bias b_V
+                w_o = layer.attention.output.dense.weight.view(d, n_heads, d // n_heads)
+                fx = torch.einsum("bshe,dhe->bhsd", value, w_o)  # f^h(x_s): [batch, head, key, d]
+                mixed = torch.einsum("bhts,bhsd->btsd", probs, fx)  # sum_h a^h_ts f^h(x_s): [batch, q, k, d]
+                mixed = mixed + torch.diag_embed(x.transpose(1, 2)).permute(0, 2, 3, 1)  # + x_t on the diagonal
+                ln1 = layer.attention.output.LayerNorm
+                t = _linear_layer_norm(mixed, ln1, seen[f"ln1_in{n}"])  # T_t(x_s): [batch, q, k, d]
+                if method == "alti":
+                    y = cache[f"ln1_out{n}"]  # [batch, q, d] = sum_s T_t(x_s) + LN-mapped b_O + beta
+                    c = (y.abs().sum(-1)[..., None] - (y[:, :, None] - t).abs().sum(-1)).clamp_min(0)
+                    c = c * mask[start : start + batch, None, :].to(c)
+                    per_layer.append(c / c.sum(-1, keepdim=True).clamp_min(1e-12))
+                else:
+                    t2 = _linear_layer_norm(t, layer.output.LayerNorm, seen[f"ln2_in{n}"])
+                    per_layer.append(t2.norm(dim=-1))
+            parts.append(torch.stack(per_layer).float().cpu())  # [layer, chunk, q, k]
+    maps = torch.cat(parts, dim=1)
+    return maps * (mask[:, :, None] & mask[:, None, :])[None]
+
+
+def contribution_rollout(maps: Tensor) -> Tensor:
+    """Roll per-layer contribution matrices out over depth: ``R_l = M_l R_{l-1}``, ``R_1 = M_1``.
+
+    No identity is added (the residual stream is already inside ALTI's and GlobEnc's matrices) and
+    nothing is re-normalised, as in both reference implementations.
+
+    Args:
+        maps: [layer, batch, query, key] from :func:`contribution_maps`.
+
+    Returns:
+        [layer, batch, query, key]; entry ``l`` is the contribution through layers ``1..l+1``.
+
+    >>> contribution_rollout(torch.eye(2).expand(3, 1, 2, 2))[-1, 0]
+    tensor([[1., 0.],
+            [0., 1.]])
+    """
+    maps = _as_tensor(maps, "maps")
+    if maps.ndim != 4 or maps.shape[-1] != maps.shape[-2]:
+        raise ValueError(f"maps must be [layer, batch, query, key] with query = key, got {tuple(maps.shape)}")
+    if not bool(torch.isfinite(maps).all()) or bool((maps < 0).any()):
+        raise ValueError("maps must be finite and non-negative")
+    history = [maps[0]]
+    for layer in maps[1:]:
+        history.append(layer @ history[-1])
+    return torch.stack(history)
 
 
 class GradientMaps(NamedTuple):

@@ -505,3 +505,41 @@ def test_committed_verb_number_probes_are_what_the_fitting_code_gives():
         weight, bias = task.probes[readout]
         committed = (test[readout] @ weight.T + bias).softmax(-1)[:, 1].numpy()
         assert np.abs(refit.predict_proba(test[readout].numpy())[:, 1] - committed).max() < 1e-3  # 3e-7 measured
+
+
+def test_linear_layer_norm_parts_add_up_to_the_layer_norm():
+    torch.manual_seed(0)
+    ln = torch.nn.LayerNorm(6)
+    ln.weight.data.uniform_(0.5, 1.5)
+    ln.bias.data.normal_()
+    parts, bias = torch.randn(3, 4, 6), torch.randn(6)  # [query, part, d]
+    states = parts.sum(1) + bias
+    pushed = attention._linear_layer_norm(parts, ln, states)  # [query, part, d]
+    bias_part = attention._linear_layer_norm(bias.expand(3, 1, 6), ln, states)[:, 0]
+    assert torch.allclose(pushed.sum(1) + bias_part + ln.bias, ln(states), atol=1e-5)
+
+
+def test_contribution_maps_rows_and_a_block_that_only_keeps_the_residual(tiny, tokenizer):
+    alti = attention.contribution_maps(tiny, tokenizer, SENTENCES, method="alti")
+    globenc = attention.contribution_maps(tiny, tokenizer, SENTENCES, method="globenc")
+    enc = tokenizer(SENTENCES, padding=True, return_tensors="pt")
+    real = enc["attention_mask"].bool()
+    assert alti.shape == globenc.shape == (2, len(SENTENCES), *real.shape[1:], real.shape[1])
+    assert (alti >= 0).all() and (globenc >= 0).all()
+    assert torch.allclose(alti.sum(-1)[:, real], torch.ones(2, int(real.sum())), atol=1e-5)
+    assert (alti[:, ~real] == 0).all() and (globenc[:, ~real] == 0).all()
+    rolled = attention.contribution_rollout(alti)
+    assert torch.allclose(rolled.sum(-1)[:, real], torch.ones(2, int(real.sum())), atol=1e-4)
+    # values that write nothing: every token keeps only its own residual stream
+    silent = copy.deepcopy(tiny)
+    for layer in silent.encoder.layer:
+        layer.attention.self.value.weight.data.zero_()
+        layer.attention.self.value.bias.data.zero_()
+    for method in ("alti", "globenc"):
+        maps = attention.contribution_maps(silent, tokenizer, SENTENCES, method=method)
+        off_diagonal = maps * ~torch.eye(maps.shape[-1], dtype=torch.bool)
+        assert off_diagonal.abs().max() < 1e-6 and (maps.diagonal(dim1=-2, dim2=-1)[:, real] > 0).all()
+    with pytest.raises(ValueError, match="method"):
+        attention.contribution_maps(tiny, tokenizer, SENTENCES, method="flow")
+    with pytest.raises(ValueError, match="non-negative"):
+        attention.contribution_rollout(-alti)
