@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from helpers import common, data, vision
+from helpers import common, data, vision, zoo
 
 # ---------------------------------------------------------------------------------------------
 # The interface every chapter uses
@@ -211,7 +211,7 @@ def contrastive_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor | 
 
 
 @dataclasses.dataclass(frozen=True)
-class ClipRecipe:
+class ClipRecipe(zoo.Recipe):
     """Everything that determines the trained CLIP-style model; its content hash names the weights file."""
 
     epochs: float = 5.0
@@ -224,9 +224,6 @@ class ClipRecipe:
     n_train: int | None = None  # None: all 60,000 training images
     seed: int = 0
     version: int = 1
-
-    def key(self) -> str:
-        return common.content_hash(dataclasses.asdict(self), length=12)
 
 
 RECIPE = ClipRecipe()
@@ -350,22 +347,11 @@ def pretrained_clip(recipe: ClipRecipe = RECIPE, *, progress: bool = True) -> Fa
     """
     if not isinstance(recipe, ClipRecipe):
         raise ValueError(f"recipe must be a ClipRecipe, got {type(recipe).__name__}")
-    model = common.trained_model(
+    model = zoo.trained_model(
         lambda: FashionClip(dim=recipe.dim), lambda: train_clip(recipe, progress=progress), recipe,
-        _weights_name(recipe), cache="clip",
+        _weights_name(recipe), family="clip",
     )  # fmt: skip
     return model.requires_grad_(False)
-
-
-def write_committed_weights() -> Path:
-    """Train :data:`RECIPE` and write its weights (with a SHA-256 sidecar) to ``helpers/weights/``.
-
-    Removes older ``fashion_clip-*`` files. Run as ``python -m helpers.clip``.
-    """
-    model, history = train_clip(RECIPE)
-    path = common.commit_trained(model, RECIPE, history, _weights_name(RECIPE), replaces="fashion_clip-*.pt*")
-    print(f"CLIP-style model: final loss {history['loss'][-1]:.3f} in {history['seconds'][-1]:.0f} s -> {path}")
-    return path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -639,6 +625,3 @@ class HFClip:
         out = self.model.get_text_features(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
         return F.normalize(self._tensor(out), dim=-1)
 
-
-if __name__ == "__main__":
-    write_committed_weights()

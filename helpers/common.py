@@ -171,8 +171,8 @@ def cached_file(path: str | os.PathLike, build: Callable[[Path], None], *, commi
 
 
 WEIGHTS_DIR = Path(__file__).with_name("weights")
-"""Small trained artefacts committed beside the recipes that made them (ARCHITECTURE.md, "Offline assets"), each with a
-``.sha256`` sidecar; see :func:`trained_weights`."""
+"""Small trained artefacts committed beside the recipes that made them (ARCHITECTURE.md, "Artefacts"), each with a
+``.sha256`` sidecar, at the same place as their rebuilt copy under :func:`cache_dir`; see :func:`cached_file`."""
 
 
 def verified(path: str | os.PathLike) -> bool:
@@ -193,86 +193,6 @@ def warmup_cosine(step: int, total: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
-def save_trained(model, recipe: dict, history: dict, path: str | os.PathLike) -> None:
-    """Write a trained model's weights with the recipe and training history that produced it (torch file)."""
-    import torch
-
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    blob = {"state_dict": state, "recipe": json.dumps(recipe, default=str), "history": json.dumps(history)}
-    with open(path, "wb") as fh:
-        torch.save(blob, fh)
-
-
-def trained_weights(filename: str, build: Callable[[Path], None], *, cache: str) -> dict:
-    """Load a trained artefact: the committed copy in :data:`WEIGHTS_DIR` when verified, else the cache.
-
-    The cached copy is built on demand with ``build(path)`` (e.g. train, then :func:`save_trained`)
-    under a file lock and verified by SHA-256 (:func:`cached_file`); a committed file that is missing
-    or altered is ignored, never trusted.
-
-    Args:
-        filename: the artefact's name, keyed by its recipe's content hash, e.g. ``fashion_vit-<hash>.pt``.
-        build: writes the artefact to the path it is given.
-        cache: sub-directory of ``cache_dir("models")`` for the rebuilt copy.
-
-    Returns:
-        ``{"state_dict", "recipe", "history"}`` with ``history`` parsed from JSON.
-    """
-    import torch
-
-    committed = WEIGHTS_DIR / filename
-    path = committed if verified(committed) else cached_file(cache_dir("models", cache) / filename, build)
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    blob["history"] = json.loads(blob["history"])
-    return blob
-
-
-def trained_model(make: Callable, train: Callable, recipe, filename: str, *, cache: str):
-    """A model with trained weights: committed (verified), else cached, else trained now and cached.
-
-    Args:
-        make: ``make() -> nn.Module``, the untrained architecture.
-        train: ``train() -> (model, history)``, run only when no verified copy exists.
-        recipe: the dataclass that determines the weights (saved with them, attached as ``model.recipe``).
-        filename: the artefact's name, keyed by the recipe's content hash.
-        cache: sub-directory of ``cache_dir("models")`` for the rebuilt copy.
-
-    Returns:
-        ``make()`` with the weights loaded, in eval mode, with ``model.history`` and ``model.recipe``.
-    """
-    import dataclasses
-
-    def build(target: Path) -> None:
-        model, history = train()
-        save_trained(model, dataclasses.asdict(recipe), history, target)
-
-    blob = trained_weights(filename, build, cache=cache)
-    model = make()
-    model.load_state_dict(blob["state_dict"])
-    model.history = blob["history"]
-    model.recipe = recipe
-    return model.eval()
-
-
-def commit_trained(model, recipe, history: dict, filename: str, *, replaces: str) -> Path:
-    """Write a trained model into :data:`WEIGHTS_DIR` with its SHA-256 sidecar, removing stale versions.
-
-    Args:
-        model: the trained module; recipe: the dataclass that produced it; history: its training log.
-        filename: the artefact's name, keyed by the recipe's content hash.
-        replaces: glob of older versions to delete first, e.g. ``"fashion_vit-*.pt*"``.
-    """
-    import dataclasses
-
-    WEIGHTS_DIR.mkdir(exist_ok=True)
-    for old in WEIGHTS_DIR.glob(replaces):
-        old.unlink()
-    path = WEIGHTS_DIR / filename
-    save_trained(model, dataclasses.asdict(recipe), history, path)
-    path.with_name(path.name + ".sha256").write_text(file_sha256(path) + "\n")
-    return path
 
 
 def _committed_path(path: Path) -> Path:

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from helpers import common, data, hooks
+from helpers import common, data, hooks, zoo
 
 GRID = 4  # the book's ViT: 28 x 28 images, 7 x 7 patches -> 4 x 4 grid
 N_PATCHES = GRID * GRID
@@ -201,7 +201,7 @@ def prototype_losses(head: PrototypeHead, min_distances: Tensor, labels: Tensor)
 
 
 @dataclasses.dataclass(frozen=True)
-class ProtoRecipe:
+class ProtoRecipe(zoo.Recipe):
     """Everything that determines a trained :class:`PrototypeHead` (its hash names the cache file)."""
 
     per_class: int = 3
@@ -220,17 +220,7 @@ class ProtoRecipe:
     block: int | None = None  # tokens after this ViT block (0-based); None: the final tokens
     attention: bool = False  # prototypes as attending queries (AttentionPrototypeHead) instead of the closest patch
 
-    def key(self) -> str:
-        return common.content_hash(self.hashed_fields(), length=12)
-
-    def hashed_fields(self) -> dict:
-        """The fields that name the cache file; fields added later are left out at their defaults, so
-        recipes from before they existed keep their hash (and their committed files)."""
-        fields = dataclasses.asdict(self)
-        for name, default in (("block", None), ("attention", False)):
-            if fields[name] == default:
-                del fields[name]
-        return fields
+    LATE_FIELDS = {"block": None, "attention": False}  # added later: at these values the old files' names
 
 
 def _epochs(head, params, tokens, labels, *, epochs, lr, batch_size, generator, loss_fn) -> list[float]:
@@ -834,7 +824,7 @@ def seen_mask(histories: Sequence[Sequence[int]], n_items: int) -> Tensor:
 
 
 @dataclasses.dataclass(frozen=True)
-class RecRecipe:
+class RecRecipe(zoo.Recipe):
     """Training settings of a :class:`SequentialRecommender` (its hash, with the shop's, names the cache file)."""
 
     dim: int = 64
@@ -851,9 +841,6 @@ class RecRecipe:
     align: float = 0.1  # pull each prototype towards its nearest item embedding
     seed: int = 0
     version: int = 1
-
-    def key(self) -> str:
-        return common.content_hash(dataclasses.asdict(self), length=12)
 
 
 def _rec_loss(model: SequentialRecommender, seq: Tensor, recipe: RecRecipe) -> Tensor:

@@ -28,14 +28,13 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from helpers import assets, clip, common, data
+from helpers import assets, clip, common, data, zoo
 
 RARE_CLASSES = (5, 6, 8)
 """Sandal, shirt and bag: the classes made rare and hidden from the CLIP-style model."""
@@ -161,15 +160,12 @@ def rare_split(labels: Tensor | np.ndarray, *, rare_classes: Sequence[int] = RAR
 
 
 @dataclasses.dataclass(frozen=True)
-class RareClipRecipe:
+class RareClipRecipe(zoo.Recipe):
     """Chapter 10's recipe, minus the ``hidden_classes`` images and the ``hidden_parts`` in every caption."""
 
     base: clip.ClipRecipe = clip.RECIPE
     hidden_classes: tuple[int, ...] = RARE_CLASSES
     hidden_parts: tuple[str, ...] = hidden_parts(RARE_CLASSES)
-
-    def key(self) -> str:
-        return common.content_hash(dataclasses.asdict(self), length=12)
 
 
 RARE_RECIPE = RareClipRecipe()
@@ -234,23 +230,11 @@ def pretrained_rare_clip(recipe: RareClipRecipe = RARE_RECIPE, *, progress: bool
     """
     if not isinstance(recipe, RareClipRecipe):
         raise ValueError(f"recipe must be a RareClipRecipe, got {type(recipe).__name__}")
-    model = common.trained_model(
+    model = zoo.trained_model(
         lambda: clip.FashionClip(dim=recipe.base.dim), lambda: train_rare_clip(recipe, progress=progress), recipe,
-        _weights_name(recipe), cache="clip",
+        _weights_name(recipe), family="clip",
     )  # fmt: skip
     return model.requires_grad_(False)
-
-
-def write_committed_weights() -> Path:
-    """Train :data:`RARE_RECIPE` and write its weights (with a SHA-256 sidecar) to ``helpers/weights/``.
-
-    Removes older ``rare_clip-*`` files. Run as ``python -m helpers.rare``.
-    """
-    model, history = train_rare_clip(RARE_RECIPE)
-    path = common.commit_trained(model, RARE_RECIPE, history, _weights_name(RARE_RECIPE), replaces="rare_clip-*.pt*")
-    print(f"rare CLIP-style model: final loss {history['loss'][-1]:.3f} in {history['seconds'][-1]:.0f} s -> {path}")
-    return path
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1057,6 +1041,3 @@ def nearest_mean_distance(emb: Tensor, means: Tensor) -> Tensor:
                          f"{tuple(means.shape)}")
     return 1 - (F.normalize(emb.float(), dim=1) @ F.normalize(means.float(), dim=1).T).max(1).values
 
-
-if __name__ == "__main__":
-    write_committed_weights()

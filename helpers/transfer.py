@@ -10,7 +10,7 @@ problems than either. This module holds the chapter's reusable parts:
 - :class:`SourceNet`, the book's ViT trunk with one or two classification heads, trained by a
   fixed-seed :class:`SourceRecipe` that also holds the coarse grouping (:data:`RECIPES`: specialist,
   generalist, multi-task, budget controls and seed replicates, :data:`SEED_REPLICATES`); weights are
-  committed under ``helpers/weights/`` (rebuild: ``python -m helpers.transfer``);
+  committed under ``helpers/weights/models/transfer/`` (:mod:`helpers.zoo`; rebuilt by ``make refresh-artefacts``);
 - transfer targets (:func:`transfer_targets`), frozen features (:func:`features`), the raw-pixel
   baseline (:func:`pixel_features`), a linear probe (:func:`linear_probe`) whose ``C`` is chosen by
   cross-validation on training data (:func:`select_probe_C`, committed as :func:`chosen_probe_C`) and
@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from helpers import assets, common, data, vision
+from helpers import assets, common, data, vision, zoo
 
 CLASSES = assets.FASHION_CLASSES
 COARSE_GROUPS: dict[str, tuple[str, ...]] = {
@@ -168,7 +168,7 @@ TASKS = ("fine", "coarse")
 
 
 @dataclasses.dataclass(frozen=True)
-class SourceRecipe:
+class SourceRecipe(zoo.Recipe):
     """Everything that determines a source network; its content hash names the weights file.
 
     ``tasks`` picks the heads: ``("fine",)`` a specialist, ``("coarse",)`` a generalist, both a
@@ -179,6 +179,8 @@ class SourceRecipe:
     never loads the chapter's committed one. The chapter's grouping (:data:`CHAPTER_GROUPS`) is left
     out of the hash, which keeps the committed files' names.
     """
+
+    LATE_FIELDS = {"coarse_groups": CHAPTER_GROUPS}  # the chapter's grouping keeps the committed files' names
 
     tasks: tuple[str, ...] = ("fine",)
     epochs: int = 3
@@ -201,12 +203,6 @@ class SourceRecipe:
         class_indices(list(self.held_out))
         if self.epochs < 1 or self.n_train < 1:
             raise ValueError(f"epochs and n_train must be >= 1, got {self.epochs}, {self.n_train}")
-
-    def key(self) -> str:
-        fields = dataclasses.asdict(self)
-        if self.coarse_groups == CHAPTER_GROUPS:  # the chapter's grouping: same hash as before the field existed
-            del fields["coarse_groups"]
-        return common.content_hash(fields, length=12)
 
     def coarse_mapping(self) -> tuple[list[str], list[int]]:
         """``(group names, group index of each fine label [10])`` of this recipe's grouping."""
@@ -362,9 +358,9 @@ def _weights_name(recipe: SourceRecipe) -> str:
 def source_network(name: str | SourceRecipe = "specialist", *, progress: bool = True) -> SourceNet:
     """A trained source network: a name from :data:`RECIPES` or any :class:`SourceRecipe`.
 
-    Looks for verified weights in ``helpers/weights/`` (committed), then in the cache; trains by the
-    recipe (about a minute per 3 epochs on one CPU thread) when neither holds a verified copy
-    (:func:`helpers.common.trained_weights`).
+    Looks for verified weights in ``helpers/weights/models/transfer/`` (committed), then in the cache; trains
+    by the recipe (about a minute per 3 epochs on one CPU thread) when neither holds a verified copy
+    (:func:`helpers.zoo.trained_model`; ``zoo.load("source/specialist", seed=...)`` is the same call by name).
 
     Returns:
         the model in eval mode with gradients off, ``model.history`` and ``model.recipe`` attached.
@@ -374,35 +370,11 @@ def source_network(name: str | SourceRecipe = "specialist", *, progress: bool = 
     recipe = RECIPES.get(name) if isinstance(name, str) else name
     if not isinstance(recipe, SourceRecipe):
         raise ValueError(f"unknown source network {name!r}; choose from {sorted(RECIPES)} or pass a SourceRecipe")
-    model = common.trained_model(
+    model = zoo.trained_model(
         lambda: build_source_net(recipe), lambda: train_source(recipe, progress=progress), recipe,
-        _weights_name(recipe), cache="transfer",
+        _weights_name(recipe), family="transfer",
     )  # fmt: skip
     return model.requires_grad_(False)
-
-
-def write_committed_weights(names: Sequence[str] | None = None) -> list[Path]:
-    """Train :data:`RECIPES` and write their weights (with SHA-256 sidecars) to ``helpers/weights/``.
-
-    Removes ``transfer_*`` files that no current recipe names. Run as ``python -m helpers.transfer``
-    (about a minute per 3-epoch network on one CPU thread; fourteen networks).
-    """
-    names = list(RECIPES) if names is None else list(names)
-    keep = {_weights_name(r) for r in RECIPES.values()}
-    for old in common.WEIGHTS_DIR.glob("transfer_*.pt"):
-        if old.name not in keep:
-            old.unlink()
-            old.with_name(old.name + ".sha256").unlink(missing_ok=True)
-    written = []
-    for name in names:
-        recipe = RECIPES[name]
-        model, history = train_source(recipe)
-        filename = _weights_name(recipe)
-        path = common.commit_trained(model, recipe, history, filename, replaces=filename + "*")
-        accs = ", ".join(f"{t} {v[-1]:.4f}" for t, v in history["test_accuracy"].items())
-        print(f"{name}: source test accuracy {accs} in {history['seconds'][-1]:.0f} s -> {path.name}")
-        written.append(path)
-    return written
 
 
 # ---------------------------------------------------------------------------------------------
@@ -838,7 +810,3 @@ def dimension_purity(feats, labels, *, top: int = 20) -> np.ndarray:
     tops = labels[order]  # [top, dim]
     return np.array([np.unique(col, return_counts=True)[1].max() / top for col in tops.T])
 
-
-if __name__ == "__main__":
-    torch.set_num_threads(1)  # the book's machines are shared; one thread trains as fast per core
-    write_committed_weights()

@@ -2,10 +2,10 @@
 
 The book's image models are trained here once, by a fixed-seed recipe, and shared: chapters 9-13
 call :func:`pretrained` and never retrain. The trained weights of the two default recipes are small
-(about 0.6 MB each) and are committed under ``helpers/weights/`` beside the recipe that made them;
+(about 0.6 MB each) and are committed under ``helpers/weights/models/vision/`` (:mod:`helpers.zoo`);
 :func:`pretrained` verifies them by SHA-256 and, when they are missing, altered or the recipe has
 changed, retrains into the book's cache (under a file lock, so parallel notebooks train once).
-Rebuild the committed copies with ``python -m helpers.vision``.
+``make refresh-artefacts`` rebuilds every committed artefact, these included.
 
 Tensors: images are ``[batch, 1, 28, 28]`` floats normalised as in :mod:`helpers.data`; ViT tokens are
 ``[batch, 1 + 16, width]`` (the CLS token first, then the 4 x 4 grid of 7 x 7 patches in row-major order).
@@ -25,11 +25,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from helpers import assets, common, data, hooks
+from helpers import assets, common, data, hooks, zoo
 
 IMAGE_SIZE, PATCH = data.IMAGE_SIZE, 7
 GRID = IMAGE_SIZE // PATCH  # 4 x 4 patches
-WEIGHTS_DIR = common.WEIGHTS_DIR  # committed weights (helpers/weights/)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,8 +77,8 @@ ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {"vit": fashion_vit, "cnn": 
 
 
 @dataclasses.dataclass(frozen=True)
-class Recipe:
-    """Everything that determines a trained model; its content hash names the weights file."""
+class Recipe(zoo.Recipe):
+    """Everything that determines a trained model; its content hash (``key()``) names the weights file."""
 
     arch: str = "vit"
     epochs: int = 5
@@ -91,9 +90,6 @@ class Recipe:
     n_train: int | None = None  # None: all 60,000 training images
     seed: int = 0
     version: int = 1
-
-    def key(self) -> str:
-        return common.content_hash(dataclasses.asdict(self), length=12)
 
 
 RECIPES = {
@@ -191,8 +187,9 @@ def _weights_name(recipe: Recipe) -> str:
 def pretrained(name: str | Recipe = "vit", *, progress: bool = True) -> nn.Module:
     """The book's trained Fashion-MNIST classifier: ``"vit"`` (default) or ``"cnn"``, or any :class:`Recipe`.
 
-    Looks for verified weights in ``helpers/weights/`` (committed), then in the cache; trains by the
-    recipe (about two minutes on 2 CPU cores for the defaults) when neither holds a verified copy.
+    Looks for verified weights in ``helpers/weights/models/vision/`` (committed), then in the cache; trains
+    by the recipe (about two minutes on 2 CPU cores for the defaults) when neither holds a verified copy
+    (:func:`helpers.zoo.trained_model`; ``zoo.load("vit", seed=...)`` is the same call by name).
 
     Returns:
         the model in eval mode, with ``model.history`` (the training curve, see :func:`train`) and
@@ -203,26 +200,10 @@ def pretrained(name: str | Recipe = "vit", *, progress: bool = True) -> nn.Modul
     recipe = RECIPES.get(name) if isinstance(name, str) else name
     if not isinstance(recipe, Recipe):
         raise ValueError(f"unknown model {name!r}; choose from {sorted(RECIPES)} or pass a Recipe")
-    return common.trained_model(
+    return zoo.trained_model(
         ARCHITECTURES[recipe.arch], lambda: train(recipe, progress=progress), recipe,
-        _weights_name(recipe), cache="vision",
+        _weights_name(recipe), family="vision",
     )  # fmt: skip
-
-
-def write_committed_weights(names: Sequence[str] = ("vit", "cnn")) -> list[Path]:
-    """Train the default recipes and write them (with SHA-256 sidecars) to ``helpers/weights/``.
-
-    Removes older weight files of the same architecture. Run as ``python -m helpers.vision``.
-    """
-    written = []
-    for name in names:
-        recipe = RECIPES[name]
-        model, history = train(recipe)
-        stale = f"fashion_{recipe.arch}-*.pt*"
-        path = common.commit_trained(model, recipe, history, _weights_name(recipe), replaces=stale)
-        print(f"{name}: test accuracy {history['test_accuracy'][-1]:.4f} in {history['seconds'][-1]:.0f} s -> {path}")
-        written.append(path)
-    return written
 
 
 # ---------------------------------------------------------------------------------------------
@@ -500,9 +481,9 @@ def map_similarity(reference: Tensor, maps: Tensor) -> dict[str, Tensor]:
     Returns:
         ``{"spearman", "spearman_abs", "ssim", "hog"}`` -> ``[batch]``: Spearman rank correlation of the
         signed maps and of their absolute values (:func:`helpers.stats.rank_correlations`: 1 where both
-        maps are constant; where only one is, 0 instead of its NaN: a flat map keeps no ordering); SSIM and the Pearson correlation of HOG features
-        of the absolute maps, each scaled to [0, 1] by its own maximum (an all-zero map stays zero;
-        a constant HOG vector correlates 0 with anything).
+        maps are constant; where only one is, 0 instead of its NaN: a flat map keeps no ordering); SSIM
+        and the Pearson correlation of HOG features of the absolute maps, each scaled to [0, 1] by its own
+        maximum (an all-zero map stays zero; a constant HOG vector correlates 0 with anything).
 
     Adebayo et al. (2018), "Sanity checks for saliency maps", §3 and Fig. 2.
     Used in nbs/08_vision_transformers.ipynb.
@@ -672,6 +653,3 @@ def rise_canvases(images: Tensor) -> tuple[Tensor, Tensor]:
     return torch.zeros_like(images), gaussian_blur(images, kernel_size=RISE_PROTOCOL["blur kernel"],
                                                    sigma=RISE_PROTOCOL["blur sigma"])
 
-
-if __name__ == "__main__":
-    write_committed_weights()

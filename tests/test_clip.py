@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from helpers import clip, common, data
+from helpers import clip, common, data, zoo
 
 
 class ToyClip:
@@ -98,7 +98,7 @@ def test_short_training_run_learns_and_committed_weights_verify():
     x, y = data.fashion_tensors("test")
     emb = model.encode_image(x[:8])
     assert emb.shape == (8, recipe.dim) and torch.allclose(emb.norm(dim=-1), torch.ones(8), atol=1e-5)
-    committed = common.WEIGHTS_DIR / clip._weights_name(clip.RECIPE)
+    committed = zoo.committed_path("clip", clip._weights_name(clip.RECIPE))
     if committed.exists():
         assert common.verified(committed), "committed CLIP weights do not match their .sha256 sidecar"
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from helpers import clip, common, data, rare
+from helpers import clip, common, data, rare, zoo
 from helpers.assets import FASHION_CLASSES
 
 
@@ -220,7 +220,7 @@ def test_short_unaware_training_run_learns_and_committed_weights_verify():
     assert history["n_images"] == int((~torch.isin(y, torch.tensor(rare.RARE_CLASSES))).sum())
     assert history["loss"][-1] < math.log(128)
     assert isinstance(model, clip.ClipLike)
-    committed = common.WEIGHTS_DIR / rare._weights_name(rare.RARE_RECIPE)
+    committed = zoo.committed_path("clip", rare._weights_name(rare.RARE_RECIPE))
     if committed.exists():
         assert common.verified(committed), "committed weights do not match their .sha256 sidecar"
     with pytest.raises(ValueError, match="RareClipRecipe"):

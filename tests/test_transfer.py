@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import common, data, transfer
+from helpers import common, data, transfer, zoo
 
 # ---------------------------------------------------------------------------------------------
 # Granularities
@@ -137,8 +137,8 @@ def test_short_recipe_learns_and_is_cached(tmp_path, monkeypatch):
 
 def test_committed_weights_are_verified():
     missing = [name for name, r in transfer.RECIPES.items()
-               if not common.verified(common.WEIGHTS_DIR / transfer._weights_name(r))]  # fmt: skip
-    assert not missing, f"committed weights missing or altered for {missing}: run python -m helpers.transfer"
+               if not common.verified(zoo.committed_path("transfer", transfer._weights_name(r)))]  # fmt: skip
+    assert not missing, f"committed weights missing or altered for {missing}: run make refresh-artefacts"
     spec = transfer.source_network("specialist", progress=False)
     assert spec.history["test_accuracy"]["fine"][-1] > 0.85
     gen = transfer.source_network("generalist", progress=False)

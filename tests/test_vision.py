@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import common, data, vision
+from helpers import common, data, vision, zoo
 
 
 @pytest.fixture(scope="module")
@@ -22,9 +22,9 @@ def vit():
 
 def test_committed_weights_are_verified_and_accurate(vit, test_set):
     for name in vision.RECIPES:
-        path = vision.WEIGHTS_DIR / vision._weights_name(vision.RECIPES[name])
+        path = zoo.committed_path("vision", vision._weights_name(vision.RECIPES[name]))
         assert common.verified(path), (
-            f"committed weights for {name!r} missing or altered: run python -m helpers.vision"
+            f"committed weights for {name!r} missing or altered: run make refresh-artefacts"
         )
     assert sum(p.numel() for p in vit.parameters()) == 139_018
     assert vit.history["test_accuracy"][-1] > 0.86

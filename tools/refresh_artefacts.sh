@@ -3,7 +3,7 @@
 # and commit them in helpers/weights/ (ARCHITECTURE.md, "Artefacts": small artefacts may be committed when `make` can
 # rebuild them). The committed copies are removed first, every notebook runs on an empty cache, and
 # exactly the files they asked for (BOOK_ARTEFACT_LOG) are copied back with their SHA-256 sidecars.
-# The top-level weight files of trained_weights() are rebuilt by `python -m helpers.<module>` instead.
+# The book's trained models (helpers.zoo, helpers/weights/models/) are among them.
 #
 # Usage: tools/refresh_artefacts.sh [PYTHON]   (make refresh-artefacts; about 20 minutes on 2 cores)
 set -euo pipefail
