@@ -211,7 +211,8 @@ def bootstrap_ci(values, *, statistic: Statistic = np.mean, confidence: float = 
         sums, counts = _group_totals(x, groups, statistic)
         dist = _cluster_means(sums, counts, n_resamples, seed)
         lo, hi = np.quantile(dist, [(1 - confidence) / 2, (1 + confidence) / 2])
-        return Estimate(value, lo, hi, n=x.size, method=f"cluster bootstrap {_pct(confidence)} over {sums.size} groups of {x.size} examples")
+        return Estimate(value, lo, hi, n=x.size,
+                        method=f"cluster bootstrap {_pct(confidence)} over {sums.size} groups of {x.size} examples")
     if np.all(x == x[0]):  # every resample is the sample itself; scipy would warn (BCa) or waste time
         return Estimate(value, value, value, n=x.size, method=desc)
     vec = _takes_axis(statistic)
