@@ -222,6 +222,27 @@ def commit_cached(path: str | os.PathLike) -> Path:
     return target
 
 
+def print_table(rows, *, max_colwidth: int = 110, width: int = 300, index: bool = False) -> None:
+    """Print a whole table, long cells cut at ``max_colwidth`` characters: the chapters' paper-vs-here tables.
+
+    Args:
+        rows: a ``pandas.DataFrame`` or a non-empty list of dicts (one per row, same keys).
+        max_colwidth, width: pandas' ``display.max_colwidth`` and ``display.width`` while printing.
+        index: print the index column too.
+
+    >>> print_table([{"claim": "a", "here": "0.50 [0.40, 0.60]"}])
+    claim              here
+        a 0.50 [0.40, 0.60]
+    """
+    import pandas as pd
+
+    table = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
+    if table.empty:
+        raise ValueError("rows is empty: nothing to print")
+    with pd.option_context("display.max_colwidth", max_colwidth, "display.width", width):
+        print(table.to_string(index=index))
+
+
 def glue_figure(name: str, fig, *, dpi: int = 110) -> None:
     """Show a matplotlib figure in the notebook and glue it as a PNG under ``name``.
 
