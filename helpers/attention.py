@@ -875,6 +875,18 @@ def input_x_gradient(
 # ---------------------------------------------------------------------------------------------
 
 
+def _eager_encoding(model: nn.Module, tokenizer, sentences: Sequence[str], max_length: int, batch_size: int) -> dict:
+    """Check the inputs of a per-layer reading of an eager-attention encoder and tokenise the sentences
+    (padded, truncated at ``max_length``), as :func:`attention_maps` does."""
+    if isinstance(sentences, str) or not isinstance(sentences, Sequence) or len(sentences) == 0:
+        raise ValueError("sentences must be a non-empty list of strings (wrap a single sentence in a list)")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if getattr(model.config, "_attn_implementation", "eager") != "eager":
+        raise ValueError("the model must return attention probabilities: load it with attn_implementation='eager'")
+    return tokenizer(list(sentences), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+
+
 def value_norms(
     model: nn.Module,
     tokenizer,
@@ -902,13 +914,7 @@ def value_norms(
 
     Introduced in nbs/01_attention_as_graph.ipynb (Kobayashi et al. 2020, "Attention is not only a weight").
     """
-    if isinstance(sentences, str) or not isinstance(sentences, Sequence) or len(sentences) == 0:
-        raise ValueError("sentences must be a non-empty list of strings (wrap a single sentence in a list)")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if getattr(model.config, "_attn_implementation", "eager") != "eager":
-        raise ValueError("the model must return attention probabilities: load it with attn_implementation='eager'")
-    enc = tokenizer(list(sentences), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    enc = _eager_encoding(model, tokenizer, sentences, max_length, batch_size)
     mask = enc["attention_mask"].bool()  # [batch, pos]
     device = next(model.parameters()).device
     n_heads = model.config.num_attention_heads
@@ -983,13 +989,7 @@ def contribution_maps(
 
     if method not in ("alti", "globenc"):
         raise ValueError(f"method must be 'alti' or 'globenc', got {method!r}")
-    if isinstance(sentences, str) or not isinstance(sentences, Sequence) or len(sentences) == 0:
-        raise ValueError("sentences must be a non-empty list of strings (wrap a single sentence in a list)")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if getattr(model.config, "_attn_implementation", "eager") != "eager":
-        raise ValueError("the model must return attention probabilities: load it with attn_implementation='eager'")
-    enc = tokenizer(list(sentences), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    enc = _eager_encoding(model, tokenizer, sentences, max_length, batch_size)
     mask = enc["attention_mask"].bool()
     device = next(model.parameters()).device
     n_heads = model.config.num_attention_heads
