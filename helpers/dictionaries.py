@@ -17,6 +17,12 @@ latents (:func:`dead_latents`), and next-token loss recovered when the dictionar
 model (:func:`loss_recovered`, :func:`next_token_loss`). :func:`build_artefacts` is the recipe that
 harvests activations, trains the sweep of dictionaries and writes the committed artefacts.
 
+Cross-checked against SAELens 6.54.12 (tests/test_dictionaries_saelens.py): in its ``TopKSAE``, ``StandardSAE``
+and ``Transcoder`` the committed and small ReLU dictionaries give the same codes and reconstructions (relative
+5e-7), the training loss is its ``training_forward_pass`` loss / ``d_in`` step by step, L1 warm-up included (2e-7),
+and :func:`fvu` is 1 - its explained variance (7e-8). SAELens differs in weighting L1 by decoder-row norms (1 here),
+scaling inputs to mean norm ``√d_in`` (here root-mean-square) and adding an AuxK loss on dead TopK latents.
+
 Introduced in nbs/06c_sparse_dictionaries.ipynb.
 """
 
