@@ -15,6 +15,10 @@ annotated, and rare classes whose sub-concepts a generic multimodal model barely
   embedding space (CAVs, Kim et al. 2018);
 * :func:`self_train`: pseudo-labelling with a consistency check, seeded by zero-shot predictions,
   on frozen image embeddings (Lee 2013; Sohn et al. 2020);
+* :func:`class_balanced_weights`, :func:`distil_student` and :func:`student_study`: students distilled with
+  each pool image weighted by the inverse frequency of the teacher's class, or semi-supervised (the 1 %
+  labels plus distillation of the unlabelled pool), compared over seeds (:func:`student_study_results`,
+  committed under ``helpers/weights/results/ch11/``);
 * :func:`long_tail_indices`, :func:`classification_ci`, :func:`open_set_auroc` and
   :func:`nearest_mean_distance`: a Zipf-shaped test set, class-averaged metrics with bootstrap intervals,
   and how well an unknown-detector flags a class the classifier was never given.
@@ -825,20 +829,292 @@ def classification_scores(y_true: Tensor, y_pred: Tensor, *, rare_classes: Seque
 
 
 def fit_student(z: Tensor, teacher_logits: Tensor, groups: Sequence[str], *, epochs: int = 10,
-                batch_size: int = 1024, lr: float = 0.05, seed: int = 0):
+                batch_size: int = 1024, lr: float = 0.05, seed: int = 0, weights: Tensor | str | None = None,
+                labels: Tensor | None = None, label_weight: float = 1.0):
     """Distil chapter 10's hierarchical Choquet student (fixed sigmoid utilities) on standardised scores ``z [N, K]``.
 
-    ``groups`` gives each concept's group name. Returns the :class:`helpers.choquet.ChoquetStudent`.
+    ``groups`` gives each concept's group name. With the defaults this is plain distillation from the
+    teacher's logits (:func:`helpers.choquet.distil`, ``T = 2``). ``weights`` (``"balanced"`` for
+    :func:`class_balanced_weights`, or one weight per image) and ``labels`` (the semi-supervised objective)
+    go through :func:`distil_student`; see there.
+
+    Returns:
+        the :class:`helpers.choquet.ChoquetStudent`.
     """
     from helpers import choquet
 
-    if z.shape[1] != len(groups):
-        raise ValueError(f"one group name per concept: z has {z.shape[1]} columns, groups {len(groups)}")
+    if z.ndim != 2 or z.shape[1] != len(groups):
+        raise ValueError(f"one group name per concept: z has shape {tuple(z.shape)}, groups {len(groups)}")
     common.set_seed(seed)
     student = choquet.ChoquetStudent(group_lists(groups), teacher_logits.shape[1], utility="sigmoid")
-    choquet.distil(student, z, teacher_logits, temperature=2.0, epochs=epochs, batch_size=batch_size, lr=lr,
-                   seed=seed)
+    if weights is None and labels is None:
+        choquet.distil(student, z, teacher_logits, temperature=2.0, epochs=epochs, batch_size=batch_size, lr=lr,
+                       seed=seed)
+    else:
+        distil_student(student, z, teacher_logits, weights=weights, labels=labels, label_weight=label_weight,
+                       epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
     return student
+
+
+# --------------------------------------------------------------------------------------------------
+# Class-balanced and semi-supervised students, several seeds
+# --------------------------------------------------------------------------------------------------
+
+STUDENT_KINDS = ("Choquet", "linear", "MLP")
+"""The students of :func:`make_student`: chapter 10's hierarchical Choquet student (sigmoid utilities), a
+linear layer, and a one-hidden-layer MLP (256 ReLU units), as in chapter 10's comparison."""
+
+STUDENT_OBJECTIVES = ("distillation", "class-balanced distillation", "semi-supervised")
+"""The objectives of :func:`student_study`: :func:`distil_student` without weights (the chapter's student),
+with :func:`class_balanced_weights`, and with the labelled images' cross-entropy added to the class-balanced
+distillation of the unlabelled ones."""
+
+
+def class_balanced_weights(teacher_logits: Tensor) -> Tensor:
+    """One weight per image, the inverse frequency of the teacher's predicted class, normalised to mean 1.
+
+    Every predicted class then carries the same total weight, ``N / (number of classes predicted)``, so the
+    rare classes count in a distillation loss as much as the common ones; no label is read.
+
+    >>> class_balanced_weights(torch.tensor([[2.0, 0.0], [3.0, 1.0], [1.0, 4.0]])).tolist()
+    [0.75, 0.75, 1.5]
+    """
+    if teacher_logits.ndim != 2 or len(teacher_logits) == 0:
+        raise ValueError(f"need teacher logits [N >= 1, classes], got shape {tuple(teacher_logits.shape)}")
+    pred = teacher_logits.argmax(-1)
+    counts = torch.bincount(pred, minlength=teacher_logits.shape[1]).float()
+    n_present = int((counts > 0).sum())
+    return len(pred) / (n_present * counts[pred])
+
+
+def distil_student(student: torch.nn.Module, z: Tensor, teacher_logits: Tensor, *, weights: Tensor | str | None = None,
+                   labels: Tensor | None = None, label_weight: float = 1.0, temperature: float = 2.0,
+                   epochs: int = 10, batch_size: int = 1024, lr: float = 0.05, seed: int = 0) -> list[float]:
+    """Train any student ``z [N, K] -> logits`` by weighted distillation, optionally with labels (semi-supervised).
+
+    The distillation term of a batch ``B`` is ``(1/|B|) Σ_i w_i T² KL(softmax(t_i / T) || softmax(s_i / T))``,
+    with weights normalised to mean 1 over the distilled images, so equal weights give back
+    :func:`helpers.choquet.distil` (same batches, same Adam). ``weights="balanced"`` uses
+    :func:`class_balanced_weights` of the distilled images' teacher logits (no labels needed).
+
+    With ``labels`` (``[N]``, ``-1`` for an unlabelled image), only the unlabelled images are distilled, and
+    every step adds ``label_weight`` times the cross-entropy of *all* the labelled images, each class's
+    images sharing the same total weight (as :func:`fit_probe`).
+
+    Returns:
+        the mean loss of each epoch.
+    """
+    if z.ndim != 2 or teacher_logits.ndim != 2 or len(z) != len(teacher_logits):
+        raise ValueError(f"need z [N, K] and teacher_logits [N, classes], got {tuple(z.shape)} and "
+                         f"{tuple(teacher_logits.shape)}")
+    if temperature <= 0 or epochs < 1 or batch_size < 1 or lr <= 0 or label_weight < 0:
+        raise ValueError(f"need temperature, lr > 0, epochs, batch_size >= 1 and label_weight >= 0, got "
+                         f"{temperature}, {lr}, {epochs}, {batch_size}, {label_weight}")
+    n_classes = teacher_logits.shape[1]
+    distilled = torch.arange(len(z))
+    lab_x = lab_y = lab_w = None
+    if labels is not None:
+        labels = torch.as_tensor(labels)
+        if labels.shape != (len(z),) or labels.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"labels must be integers [N] = [{len(z)}] (-1: unlabelled), got {labels.dtype} "
+                             f"{tuple(labels.shape)}")
+        if int(labels.max()) >= n_classes or int(labels.min()) < -1:
+            raise ValueError(f"labels must be -1 (unlabelled) or a class in [0, {n_classes}), got "
+                             f"[{int(labels.min())}, {int(labels.max())}]")
+        is_lab = labels >= 0
+        if not is_lab.any() or is_lab.all():
+            raise ValueError("labels needs both labelled (>= 0) and unlabelled (-1) images")
+        distilled = torch.nonzero(~is_lab).squeeze(1)
+        lab_x, lab_y = z[is_lab], labels[is_lab].long()
+        per_class = torch.bincount(lab_y, minlength=n_classes).float()
+        lab_w = 1.0 / per_class[lab_y]
+        lab_w = lab_w / lab_w.sum()
+    if isinstance(weights, str):
+        if weights != "balanced":
+            raise ValueError(f"weights must be 'balanced', a tensor [N] or None, got {weights!r}")
+        w = class_balanced_weights(teacher_logits[distilled])
+    elif weights is None:
+        w = torch.ones(len(distilled))
+    else:
+        weights = torch.as_tensor(weights, dtype=torch.float32)
+        if weights.shape != (len(z),) or not torch.isfinite(weights).all() or (weights < 0).any():
+            raise ValueError(f"weights must be finite and >= 0, one per image ({len(z)}), got shape "
+                             f"{tuple(weights.shape)}")
+        w = weights[distilled]
+        if float(w.sum()) <= 0:
+            raise ValueError("weights of the distilled images sum to 0")
+    w = w / w.mean()
+    x, target = z[distilled], (teacher_logits[distilled] / temperature).log_softmax(-1)
+    with common.torch_threads(1):  # small dense ops: one thread is faster, and immune to a busy machine
+        generator = torch.Generator().manual_seed(seed)
+        optimiser = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=lr)
+        history = []
+        student.train()
+        with torch.enable_grad():
+            for _ in range(epochs):
+                order = torch.randperm(len(x), generator=generator)
+                total = 0.0
+                for i in range(0, len(order), batch_size):
+                    b = order[i : i + batch_size]
+                    log_p = (student(x[b]) / temperature).log_softmax(-1)
+                    kl = F.kl_div(log_p, target[b], log_target=True, reduction="none").sum(-1)  # [batch]
+                    loss = (w[b] * kl).sum() / len(b) * temperature**2
+                    if lab_x is not None:
+                        ce = F.cross_entropy(student(lab_x), lab_y, reduction="none")
+                        loss = loss + label_weight * (lab_w * ce).sum()
+                    optimiser.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimiser.step()
+                    total += loss.item() * len(b)
+                history.append(total / len(x))
+    student.eval()
+    return history
+
+
+def make_student(kind: str, n_features: int, n_classes: int, *, groups: Sequence[str] | None = None,
+                 seed: int = 0) -> torch.nn.Module:
+    """A fresh student of :data:`STUDENT_KINDS`, its weights drawn with ``seed``.
+
+    The Choquet student needs ``groups`` (one group name per feature) and starts from fixed weights, so its
+    seed only changes the batch order of the training; the linear and MLP students draw their weights.
+    """
+    from helpers import choquet
+
+    if kind not in STUDENT_KINDS:
+        raise ValueError(f"kind must be one of {STUDENT_KINDS}, got {kind!r}")
+    if n_features < 1 or n_classes < 2:
+        raise ValueError(f"need n_features >= 1 and n_classes >= 2, got {n_features} and {n_classes}")
+    torch.manual_seed(seed)
+    if kind == "Choquet":
+        if groups is None or len(groups) != n_features:
+            raise ValueError(f"a Choquet student needs one group name per feature ({n_features})")
+        return choquet.ChoquetStudent(group_lists(groups), n_classes, utility="sigmoid")
+    if kind == "linear":
+        return torch.nn.Linear(n_features, n_classes)
+    return torch.nn.Sequential(torch.nn.Linear(n_features, 256), torch.nn.ReLU(), torch.nn.Linear(256, n_classes))
+
+
+def _objective_options(objective: str, labels: Tensor, label_weight: float) -> dict:
+    if objective not in STUDENT_OBJECTIVES:
+        raise ValueError(f"objective must be one of {STUDENT_OBJECTIVES}, got {objective!r}")
+    if objective == "distillation":
+        return {}
+    if objective == "class-balanced distillation":
+        return {"weights": "balanced"}
+    return {"weights": "balanced", "labels": labels, "label_weight": label_weight}
+
+
+def train_study_student(spec: Sequence, objective: str, seed: int, features: Mapping[str, tuple[Tensor, Tensor]],
+                        teacher_pool: Tensor, labels: Tensor, groups: Sequence[str], *, epochs: int = 8,
+                        batch_size: int = 1024, label_weight: float = 1.0) -> torch.nn.Module:
+    """One run of :func:`student_study`: the student ``spec = (kind, feature name, lr)`` trained with one
+    objective of :data:`STUDENT_OBJECTIVES` and one seed (initialisation and batch order)."""
+    kind, feature, lr = spec
+    if feature not in features:
+        raise ValueError(f"no features named {feature!r}; have {sorted(features)}")
+    z_pool = features[feature][0]
+    student = make_student(kind, z_pool.shape[1], teacher_pool.shape[1], groups=groups if kind == "Choquet" else None,
+                           seed=seed)
+    distil_student(student, z_pool, teacher_pool, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                   **_objective_options(objective, labels, label_weight))
+    return student
+
+
+def student_study(features: Mapping[str, tuple[Tensor, Tensor]], teacher_pool: Tensor, teacher_test: Tensor,
+                  labels: Tensor, y_test: Tensor, groups: Sequence[str], *, students: Mapping[str, Sequence],
+                  objectives: Sequence[str] = STUDENT_OBJECTIVES, seeds: Sequence[int] = (0, 1, 2), epochs: int = 8,
+                  batch_size: int = 1024, label_weight: float = 1.0, rare_classes: Sequence[int] = RARE_CLASSES,
+                  keep_logits: tuple[str, str, int] | None = None) -> dict:
+    """Every student × objective × seed, scored on the test images.
+
+    Args:
+        features: ``{name: (pool [N, d], test [M, d])}`` the inputs of the students (concept scores, embeddings).
+        teacher_pool, teacher_test: the black box's logits ``[N, C]`` and ``[M, C]``.
+        labels: ``[N]`` the pool's labels, ``-1`` where unlabelled (read by the semi-supervised objective only).
+        y_test: ``[M]`` test labels (for the scores only).
+        groups: one group name per concept of the Choquet student's features.
+        students: ``{name: (kind of STUDENT_KINDS, feature name, learning rate)}``.
+        keep_logits: ``(student, objective, seed)`` whose test logits are kept, for a live check.
+
+    Returns:
+        ``{"pred": {"student/objective": int16 [seed, M]}, "scores": {"student/objective": {"faithfulness",
+        "accuracy", "macro-F1", "rare recall": [seed]}}, "seconds": {"student/objective": [seed]}, "seeds",
+        "logits": the kept logits [M, C] (or an empty tensor)}``.
+    """
+    import time
+
+    from helpers import choquet
+
+    if len(seeds) < 1 or len(set(seeds)) != len(seeds):
+        raise ValueError(f"need distinct seeds, got {seeds}")
+    for name, (kind, feature, lr) in students.items():
+        if kind not in STUDENT_KINDS or feature not in features or lr <= 0:
+            raise ValueError(f"student {name!r} needs (kind of {STUDENT_KINDS}, feature of {sorted(features)}, lr > 0)")
+    for name, (pool, test) in features.items():
+        if pool.shape[0] != len(teacher_pool) or test.shape[0] != len(teacher_test) or pool.shape[1] != test.shape[1]:
+            raise ValueError(f"features {name!r} need one row per pool and per test image, got {tuple(pool.shape)}, "
+                             f"{tuple(test.shape)}")
+    if len(y_test) != len(teacher_test):
+        raise ValueError(f"y_test needs one label per test image ({len(teacher_test)}), got {len(y_test)}")
+    for objective in objectives:
+        _objective_options(objective, labels, label_weight)
+    keep_logits = None if keep_logits is None else tuple(keep_logits)
+    out = {"pred": {}, "scores": {}, "seconds": {}, "seeds": list(seeds), "logits": torch.empty(0)}
+    for name, spec in students.items():
+        for objective in objectives:
+            key = f"{name}/{objective}"
+            preds, scores, seconds = [], {m: [] for m in ("faithfulness", "accuracy", "macro-F1", "rare recall")}, []
+            for seed in seeds:
+                t0 = time.perf_counter()
+                student = train_study_student(spec, objective, seed, features, teacher_pool, labels, groups,
+                                              epochs=epochs, batch_size=batch_size, label_weight=label_weight)
+                seconds.append(time.perf_counter() - t0)
+                with torch.no_grad():
+                    logits = student(features[spec[1]][1])
+                if keep_logits == (name, objective, seed):
+                    out["logits"] = logits.clone()
+                pred = logits.argmax(1)
+                s = classification_scores(y_test, pred, rare_classes=rare_classes, n_classes=teacher_test.shape[1])
+                scores["faithfulness"].append(choquet.agreement(logits, teacher_test))
+                scores["accuracy"].append(s["accuracy"])
+                scores["macro-F1"].append(s["macro-F1"])
+                scores["rare recall"].append(float(np.mean([s[f"recall {c}"] for c in rare_classes])))
+                preds.append(pred.to(torch.int16))
+            out["pred"][key], out["scores"][key], out["seconds"][key] = torch.stack(preds), scores, seconds
+    return out
+
+
+def _digest(tensors: Sequence[Tensor]) -> str:
+    """SHA-256 (16 hex digits) of integer tensors' bytes, in order: names an artefact made from them."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(str(tuple(t.shape)).encode() + t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def student_study_results(features: Mapping[str, tuple[Tensor, Tensor]], teacher_pool: Tensor, teacher_test: Tensor,
+                          labels: Tensor, y_test: Tensor, groups: Sequence[str], *, recipe: Mapping,
+                          concept_names: Sequence[str]) -> dict:
+    """:func:`student_study`'s results (``recipe`` = its keyword options), committed with the book and verified by
+    SHA-256; rebuilt when missing or altered.
+
+    The file is named by a hash of the recipe, the concept names and groups, and the integer inputs (pool
+    labels, the teacher's predicted classes on pool and test, the test labels, the feature shapes): float
+    inputs differ in their last bits between machines, so they are checked live instead (recompute one run).
+    """
+    key = {"recipe": dict(recipe), "concepts": list(concept_names), "groups": list(groups),
+           "inputs": _digest([torch.as_tensor(labels), teacher_pool.argmax(1), teacher_test.argmax(1),
+                              torch.as_tensor(y_test)]),
+           "shapes": {k: [list(p.shape), list(t.shape)] for k, (p, t) in features.items()}}
+
+    def build(path) -> None:
+        torch.save(student_study(features, teacher_pool, teacher_test, labels, y_test, groups, **recipe), path)
+
+    path = common.cached_file(common.cache_dir("results", "ch11") / f"students-{common.content_hash(key)}.pt",
+                              build, committed=True)
+    return torch.load(path, weights_only=True)
 
 
 # --------------------------------------------------------------------------------------------------

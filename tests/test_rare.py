@@ -379,3 +379,114 @@ def test_nearest_mean_distance_is_zero_on_a_mean_and_checks_shapes():
     assert torch.allclose(dist, torch.tensor([0.0, 1 - 2 ** -0.5, 1.0]), atol=1e-6)
     with pytest.raises(ValueError, match="same d"):
         rare.nearest_mean_distance(emb, torch.ones(2, 3))
+
+
+# ---------------------------------------------------------------------------------------------
+# Class-balanced and semi-supervised students
+# ---------------------------------------------------------------------------------------------
+
+
+def test_class_balanced_weights_equalise_each_predicted_class():
+    gen = torch.Generator().manual_seed(0)
+    teacher = torch.randn(500, 4, generator=gen) + torch.tensor([3.0, 1.0, 0.0, -1.0])  # class 0 dominates
+    w = rare.class_balanced_weights(teacher)
+    pred = teacher.argmax(1)
+    totals = torch.zeros(4).index_add_(0, pred, w)
+    present = torch.bincount(pred, minlength=4) > 0
+    assert float(w.mean()) == pytest.approx(1.0)
+    assert torch.allclose(totals[present], torch.full((int(present.sum()),), 500 / int(present.sum())))
+    assert w[pred == 0].max() < w[pred != 0].min()  # the frequent class gets the smallest weight
+    with pytest.raises(ValueError, match=r"\[N >= 1, classes\]"):
+        rare.class_balanced_weights(torch.zeros(5))
+
+
+def _concept_problem(n=300, k=6, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, k, generator=gen)
+    teacher = 3 * z[:, :3] @ torch.tensor([[1.0, 0.0, -1.0], [0.0, 1.0, -1.0], [-1.0, -1.0, 1.0]])
+    return z, teacher, ["a", "a", "b", "b", "c", "c"]
+
+
+def test_equal_weights_reduce_to_the_plain_distillation():
+    z, teacher, groups = _concept_problem()
+    old = rare.fit_student(z, teacher, groups, epochs=3, batch_size=64)
+    for weights in (torch.ones(len(z)), torch.full((len(z),), 3.0)):  # weights are normalised to mean 1
+        new = rare.fit_student(z, teacher, groups, epochs=3, batch_size=64, weights=weights)
+        with torch.no_grad():
+            assert torch.allclose(new(z), old(z), atol=1e-4)
+    balanced = rare.fit_student(z, teacher, groups, epochs=3, batch_size=64, weights="balanced")
+    with torch.no_grad():
+        assert not torch.allclose(balanced(z), old(z), atol=1e-4)
+
+
+def test_semi_supervised_student_fits_the_labels_of_a_separable_problem():
+    x, y = _blobs(n_per_class=(100, 100, 100))
+    x_test, y_test = _blobs(n_per_class=(100, 100, 100), seed=1)
+    labels = torch.full((len(x),), -1)
+    labelled = torch.tensor([0, 1, 2, 100, 101, 102, 200, 201, 202])
+    labels[labelled] = y[labelled]
+    useless = torch.zeros(len(x), 3)  # a teacher that says nothing: the labels must do the work
+    student = rare.make_student("linear", 2, 3, seed=0)
+    rare.distil_student(student, x, useless, labels=labels, epochs=20, batch_size=64, lr=0.05)
+    with torch.no_grad():
+        assert (student(x[labelled]).argmax(1) == y[labelled]).all()
+        assert float((student(x_test).argmax(1) == y_test).float().mean()) > 0.9
+    plain = rare.make_student("linear", 2, 3, seed=0)
+    rare.distil_student(plain, x, useless, epochs=20, batch_size=64, lr=0.05)
+    with torch.no_grad():
+        assert float((plain(x_test).argmax(1) == y_test).float().mean()) < 0.6  # without labels: chance-like
+
+
+def test_student_bad_input_raises_value_error():
+    z, teacher, groups = _concept_problem(n=20)
+    student = rare.make_student("MLP", 6, 3)
+    labels = torch.full((20,), -1)
+    with pytest.raises(ValueError, match="both labelled"):
+        rare.distil_student(student, z, teacher, labels=labels)
+    labels[0] = 3
+    with pytest.raises(ValueError, match="-1 \\(unlabelled\\) or a class"):
+        rare.distil_student(student, z, teacher, labels=labels)
+    with pytest.raises(ValueError, match="integers"):
+        rare.distil_student(student, z, teacher, labels=labels.float())
+    with pytest.raises(ValueError, match="'balanced'"):
+        rare.distil_student(student, z, teacher, weights="inverse")
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        rare.distil_student(student, z, teacher, weights=-torch.ones(20))
+    with pytest.raises(ValueError, match="sum to 0"):
+        rare.distil_student(student, z, teacher, weights=torch.zeros(20))
+    with pytest.raises(ValueError, match=r"z \[N, K\]"):
+        rare.distil_student(student, z, teacher[:-1])
+    with pytest.raises(ValueError, match="kind must be"):
+        rare.make_student("tree", 6, 3)
+    with pytest.raises(ValueError, match="group name per feature"):
+        rare.make_student("Choquet", 6, 3)
+    with pytest.raises(ValueError, match="one group name per concept"):
+        rare.fit_student(z, teacher, groups[:-1])
+
+
+def test_student_study_is_seeded_and_scores_every_run():
+    z, teacher, groups = _concept_problem(n=240)
+    z_test, teacher_test, _ = _concept_problem(n=90, seed=1)
+    y_test = teacher_test.argmax(1)
+    labels = torch.full((240,), -1)
+    labels[:12] = teacher[:12].argmax(1)
+    features = {"concepts": (z, z_test), "embedding": (z[:, :3], z_test[:, :3])}
+    students = {"Choquet": ("Choquet", "concepts", 0.05), "linear (embedding)": ("linear", "embedding", 0.03)}
+    options = {"students": students, "seeds": (0, 1), "epochs": 2, "batch_size": 64, "rare_classes": (2,),
+               "keep_logits": ["Choquet", "semi-supervised", 1]}
+    a = rare.student_study(features, teacher, teacher_test, labels, y_test, groups, **options)
+    b = rare.student_study(features, teacher, teacher_test, labels, y_test, groups, **options)
+    assert set(a["pred"]) == {f"{s}/{o}" for s in students for o in rare.STUDENT_OBJECTIVES}
+    assert a["pred"]["Choquet/distillation"].shape == (2, 90)
+    assert all(torch.equal(a["pred"][k], b["pred"][k]) for k in a["pred"]) and torch.equal(a["logits"], b["logits"])
+    again = rare.train_study_student(students["Choquet"], "semi-supervised", 1, features, teacher, labels, groups,
+                                     epochs=2, batch_size=64)
+    with torch.no_grad():
+        assert torch.equal(again(z_test), a["logits"])  # one run recomputed alone gives the kept logits
+    scores = a["scores"]["linear (embedding)/distillation"]
+    pred = a["pred"]["linear (embedding)/distillation"][0].long()
+    assert scores["faithfulness"][0] == pytest.approx(float((pred == teacher_test.argmax(1)).float().mean()))
+    assert scores["rare recall"][0] == pytest.approx(float((pred[y_test == 2] == 2).float().mean()))
+    with pytest.raises(ValueError, match="needs \\(kind"):
+        rare.student_study(features, teacher, teacher_test, labels, y_test, groups,
+                           students={"x": ("linear", "pixels", 0.1)})
