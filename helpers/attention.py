@@ -994,10 +994,14 @@ def contribution_maps(
     device = next(model.parameters()).device
     n_heads = model.config.num_attention_heads
     layers = model.encoder.layer
-    parts = []
+    n, width = mask.shape
+    maps = torch.zeros(len(layers), n, width, width)
+    order = torch.argsort(mask.sum(1), stable=True)  # shortest first: a batch is padded only to its longest
     with torch.inference_mode():
-        for start in range(0, len(sentences), batch_size):
-            part = {k: v[start : start + batch_size].to(device) for k, v in enc.items()}
+        for start in range(0, n, batch_size):
+            rows = order[start : start + batch_size]
+            length = int(mask[rows].sum(1).max())
+            part = {k: v[rows, :length].to(device) for k, v in enc.items()}
             seen: dict[str, Tensor] = {}
 
             def keep_input(name, store=seen):
@@ -1024,13 +1028,12 @@ def contribution_maps(
                 if method == "alti":
                     y = cache[f"ln1_out{n}"]  # [batch, q, d] = sum_s T_t(x_s) + LN-mapped b_O + beta
                     c = (y.abs().sum(-1)[..., None] - (y[:, :, None] - t).abs().sum(-1)).clamp_min(0)
-                    c = c * mask[start : start + batch, None, :].to(c)
+                    c = c * part["attention_mask"][:, None, :].to(c)
                     per_layer.append(c / c.sum(-1, keepdim=True).clamp_min(1e-12))
                 else:
                     t2 = _linear_layer_norm(t, layer.output.LayerNorm, seen[f"ln2_in{n}"])
                     per_layer.append(t2.norm(dim=-1))
-            parts.append(torch.stack(per_layer).float().cpu())  # [layer, chunk, q, k]
-    maps = torch.cat(parts, dim=1)
+            maps[:, rows, :length, :length] = torch.stack(per_layer).float().cpu()  # [layer, chunk, q, k]
     return maps * (mask[:, :, None] & mask[:, None, :])[None]
 
 
