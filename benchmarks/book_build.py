@@ -148,7 +148,8 @@ def render_table(rows: list[dict], book: dict | None, machine: dict) -> str:
     lines = [
         f"Measured {when} on {machine['cpus']} CPU cores ({machine['processor']}), "
         f"torch {machine['torch']}, `python benchmarks/book_build.py`. Alone: each notebook in a fresh kernel, "
-        "cold (empty cache: derived data rebuilt, committed artefacts loaded after their hash check) then warm (rerun with that cache). "
+        "cold (empty cache: derived data rebuilt, committed artefacts loaded after their hash check) "
+        "then warm (rerun with that cache). "
         "In the book: `jupyter-book build` on an empty cache, as `make book` on a fresh machine, where "
         "the notebooks run in order and share what they cache.",
         "",
