@@ -923,19 +923,37 @@ SAMPLE_PHOTOS = {  # name -> (package, file): everyday photos shipped inside the
     "china": ("sklearn", "datasets/images/china.jpg"),  # a Chinese temple
     "flower": ("sklearn", "datasets/images/flower.jpg"),  # a flower with a bee
 }
+MORE_PHOTOS = {  # name -> (package, file): the wheels' other photos an ImageNet classifier can read
+    "motorcycle_right": ("skimage", "data/motorcycle_right.png"),  # the scooter's other stereo view
+    "grace_hopper": ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg"),  # a portrait in naval uniform
+    "camera": ("skimage", "data/camera.png"),  # greyscale: a cameraman at his tripod
+    "clock": ("skimage", "data/clock_motion.png"),  # greyscale: a wall clock, motion-blurred
+    "coins": ("skimage", "data/coins.png"),  # greyscale: ancient coins (ImageNet has no coin class)
+}
+"""Five more photos for Chapter 8's RISE benchmark, beside the seven of :data:`SAMPLE_PHOTOS`.
+
+They are every other natural photo in the installed wheels (scikit-image, scikit-learn, Matplotlib).
+Left out: scikit-image's textures (brick, grass, gravel), the moon, a document page and text, and the
+microscopy, retina and telescope images (``ihc``, ``cell``, ``retina``, ``hubble_deep_field``), which
+ImageNet does not cover, and its drawings, logos and chessboards. The greyscale ones are read with
+their grey repeated over R, G and B."""
+BENCHMARK_PHOTOS = (*SAMPLE_PHOTOS, *MORE_PHOTOS)
+"""The twelve photos of Chapter 8's RISE benchmark: :data:`SAMPLE_PHOTOS` first, then :data:`MORE_PHOTOS`."""
 _PHOTO_FIX = {
     "skimage": "Install scikit-image (or run `make setup`).",
     "sklearn": "Install scikit-learn (or run `make setup`).",
+    "matplotlib": "Install matplotlib (or run `make setup`).",
 }
 
 
 def sample_photos(names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-    """Real photos bundled with scikit-image and scikit-learn, for ImageNet classification and saliency.
+    """Real photos bundled with scikit-image, scikit-learn and Matplotlib, for ImageNet classification and saliency.
 
     Read straight from the installed wheels (never through scikit-image's download cache).
 
     Args:
-        names: which photos (keys of :data:`SAMPLE_PHOTOS`); ``None`` for all seven.
+        names: which photos (keys of :data:`SAMPLE_PHOTOS` or :data:`MORE_PHOTOS`, e.g.
+            :data:`BENCHMARK_PHOTOS`); ``None`` for the seven of :data:`SAMPLE_PHOTOS`.
 
     Returns:
         ``{name: uint8 [H, W, 3] RGB array}``; e.g. ``"chelsea"`` (the cat) is ``[300, 451, 3]``.
@@ -947,13 +965,14 @@ def sample_photos(names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
     """
     from PIL import Image
 
+    known = {**SAMPLE_PHOTOS, **MORE_PHOTOS}
     names = list(SAMPLE_PHOTOS) if names is None else list(names)
-    unknown = [n for n in names if n not in SAMPLE_PHOTOS]
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise ValueError(f"unknown photo(s) {unknown}; choose from {sorted(SAMPLE_PHOTOS)}")
+        raise ValueError(f"unknown photo(s) {unknown}; choose from {sorted(known)}")
     photos = {}
     for name in names:
-        package, file = SAMPLE_PHOTOS[name]
+        package, file = known[name]
         path = _package_dir(package, f"Python package {package}", _PHOTO_FIX[package]) / file
         if not path.is_file():
             raise _missing(f"sample photo {name!r}", _PHOTO_FIX[package], path.parent)

@@ -307,6 +307,7 @@ def perturbation_curve(
     steps: int = 28,
     batch_size: int = 512,
     pixels: Tensor | None = None,
+    points: Sequence[int] | None = None,
 ) -> Tensor:
     """Class probability as the most salient pixels are deleted (or inserted), step by step.
 
@@ -326,9 +327,12 @@ def perturbation_curve(
         pixels: optional ``[batch, H, W]`` bool mask of the pixels allowed to move (e.g. the
             foreground); the others never move, and the steps are fractions of each image's own
             count of allowed pixels. ``None``: every pixel.
+        points: optional indices of the steps to evaluate (e.g. ``range(0, steps + 1, 8)``), each
+            with the same image as in the full curve; ``None``: all ``steps + 1``.
 
     Returns:
-        ``[batch, steps + 1]`` probabilities at fractions ``0, 1/steps, ..., 1`` of the pixels moved.
+        ``[batch, steps + 1]`` probabilities at fractions ``0, 1/steps, ..., 1`` of the pixels moved
+        (``[batch, len(points)]`` with ``points``).
 
     Petsiuk, Das & Saenko (2018), RISE §4. Introduced in nbs/08_vision_transformers.ipynb.
     """
@@ -361,22 +365,31 @@ def perturbation_curve(
     else:
         fractions = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
         counts = torch.round(fractions[:, None] * allowed[None].double()).long()  # [step, batch] pixels moved
-    curves = torch.empty(batch, steps + 1)
-    chunk = max(1, batch_size // (steps + 1))
+    if points is not None:
+        points = torch.as_tensor(list(points), dtype=torch.long)
+        if points.numel() == 0 or points.min() < 0 or points.max() > steps:
+            raise ValueError(f"points must be step indices in [0, {steps}], got {points.tolist()}")
+        counts = counts[points]
+    n_points = counts.shape[0]
+    curves = torch.empty(batch, n_points)
+    chunk = max(1, batch_size // n_points)
     for b0 in range(0, batch, chunk):
         sl = slice(b0, b0 + chunk)
         moved = rank[sl][None] < counts[:, sl, None]  # [step, b, pixel]
-        moved = moved.reshape(steps + 1, -1, 1, *images.shape[2:])
+        moved = moved.reshape(n_points, -1, 1, *images.shape[2:])
         stack = torch.where(moved, end[sl][None], start[sl][None])  # [step, b, C, H, W]
         with torch.no_grad():
             probs = predict(stack.flatten(0, 1))
-        probs = probs.reshape(steps + 1, -1, probs.shape[-1])  # [step, b, classes]
-        curves[sl] = probs.gather(2, target[sl][None, :, None].expand(steps + 1, -1, 1))[..., 0].T
+        probs = probs.reshape(n_points, -1, probs.shape[-1])  # [step, b, classes]
+        curves[sl] = probs.gather(2, target[sl][None, :, None].expand(n_points, -1, 1))[..., 0].T
     return curves
 
 
 def auc(curves: Tensor) -> Tensor:
-    """Area under ``[batch, steps + 1]`` curves sampled at equal fractions of ``[0, 1]`` (trapezoid rule)."""
+    """Area under ``[batch, steps + 1]`` curves sampled at equal fractions of ``[0, 1]`` (trapezoid rule).
+
+    The same number as RISE's ``auc`` (eclique/RISE, evaluation.py): ``(sum - first / 2 - last / 2) / steps``.
+    """
     curves = torch.as_tensor(curves, dtype=torch.float64)
     return torch.trapezoid(curves, dx=1.0 / (curves.shape[-1] - 1), dim=-1)
 
@@ -585,6 +598,8 @@ P_BLACK = -1.0  # black in EfficientNet-Lite0's [-1, 1] input
 RISE_PROTOCOL = {"deletion canvas": 0.0, "blur kernel": 11, "blur sigma": 5.0, "pixels per step": 224}
 """Petsiuk et al.'s deletion/insertion set-up (eclique/RISE, evaluation.py): deleted pixels become the
 normalised zero (the mean image), insertion starts from a Gaussian blur (kernel 11, sigma 5), 224 pixels a step."""
+RISE_STEPS = 224 * 224 // RISE_PROTOCOL["pixels per step"]
+"""RISE's steps on a 224 x 224 image (224 of 224 pixels): curves of 225 points, the intact image first."""
 PhotoMaps = tuple[dict[str, Tensor], dict[str, float], Tensor | None]
 
 
@@ -596,7 +611,7 @@ def photo_maps(model: nn.Module, images: Tensor, target: Tensor, methods: Sequen
     the delta is Captum's ``sum(attributions) - (f(x) - f(baseline))`` on the logit.
 
     Saliency (the largest absolute gradient over channels), integrated gradients (black baseline, 64 steps),
-    GradientSHAP (4 noisy black baselines, 8 samples), occlusion (32-pixel squares, stride 24, black)
+    GradientSHAP (4 noisy black baselines, 8 samples, seeded), occlusion (32-pixel squares, stride 24, black)
     and Grad-CAM (``grad_cam_layer``, default ``model.bn2``, upsampled bilinearly); "random" is a
     uniform random map (seed 0). Channel attributions are summed.
     """
@@ -640,16 +655,123 @@ def _photo_gradient_shap(model: nn.Module, images: Tensor, target: Tensor) -> Te
 
     torch.manual_seed(0)
     noise = torch.full((4, *images.shape[1:]), P_BLACK) + 0.2 * torch.randn(4, *images.shape[1:])
-    return torch.cat([GradientShap(model).attribute(images[i : i + 1], baselines=noise, target=target[i : i + 1],
-                                                    n_samples=8, stdevs=0.1).sum(1)
-                      for i in range(len(images))])  # fmt: skip  # one photo at a time
+    state = np.random.get_state()  # Captum draws the points on the path with NumPy's global generator
+    np.random.seed(0)
+    try:
+        return torch.cat([GradientShap(model).attribute(images[i : i + 1], baselines=noise, target=target[i : i + 1],
+                                                        n_samples=8, stdevs=0.1).sum(1)
+                          for i in range(len(images))])  # fmt: skip  # one photo at a time
+    finally:
+        np.random.set_state(state)
+
+
+def rise_kernel() -> Tensor:
+    """RISE's ``gkern(11, 5)``: scipy's ``gaussian_filter`` (sigma 5, reflecting edges) of a centred unit
+    impulse on an 11 x 11 grid, so a Gaussian folded back into the window; ``[11, 11]``, summing to 1."""
+    from scipy.ndimage import gaussian_filter
+
+    size = RISE_PROTOCOL["blur kernel"]
+    impulse = np.zeros((size, size))
+    impulse[size // 2, size // 2] = 1.0
+    return torch.from_numpy(gaussian_filter(impulse, RISE_PROTOCOL["blur sigma"]).astype(np.float32))
 
 
 def rise_canvases(images: Tensor) -> tuple[Tensor, Tensor]:
-    """RISE's ``(deletion canvas, insertion canvas)`` for normalised images ``[batch, 3, H, W]``:
-    the normalised zero (the mean image) and a Gaussian blur with kernel 11, sigma 5."""
-    from torchvision.transforms.functional import gaussian_blur
+    """RISE's ``(deletion canvas, insertion canvas)`` for normalised images ``[batch, C, H, W]``.
 
-    return torch.zeros_like(images), gaussian_blur(images, kernel_size=RISE_PROTOCOL["blur kernel"],
-                                                   sigma=RISE_PROTOCOL["blur sigma"])
+    The normalised zero (the mean image), and the blur of eclique/RISE's ``evaluation.py``: each channel
+    convolved with :func:`rise_kernel` with zero padding, so the border fades towards the normalised zero.
+    """
+    size, channels = RISE_PROTOCOL["blur kernel"], images.shape[1]
+    kernel = rise_kernel().to(images.dtype).expand(channels, 1, size, size)
+    return torch.zeros_like(images), F.conv2d(images, kernel, padding=size // 2, groups=channels)
+
+
+def rise_benchmark(model: nn.Module, images: Tensor, targets: Tensor, maps: dict[str, Tensor], *,
+                   points: Sequence[int] | None = None, batch_size: int = 16) -> dict[str, dict[str, Tensor]]:
+    """RISE's deletion and insertion games (Petsiuk et al. 2018, eclique/RISE ``evaluation.py``) for several maps.
+
+    Every curve has :data:`RISE_STEPS` steps of 224 pixels (224 x 224 images) and starts with the intact
+    image; deletion moves towards the normalised zero and insertion starts from the blur
+    (:func:`rise_canvases`); the tracked probability (softmax) is ``targets``' (RISE: the class the model
+    predicts on the intact image). Pixels are ranked by decreasing map value, ties in pixel order.
+
+    Args:
+        model: images ``[n, 3, 224, 224]`` -> logits ``[n, classes]``.
+        images: ``[batch, 3, 224, 224]`` normalised images.
+        targets: ``[batch]`` tracked classes.
+        maps: ``{method: [batch, 224, 224]}``.
+        points: optional step indices to evaluate (a spot check of the curves); ``None``: all 225.
+        batch_size: images per forward pass.
+
+    Returns:
+        ``{"deletion": {method: [batch, points]}, "insertion": {...}}`` probabilities; :func:`auc` of a full
+        curve is RISE's AUC.
+    """
+    if images.shape[-2:] != (224, 224):
+        raise ValueError(f"RISE's protocol is for 224 x 224 images, got {tuple(images.shape[-2:])}")
+    delete_to, insert_from = rise_canvases(images)
+
+    def probs(z: Tensor) -> Tensor:
+        return torch.cat([model(z[i : i + batch_size]).softmax(-1) for i in range(0, len(z), batch_size)])
+
+    return {mode: {name: perturbation_curve(probs, images, m, target=targets, mode=mode, canvas=canvas,
+                                            steps=RISE_STEPS, batch_size=RISE_STEPS + 1, points=points)
+                   for name, m in maps.items()}
+            for mode, canvas in (("deletion", delete_to), ("insertion", insert_from))}  # fmt: skip
+
+
+def _digest(tensors: Sequence[Tensor]) -> str:
+    """SHA-256 (16 hex digits) of the tensors' bytes, in order: names an artefact made from them."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(str(tuple(t.shape)).encode() + t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def rise_photo_study(model: nn.Module, names: Sequence[str] = assets.BENCHMARK_PHOTOS) -> dict:
+    """Chapter 8's RISE benchmark on bundled photos: :func:`photo_maps`' five methods and a random map.
+
+    The photos (:func:`helpers.assets.sample_photos`) are resized whole to 224 x 224
+    (:func:`helpers.assets.imagenet_transform`); each map explains the model's top class, the class the
+    curves track. Takes about half an hour on one CPU core for twelve photos (32,400 forwards).
+
+    Returns:
+        ``{"photos": names, "targets": [n], "curves": {mode: {method: [n, 225]}},
+        "auc": {mode: {method: [n]}}, "seconds": build time}``.
+    """
+    t0 = time.perf_counter()
+    to_input = assets.imagenet_transform()
+    images = torch.stack([to_input(p) for p in assets.sample_photos(names).values()])
+    model = model.eval()
+    with torch.no_grad():
+        targets = model(images).argmax(1)
+    maps, _, _ = photo_maps(model, images, targets, [*PHOTO_METHODS, "random"])
+    curves = rise_benchmark(model, images, targets, maps)
+    return {"photos": list(names), "targets": targets, "curves": curves,
+            "auc": {mode: {m: auc(c).float() for m, c in per.items()} for mode, per in curves.items()},
+            "seconds": time.perf_counter() - t0}  # fmt: skip
+
+
+def rise_photo_results(model: nn.Module, names: Sequence[str] = assets.BENCHMARK_PHOTOS) -> dict:
+    """:func:`rise_photo_study`'s results, committed with the book (verified by SHA-256) and rebuilt when
+    missing or altered; the file is named by a hash of the protocol, the photos and the model's weights.
+
+    Rebuilding takes about half an hour on one core (``BOOK_THREADS`` sets the threads).
+    """
+    to_input = assets.imagenet_transform()
+    images = torch.stack([to_input(p) for p in assets.sample_photos(names).values()])
+    key = {"protocol": RISE_PROTOCOL, "steps": RISE_STEPS, "methods": [*PHOTO_METHODS, "random"],
+           "photos": list(names), "inputs": _digest([images]), "seeds": "torch 0; NumPy 0 for GradientSHAP",
+           "model": _digest(list(model.state_dict().values()))}  # fmt: skip
+
+    def build(path) -> None:
+        with common.torch_threads(common.free_cores()):
+            torch.save(rise_photo_study(model, names), path)
+
+    path = common.cached_file(common.cache_dir("results", "ch8") / f"rise-photos-{common.content_hash(key)}.pt",
+                              build, committed=True)
+    return torch.load(path, weights_only=True)
 

@@ -192,6 +192,15 @@ def test_sample_photos_are_bundled_rgb_photos():
         assets.sample_photos(["lena"])
 
 
+def test_benchmark_photos_add_five_bundled_photos_to_the_seven():
+    photos = assets.sample_photos(assets.BENCHMARK_PHOTOS)
+    assert list(photos) == [*assets.SAMPLE_PHOTOS, *assets.MORE_PHOTOS] and len(photos) == 12
+    assert all(p.dtype == np.uint8 and p.ndim == 3 and p.shape[2] == 3 for p in photos.values())
+    for name in ("camera", "clock", "coins"):  # greyscale, repeated over R, G and B
+        assert (photos[name] == photos[name][..., :1]).all()
+    assert not np.array_equal(photos["motorcycle"], photos["motorcycle_right"])
+
+
 # ---------------------------------------------------------------------------------------------
 # Bring your own checkpoint: the same functions load a local save_pretrained directory
 # ---------------------------------------------------------------------------------------------

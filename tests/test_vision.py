@@ -269,8 +269,107 @@ def test_rise_canvases_and_photo_method_names():
     x[1, :, 10:20, 10:20] = -1.0
     delete_to, insert_from = vision.rise_canvases(x)
     assert torch.equal(delete_to, torch.zeros_like(x)), "RISE deletes to the normalised zero"
-    torch.testing.assert_close(insert_from[0], x[0])  # a constant image is its own blur
-    assert insert_from[1].std() < x[1].std(), "the blur must smooth the square"
-    torch.testing.assert_close(insert_from.mean((2, 3)), x.mean((2, 3)), atol=0.02, rtol=0)
+    inner = (slice(None), slice(5, -5), slice(5, -5))
+    torch.testing.assert_close(insert_from[0][inner], x[0][inner])  # a constant image is its own blur inside
+    assert (insert_from[0, :, 0, 0] < 0.5 / 2 + 1e-6).all(), "RISE pads with zeros: the corner fades to grey"
+    assert insert_from[1][inner].std() < x[1][inner].std(), "the blur must smooth the square"
+    kernel = vision.rise_kernel()
+    assert kernel.shape == (11, 11) and torch.equal(kernel, kernel.T) and torch.equal(kernel, kernel.flip(0))
+    torch.testing.assert_close(kernel.sum(), torch.tensor(1.0))
+    assert kernel[5, 5] == kernel.max() and kernel[0, 0] == kernel.min() > 0
     with pytest.raises(ValueError, match="unknown method"):
         vision.photo_maps(nn.Identity(), torch.zeros(1, 3, 8, 8), torch.zeros(1, dtype=torch.long), ["LIME"])
+
+
+class _Pixel(nn.Module):
+    """p(class 1) = sigmoid(8 * (pixel (0, 0) of channel 0 - 0.5)): one informative pixel."""
+
+    def forward(self, x):
+        z = 8.0 * (x[:, 0, 0, 0] - 0.5)
+        return torch.stack([-z / 2, z / 2], dim=1)  # logits: softmax gives sigmoid(z) for class 1
+
+
+def test_rise_protocol_known_answers():
+    assert vision.RISE_STEPS == 224 and vision.RISE_PROTOCOL["pixels per step"] == 224
+    # 224 steps of 224 pixels from the intact image: the curve of "fraction of pixels kept" is 1 - i / 224
+    ones = torch.ones(1, 1, 224, 224)
+    kept = vision.perturbation_curve(lambda z: torch.stack([1 - z.mean((1, 2, 3)), z.mean((1, 2, 3))], 1), ones,
+                                     torch.rand(1, 224, 224), target=torch.ones(1), steps=vision.RISE_STEPS)
+    torch.testing.assert_close(kept[0], 1 - torch.arange(225) / 224)
+    # RISE's auc: (sum - first / 2 - last / 2) / steps; a constant curve's area is the constant
+    curves = torch.rand(3, 225)
+    expected = (curves.double().sum(1) - curves[:, 0] / 2 - curves[:, -1] / 2) / 224
+    torch.testing.assert_close(vision.auc(curves), expected)
+    torch.testing.assert_close(vision.auc(torch.full((2, 225), 0.3)), torch.full((2,), 0.3, dtype=torch.float64))
+    # 8 x 8 images: a map that ranks the one informative pixel first drops the deletion curve at step 1
+    images = torch.ones(2, 3, 8, 8)
+    first = torch.zeros(2, 8, 8)
+    first[:, 0, 0] = 1.0
+    last = 1.0 - first
+    curve = {name: vision.perturbation_curve(lambda z: _Pixel()(z).softmax(-1), images, m, target=torch.ones(2),
+                                             steps=8, batch_size=9) for name, m in (("first", first), ("last", last))}
+    high, low = torch.sigmoid(torch.tensor(4.0)), torch.sigmoid(torch.tensor(-4.0))
+    torch.testing.assert_close(curve["first"], torch.cat([high.expand(2, 1), low.expand(2, 8)], 1))
+    torch.testing.assert_close(curve["last"], torch.cat([high.expand(2, 8), low.expand(2, 1)], 1))
+    assert (vision.auc(curve["first"]) < vision.auc(curve["last"])).all()
+
+
+def test_rise_benchmark_curves_start_from_the_intact_image():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.AvgPool2d(32), nn.Flatten(), nn.Linear(3 * 7 * 7, 5)).eval()
+    images = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        target = model(images).argmax(1)
+        p = model(images).softmax(-1)
+    maps = {"a": torch.rand(2, 224, 224), "b": torch.rand(2, 224, 224)}
+    curves = vision.rise_benchmark(model, images, target, maps)
+    assert set(curves) == {"deletion", "insertion"} and all(set(c) == set(maps) for c in curves.values())
+    assert all(c.shape == (2, 225) for per in curves.values() for c in per.values())
+    rows = torch.arange(2)
+    delete_to, insert_from = vision.rise_canvases(images)
+    with torch.no_grad():
+        grey, blur = model(delete_to).softmax(-1)[rows, target], model(insert_from).softmax(-1)[rows, target]
+    for c in curves["deletion"].values():
+        torch.testing.assert_close(c[:, 0], p[rows, target])
+        torch.testing.assert_close(c[:, -1], grey)
+    for c in curves["insertion"].values():
+        torch.testing.assert_close(c[:, 0], blur)
+        torch.testing.assert_close(c[:, -1], p[rows, target])
+    spot = vision.rise_benchmark(model, images, target, maps, points=[0, 8, 224])
+    torch.testing.assert_close(spot["insertion"]["b"], curves["insertion"]["b"][:, [0, 8, 224]])
+    with pytest.raises(ValueError, match="224 x 224"):
+        vision.rise_benchmark(model, images[..., :200], target, maps)
+    with pytest.raises(ValueError, match="points"):
+        vision.perturbation_curve(model, images, maps["a"], target=target, steps=4, points=[5])
+
+
+def test_committed_rise_study_is_verified_and_complete():
+    from helpers import assets
+
+    files = sorted((common.WEIGHTS_DIR / "results" / "ch8").glob("rise-photos-*.pt"))
+    assert len(files) == 1 and common.verified(files[0]), "the RISE photo study must be committed with its .sha256"
+    study = torch.load(files[0], weights_only=True)
+    n = len(assets.BENCHMARK_PHOTOS)
+    assert study["photos"] == list(assets.BENCHMARK_PHOTOS) and n >= 12
+    methods = {*vision.PHOTO_METHODS, "random"}
+    for mode in ("deletion", "insertion"):
+        assert set(study["curves"][mode]) == methods
+        for m, c in study["curves"][mode].items():
+            assert c.shape == (n, vision.RISE_STEPS + 1)
+            torch.testing.assert_close(study["auc"][mode][m], vision.auc(c).float())
+
+
+def test_photo_gradient_shap_is_seeded_and_restores_numpy():
+    import numpy as np
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([0, 2])
+    np.random.seed(1)
+    a = vision.photo_maps(model, x, t, ["GradientSHAP"], grad_cam_layer=model[0])[0]["GradientSHAP"]
+    after = np.random.random()
+    np.random.seed(2)
+    b = vision.photo_maps(model, x[:1], t[:1], ["GradientSHAP"], grad_cam_layer=model[0])[0]["GradientSHAP"]
+    assert torch.equal(a[:1], b), "the first photo's map depends neither on the batch nor on NumPy's state"
+    np.random.seed(1)
+    assert np.random.random() == after, "NumPy's global generator must be left as it was"
