@@ -1037,9 +1037,10 @@ def student_study(features: Mapping[str, tuple[Tensor, Tensor]], teacher_pool: T
         keep_logits: ``(student, objective, seed)`` whose test logits are kept, for a live check.
 
     Returns:
-        ``{"pred": {"student/objective": int16 [seed, M]}, "scores": {"student/objective": {"faithfulness",
-        "accuracy", "macro-F1", "rare recall": [seed]}}, "seconds": {"student/objective": [seed]}, "seeds",
-        "logits": the kept logits [M, C] (or an empty tensor)}``.
+        a dict with ``"pred"`` ``{"student/objective": int16 [seed, M]}``, ``"scores"``
+        ``{"student/objective": {"faithfulness", "accuracy", "macro-F1", "rare recall": [seed]}}``,
+        ``"seconds"`` ``{"student/objective": [seed]}``, ``"seeds"`` and ``"logits"`` (the kept logits
+        ``[M, C]``, or an empty tensor).
     """
     import time
 

@@ -739,8 +739,8 @@ def rise_photo_study(model: nn.Module, names: Sequence[str] = assets.BENCHMARK_P
     curves track. Takes about half an hour on one CPU core for twelve photos (32,400 forwards).
 
     Returns:
-        ``{"photos": names, "targets": [n], "curves": {mode: {method: [n, 225]}},
-        "auc": {mode: {method: [n]}}, "seconds": build time}``.
+        a dict with ``"photos"`` (the names), ``"targets"`` ``[n]``, ``"curves"``
+        ``{mode: {method: [n, 225]}}``, ``"auc"`` ``{mode: {method: [n]}}`` and ``"seconds"`` (build time).
     """
     t0 = time.perf_counter()
     to_input = assets.imagenet_transform()

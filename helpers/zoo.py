@@ -10,8 +10,8 @@ file, so a changed recipe never loads stale weights. Weights live in one layout:
 
 A committed file that is missing or altered is ignored and the model is retrained into the cache
 (:func:`helpers.common.cached_file`). ``make refresh-artefacts`` rebuilds every committed artefact,
-models included, from an empty cache (tools/refresh_artefacts.sh); ``python -m helpers.common commit
-PATH`` commits one rebuilt file.
+models included, from an empty cache (tools/refresh_artefacts.sh);
+``python -m helpers.common commit PATH`` commits one rebuilt file.
 
 :func:`load` is the front door: ``zoo.load("vit", seed=1)`` trains or loads the ViT of seed 1. The method
 that trains each family stays with the chapter that teaches it (``vision.train``, ``clip.train_clip``, ...);
