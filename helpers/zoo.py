@@ -53,18 +53,21 @@ class Recipe:
         return common.content_hash(self.hashed_fields(), length=12)
 
 
+def _check_name(family: str, filename: str) -> None:
+    if not family or "/" in family or not filename.endswith(".pt"):
+        raise ValueError(f"family must be a folder name and filename a .pt file, got {family!r}, {filename!r}")
+
+
 def weights_path(family: str, filename: str) -> Path:
     """Where a model's weights are cached: ``<cache>/models/<family>/<filename>``; the committed copy sits at
     the same place under ``helpers/weights/`` (:func:`helpers.common.cached_file` with ``committed=True``)."""
-    if not family or "/" in family or not filename.endswith(".pt"):
-        raise ValueError(f"family must be a folder name and filename a .pt file, got {family!r}, {filename!r}")
+    _check_name(family, filename)
     return common.cache_dir("models", family) / filename
 
 
 def committed_path(family: str, filename: str) -> Path:
     """Where the committed copy of a model's weights lives: ``helpers/weights/models/<family>/<filename>``."""
-    if not family or "/" in family or not filename.endswith(".pt"):
-        raise ValueError(f"family must be a folder name and filename a .pt file, got {family!r}, {filename!r}")
+    _check_name(family, filename)
     return common.WEIGHTS_DIR / "models" / family / filename
 
 
