@@ -42,11 +42,13 @@ setup-system: $(STAMPS)/python  ## Debian data packages (Fashion-MNIST, WordNet,
 $(WEB_ASSETS) &: tools/setup_web_assets.sh | setup-system
 	@tools/setup_web_assets.sh $(WEB_DIR)
 
-book: setup  ## execute the notebooks (jupyter-cache) and build the HTML book
+book: setup  ## execute the notebooks, JOBS at a time (jupyter-cache), and build the HTML book
+	$(BIN)/python tools/execute_book.py --jobs $(JOBS)
 	$(BIN)/jupyter-book build . --warningiserror --keep-going
 	@echo "Book built: _build/html/index.html  (browse it with 'make serve')"
 
 student: setup  ## the book without solutions, to hand out: _build/student/_build/html (checks still work)
+	$(BIN)/python tools/execute_book.py --jobs $(JOBS) --path-output _build/student
 	$(BIN)/jupyter-book build . --config "$$($(BIN)/python tools/book_config.py _build/student --student)" \
 	    --path-output _build/student --warningiserror --keep-going
 	@echo "Student edition built: _build/student/_build/html/index.html"

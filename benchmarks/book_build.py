@@ -7,10 +7,12 @@ whole process tree (kernels included) every 50 ms:
   at a new temporary directory that shares only the system data of ``make setup``, so every derived
   data set and trained artefact the notebook needs is rebuilt: what a reader who opens this chapter
   first waits), then with the cache that run filled (what a rerun costs).
-* **The whole book** as ``make book`` builds it on a fresh machine: ``jupyter-book build`` with an
-  empty execution cache and an empty ``BOOK_CACHE`` (notebooks run one after another and share what
-  they cache: the corpus tokenised for Chapter 2 is reused by Chapter 3). Its wall time is
-  ``total_cold_s``; each notebook's execution time comes from jupyter-cache's records. Then the
+* **The whole book** as ``make book`` builds it on a fresh machine: ``tools/execute_book.py`` runs the
+  notebooks ``--jobs`` at a time (default 2, longest first) into an empty execution cache with an empty
+  ``BOOK_CACHE`` (they share what they cache: the corpus tokenised for Chapter 2 is reused by Chapter 3),
+  then ``jupyter-book build`` renders them. Its wall time is ``total_cold_s``; each notebook's execution
+  time comes from jupyter-cache's records (with two at once they overlap, so they add up to more than the
+  wall time). Then the
   cached rebuild: the site built again into an empty HTML folder from that execution cache
   (``cached_rebuild_s``: what a reader waits after editing prose) and once more with nothing changed
   (``noop_rebuild_s``).
@@ -33,6 +35,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -113,13 +116,16 @@ def new_cache(root: Path) -> Path:
     return root
 
 
-def build_book(tmp: Path) -> dict:
-    """``jupyter-book build`` on a fresh machine, then the cached and the no-op rebuilds (module docstring)."""
+def build_book(tmp: Path, jobs: int = 2) -> dict:
+    """``make book`` on a fresh machine (``tools/execute_book.py`` then ``jupyter-book build``), then the
+    cached and the no-op rebuilds (module docstring)."""
     from jupyter_cache import get_cache
 
     cache, out = new_cache(tmp / "book-cache"), tmp / "book"
     jb = str(Path(sys.executable).parent / "jupyter-book")
-    command = [jb, "build", str(ROOT), "--path-output", str(out), "--warningiserror", "--keep-going"]
+    execute = [sys.executable, str(ROOT / "tools" / "execute_book.py"), "--jobs", str(jobs), "--path-output", str(out)]
+    build = [jb, "build", str(ROOT), "--path-output", str(out), "--warningiserror", "--keep-going"]
+    command = ["bash", "-c", f"{shlex.join(execute)} && {shlex.join(build)}"]  # what `make book` runs
     cold = measure(command, cache)
     print(f"whole book (cold): {cold['wall_s']} s, {cold['peak_rss_gb']} GB, ok={cold['ok']}", flush=True)
     records = get_cache(out / "_build" / ".jupyter_cache").list_cache_records()
@@ -150,8 +156,9 @@ def render_table(rows: list[dict], book: dict | None, machine: dict) -> str:
         f"torch {machine['torch']}, `python benchmarks/book_build.py`. Alone: each notebook in a fresh kernel, "
         "cold (empty cache: derived data rebuilt, committed artefacts loaded after their hash check) "
         "then warm (rerun with that cache). "
-        "In the book: `jupyter-book build` on an empty cache, as `make book` on a fresh machine, where "
-        "the notebooks run in order and share what they cache.",
+        f"In the book: `make book` on an empty cache, as on a fresh machine: `tools/execute_book.py` runs the "
+        f"notebooks {book['jobs'] if book and book.get('jobs') else 1} at a time (longest first; they share "
+        "what they cache), then `jupyter-book build` renders them; execution times overlap.",
         "",
         "| notebook | alone, cold: wall (s) | alone, cold: peak RSS (GB) | alone, warm: wall (s) | "
         "alone, warm: peak RSS (GB) | in the book: execution (s) | within budget |",
@@ -193,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-readme", action="store_true", help="do not rewrite the README table")
     parser.add_argument("--no-book", action="store_true", help="skip the whole-book build")
     parser.add_argument("--only-book", action="store_true", help="only the whole-book build")
+    parser.add_argument("--jobs", type=int, default=2, help="notebooks at once in the book build (make's JOBS)")
     args = parser.parse_args(argv)
     paths = [p.resolve() for p in args.notebooks] or sorted((ROOT / "nbs").glob("*.ipynb"))
     if args.only_book:
@@ -224,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name} ({label}): {run['wall_s']} s, {run['peak_rss_gb']} GB, ok={run['ok']}", flush=True)
             rows.append({"notebook": name, "date": machine["date"], **runs})
         if not args.no_book:
-            book = {"date": machine["date"], **build_book(Path(tmp))}
+            book = {"date": machine["date"], "jobs": args.jobs, **build_book(Path(tmp), args.jobs)}
     if old and (args.notebooks or args.only_book):
         measured = {r["notebook"] for r in rows}
         kept = [
