@@ -897,3 +897,219 @@ def randomised_copy(model: nn.Module, parts: Sequence[str] = ("readout",), *, se
             q = out.query
             q.copy_(torch.randn(q.shape, generator=gen) * float(model.query.std()))
     return out.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# The chapter's heavy studies, committed as small results (nbs/03: checked live on one run each)
+# ---------------------------------------------------------------------------------------------
+
+
+def fingerprint(obj) -> str:
+    """Content hash of an embedding (its words and vectors), an array or a tensor, for a study's recipe."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    if isinstance(obj, sinr.SinrEmbedding):
+        digest.update("\n".join(obj.words).encode())
+        v = sparse.csr_matrix(obj.vectors)
+        for part in (v.indptr, v.indices, v.data):
+            digest.update(np.ascontiguousarray(part).tobytes())
+    else:
+        arr = obj.numpy() if isinstance(obj, Tensor) else np.asarray(obj)
+        digest.update(str((arr.shape, arr.dtype)).encode())
+        digest.update(np.ascontiguousarray(arr).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def logistic(X, y, **options):
+    """Logistic regression (newton-cg, one BLAS thread: threads fight for two cores), fitted on ``X, y``."""
+    from sklearn.linear_model import LogisticRegression
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):
+        return LogisticRegression(max_iter=2000, solver="newton-cg", **options).fit(X, y)
+
+
+def bow_predict(train_texts: Sequence[str], y_train, test_texts: Sequence[str]) -> np.ndarray:
+    """The bag-of-words baseline: word counts (lower-cased) and :func:`logistic`; test predictions."""
+    from sklearn.feature_extraction.text import CountVectorizer
+
+    vec = CountVectorizer(lowercase=True)
+    return logistic(vec.fit_transform(train_texts), y_train).predict(vec.transform(test_texts))
+
+
+def train_task_attention(vectors, input_ids: Tensor, attention_mask: Tensor, y, n_classes: int, *, tau: float,
+                         query: str, epochs: int, lr: float, l1: float, batch_size: int, seed: int
+                         ) -> TaskAttentionClassifier:  # fmt: skip
+    """A :class:`TaskAttentionClassifier` trained with :func:`fit` under ``seed``."""
+    model = TaskAttentionClassifier(vectors, n_classes, tau=tau, query=query)
+    fit(model, input_ids, attention_mask, torch.as_tensor(y), epochs=epochs, lr=lr, l1=l1, batch_size=batch_size,
+        seed=seed)
+    return model
+
+
+def _correct(model: TaskAttentionClassifier, enc: Encoded, y) -> np.ndarray:
+    with torch.no_grad():
+        return model(enc.input_ids, enc.attention_mask).argmax(1).numpy() == np.asarray(y)
+
+
+def austen_study(fold_emb: Sequence[sinr.SinrEmbedding], leaky_emb, texts: Sequence[str], labels, folds,
+                 features, *, n_classes: int, seeds: Sequence[int], hparams: Mapping) -> dict[str, np.ndarray]:
+    """Task 2 of nbs/03: every passage tested once, by the model trained on the other chapter folds.
+
+    For each fold k: the bag of words and the black box (logistic regression on ``features``), and the
+    SINr task-attention model on ``fold_emb[k]`` (SINr rebuilt without fold k's chapters) with every
+    seed of ``seeds``; then, on fold 0 and seed ``seeds[0]``, the same model on ``leaky_emb`` (an
+    embedding, or a function returning one, that saw every chapter).
+
+    Returns:
+        ``bow``, ``minilm`` [passage] and ``sinr`` [seed, passage]: correct (bool); ``leaky`` [fold-0
+        passage] correct (bool); ``check_logits`` [fold-0 passage, class]: the logits of fold 0's model
+        with seed ``seeds[0]`` on fold 0's passages (float32), which a live run reproduces.
+    """
+    texts, labels, folds = np.array(texts, dtype=object), np.asarray(labels), np.asarray(folds)
+    out = {"bow": np.zeros(len(texts), bool), "minilm": np.zeros(len(texts), bool),
+           "sinr": np.zeros((len(seeds), len(texts)), bool)}
+    for k in range(len(fold_emb)):
+        tr, te = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
+        out["bow"][te] = bow_predict(list(texts[tr]), labels[tr], list(texts[te])) == labels[te]
+        out["minilm"][te] = logistic(features[tr], labels[tr]).predict(features[te]) == labels[te]
+        e_tr, e_te = encode(fold_emb[k], list(texts[tr])), encode(fold_emb[k], list(texts[te]))
+        for j, s in enumerate(seeds):
+            model = train_task_attention(fold_emb[k].vectors, e_tr.input_ids, e_tr.attention_mask, labels[tr],
+                                         n_classes, **{**hparams, "seed": s})
+            out["sinr"][j, te] = _correct(model, e_te, labels[te])
+            if k == 0 and j == 0:
+                with torch.no_grad():
+                    out["check_logits"] = model(e_te.input_ids, e_te.attention_mask).numpy().astype(np.float32)
+    leaky = leaky_emb() if callable(leaky_emb) else leaky_emb
+    tr, te = np.flatnonzero(folds != 0), np.flatnonzero(folds == 0)
+    e_tr, e_te = encode(leaky, list(texts[tr])), encode(leaky, list(texts[te]))
+    model = train_task_attention(leaky.vectors, e_tr.input_ids, e_tr.attention_mask, labels[tr], n_classes,
+                                 **{**hparams, "seed": seeds[0]})
+    out["leaky"] = _correct(model, e_te, labels[te])
+    return out
+
+
+def cached_austen_study(fold_emb, leaky_emb, texts, labels, folds, features, *, n_classes, seeds, hparams,
+                        recipe: Mapping,
+                        name: str = "austen-study") -> dict[str, np.ndarray]:
+    """:func:`austen_study`, committed under ``results/ch3`` and keyed by ``recipe`` (all that determines it)."""
+    path = common.cache_dir("results", "ch3") / f"{name}-{common.content_hash(dict(recipe))}.npz"
+
+    def build(p: Path) -> None:
+        with open(p, "wb") as fh:
+            np.savez_compressed(fh, **austen_study(fold_emb, leaky_emb, texts, labels, folds, features,
+                                                   n_classes=n_classes, seeds=seeds, hparams=hparams))
+
+    with np.load(common.cached_file(path, build, committed=True)) as f:
+        return {k: f[k] for k in f.files}
+
+
+def token_features(encoder: nn.Module, tokenizer, words_list: Sequence[Sequence[str]], *, max_length: int = 128,
+                   batch_size: int = 64) -> Tensor:
+    """The encoder's last-layer vector of each word's first word piece, [tokens, d] over all sentences.
+
+    Words cut off by truncation get zeros. Batched; uses every free core (:func:`common.free_cores`).
+    """
+    device = next(encoder.parameters()).device
+    out = []
+    with torch.inference_mode(), common.torch_threads(common.free_cores()):
+        for s in range(0, len(words_list), batch_size):
+            batch = [list(w) for w in words_list[s:s + batch_size]]
+            t = tokenizer(batch, is_split_into_words=True, truncation=True, max_length=max_length, padding=True,
+                          return_tensors="pt")
+            hidden = encoder(input_ids=t["input_ids"].to(device),
+                             attention_mask=t["attention_mask"].to(device)).last_hidden_state.cpu()
+            for b in range(len(batch)):
+                first = {}
+                for pos, w in enumerate(t.word_ids(b)):
+                    if w is not None and w not in first:
+                        first[w] = pos
+                rows = [hidden[b, first[w]] if w in first else torch.zeros(hidden.shape[-1])
+                        for w in range(len(batch[b]))]
+                out.append(torch.stack(rows))
+    return torch.cat(out)
+
+
+def window_features(sent: Sequence[str], i: int, window: int = 2) -> dict[str, float]:
+    """Indicator features of token ``i`` (lower-cased) and of its neighbours at each offset up to ``window``."""
+    f = {"w=" + sent[i].lower(): 1.0}
+    for o in [*range(-window, 0), *range(1, window + 1)]:
+        if 0 <= i + o < len(sent):
+            f[f"c{o}=" + sent[i + o].lower()] = 1.0
+    return f
+
+
+TAGGER_PARAMETERS = ("query", "self_linear.weight", "self_linear.bias", "context_linear.weight")
+
+
+def ner_study(emb: sinr.SinrEmbedding, words: Sequence[Sequence[str]], tags: Sequence[Sequence[int]], n_train: int,
+              encoder: nn.Module, tokenizer, *, fit_options: Mapping, check_epochs: int = 2, check_sentences: int = 16
+              ) -> dict[str, np.ndarray]:  # fmt: skip
+    """Task 3 of nbs/03: the three taggers trained on the first ``n_train`` sentences, tested on the rest.
+
+    Every model uses the class weights w_c = sqrt(N / (C n_c)) of the training tags. The bag of words is
+    a logistic regression on :func:`window_features`, the black box one on :func:`token_features`, the
+    SINr :class:`ContextTagger` (window 2, τ = 0.1) is trained with :func:`fit` and ``fit_options``.
+
+    Returns:
+        ``bow``, ``minilm``, ``sinr``: predicted tag of every test token (int8); the trained tagger's
+        parameters (:data:`TAGGER_PARAMETERS`, prefixed ``tagger/``) and those after only ``check_epochs``
+        epochs (``check/``), which a live run reproduces cheaply; ``minilm_check_logits``: the black box's
+        decision values on the tokens of the first ``check_sentences`` test sentences and its
+        ``minilm_coef``, ``minilm_intercept`` (float32), to check freshly computed vectors against.
+    """
+    from sklearn.feature_extraction import DictVectorizer
+
+    y_tr = np.concatenate(tags[:n_train])
+    counts = np.bincount(y_tr, minlength=len(TAGS))
+    class_weight = np.sqrt(counts.sum() / (len(TAGS) * counts))
+    weights = dict(enumerate(class_weight))
+    dv = DictVectorizer()
+    f_tr = dv.fit_transform([window_features(s, i) for s in words[:n_train] for i in range(len(s))])
+    f_te = dv.transform([window_features(s, i) for s in words[n_train:] for i in range(len(s))])
+    out = {"bow": logistic(f_tr, y_tr, class_weight=weights).predict(f_te).astype(np.int8)}
+    m_all = token_features(encoder, tokenizer, words).numpy()
+    black_box = logistic(m_all[: len(y_tr)], y_tr, class_weight=weights)
+    out["minilm"] = black_box.predict(m_all[len(y_tr):]).astype(np.int8)
+    n_check = sum(len(s) for s in words[n_train:n_train + check_sentences])
+    out["minilm_check_logits"] = black_box.decision_function(m_all[len(y_tr):len(y_tr) + n_check]).astype(np.float32)
+    out["minilm_coef"] = black_box.coef_.astype(np.float32)
+    out["minilm_intercept"] = black_box.intercept_.astype(np.float32)
+    enc = encode_words(emb, words)
+    labels = torch.full(enc.input_ids.shape, -100)
+    for b, t in enumerate(tags):
+        labels[b, :len(t)] = torch.tensor(t)
+    for prefix, epochs in (("check", check_epochs), ("tagger", fit_options["epochs"])):
+        tagger = ContextTagger(emb.vectors, len(TAGS), window=2, tau=0.1)
+        fit(tagger, enc.input_ids[:n_train], enc.attention_mask[:n_train], labels[:n_train],
+            **{**fit_options, "epochs": epochs}, class_weight=torch.tensor(class_weight, dtype=torch.float32))
+        state = tagger.state_dict()
+        out.update({f"{prefix}/{k}": state[k].numpy() for k in TAGGER_PARAMETERS})
+    with torch.no_grad():
+        logits = tagger(enc.input_ids[n_train:], enc.attention_mask[n_train:])
+    out["sinr"] = logits.argmax(-1)[enc.attention_mask[n_train:]].numpy().astype(np.int8)
+    return out
+
+
+def cached_ner_study(emb, words, tags, n_train, encoder, tokenizer, *, fit_options, recipe: Mapping,
+                     name: str = "ner-study", **options) -> dict[str, np.ndarray]:
+    """:func:`ner_study`, committed under ``results/ch3`` and keyed by ``recipe`` (all that determines it)."""
+    path = common.cache_dir("results", "ch3") / f"{name}-{common.content_hash(dict(recipe))}.npz"
+
+    def build(p: Path) -> None:
+        with open(p, "wb") as fh:
+            np.savez_compressed(fh, **ner_study(emb, words, tags, n_train, encoder, tokenizer,
+                                                fit_options=fit_options, **options))
+
+    with np.load(common.cached_file(path, build, committed=True)) as f:
+        return {k: f[k] for k in f.files}
+
+
+def load_tagger(vectors, study: Mapping[str, np.ndarray], prefix: str = "tagger") -> ContextTagger:
+    """The :class:`ContextTagger` (window 2, τ = 0.1) whose parameters ``study`` holds under ``prefix/``."""
+    tagger = ContextTagger(vectors, len(TAGS), window=2, tau=0.1)
+    tagger.load_state_dict({**tagger.state_dict(),
+                            **{k: torch.from_numpy(study[f"{prefix}/{k}"]) for k in TAGGER_PARAMETERS}})
+    return tagger.eval()

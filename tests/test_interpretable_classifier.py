@@ -462,3 +462,120 @@ def test_sinr_hierarchy_nests_the_fine_dimensions_in_coarse_ones(tmp_path, monke
     assert len(list((tmp_path / "models" / "ch3").glob("toy-coarse-*.npz"))) == 1
     with pytest.raises(ValueError, match="does not merge"):
         ic.sinr_hierarchy(_two_level_documents(mix=3), config=config, coarse_gamma=0.5, name="toy")
+
+
+def test_fingerprint_tells_embeddings_and_arrays_apart():
+    assert ic.fingerprint(_embedding(0)) == ic.fingerprint(_embedding(0))
+    assert ic.fingerprint(_embedding(0)) != ic.fingerprint(_embedding(1))
+    assert ic.fingerprint(np.arange(3)) == ic.fingerprint(torch.arange(3))
+    assert ic.fingerprint(np.arange(3)) != ic.fingerprint(np.arange(3).astype(np.int32))
+
+
+def _passages(n=60, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 2
+    vocab = (("good", "great", "film"), ("bad", "awful", "plot"))
+    texts = [" ".join(rng.choice(vocab[y], 4)) for y in labels]
+    return texts, labels
+
+
+def test_austen_study_tests_every_passage_once_and_records_the_run_checked_live():
+    texts, labels = _passages()
+    folds = np.arange(len(texts)) % 3
+    features = np.eye(2)[labels] + np.random.default_rng(0).normal(0, 0.1, (len(texts), 2))
+    embs = [_embedding(k) for k in range(3)]
+    hparams = {"tau": 0.5, "query": "free", "epochs": 3, "lr": 0.1, "l1": 0.0, "batch_size": 8}
+    calls = []
+    out = ic.austen_study(embs, lambda: calls.append(1) or _embedding(9), texts, labels, folds, features,
+                          n_classes=2, seeds=(0, 1), hparams=hparams)
+    assert calls == [1]                                                    # the leaky embedding, built once
+    assert out["sinr"].shape == (2, len(texts)) and out["bow"].shape == out["minilm"].shape == (len(texts),)
+    assert out["leaky"].shape == ((folds == 0).sum(),)
+    tr, te = np.flatnonzero(folds != 0), np.flatnonzero(folds == 0)
+    np.testing.assert_array_equal(out["bow"][te], ic.bow_predict([texts[i] for i in tr], labels[tr],
+                                                                 [texts[i] for i in te]) == labels[te])
+    e_tr, e_te = ic.encode(embs[0], [texts[i] for i in tr]), ic.encode(embs[0], [texts[i] for i in te])
+    model = ic.train_task_attention(embs[0].vectors, e_tr.input_ids, e_tr.attention_mask, labels[tr], 2,
+                                    **hparams, seed=0)
+    with torch.no_grad():
+        logits = model(e_te.input_ids, e_te.attention_mask)
+    np.testing.assert_allclose(out["check_logits"], logits.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(out["sinr"][0, te], logits.argmax(1).numpy() == labels[te])
+
+
+class _FakeTokens(dict):
+    def __init__(self, ids, mask, word_ids):
+        super().__init__(input_ids=ids, attention_mask=mask)
+        self._word_ids = word_ids
+
+    def word_ids(self, b):
+        return self._word_ids[b]
+
+
+def _fake_tokenizer(batch, *, is_split_into_words, truncation, max_length, padding, return_tensors):
+    width = min(max_length, max(len(s) for s in batch) + 2)
+    ids, mask = torch.zeros(len(batch), width, dtype=torch.long), torch.zeros(len(batch), width, dtype=torch.long)
+    word_ids = []
+    for b, sent in enumerate(batch):
+        pieces = [None, *range(min(len(sent), width - 2)), None]
+        ids[b, : len(pieces)] = torch.tensor([1] + [2 + sum(map(ord, sent[w])) % 30 for w in pieces[1:-1]] + [1])
+        mask[b, : len(pieces)] = 1
+        word_ids.append(pieces + [None] * (width - len(pieces)))
+    return _FakeTokens(ids, mask, word_ids)
+
+
+class _FakeEncoder(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.table = torch.nn.Embedding(40, 5)
+
+    def forward(self, input_ids, attention_mask):
+        return type("Out", (), {"last_hidden_state": self.table(input_ids) * attention_mask[..., None]})()
+
+
+def test_ner_study_predictions_match_its_committed_models():
+    rng = np.random.default_rng(0)
+    words = [[str(w) for w in rng.choice(WORDS, rng.integers(2, 6))] for _ in range(40)]
+    tags = [[WORDS.index(w) for w in s] for s in words]                  # one tag per word: all six present
+    options = {"epochs": 3, "lr": 0.05, "l1": 0.0, "batch_size": 8, "seed": 0}
+    emb = _embedding()
+    feats = ic.token_features(_FakeEncoder(), _fake_tokenizer, words, batch_size=16)
+    assert feats.shape == (sum(map(len, words)), 5)
+    out = ic.ner_study(emb, words, tags, 30, _FakeEncoder(), _fake_tokenizer, fit_options=options, check_epochs=1,
+                       check_sentences=4)
+    n_test = sum(map(len, words[30:]))
+    assert out["bow"].shape == out["minilm"].shape == out["sinr"].shape == (n_test,)
+    enc = ic.encode_words(emb, words)
+    tagger = ic.load_tagger(emb.vectors, out)
+    with torch.no_grad():
+        pred = tagger(enc.input_ids[30:], enc.attention_mask[30:]).argmax(-1)[enc.attention_mask[30:]].numpy()
+    np.testing.assert_array_equal(pred, out["sinr"])
+    m_check = feats[sum(map(len, words[:30])):][: sum(map(len, words[30:34]))].numpy()
+    live = m_check @ out["minilm_coef"].T + out["minilm_intercept"]
+    np.testing.assert_allclose(live, out["minilm_check_logits"], rtol=1e-4, atol=1e-5)
+    assert not np.array_equal(out["check/query"], out["tagger/query"])   # one epoch is not three
+    assert ic.window_features(["The", "Cobb", "at", "Lyme"], 1) == {"w=cobb": 1.0, "c-1=the": 1.0, "c1=at": 1.0,
+                                                                     "c2=lyme": 1.0}
+
+
+def test_committed_studies_of_chapter_3_match_their_sidecars_and_shapes():
+    from helpers import common
+
+    folder = common.WEIGHTS_DIR / "results" / "ch3"
+    austen, ner = sorted(folder.glob("austen-study-*.npz")), sorted(folder.glob("ner-study-*.npz"))
+    assert austen and ner, "Chapter 3's studies are not committed under helpers/weights/results/ch3"
+    for path in austen + ner:
+        assert common.verified(path) and path.stat().st_size < 2 << 20
+    for path in austen:
+        study = dict(np.load(path))
+        n = len(study["bow"])
+        assert study["minilm"].shape == (n,) and study["sinr"].shape[1] == n and study["sinr"].dtype == bool
+        assert study["check_logits"].shape == (len(study["leaky"]), 6)
+    for path in ner:
+        study = dict(np.load(path))
+        n = len(study["bow"])
+        assert study["minilm"].shape == study["sinr"].shape == (n,)
+        assert all(0 <= study[k].min() and study[k].max() < len(ic.TAGS) for k in ("bow", "minilm", "sinr"))
+        tagger = ic.load_tagger(sparse.random(5, study["tagger/query"].shape[0], density=0.5, random_state=0), study)
+        torch.testing.assert_close(tagger.query.detach(), torch.from_numpy(study["tagger/query"]))
