@@ -789,7 +789,8 @@ class Timings(NamedTuple):
 
 
 def train(corpus: Corpus, *, window: int = 5, gamma: float = 1.0, min_pmi: float = 0.0, seed: int = 0,
-          cooc: sparse.csr_matrix | None = None, mode: str = "multilevel") -> SinrEmbedding:
+          cooc: sparse.csr_matrix | None = None, mode: str = "multilevel",
+          membership: np.ndarray | None = None) -> SinrEmbedding:
     """Build SINr vectors end to end: co-occurrence → PMI filter → Louvain(γ) → node recall.
 
     Words left without an edge by the PMI filter are dropped (as the SINr package keeps only the
@@ -805,6 +806,9 @@ def train(corpus: Corpus, *, window: int = 5, gamma: float = 1.0, min_pmi: float
         cooc: the corpus's co-occurrence matrix, when already computed with this window.
         mode: ``"multilevel"`` (full Louvain) or ``"one-level"`` (its first pass, as the SINr package's
             networkit PLM with ``recurse=False``); see :func:`louvain`.
+        membership: the communities of the filtered graph's words, when :func:`louvain` already ran on
+            that graph with this ``gamma``, ``seed`` and ``mode`` (Louvain is then skipped and
+            ``info["timings"].communities_s`` is 0); one community per word of the returned embedding.
 
     Returns:
         a :class:`SinrEmbedding` with ``info["timings"]`` = (graph, communities, vectors) seconds.
@@ -820,7 +824,13 @@ def train(corpus: Corpus, *, window: int = 5, gamma: float = 1.0, min_pmi: float
     alive = np.flatnonzero(np.diff(graph.indptr) > 0)
     graph = graph[alive][:, alive].tocsr()
     t1 = time.perf_counter()
-    membership = louvain(graph, gamma=gamma, seed=seed, mode=mode)
+    if membership is None:
+        membership = louvain(graph, gamma=gamma, seed=seed, mode=mode)
+    else:
+        membership = np.asarray(membership)
+        if membership.shape != (alive.size,):
+            raise ValueError(f"membership must give one community to each of the {alive.size} words left by the "
+                             f"PMI filter, got shape {membership.shape}")
     t2 = time.perf_counter()
     vectors = node_recall(graph, membership)
     pred = node_predominance(graph, membership)
@@ -843,6 +853,78 @@ def book_embedding() -> SinrEmbedding:
     c = BOOK_CONFIG
     emb = train(book_corpus(min_count=c["min_count"]), window=c["window"], gamma=c["gamma"], seed=c["seed"])
     return emb.sparsified(c["topk"]).filtered(min_nnz=c["min_nnz"])
+
+
+def resolution_sweep(corpus: Corpus, gammas: Sequence[float], pairs: Sequence[tuple[str, str, float]], *,
+                     window: int = 5, topk: int = 50, min_nnz: int = 10, seed: int = 0,
+                     cooc: sparse.csr_matrix | None = None) -> dict[str, np.ndarray]:
+    """Chapter 2's resolution sweep: SINr trained at each γ, then sparsified, filtered and scored.
+
+    For each resolution: :func:`train` (an independent Louvain run), ``.sparsified(topk).filtered(min_nnz=...)``,
+    Spearman's ρ against ``pairs`` (:func:`similarity_correlation`) and :func:`dist_ratio` (intruders drawn
+    under ``seed``).
+
+    Args:
+        corpus: the :class:`Corpus`.
+        gammas: the Louvain resolutions.
+        pairs: ``(word1, word2, score)`` human judgements (WS353 in the chapter).
+        window, topk, min_nnz, seed: co-occurrence window, values kept per word, minimum words per
+            dimension, seed of Louvain and of the intruder draws.
+        cooc: the corpus's co-occurrence matrix, when already computed with this window.
+
+    Returns:
+        ``{"gammas": [g], "dims": [g], "ws353": [g], "dist_ratio": [g], "membership": [g, word], "seconds": [g]}``:
+        each run's number of dimensions after filtering, ρ, DistRatio, the full partition (the community of
+        every word of :func:`train`'s vocabulary, before filtering) and its wall time.
+    """
+    cooc = cooccurrence(corpus, window=window) if cooc is None else cooc
+    rows = {"gammas": [], "dims": [], "ws353": [], "dist_ratio": [], "membership": [], "seconds": []}
+    for gamma in gammas:
+        t0 = time.perf_counter()
+        full = train(corpus, window=window, gamma=float(gamma), seed=seed, cooc=cooc)
+        emb = full.sparsified(topk).filtered(min_nnz=min_nnz)
+        rows["ws353"].append(similarity_correlation(emb.vectors, emb.index, pairs)[0])
+        rows["dist_ratio"].append(dist_ratio(emb.vectors, seed=seed))
+        rows["gammas"].append(float(gamma))
+        rows["dims"].append(emb.n_dims)
+        rows["membership"].append(full.membership)
+        rows["seconds"].append(time.perf_counter() - t0)
+    return {k: np.asarray(v, dtype=np.int64 if k in ("dims", "membership") else np.float64) for k, v in rows.items()}
+
+
+SWEEP_VERSION = 1
+
+
+def resolution_sweep_results(corpus: Corpus, gammas: Sequence[float], pairs: Sequence[tuple[str, str, float]], *,
+                             window: int = 5, topk: int = 50, min_nnz: int = 10,
+                             seed: int = 0) -> dict[str, np.ndarray]:
+    """:func:`resolution_sweep`, cached and committed with the book (npz, hash-verified, named by its recipe).
+
+    The sweep retrains SINr at every resolution (about half a minute on two cores); the chapter loads
+    this result and recomputes one resolution live to check it. The partitions are stored as int16.
+
+    Returns:
+        the dict of :func:`resolution_sweep` (memberships as int64 again).
+    """
+    import igraph
+
+    recipe = {"v": SWEEP_VERSION, "corpus": corpus.fingerprint(), "gammas": [float(g) for g in gammas],
+              "pairs": common.content_hash([list(p) for p in pairs]), "window": window, "topk": topk,
+              "min_nnz": min_nnz, "seed": seed, "igraph": ".".join(igraph.__version__.split(".")[:2])}
+    path = common.cache_dir("results", "ch2") / f"sweep-{common.content_hash(recipe)}.npz"
+
+    def build(out: Path) -> None:
+        result = resolution_sweep(corpus, gammas, pairs, window=window, topk=topk, min_nnz=min_nnz, seed=seed)
+        if result["membership"].max() > np.iinfo(np.int16).max:
+            raise ValueError("more communities than int16 holds; store the partitions as int32")
+        result["membership"] = result["membership"].astype(np.int16)
+        with open(out, "wb") as fh:
+            np.savez_compressed(fh, **result)
+
+    with np.load(common.cached_file(path, build, committed=True)) as data:
+        result = {k: data[k] for k in data.files}
+    result["membership"] = result["membership"].astype(np.int64)
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1022,40 +1104,97 @@ def intrusion_sets(vectors, *, top: int = 5, bottom: float = 0.5, top_share: flo
     rng = np.random.default_rng(seed)
     if rule == "package":
         return _package_intrusion_sets(dense, top, bottom, top_share, rng)
-    order = np.argsort(-dense, axis=0, kind="stable").astype(np.int32)   # [rank, dim]: words by value, per dim
+    # Selection, not sorting: each dimension's two cut-off values and top words come from np.partition
+    # (linear time), with the same ties as a stable sort of the column (equal values: lower word first).
     n_top = max(1, int(round(top_share * n)))
-    cut = np.take_along_axis(dense, order[[n_top - 1, min(n - 1, int((1 - bottom) * n))]], axis=0)  # [2, dim]
-    in_top = (dense >= cut[0]) & (dense > 0)                              # [word, dim]: in the top share
-    top_count = in_top.sum(axis=1)                                        # [word]: dims where it is top
+    lowest_top = n - 1 - min(n - 1, int((1 - bottom) * n))              # ascending position of the bottom cut
+    in_top = np.empty((d, n), dtype=bool)                                 # [dim, word]: in the top share
+    in_bottom = np.empty((d, n), dtype=bool)                              # [dim, word]: in the bottom share
+    tops = np.empty((d, top), dtype=np.int64)                             # [dim, top]: its top words
+    for start, chunk in _column_chunks(dense):
+        part = np.partition(chunk, sorted({n - n_top, lowest_top, n - top}), axis=1)
+        rows = slice(start, start + chunk.shape[0])
+        in_top[rows] = (chunk >= part[:, [n - n_top]]) & (chunk > 0)
+        # the bottom share, ties at the boundary included (a sparse dimension's bottom is all its zeros)
+        in_bottom[rows] = chunk <= part[:, [lowest_top]]
+        for i, col in enumerate(chunk):
+            tops[start + i] = _largest(col, top, part[i, n - top])
+    top_count = in_top.sum(axis=0)                                        # [word]: dims where it is top
     sets, dims = [], []
     for dim in range(d):
-        elsewhere = top_count - in_top[:, dim]                            # top of another dimension
-        # the bottom share, ties at the boundary included (a sparse dimension's bottom is all its zeros)
-        candidates = np.flatnonzero((dense[:, dim] <= cut[1, dim]) & (elsewhere > 0))
+        elsewhere = top_count - in_top[dim]                               # top of another dimension
+        candidates = np.flatnonzero(in_bottom[dim] & (elsewhere > 0))
         if candidates.size:
-            sets.append(np.append(order[:top, dim], rng.choice(candidates)))
+            sets.append(np.append(tops[dim], rng.choice(candidates)))
             dims.append(dim)
     return np.array(sets, dtype=np.int64).reshape(-1, top + 1), np.array(dims, dtype=np.int64)
+
+
+def _column_chunks(dense: np.ndarray, size: int = 256):
+    """``(first column, [column, word] contiguous copy)`` for blocks of ``size`` columns of ``dense``."""
+    for start in range(0, dense.shape[1], size):
+        yield start, np.ascontiguousarray(dense[:, start:start + size].T)
+
+
+def _largest(col: np.ndarray, k: int, kth_value: float) -> np.ndarray:
+    """The ``k`` largest entries of ``col``, largest first, equal values by lower index: exactly
+    ``np.argsort(-col, kind="stable")[:k]``, given ``kth_value``, the ``k``-th largest value."""
+    above = np.flatnonzero(col > kth_value)
+    idx = np.concatenate([above, np.flatnonzero(col == kth_value)[: k - above.size]])
+    return idx[np.argsort(-col[idx], kind="stable")]
 
 
 def _package_intrusion_sets(dense: np.ndarray, top: int, bottom: float, top_share: float,
                             rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """The SINr package's intruder rule, by ranks only (ties, zeros included, broken at random)."""
+    """The SINr package's intruder rule, by ranks only (ties, zeros included, broken at random).
+
+    Each dimension ranks the words by value, then by a random tie-breaker drawn once per call; ranks
+    are found by selection (np.partition) rather than a full sort, with the same result.
+    """
     n, d = dense.shape
     tie = rng.random(n)
-    order = np.lexsort((tie[:, None].repeat(d, 1), -dense), axis=0)       # [rank, dim]: value desc, random ties
-    rank = np.empty_like(order)
-    np.put_along_axis(rank, order, np.arange(n)[:, None].repeat(d, 1), axis=0)
+    tie_rank = np.empty(n, dtype=np.int64)
+    tie_rank[np.lexsort((np.arange(n), tie))] = np.arange(n)             # [word]: order of the tie-breaker
     n_top = int(round(top_share * n))
     n_bottom = int(round(bottom * n))
-    union = (rank < n_top).any(axis=1)                                     # [word]: in some dimension's top ranks
+    kth = sorted({n - m for m in (n_top, n - n_bottom, top) if 0 < m < n})
+    in_top = np.zeros((d, n), dtype=bool)                                 # [dim, word]: rank < n_top
+    in_bottom = np.zeros((d, n), dtype=bool)                              # [dim, word]: rank >= n - n_bottom
+    tops = np.empty((d, top), dtype=np.int64)                             # [dim, top]: words of rank < top
+    for start, chunk in _column_chunks(dense):
+        part = np.partition(chunk, kth, axis=1) if kth else chunk
+        for i, col in enumerate(chunk):
+            in_top[start + i] = _first_ranks(col, n_top, part[i], tie_rank)
+            in_bottom[start + i] = ~_first_ranks(col, n - n_bottom, part[i], tie_rank)
+            first = np.flatnonzero(_first_ranks(col, top, part[i], tie_rank))
+            tops[start + i] = first[np.lexsort((tie_rank[first], -col[first]))]
+    union = in_top.any(axis=0)                                            # [word]: in some dimension's top ranks
     sets, dims = [], []
     for dim in range(d):
-        candidates = np.flatnonzero(union & (rank[:, dim] >= n - n_bottom))
+        candidates = np.flatnonzero(union & in_bottom[dim])
         if candidates.size:
-            sets.append(np.append(order[:top, dim], rng.choice(candidates)))
+            sets.append(np.append(tops[dim], rng.choice(candidates)))
             dims.append(dim)
     return np.array(sets, dtype=np.int64).reshape(-1, top + 1), np.array(dims, dtype=np.int64)
+
+
+def _first_ranks(col: np.ndarray, m: int, partitioned: np.ndarray, tie_rank: np.ndarray) -> np.ndarray:
+    """``[word]`` mask of the ``m`` words ranked first in ``col``: by value (descending), then by ``tie_rank``.
+
+    ``partitioned`` is ``col`` partitioned at position ``n - m`` (np.partition), which holds the ``m``-th
+    largest value; the words tied at that value are split by their (distinct) tie ranks.
+    """
+    n = col.size
+    if m <= 0 or m >= n:
+        return np.full(n, m >= n)
+    value = partitioned[n - m]
+    mask = col > value
+    at = np.flatnonzero(col == value)
+    need = m - int(mask.sum())
+    if need < at.size:
+        at = at[np.argpartition(tie_rank[at], need - 1)[:need]] if need > 0 else at[:0]
+    mask[at] = True
+    return mask
 
 
 def dist_ratio(vectors, *, top: int = 5, bottom: float = 0.5, top_share: float = 0.1, seed: int = 0,

@@ -222,6 +222,7 @@ def test_tokenize_lowercases_and_drops_stop_words_clitics_and_digits():
         (lambda: sinr.keep_top(np.ones((2, 3)), -1), ValueError, "non-negative"),
         (lambda: sinr.dist_ratio(_planted(), rule="human"), ValueError, "rule"),
         (lambda: sinr.CommunityHierarchy([np.zeros(3, int)], [1.0]).children(0, 0), ValueError, "level"),
+        (lambda: sinr.train(_embedding()[1], window=2, membership=np.zeros(3, int)), ValueError, "one community"),
     ],
 )
 def test_bad_input_gives_a_clear_error(call, error, message):
@@ -329,3 +330,76 @@ def test_nonnegative_sparse_code_is_non_negative_and_as_sparse_as_asked():
     # planted clusters: words of one cluster share their strongest code
     best = np.asarray(codes.argmax(axis=1)).ravel().reshape(6, 10)
     assert all(np.bincount(row).max() >= 8 for row in best)
+
+
+def _intrusion_sets_by_sorting(dense, top, bottom, top_share, seed, rule):
+    """The reference: intrusion_sets as first written, with full sorts of every column (slow, obviously right)."""
+    n, d = dense.shape
+    rng = np.random.default_rng(seed)
+    if rule == "package":
+        tie = rng.random(n)
+        order = np.lexsort((tie[:, None].repeat(d, 1), -dense), axis=0)
+        rank = np.empty_like(order)
+        np.put_along_axis(rank, order, np.arange(n)[:, None].repeat(d, 1), axis=0)
+        union = (rank < int(round(top_share * n))).any(axis=1)
+        pools = [np.flatnonzero(union & (rank[:, j] >= n - int(round(bottom * n)))) for j in range(d)]
+    else:
+        order = np.argsort(-dense, axis=0, kind="stable")
+        n_top = max(1, int(round(top_share * n)))
+        cut = np.take_along_axis(dense, order[[n_top - 1, min(n - 1, int((1 - bottom) * n))]], axis=0)
+        in_top = (dense >= cut[0]) & (dense > 0)
+        pools = [np.flatnonzero((dense[:, j] <= cut[1, j]) & (in_top.sum(axis=1) - in_top[:, j] > 0))
+                 for j in range(d)]
+    sets = [np.append(order[:top, j], rng.choice(pool)) for j, pool in enumerate(pools) if pool.size]
+    return np.array(sets, dtype=np.int64).reshape(-1, top + 1), np.array([j for j, p in enumerate(pools) if p.size])
+
+
+@pytest.mark.parametrize("rule", ["book", "package"])
+def test_intrusion_sets_by_selection_equal_those_of_a_full_sort(rule):
+    rng = np.random.default_rng(0)
+    for case in range(30):
+        n, d = int(rng.integers(12, 200)), int(rng.integers(2, 30))
+        kind = case % 4
+        if kind == 0:
+            x = rng.standard_normal((n, d))                                      # dense, signed
+        elif kind == 1:
+            x = rng.random((n, d)) * (rng.random((n, d)) < 0.2)                   # sparse: ties at zero
+        elif kind == 2:
+            x = np.round(rng.random((n, d)) * 3) * (rng.random((n, d)) < 0.4)     # many ties at every value
+        else:
+            x = (rng.random((n, d)) < 0.03).astype(float)                         # columns with < top non-zeros
+        for top, bottom, share in [(5, 0.5, 0.1), (2, 0.3, 0.25)]:
+            expected = _intrusion_sets_by_sorting(x, top, bottom, share, case, rule)
+            got = sinr.intrusion_sets(sparse.csr_matrix(x) if case % 2 else x, top=top, bottom=bottom,
+                                      top_share=share, seed=case, rule=rule)
+            assert np.array_equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]), (case, top)
+
+
+def test_train_with_given_communities_skips_louvain_and_gives_the_same_embedding():
+    emb, corpus = _embedding()
+    given = sinr.train(corpus, window=2, gamma=1.0, seed=0, membership=emb.membership)
+    assert given.words == emb.words and (given.vectors != emb.vectors).nnz == 0
+    assert np.array_equal(given.membership, emb.membership) and given.info["timings"].communities_s < 0.1
+
+
+def test_resolution_sweep_scores_each_resolution_like_train_and_is_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("BOOK_CACHE", str(tmp_path))
+    rng = np.random.default_rng(0)
+    topics = [["cat", "purr", "meow", "whisker", "kitten", "paw"], ["dog", "bark", "growl", "puppy", "leash", "bone"],
+              ["ship", "sail", "mast", "harbour", "anchor", "deck"]]
+    every = sum(topics, [])
+    docs = [" ".join(rng.choice(topics[i % 3], 12)) + " " + " ".join(rng.choice(every, 3)) for i in range(90)]
+    corpus = sinr.corpus_from_documents(docs, min_count=1, stop_words=())
+    words = sorted(corpus.words)
+    pairs = [(a, b, float(i)) for i, (a, b) in enumerate(pairwise(words))]
+    sweep = sinr.resolution_sweep(corpus, [1.0, 4.0], pairs, window=2, topk=3, min_nnz=1, seed=0)
+    assert sweep["gammas"].tolist() == [1.0, 4.0] and sweep["membership"].shape == (2, len(corpus.words))
+    assert sweep["dims"][0] < sweep["dims"][1], "a higher resolution gives more dimensions"
+    emb = sinr.train(corpus, window=2, gamma=4.0, seed=0).sparsified(3).filtered(min_nnz=1)
+    assert sweep["dims"][1] == emb.n_dims
+    assert sweep["ws353"][1] == sinr.similarity_correlation(emb.vectors, emb.index, pairs)[0]
+    assert sweep["dist_ratio"][1] == sinr.dist_ratio(emb.vectors, seed=0) > 1
+    stored = sinr.resolution_sweep_results(corpus, [1.0, 4.0], pairs, window=2, topk=3, min_nnz=1, seed=0)
+    assert list(tmp_path.glob("results/ch2/sweep-*.npz"))
+    for key in ("gammas", "dims", "ws353", "dist_ratio", "membership"):
+        np.testing.assert_array_equal(stored[key], sweep[key])
