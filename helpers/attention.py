@@ -55,6 +55,9 @@ __all__ = [
     "contribution_maps",
     "contribution_rollout",
     "verb_number_importance",
+    "NORM_READINGS",
+    "norm_readings",
+    "verb_number_readings",
 ]
 
 
@@ -135,7 +138,8 @@ def attention_maps(
     *,
     max_length: int = 64,
     batch_size: int = 64,
-) -> AttentionMaps:
+    return_last_hidden: bool = False,
+) -> AttentionMaps | tuple[AttentionMaps, Tensor]:
     """Attention probabilities of every layer and head for a list of sentences.
 
     Args:
@@ -145,11 +149,14 @@ def attention_maps(
         sentences: the texts; each is truncated to ``max_length`` word pieces.
         max_length: padding/truncation length, special tokens included.
         batch_size: sentences per forward pass (bounds peak memory).
+        return_last_hidden: also return the last hidden states of the same forward passes, so that
+            a reading of the model's output needs no second pass.
 
     Returns:
         ``AttentionMaps(attn, tokens, mask)``: ``attn`` is [layer, batch, head, query, key] padded to
         the longest sentence, with padding rows and columns set to 0; ``tokens`` the word pieces of
-        each sentence; ``mask`` [batch, pos] (True on real tokens).
+        each sentence; ``mask`` [batch, pos] (True on real tokens). With ``return_last_hidden``, the
+        pair ``(maps, last_hidden)``, ``last_hidden`` [batch, pos, d] in float32.
 
     Introduced in nbs/01_attention_as_graph.ipynb.
     """
@@ -167,17 +174,20 @@ def attention_maps(
     enc = tokenizer(list(sentences), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     mask = enc["attention_mask"].bool()  # [batch, pos]
     device = next(model.parameters()).device
-    chunks = []
+    chunks, last = [], []
     with torch.inference_mode():
         for start in range(0, len(sentences), batch_size):
             part = {k: v[start : start + batch_size].to(device) for k, v in enc.items()}
             out = model(**part, output_attentions=True)
             chunks.append(torch.stack(out.attentions).float().cpu())  # [layer, chunk, head, query, key]
+            if return_last_hidden:
+                last.append(out.last_hidden_state.float().cpu())  # [chunk, pos, d]
     attn = torch.cat(chunks, dim=1)
     pair = (mask[:, :, None] & mask[:, None, :])[None, :, None]  # [1, batch, 1, query, key]
     attn = attn * pair
     tokens = [tokenizer.convert_ids_to_tokens(ids[m].tolist()) for ids, m in zip(enc["input_ids"], mask, strict=True)]
-    return AttentionMaps(attn, tokens, mask)
+    maps = AttentionMaps(attn, tokens, mask)
+    return (maps, torch.cat(last)) if return_last_hidden else maps
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1404,3 +1414,80 @@ def verb_number_importance(model: nn.Module, tokenizer, task: VerbNumber, *, max
         torch.save(maps, out)
 
     return torch.load(common.cached_file(path, build, committed=True), weights_only=True)
+
+
+NORM_READINGS = ("value norms", "GlobEnc", "ALTI")
+"""The readings of Chapter 1 that need the value vectors, not only the attention probabilities."""
+
+NORM_READINGS_VERSION = 1
+
+
+def norm_readings(
+    model: nn.Module, tokenizer, sentences: Sequence[str], *, max_length: int = 64
+) -> dict[str, dict[int | str, Tensor]]:
+    """Value norms per layer and the GlobEnc and ALTI rollouts, read at ``[CLS]`` and at the mean.
+
+    :func:`value_norms` of every layer, and :func:`contribution_rollout` of :func:`contribution_maps`
+    (``"globenc"`` and ``"alti"``) up to every layer, each read with :func:`read_out` at the two
+    outputs of :data:`SETTINGS` (position ``0`` and ``"mean"``). Sentences are tokenised as in
+    :func:`attention_maps` (padded to the longest, truncated at ``max_length``).
+
+    Returns:
+        ``{method: {0: [layer, batch, key], "mean": [layer, batch, key]}}`` for the methods of
+        :data:`NORM_READINGS`, float32, 0 on padding keys.
+
+    Introduced in nbs/01_attention_as_graph.ipynb (Kobayashi et al. 2020; Modarressi et al. 2022;
+    Ferrando et al. 2022).
+    """
+    mask = _eager_encoding(model, tokenizer, sentences, max_length, 1)["attention_mask"].bool()  # [batch, pos]
+    per_layer = {
+        "value norms": value_norms(model, tokenizer, sentences, max_length=max_length),
+        **{m: contribution_rollout(contribution_maps(model, tokenizer, sentences, method=m.lower(),
+                                                     max_length=max_length))
+           for m in ("GlobEnc", "ALTI")},
+    }  # method -> [layer, batch, query, key]
+    return {m: {out: read_out(x, mask, output=out).float() for out in (0, "mean")} for m, x in per_layer.items()}
+
+
+def verb_number_readings(
+    model: nn.Module, tokenizer, task: VerbNumber, *, max_length: int = 64
+) -> dict[str, dict[int | str, Tensor]]:
+    """:func:`norm_readings` on all of ``task.test``, as a committed artefact.
+
+    Splitting every attention sub-layer's output by source token keeps a [batch, query, key, d]
+    tensor per layer, which costs about 25 s for Chapter 1's 300 held-out sentences on 2 cores; the
+    read-outs (about 1 MB: the real tokens of each sentence only, float32) are committed, verified by
+    hash, and rebuilt by this function when missing. Chapter 1 recomputes the first sentences with
+    :func:`norm_readings` and checks them against it.
+
+    Returns:
+        as :func:`norm_readings`, padded to the longest held-out sentence.
+    """
+    from helpers import common
+
+    model_name = "/".join(str(model.config.name_or_path).rstrip("/").split("/")[-2:])
+    recipe = {"v": NORM_READINGS_VERSION, "model": model_name, "test": common.content_hash(task.test),
+              "max_length": max_length, "methods": list(NORM_READINGS), "outputs": [0, "mean"]}
+    path = common.cache_dir("results", "ch1") / f"norm-readings-{common.content_hash(recipe)}.pt"
+
+    def build(out) -> None:
+        readings = norm_readings(model, tokenizer, task.test, max_length=max_length)
+        mask = _eager_encoding(model, tokenizer, task.test, max_length, 1)["attention_mask"].bool()
+        packed = {}
+        for m, by_output in readings.items():
+            for o, x in by_output.items():
+                if bool(x[:, ~mask].any()):
+                    raise RuntimeError(f"{m} read at {o!r} is not 0 on padding keys")
+                packed[f"{m}/{o}"] = x[:, mask].contiguous()  # [layer, real tokens of all sentences]
+        torch.save({"lengths": mask.sum(1).to(torch.int16), "packed": packed}, out)
+
+    stored = torch.load(common.cached_file(path, build, committed=True), weights_only=True)
+    lengths = stored["lengths"].long()
+    mask = torch.arange(int(lengths.max()))[None] < lengths[:, None]  # [batch, pos]
+    result: dict[str, dict[int | str, Tensor]] = {}
+    for key, values in stored["packed"].items():
+        m, o = key.rsplit("/", 1)
+        full = torch.zeros(values.shape[0], *mask.shape, dtype=values.dtype)
+        full[:, mask] = values
+        result.setdefault(m, {})[0 if o == "0" else o] = full
+    return result

@@ -116,6 +116,17 @@ def test_attention_maps_shapes_padding_and_values(tiny, tokenizer):
     assert torch.allclose(maps.attn[:, 1], ref, atol=1e-5)
 
 
+def test_attention_maps_can_return_the_last_hidden_states_of_the_same_passes(tiny, tokenizer):
+    maps, last = attention.attention_maps(tiny, tokenizer, SENTENCES, batch_size=1, return_last_hidden=True)
+    plain = attention.attention_maps(tiny, tokenizer, SENTENCES, batch_size=1)
+    assert torch.equal(maps.attn, plain.attn) and maps.tokens == plain.tokens and torch.equal(maps.mask, plain.mask)
+    enc = tokenizer(SENTENCES, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        ref = tiny(**enc).last_hidden_state
+    assert last.shape == (2, maps.mask.shape[1], 32)
+    assert torch.allclose(last[maps.mask], ref[maps.mask], atol=1e-5)
+
+
 def test_attention_maps_rejects_bad_inputs(tiny, tokenizer):
     with pytest.raises(ValueError, match="list of strings"):
         attention.attention_maps(tiny, tokenizer, "one sentence")
@@ -543,3 +554,31 @@ def test_contribution_maps_rows_and_a_block_that_only_keeps_the_residual(tiny, t
         attention.contribution_maps(tiny, tokenizer, SENTENCES, method="flow")
     with pytest.raises(ValueError, match="non-negative"):
         attention.contribution_rollout(-alti)
+
+
+def test_norm_readings_are_the_read_out_maps(tiny, tokenizer):
+    readings = attention.norm_readings(tiny, tokenizer, SENTENCES)
+    mask = tokenizer(SENTENCES, padding=True, return_tensors="pt")["attention_mask"].bool()
+    maps = {"value norms": attention.value_norms(tiny, tokenizer, SENTENCES),
+            **{m: attention.contribution_rollout(attention.contribution_maps(tiny, tokenizer, SENTENCES,
+                                                                             method=m.lower()))
+               for m in ("GlobEnc", "ALTI")}}
+    assert list(readings) == list(attention.NORM_READINGS)
+    for m, x in maps.items():
+        for out in (0, "mean"):
+            assert readings[m][out].dtype == torch.float32 and readings[m][out].shape == (2, *mask.shape)
+            assert torch.allclose(readings[m][out], attention.read_out(x, mask, output=out), rtol=1e-5, atol=1e-6)
+
+
+def test_verb_number_readings_store_and_unpack_the_real_tokens(tiny, tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setenv(common.CACHE_ENV, str(tmp_path))
+    monkeypatch.delenv(common.ARTEFACT_LOG_ENV, raising=False)
+    task = attention.VerbNumber([], np.zeros(0), SENTENCES, np.array([0, 1]), {})
+    stored = attention.verb_number_readings(tiny, tokenizer, task)
+    assert len(list(tmp_path.glob("results/ch1/norm-readings-*.pt"))) == 1
+    again = attention.verb_number_readings(tiny, tokenizer, task)  # loaded from the cache
+    direct = attention.norm_readings(tiny, tokenizer, SENTENCES)
+    for m in attention.NORM_READINGS:
+        for out in (0, "mean"):
+            assert torch.equal(again[m][out], stored[m][out])
+            assert torch.allclose(stored[m][out], direct[m][out], rtol=1e-6, atol=0)
