@@ -416,13 +416,16 @@ def batches_of(tokenizer, texts: Sequence[str], *, batch_size: int = 64, max_len
                       max_length=max_length) for i in range(0, len(texts), batch_size)]
 
 
-def word_type_features(features: Tensor, word_index: Tensor, n_words: int) -> Tensor:
+def word_type_features(features: Tensor, word_index: Tensor, n_words: int, *,
+                       transform: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Mean feature vector per word type: ``[n_words, F]`` from token features ``[token, F]``.
 
     Args:
         features: ``[token, F]`` per-token features (SAE codes, projections, ...).
         word_index: ``[token]`` word type of each token, ``-1`` for tokens that belong to no type.
         n_words: number of word types.
+        transform: optional map applied to 8,192 tokens at a time before averaging (e.g. an SAE's
+            ``encode``), so that the transformed features of every token are never held at once.
 
     Returns:
         ``[n_words, F]`` means (rows of types never seen are 0).
@@ -439,10 +442,16 @@ def word_type_features(features: Tensor, word_index: Tensor, n_words: int) -> Te
     keep = word_index >= 0
     if keep.any() and int(word_index.max()) >= n_words:
         raise ValueError(f"word_index holds {int(word_index.max())} but n_words is {n_words}")
-    sums = torch.zeros(n_words, features.shape[1], dtype=torch.float64)
+    sums = None
     rows = keep.nonzero()[:, 0]
     for chunk in rows.split(8192):                       # float64 sums without a float64 copy of all features
-        sums.index_add_(0, word_index[chunk], features[chunk].double())
+        f = features[chunk] if transform is None else transform(features[chunk])
+        if sums is None:
+            sums = torch.zeros(n_words, f.shape[1], dtype=torch.float64)
+        sums.index_add_(0, word_index[chunk], f.double())
+    if sums is None:                                     # no token belongs to a word type
+        width = features.shape[1] if transform is None else transform(features[:1]).shape[1]
+        sums = torch.zeros(n_words, width, dtype=torch.float64)
     counts = torch.bincount(word_index[keep], minlength=n_words).clamp_min(1)
     return (sums / counts[:, None]).float()
 
@@ -742,6 +751,138 @@ def build_artefacts(names: Sequence[str] = ("minilm", "smollm2")) -> None:
     """Build (or verify) the chapter's artefacts: ``python -m helpers.dictionaries [minilm|smollm2]``."""
     for name in names:
         print(name, load_artefact(name) and artefact_path(name))
+
+
+# ---------------------------------------------------------------------------------------------
+# Studies of the chapter whose small results are committed (helpers/weights/results/ch6c)
+# ---------------------------------------------------------------------------------------------
+
+
+def _study_path(name: str, recipe: dict) -> Path:
+    return common.cache_dir("results", "ch6c") / f"{name}-{common.content_hash(recipe)}.pt"
+
+
+def l1_probe(C: float, *, seed: int = 0):
+    """One sparse (L1) logistic regression per class, one-vs-rest (scikit-learn, liblinear, seeded)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.multiclass import OneVsRestClassifier
+
+    return OneVsRestClassifier(LogisticRegression(l1_ratio=1.0, solver="liblinear", C=C, random_state=seed))
+
+
+def ovr_proba(X: np.ndarray, coef: np.ndarray, intercept: np.ndarray) -> np.ndarray:
+    """``predict_proba`` of a fitted :func:`l1_probe` from its weights: each class's sigmoid, rows normalised."""
+    p = 1.0 / (1.0 + np.exp(-(np.asarray(X, dtype=np.float64) @ coef.T + intercept)))
+    return p / p.sum(1, keepdims=True)
+
+
+def probe_study(X_tr: np.ndarray, y_tr: np.ndarray, fit_i: np.ndarray, val_i: np.ndarray, *, recipe: dict) -> dict:
+    """Chapter 6c's L1 probe: choose ``C`` on the validation passages, then refit on all training passages.
+
+    ``recipe`` names everything that determines the inputs and must hold ``"Cs"`` and ``"seed"``. The result
+    is committed (:func:`helpers.common.cached_file`). Returns ``{"Cs", "val_acc" [C], "coef_val" [C, class,
+    feature], "intercept_val" [C, class], "C_best", "coef" [class, feature], "intercept" [class],
+    "classes" [class]}`` (float64).
+    """
+    Cs = [float(c) for c in recipe["Cs"]]
+
+    def build(path: Path) -> None:
+        out = {"Cs": torch.tensor(Cs, dtype=torch.float64), "val_acc": [], "coef_val": [], "intercept_val": []}
+        for C in Cs:
+            m = l1_probe(C, seed=recipe["seed"]).fit(X_tr[fit_i], y_tr[fit_i])
+            out["val_acc"].append(float(np.mean(m.predict(X_tr[val_i]) == y_tr[val_i])))
+            out["coef_val"].append(np.vstack([e.coef_ for e in m.estimators_]))
+            out["intercept_val"].append(np.concatenate([e.intercept_ for e in m.estimators_]))
+        best = max(range(len(Cs)), key=lambda i: (out["val_acc"][i], -Cs[i]))      # ties: the stronger penalty
+        clf = l1_probe(Cs[best], seed=recipe["seed"]).fit(X_tr, y_tr)
+        out.update(val_acc=torch.tensor(out["val_acc"], dtype=torch.float64),
+                   coef_val=torch.from_numpy(np.stack(out["coef_val"])),
+                   intercept_val=torch.from_numpy(np.stack(out["intercept_val"])), C_best=Cs[best],
+                   coef=torch.from_numpy(np.vstack([e.coef_ for e in clf.estimators_])),
+                   intercept=torch.from_numpy(np.concatenate([e.intercept_ for e in clf.estimators_])),
+                   classes=torch.as_tensor(clf.classes_))
+        torch.save(out, path)
+
+    blob = torch.load(common.cached_file(_study_path("probe", recipe), build, committed=True), weights_only=True)
+    return {k: v.numpy() if isinstance(v, Tensor) else v for k, v in blob.items()}
+
+
+@torch.no_grad()
+def concept_mass(model: nn.Module, tokenizer, prompts: Sequence[str], ids: Sequence[int], edits=()) -> np.ndarray:
+    """``[prompt]`` probability that the next token after each prompt is one of ``ids``, inside ``edits``.
+
+    ``edits``: a list of context managers, or a function returning fresh ones (:func:`splice`, or a
+    memory edit); one forward pass per prompt (no padding).
+    """
+    out = []
+    for p in prompts:
+        with hooks.patches(edits() if callable(edits) else edits):
+            probs = model(**tokenizer(p, return_tensors="pt")).logits[0, -1].softmax(-1)
+        out.append(float(probs[list(ids)].sum()))
+    return np.array(out)
+
+
+def steering_edit(model: nn.Module, site: str, direction: Tensor, strength: float, *, first: int = 1):
+    """``() -> [hooks.patch]``: add ``strength`` times the unit ``direction`` at ``site``, positions ``first..``."""
+    unit = direction / direction.norm()
+    return splice(model, site, lambda a: a + strength * unit, first=first)
+
+
+def memory_edit(model: nn.Module, memories: dict, value: float):
+    """``() -> [ffn.intervene]``: set the coefficients of ``memories`` (``{layer: [neuron]}``) to ``value``."""
+    from helpers import ffn
+
+    return lambda: [ffn.intervene(model, memories, value=value)]
+
+
+def steering_study(model: nn.Module, tokenizer, sae: SparseAutoencoder, *, recipe: dict, resid_norm: float,
+                   val_windows: Tensor, test_windows: Tensor) -> dict:
+    """Chapter 6c's steering protocol: a feature against random features and Chapter 5's memory edit.
+
+    On validation prompts and windows, α (feature) and the memory value are each chosen as the one with the
+    highest P(selection word) whose CE increase on the windows stays below ``recipe["max_dce"]``; on test
+    prompts and windows, each edit is then scored by P(held-out word) and CE. ``recipe`` holds ``site``,
+    ``first``, ``feature``, ``random`` (features), ``memories``, ``sel_ids``, ``held_ids``, ``val_prompts``,
+    ``test_prompts``, ``alphas``, ``mem_values``, ``mem_ch5`` and ``max_dce``; the result is committed.
+
+    Returns ``{"val_alpha" [alpha, 2], "val_mem" [value, 2]`` (P(selection word), CE increase),
+    ``"alpha", "mem_value", "mass": {edit: [prompt]}, "ce": {edit: [window]}}`` (float64).
+    """
+    r = recipe
+    memories = {int(k): list(v) for k, v in r["memories"].items()}
+
+    def feature_edit(f, alpha):
+        return steering_edit(model, r["site"], sae.W_dec[f], alpha * resid_norm, first=r["first"])
+
+    def choose(options, edit):                                 # validation: P(selection word) under a CE cap
+        base = next_token_loss(model, val_windows, first=r["first"]).mean()
+        rows = [[concept_mass(model, tokenizer, r["val_prompts"], r["sel_ids"], edit(o)).mean(),
+                 float(next_token_loss(model, val_windows, edits=edit(o), first=r["first"]).mean() - base)]
+                for o in options]
+        ok = [i for i, row in enumerate(rows) if row[1] < r["max_dce"]] or [0]
+        return float(options[max(ok, key=lambda i: rows[i][0])]), torch.tensor(rows, dtype=torch.float64)
+
+    def build(path: Path) -> None:
+        alpha, val_alpha = choose(r["alphas"], lambda a: feature_edit(r["feature"], a))
+        mem_value, val_mem = choose(r["mem_values"], lambda v: memory_edit(model, memories, v))
+        edits = {"feature": [feature_edit(r["feature"], alpha)],
+                 "random feature": [feature_edit(f, alpha) for f in r["random"]],      # averaged over features
+                 "memories, value chosen": [memory_edit(model, memories, mem_value)],
+                 "memories, value 5 (Ch. 5)": [memory_edit(model, memories, r["mem_ch5"])]}
+        mass = {"none": concept_mass(model, tokenizer, r["test_prompts"], r["held_ids"])}
+        ce = {}
+        for name, es in edits.items():
+            mass[name] = np.mean([concept_mass(model, tokenizer, r["test_prompts"], r["held_ids"], e) for e in es], 0)
+            ce[name] = np.mean([next_token_loss(model, test_windows, edits=e, first=r["first"]).double().numpy()
+                                for e in es], 0)
+        torch.save({"val_alpha": val_alpha, "val_mem": val_mem, "alpha": alpha, "mem_value": mem_value,
+                    "mass": {k: torch.from_numpy(np.asarray(v, dtype=np.float64)) for k, v in mass.items()},
+                    "ce": {k: torch.from_numpy(np.asarray(v, dtype=np.float64)) for k, v in ce.items()}}, path)
+
+    blob = torch.load(common.cached_file(_study_path("steering", recipe), build, committed=True), weights_only=True)
+    return {"val_alpha": blob["val_alpha"].numpy(), "val_mem": blob["val_mem"].numpy(), "alpha": blob["alpha"],
+            "mem_value": blob["mem_value"], "mass": {k: v.numpy() for k, v in blob["mass"].items()},
+            "ce": {k: v.numpy() for k, v in blob["ce"].items()}}
 
 
 if __name__ == "__main__":

@@ -160,3 +160,57 @@ def test_a_short_version_of_the_recipe_sweeps_summarises_and_selects():
     assert D.select(summary, "topk", max_fvu=1.01) == "topk-2"          # the sparsest one under the bar
     blob = D._state(res["topk-4"]["model"])
     assert all(v.dtype == torch.float16 for v in blob["state"].values() if v.ndim == 2)
+
+
+def test_word_type_features_with_a_transform_equals_transforming_first():
+    g = torch.Generator().manual_seed(0)
+    x, words = torch.randn(20000, 4, generator=g), torch.randint(-1, 7, (20000,), generator=g)
+    codes = D.SparseAutoencoder(4, 12, k=3).encode
+    streamed = D.word_type_features(x, words, 7, transform=codes)                   # 8,192 tokens at a time
+    assert streamed.shape == (7, 12)
+    assert torch.allclose(streamed, D.word_type_features(codes(x), words, 7), atol=1e-6)
+
+
+def test_ovr_proba_reproduces_the_fitted_probe_and_the_study_is_reproducible(tmp_path, monkeypatch):
+    import numpy as np
+
+    monkeypatch.setenv("BOOK_CACHE", str(tmp_path))
+    rng = np.random.default_rng(0)
+    X, y = rng.random((90, 6)), np.repeat(np.arange(3), 30)
+    X[np.arange(90), y] += 1.0                                                    # one informative feature per class
+    fit_i, val_i = np.arange(0, 90, 3).tolist() + np.arange(1, 90, 3).tolist(), np.arange(2, 90, 3)
+    recipe = {"test": "probe", "Cs": [0.1, 10.0], "seed": 0}
+    study = D.probe_study(X, y, np.array(fit_i), val_i, recipe=recipe)
+    clf = D.l1_probe(study["C_best"]).fit(X, y)
+    assert np.abs(D.ovr_proba(X, study["coef"], study["intercept"]) - clf.predict_proba(X)).max() < 1e-12
+    assert study["val_acc"].shape == (2,) and study["coef_val"].shape == (2, 3, 6)
+    assert study["val_acc"].max() > 0.9 and study["C_best"] in recipe["Cs"]
+    again = D.probe_study(X, y, np.array(fit_i), val_i, recipe=recipe)          # loaded from the cache
+    assert np.array_equal(again["coef"], study["coef"])
+
+
+def test_steering_edit_adds_the_unit_direction_and_concept_mass_sums_probabilities():
+    model = tiny_llama()
+
+    class Tok:                                                                    # ids from characters, no special
+        def __call__(self, text, return_tensors=None):
+            return {"input_ids": torch.tensor([[ord(c) % 100 for c in text]])}
+
+    direction = torch.zeros(32)
+    direction[3] = 2.0
+    seen = {}
+    with torch.no_grad():
+        ids = torch.tensor([[1, 2, 3, 4, 5]])
+        clean = model(input_ids=ids).logits
+        edits = D.steering_edit(model, "blocks.0.hook_resid_post", direction, 0.5, first=2)
+        with D.hooks.patches(edits()):
+            with D.hooks.capture(model, "blocks.0.hook_resid_post") as cache:
+                model(input_ids=ids)
+            seen["x"] = cache["blocks.0.hook_resid_post"]
+        plain = D.harvest(model, [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}],
+                          site="blocks.0.hook_resid_post")["blocks.0.hook_resid_post"]
+    delta = seen["x"][0] - plain
+    assert torch.allclose(delta[:2], torch.zeros(2, 32)) and torch.allclose(delta[2:, 3], torch.full((3,), 0.5))
+    probs = clean[0, -1].softmax(-1)
+    mass = D.concept_mass(model, Tok(), ["\x01\x02\x03\x04\x05"], [7, 9])
+    assert mass.shape == (1,) and mass[0] == pytest.approx(float(probs[[7, 9]].sum()), rel=1e-5)
