@@ -32,6 +32,18 @@ from helpers import hooks
 
 __all__ = [
     "Triggers",
+    "greedy_ids",
+    "held_out_mass",
+    "model_key",
+    "rounding_noise_results",
+    "rounding_noise_study",
+    "steering_results",
+    "steering_study",
+    "tokens_key",
+    "trigger_coefficients",
+    "trigger_results",
+    "trigger_study",
+    "window_losses",
     "TopK",
     "capture_coefficients",
     "coefficients",
@@ -874,3 +886,290 @@ def load_value_summary(model: nn.Module, *, k: int = 50) -> dict[str, Tensor]:
             torch.save(value_summary(model, k=k), target)
 
     return torch.load(common.cached_file(path, build, committed=True), weights_only=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The chapter's heavy studies, committed with the book (small results, named by their recipe)
+# ---------------------------------------------------------------------------------------------
+
+
+def model_key(model: nn.Module) -> str:
+    """Content hash (16 hex digits) of every parameter of a model, in name order: part of a study's recipe.
+
+    SmolLM2's weights are de-quantised from a GGUF file, so they are the same bits on every machine.
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        digest.update(name.encode() + str(tuple(p.shape)).encode())
+        digest.update(p.detach().float().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def tokens_key(*tensors: Tensor) -> str:
+    """Content hash (16 hex digits) of integer tensors (token windows, prompt ids), shapes included."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for t in tensors:
+        t = torch.as_tensor(t)
+        digest.update(str(tuple(t.shape)).encode() + t.detach().long().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _save_result(result: Mapping, target) -> None:
+    """Write a dict of tensors, numbers and ``{name: list of ints}`` dicts as a compressed ``.npz``."""
+    import numpy as np
+
+    arrays = {}
+    for key, value in result.items():
+        if isinstance(value, Mapping):
+            arrays.update({f"{key}/{name}": np.asarray(v) for name, v in value.items()})
+        else:
+            arrays[key] = value.numpy() if isinstance(value, Tensor) else np.asarray(value)
+    with open(target, "wb") as fh:
+        np.savez_compressed(fh, **arrays)
+
+
+def _load_result(path) -> dict:
+    """The dict that :func:`_save_result` wrote: arrays as tensors, 0-d arrays as numbers, ``a/b`` keys nested."""
+    import numpy as np
+
+    out: dict = {}
+    with np.load(path, allow_pickle=False) as data:
+        for key in data.files:
+            value = data[key]
+            if "/" in key:
+                outer, name = key.split("/", 1)
+                out.setdefault(outer, {})[name] = value.tolist()
+            else:
+                out[key] = value.item() if value.ndim == 0 else torch.from_numpy(value)
+    return out
+
+
+def _committed_result(name: str, recipe: Mapping, build) -> dict:
+    """``build()``'s dict, stored as a compressed ``.npz`` under ``results/ch5``, named by a hash of ``recipe``."""
+    from helpers import common
+
+    path = common.cache_dir("results", "ch5") / f"{name}-{common.content_hash(dict(recipe))}.npz"
+    return _load_result(common.cached_file(path, lambda target: _save_result(build(), target), committed=True))
+
+
+def trigger_study(model: nn.Module, windows: Tensor, *, k: int = 25, batch_size: int = 20, min_position: int = 1,
+                  layers: Sequence[int] | None = None) -> dict:
+    """The chapter's trigger mining (:func:`mine_triggers`, one trigger per window) over all windows.
+
+    Returns:
+        ``{"doc": [layer, d_mlp, k] int16, "pos": [layer, d_mlp, k] int8, "kth": [layer, d_mlp] float32
+        (the k-th largest coefficient), "n_tokens": int}``; the coefficients of single triggers are
+        recomputed on demand (:func:`trigger_coefficients`).
+
+    Introduced in nbs/05_ffn_memories.ipynb (the full mining is committed; the notebook re-mines layer 1).
+    """
+    from helpers import common
+
+    if windows.shape[0] >= 2**15 or windows.shape[1] >= 2**7:
+        raise ValueError(f"windows {tuple(windows.shape)} do not fit the int16 / int8 result")
+    with common.torch_threads(common.free_cores()):
+        t = mine_triggers(model, windows, k=k, layers=layers, batch_size=batch_size, min_position=min_position)
+    return {"doc": t.doc.to(torch.int16), "pos": t.pos.to(torch.int8), "kth": t.coef[..., -1].clone(),
+            "n_tokens": t.n_tokens}
+
+
+def trigger_results(model: nn.Module, windows: Tensor, *, k: int = 25, batch_size: int = 20,
+                    min_position: int = 1, key: str | None = None, blocks: int = 2) -> dict:
+    """:func:`trigger_study` for every layer, committed with the book and verified by SHA-256.
+
+    Stored in ``blocks`` files of consecutive layers (each mined on its own, which gives the same
+    triggers as one pass over all layers: the layers are independent) so that each file stays small
+    (about 1 MB for SmolLM2's 15 layers x 1,536 memories x 25 triggers). Each file is named by a hash of
+    the model's weights (``key``: :func:`model_key`, computed when ``None``), the token windows, its
+    layers and the options; rebuilt when missing or altered. ``doc`` and ``pos`` come back as ``long``.
+    """
+    n = len(_decoder(model).layers)
+    if not isinstance(blocks, int) or not 1 <= blocks <= n:
+        raise ValueError(f"blocks must be an int in 1..{n}, got {blocks!r}")
+    key = key or model_key(model)
+    parts = []
+    for chunk in torch.arange(n).tensor_split(blocks):
+        layers = chunk.tolist()
+        recipe = {"study": "triggers", "model": key, "windows": tokens_key(windows), "k": k, "layers": layers,
+                  "min_position": min_position, "per_document": True, "batch_size": batch_size}
+
+        def build(layers=layers) -> dict:
+            return trigger_study(model, windows, k=k, batch_size=batch_size, min_position=min_position, layers=layers)
+
+        parts.append(_committed_result("triggers", recipe, build))
+    return {"doc": torch.cat([p["doc"] for p in parts]).long(), "pos": torch.cat([p["pos"] for p in parts]).long(),
+            "kth": torch.cat([p["kth"] for p in parts]), "n_tokens": parts[0]["n_tokens"]}
+
+
+@torch.inference_mode()
+def trigger_coefficients(model: nn.Module, windows: Tensor, *, layer: int, dims: Sequence[int] | Tensor,
+                         docs: Sequence[int] | Tensor, positions: Sequence[int] | Tensor) -> Tensor:
+    """The coefficient of memory ``dims[i]`` of ``layer`` at position ``positions[i]`` of window ``docs[i]``.
+
+    Runs the windows involved once, stopping after ``layer``: the values :func:`mine_triggers` ranked.
+
+    Returns:
+        ``[n]`` float32 coefficients.
+
+    Introduced in nbs/05_ffn_memories.ipynb (the trigger tables).
+    """
+    (layer,) = _check_layers(model, [layer])
+    dims, docs, positions = (torch.as_tensor(x, dtype=torch.long).reshape(-1) for x in (dims, docs, positions))
+    if not len(dims) == len(docs) == len(positions) or len(dims) == 0:
+        raise ValueError("dims, docs and positions must be non-empty and of the same length")
+    uniq, row = docs.unique(return_inverse=True)
+    decoder, got = _decoder(model), {}
+    device = next(model.parameters()).device
+    with hooks.observe(decoder, [_coefficient_site(layer)], lambda site, m: got.__setitem__("m", m.detach())):
+        hooks.run_until(decoder, layer, input_ids=windows[uniq].to(device), use_cache=False)
+    return got["m"][row, positions, dims].float().cpu()
+
+
+def rounding_noise_study(model: nn.Module, windows: Tensor, *, seeds: Sequence[int] = (0, 1, 2), k: int = 10,
+                         batch_size: int = 16, schemes: Mapping[str, str] | None = None,
+                         block: int = QUANT_BLOCK) -> dict:
+    """What a second rounding error does (:func:`rounding_noise`), for each seed, against the model as it is.
+
+    For every seed: each window's mean next-token cross-entropy, the share of its positions whose top
+    prediction changes, and the share of every memory's top-``k`` trigger positions (among all positions
+    of ``windows``, :func:`mine_triggers` with ``per_document=False``) that the perturbed model keeps.
+    ``schemes`` and ``block`` are passed to :func:`rounding_noise`.
+
+    Returns:
+        ``{"base_ce": [window, pos - 2], "noisy_ce": [seed, window], "flipped": [seed, window],
+        "kept": [seed]}`` (float32, ``kept`` float64).
+
+    Introduced in nbs/05_ffn_memories.ipynb (the notebook recomputes seed 0's losses live).
+    """
+    from helpers import common
+
+    def top_positions():
+        t = mine_triggers(model, windows, k=k, per_document=False, batch_size=batch_size)
+        return t.doc * windows.shape[1] + t.pos
+
+    with common.torch_threads(common.free_cores()):
+        base_ce, base_top = next_token_losses(model, windows)
+        base_keys = top_positions()
+        noisy_ce, flipped, kept = [], [], []
+        for seed in seeds:
+            with rounding_noise(model, seed=seed, schemes=schemes, block=block):
+                ce, top_ = next_token_losses(model, windows)
+                keys = top_positions()
+            noisy_ce.append(ce.mean(1))
+            flipped.append((top_ != base_top).float().mean(1))
+            kept.append(float((base_keys[..., :, None] == keys[..., None, :]).any(-1).float().mean()))
+    return {"base_ce": base_ce.float(), "noisy_ce": torch.stack(noisy_ce).float(),
+            "flipped": torch.stack(flipped).float(), "kept": torch.tensor(kept, dtype=torch.float64)}
+
+
+def rounding_noise_results(model: nn.Module, windows: Tensor, *, seeds: Sequence[int] = (0, 1, 2), k: int = 10,
+                           key: str | None = None) -> dict:
+    """:func:`rounding_noise_study`, committed with the book and verified by SHA-256 (named by its recipe)."""
+    recipe = {"study": "rounding-noise", "model": key or model_key(model), "windows": tokens_key(windows),
+              "seeds": list(seeds), "k": k, "schemes": GGUF_SCHEMES, "block": QUANT_BLOCK}
+    return _committed_result("rounding-noise", recipe,
+                             lambda: rounding_noise_study(model, windows, seeds=seeds, k=k))
+
+
+def held_out_mass(model: nn.Module, prompts: Sequence[Sequence[int]], token_ids: Sequence[int], *, pad_id: int = 0,
+                  edit=None) -> Tensor:
+    """P(the next token is one of ``token_ids``) after each prompt, in %, with ``edit`` (a context manager) active.
+
+    Returns:
+        ``[prompt]`` float64 percentages.
+
+    Introduced in nbs/05_ffn_memories.ipynb (the steering experiment).
+    """
+    with edit if edit is not None else contextlib.nullcontext():
+        return next_token_probs(model, prompts, pad_id=pad_id)[:, list(token_ids)].sum(-1).double() * 100
+
+
+def window_losses(model: nn.Module, windows: Tensor, *, edit=None) -> Tensor:
+    """Mean next-token cross-entropy of each window (nats, :func:`next_token_losses`), with ``edit`` active.
+
+    Returns:
+        ``[window]`` float64.
+
+    Introduced in nbs/05_ffn_memories.ipynb (the cost of an edit in perplexity).
+    """
+    from helpers import common
+
+    with edit if edit is not None else contextlib.nullcontext(), common.torch_threads(common.free_cores()):
+        return next_token_losses(model, windows)[0].mean(1).double()
+
+
+@torch.no_grad()
+def greedy_ids(model: nn.Module, prompt: Sequence[int], *, n: int = 14, eos_id: int = 0, edit=None) -> list[int]:
+    """The ``n`` tokens a causal LM generates greedily after ``prompt`` (token ids), with ``edit`` active."""
+    ids = torch.tensor([list(prompt)], dtype=torch.long)
+    with edit if edit is not None else contextlib.nullcontext():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                             pad_token_id=eos_id)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def steering_study(model: nn.Module, memories: Mapping[int, Sequence[int]],
+                   controls: Sequence[Mapping[int, Sequence[int]]], *, strengths: Sequence[float],
+                   neutral: Sequence[Sequence[int]], musical: Sequence[Sequence[int]], held_ids: Sequence[int],
+                   windows: Tensor, set_to: float, pad_id: int = 0, eos_id: int = 0, n_new: int = 14) -> dict:
+    """The chapter's intervention sweep (Geva et al. 2022): promote and suppress chosen memories, against controls.
+
+    For each strength ``v``: P(held-out word) on the ``neutral`` prompts with the chosen memories set to
+    ``v`` (``chosen``) and the mean over the random ``controls`` (``random``), and each window's
+    cross-entropy with the chosen memories and with ``controls[0]``. On the ``musical`` prompts: unedited,
+    chosen memories x 0, x (-1), and the controls x (-1). Greedy continuations (token ids) of the first
+    prompt of each list, unedited and edited.
+
+    Returns:
+        ``{"base_n", "chosen" [strength, prompt], "random", "ce_chosen" [strength, window], "ce_random",
+        "base_m", "off_m", "down_m", "down_ctrl", "gens": {name: [ids]}}``, float64 tensors.
+
+    Introduced in nbs/05_ffn_memories.ipynb (the notebook recomputes m = ``set_to`` for the chosen memories live).
+    """
+    def mass(prompts, edit=None):
+        return held_out_mass(model, prompts, held_ids, pad_id=pad_id, edit=edit)
+
+    out = {"base_n": mass(neutral), "chosen": [], "random": [], "ce_chosen": [], "ce_random": []}
+    for v in strengths:
+        out["chosen"].append(mass(neutral, intervene(model, memories, value=v)))
+        out["random"].append(torch.stack([mass(neutral, intervene(model, c, value=v)) for c in controls]).mean(0))
+        out["ce_chosen"].append(window_losses(model, windows, edit=intervene(model, memories, value=v)))
+        out["ce_random"].append(window_losses(model, windows, edit=intervene(model, controls[0], value=v)))
+    out = {k: torch.stack(v) if isinstance(v, list) else v for k, v in out.items()}
+    out["base_m"] = mass(musical)
+    out["down_m"] = mass(musical, intervene(model, memories, scale=-1.0))
+    out["off_m"] = mass(musical, intervene(model, memories, scale=0.0))
+    out["down_ctrl"] = torch.stack([mass(musical, intervene(model, c, scale=-1.0)) for c in controls]).mean(0)
+
+    def gen(prompt, edit=None):
+        return greedy_ids(model, prompt, n=n_new, eos_id=eos_id, edit=edit)
+
+    out["gens"] = {"unedited": gen(neutral[0]), "chosen": gen(neutral[0], intervene(model, memories, value=set_to)),
+                   "random": gen(neutral[0], intervene(model, controls[0], value=set_to)),
+                   "unedited musical": gen(musical[0]),
+                   "chosen x (-1)": gen(musical[0], intervene(model, memories, scale=-1.0))}
+    return out
+
+
+def steering_results(model: nn.Module, memories: Mapping[int, Sequence[int]],
+                     controls: Sequence[Mapping[int, Sequence[int]]], *, key: str | None = None, **options) -> dict:
+    """:func:`steering_study` (``options``: its keyword arguments), committed with the book, verified by SHA-256.
+
+    Named by a hash of the model's weights, the chosen and control memories, the prompts' and windows'
+    token ids and the other options; rebuilt when missing or altered.
+    """
+    def plain(mem):
+        return {str(int(layer)): sorted(int(d) for d in dims) for layer, dims in mem.items()}
+
+    recipe = {"study": "steering", "model": key or model_key(model), "memories": plain(memories),
+              "controls": [plain(c) for c in controls], "windows": tokens_key(options["windows"]),
+              "neutral": [list(map(int, p)) for p in options["neutral"]],
+              "musical": [list(map(int, p)) for p in options["musical"]],
+              **{k: v for k, v in options.items() if k not in ("windows", "neutral", "musical")}}
+    recipe["held_ids"] = [int(i) for i in recipe["held_ids"]]
+    recipe["strengths"] = [float(v) for v in recipe["strengths"]]
+    return _committed_result("steering", recipe, lambda: steering_study(model, memories, controls, **options))

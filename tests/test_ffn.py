@@ -307,3 +307,100 @@ def test_value_summary_matches_the_full_projection():
                                    ffn.value_logits(model, layer=layer).gather(1, tokens), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="tokens must be"):
         ffn.value_logits_at(model, layer=0, tokens=torch.zeros(3, 2, dtype=torch.long))
+
+
+def test_trigger_study_is_the_mining_and_its_coefficients_can_be_recomputed():
+    model, windows = _llama(), _windows()
+    study = ffn.trigger_study(model, windows, k=4, batch_size=3)
+    trig = ffn.mine_triggers(model, windows, k=4, batch_size=3)
+    assert study["doc"].dtype == torch.int16 and study["pos"].dtype == torch.int8
+    assert torch.equal(study["doc"].long(), trig.doc) and torch.equal(study["pos"].long(), trig.pos)
+    torch.testing.assert_close(study["kth"], trig.coef[..., -1])
+    assert study["n_tokens"] == trig.n_tokens
+    upper = ffn.trigger_study(model, windows, k=4, batch_size=3, layers=[1, 2])     # layers are independent
+    assert torch.equal(upper["doc"], study["doc"][1:]) and torch.equal(upper["pos"], study["pos"][1:])
+    layer, dim = 2, 5
+    m = ffn.trigger_coefficients(model, windows, layer=layer, dims=[dim] * 4, docs=trig.doc[layer, dim],
+                                 positions=trig.pos[layer, dim])
+    torch.testing.assert_close(m, trig.coef[layer, dim], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="same length"):
+        ffn.trigger_coefficients(model, windows, layer=0, dims=[1, 2], docs=[0], positions=[1])
+
+
+def test_committed_results_are_named_by_their_recipe(tmp_path, monkeypatch):
+    monkeypatch.setenv("BOOK_CACHE", str(tmp_path))
+    model, windows = _llama(), _windows()
+    key = ffn.model_key(model)
+    assert key == ffn.model_key(_llama()) and key != ffn.model_key(_llama(seed=1))
+    assert ffn.tokens_key(windows) != ffn.tokens_key(windows[:-1])
+    first = ffn.trigger_results(model, windows, k=3, batch_size=4, key=key)       # two files: layers 0-1, 2
+    files = sorted((tmp_path / "results" / "ch5").glob("triggers-*.npz"))
+    assert len(files) == 2
+    stamps = [f.stat().st_mtime_ns for f in files]
+    again = ffn.trigger_results(model, windows, k=3, batch_size=4, key=key)       # loaded, not rebuilt
+    assert [f.stat().st_mtime_ns for f in files] == stamps
+    whole = ffn.trigger_study(model, windows, k=3, batch_size=4)
+    for name in ("doc", "pos", "kth"):
+        assert torch.equal(first[name], again[name]) and torch.equal(first[name], whole[name].to(first[name].dtype))
+    assert first["doc"].dtype == torch.long and first["n_tokens"] == whole["n_tokens"]
+    ffn.trigger_results(model, windows, k=2, batch_size=4, key=key)               # another recipe, other files
+    assert len(list((tmp_path / "results" / "ch5").glob("triggers-*.npz"))) == 4
+
+
+def test_rounding_noise_study_compares_each_seed_with_the_model():
+    model = _llama()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("_proj.weight"):
+                p.copy_(_on_q4_1_grid(p, block=8)[0])
+    windows = _windows(n=3, length=8)
+    study = ffn.rounding_noise_study(model, windows, seeds=(0, 1), k=3, batch_size=2,
+                                     schemes={"_proj.weight": "Q4_1"}, block=8)
+    base_ce, _ = ffn.next_token_losses(model, windows)
+    torch.testing.assert_close(study["base_ce"], base_ce)
+    assert study["noisy_ce"].shape == study["flipped"].shape == (2, 3) and study["kept"].shape == (2,)
+    assert ((study["kept"] >= 0) & (study["kept"] <= 1)).all()
+    assert ((study["flipped"] >= 0) & (study["flipped"] <= 1)).all()
+    assert not torch.allclose(study["noisy_ce"][0], base_ce.mean(1))              # the noise changes the losses
+    with ffn.rounding_noise(model, seed=1, schemes={"_proj.weight": "Q4_1"}, block=8):
+        ce1, _ = ffn.next_token_losses(model, windows)
+    torch.testing.assert_close(study["noisy_ce"][1], ce1.mean(1))
+
+
+def test_steering_study_matches_its_parts():
+    model, windows = _llama(), _windows(n=3, length=8)
+    memories, controls = {1: [0, 2], 2: [5]}, [ffn.random_memories({1: [0, 2], 2: [5]}, D_MLP, seed=s) for s in (0, 1)]
+    neutral, musical, held = [[5, 6, 7], [8, 9]], [[10, 11], [12, 13, 14]], [3, 4, 5]
+    study = ffn.steering_study(model, memories, controls, strengths=(1.0, 3.0), neutral=neutral, musical=musical,
+                               held_ids=held, windows=windows, set_to=3.0, n_new=4)
+    assert study["chosen"].shape == study["random"].shape == (2, 2) and study["ce_chosen"].shape == (2, 3)
+    up = ffn.held_out_mass(model, neutral, held, edit=ffn.intervene(model, memories, value=3.0))
+    torch.testing.assert_close(study["chosen"][1], up)
+    rand = (ffn.held_out_mass(model, neutral, held, edit=ffn.intervene(model, controls[0], value=1.0))
+            + ffn.held_out_mass(model, neutral, held, edit=ffn.intervene(model, controls[1], value=1.0))) / 2
+    torch.testing.assert_close(study["random"][0], rand)
+    torch.testing.assert_close(study["ce_random"][1],
+                               ffn.window_losses(model, windows, edit=ffn.intervene(model, controls[0], value=3.0)))
+    probs = ffn.next_token_probs(model, musical)[:, held].sum(-1).double() * 100
+    torch.testing.assert_close(study["base_m"], probs)
+    assert study["gens"]["chosen"] == ffn.greedy_ids(model, neutral[0], n=4, edit=ffn.intervene(model, memories,
+                                                                                                 value=3.0))
+    assert len(study["gens"]["unedited"]) == 4
+
+
+def test_committed_chapter_results_are_small_verified_and_complete():
+    from helpers import common
+
+    folder = common.WEIGHTS_DIR / "results" / "ch5"
+    shapes = {"triggers": {"doc": (15, 1536, 25), "pos": (15, 1536, 25), "kth": (15, 1536)},
+              "rounding-noise": {"base_ce": (16, 63), "noisy_ce": (3, 16), "flipped": (3, 16), "kept": (3,)},
+              "steering": {"chosen": (3, 32), "random": (3, 32), "ce_chosen": (3, 16), "down_ctrl": (16,)}}
+    for study, expected in shapes.items():
+        files = sorted(folder.glob(f"{study}-*.npz"))
+        assert len(files) == (2 if study == "triggers" else 1), study
+        for path in files:
+            assert common.verified(path) and path.stat().st_size < 2 << 20
+            result = ffn._load_result(path)
+            assert {k: tuple(result[k].shape) for k in expected} == expected
+    triggers = [ffn._load_result(p) for p in sorted(folder.glob("triggers-*.npz"))]
+    assert all(t["n_tokens"] == 32000 and 0 <= int(t["doc"].min()) and int(t["doc"].max()) < 500 for t in triggers)
