@@ -19,6 +19,9 @@ annotated, and rare classes whose sub-concepts a generic multimodal model barely
   each pool image weighted by the inverse frequency of the teacher's class, or semi-supervised (the 1 %
   labels plus distillation of the unlabelled pool), compared over seeds (:func:`student_study_results`,
   committed under ``helpers/weights/results/ch11/``);
+* :func:`choquet_students_results`, :func:`cav_tests_results` and :func:`self_training_results`: the chapter's
+  other heavy studies (the dictionaries' and the probes' Choquet students, the TCAV tests, the pseudo-labelling
+  runs), committed there too; the notebook recomputes a subset of each live and compares;
 * :func:`long_tail_indices`, :func:`classification_ci`, :func:`open_set_auroc` and
   :func:`nearest_mean_distance`: a Zipf-shaped test set, class-averaged metrics with bootstrap intervals,
   and how well an unknown-detector flags a class the classifier was never given.
@@ -1116,6 +1119,174 @@ def student_study_results(features: Mapping[str, tuple[Tensor, Tensor]], teacher
     path = common.cached_file(common.cache_dir("results", "ch11") / f"students-{common.content_hash(key)}.pt",
                               build, committed=True)
     return torch.load(path, weights_only=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# The chapter's other committed studies: dictionary and probe students, TCAV tests, self-training
+# --------------------------------------------------------------------------------------------------
+
+
+def _committed_results(name: str, key: Mapping, build) -> dict:
+    """Load ``results/ch11/<name>-<hash of key>.pt``, built by ``build(path)`` when missing (committed copy first)."""
+    path = common.cached_file(common.cache_dir("results", "ch11") / f"{name}-{common.content_hash(dict(key))}.pt",
+                              build, committed=True)
+    return torch.load(path, weights_only=True)
+
+
+def load_choquet_student(groups: Sequence[str], n_classes: int, state: Mapping[str, Tensor]):
+    """A Choquet student of :func:`fit_student` (sigmoid utilities) with the weights of a state dict, in eval mode."""
+    from helpers import choquet
+
+    student = choquet.ChoquetStudent(group_lists(groups), n_classes, utility="sigmoid")
+    student.load_state_dict(dict(state))
+    return student.eval()
+
+
+def choquet_students(runs: Mapping[str, tuple[Tensor, Tensor, Sequence[str]]], *, epochs: int = 8,
+                     check: str | None = None, check_epochs: int | None = None) -> dict:
+    """:func:`fit_student` for every run ``{name: (z_pool [N, K], teacher logits [N, C], groups [K])}``.
+
+    Returns:
+        ``{"state": {name: state dict}, "seconds": {name: s}, "check_state": ...}``; with ``check`` and
+        ``check_epochs``, ``check_state`` is the state of run ``check`` trained for ``check_epochs`` epochs only
+        (the first epochs of the full run: a cheap live check), else empty.
+    """
+    import time
+
+    out = {"state": {}, "seconds": {}, "check_state": {}}
+    for name, (z, teacher, groups) in runs.items():
+        t0 = time.perf_counter()
+        student = fit_student(z, teacher, groups, epochs=epochs)
+        out["seconds"][name] = time.perf_counter() - t0
+        out["state"][name] = {k: v.detach().clone() for k, v in student.state_dict().items()}
+    if check is not None and check_epochs is not None:
+        z, teacher, groups = runs[check]
+        out["check_state"] = dict(fit_student(z, teacher, groups, epochs=check_epochs).state_dict())
+    return out
+
+
+def choquet_students_results(runs: Mapping[str, tuple[Tensor, Tensor, Sequence[str]]], *, name: str,
+                             concepts: Mapping[str, Sequence[str]], epochs: int = 8, check: str | None = None,
+                             check_epochs: int | None = None) -> tuple[dict, dict]:
+    """:func:`choquet_students`, committed under ``helpers/weights/results/ch11/<name>-<hash>.pt``.
+
+    The file is named by a hash of the runs' concepts (``concepts[run]``: the prompts behind ``z``), groups,
+    input shapes and the teacher's predicted classes (integers: float inputs differ in their last bits between
+    machines, so the notebook retrains a run live and compares it instead).
+
+    Returns:
+        ``({name: ChoquetStudent with the committed weights}, the loaded results)``.
+    """
+    key = {"epochs": epochs, "check": [check, check_epochs],
+           "runs": {n: {"concepts": list(concepts[n]), "groups": list(g), "shape": list(z.shape),
+                        "teacher": _digest([t.argmax(1)])} for n, (z, t, g) in runs.items()}}
+
+    def build(path) -> None:
+        torch.save(choquet_students(runs, epochs=epochs, check=check, check_epochs=check_epochs), path)
+
+    results = _committed_results(name, key, build)
+    students = {n: load_choquet_student(g, t.shape[1], results["state"][n]) for n, (_, t, g) in runs.items()}
+    return students, results
+
+
+def cav_tests(image_emb: Tensor, tests: Mapping[str, tuple[np.ndarray, object]], *, n_runs: int = 10) -> dict:
+    """:func:`cav_significance` of every test ``{name: (positives [N] bool, statistic)}`` on ``image_emb [N, d]``.
+
+    Returns:
+        ``{name: {"concept": [n_runs], "random": [n_runs], "t": float, "p": float}}`` (float64 tensors).
+    """
+    out = {}
+    for name, (positives, statistic) in tests.items():
+        t = cav_significance(image_emb, positives, statistic, n_runs=n_runs)
+        out[name] = {"concept": torch.from_numpy(t.concept), "random": torch.from_numpy(t.random), "t": t.t, "p": t.p}
+    return out
+
+
+def cav_tests_results(image_emb: Tensor, tests: Mapping[str, tuple[np.ndarray, object]], *, n_runs: int = 10,
+                      truth: Sequence[Tensor] = ()) -> dict[str, CavTest]:
+    """:func:`cav_tests`, committed under ``helpers/weights/results/ch11/cavtests-<hash>.pt``.
+
+    Named by the tests, ``n_runs``, each test's positives and the integer ``truth`` the statistics read (labels,
+    pixel rules); the embeddings are floats, so the notebook recomputes one test live and compares it.
+    """
+    key = {"n_runs": n_runs, "tests": list(tests), "shape": list(image_emb.shape),
+           "inputs": _digest([torch.as_tensor(np.asarray(p, dtype=np.int64)) for p, _ in tests.values()]
+                             + [torch.as_tensor(t).long() for t in truth])}
+
+    def build(path) -> None:
+        torch.save(cav_tests(image_emb, tests, n_runs=n_runs), path)
+
+    results = _committed_results("cavtests", key, build)
+    return {n: CavTest(r["concept"].numpy(), r["random"].numpy(), float(r["t"]), float(r["p"]))
+            for n, r in results.items()}
+
+
+def _pack_probe(probe: torch.nn.Linear) -> dict:
+    return {k: v.detach().clone() for k, v in probe.state_dict().items()}
+
+
+def _unpack_probe(state: Mapping[str, Tensor]) -> torch.nn.Linear:
+    weight = state["weight"]
+    probe = torch.nn.Linear(weight.shape[1], weight.shape[0])
+    probe.load_state_dict(dict(state))
+    return probe.eval().requires_grad_(False)
+
+
+def self_training_study(x_lab: Tensor, y_lab: Tensor, x_unlab: Tensor, x_unlab_view: Tensor, seed_logits: Tensor,
+                        seed_classes: Sequence[int], x_pool: Tensor, y_pool: Tensor, *, n_classes: int = 10,
+                        rounds: int = 3, threshold: float = 0.9, steps: int = 200) -> dict:
+    """The chapter's pseudo-labelling comparison: :func:`self_train` plain (consistency check) and seeded by
+    zero-shot, the probe on every pool label (the ceiling), and the seeded run stopped after one round (the
+    live check). Probes are stored as state dicts, pseudo-labels as int16."""
+    import time
+
+    def pack(r: SelfTraining) -> dict:
+        return {"probe": _pack_probe(r.probe), "supervised": _pack_probe(r.supervised),
+                "pseudo": r.pseudo.to(torch.int16), "history": r.history}
+
+    options = {"n_classes": n_classes, "x_unlab_view": x_unlab_view, "threshold": threshold, "steps": steps}
+    t0 = time.perf_counter()
+    plain = self_train(x_lab, y_lab, x_unlab, rounds=rounds, **options)
+    seeded = self_train(x_lab, y_lab, x_unlab, seed_logits=seed_logits, seed_classes=seed_classes, rounds=rounds,
+                        **options)
+    seconds = time.perf_counter() - t0
+    ceiling = fit_probe(x_pool, y_pool, n_classes=n_classes, steps=steps)
+    first = self_train(x_lab, y_lab, x_unlab, seed_logits=seed_logits, seed_classes=seed_classes, rounds=1, **options)
+    return {"plain": pack(plain), "seeded": pack(seeded), "seeded, round 1": pack(first),
+            "ceiling": _pack_probe(ceiling), "seconds": seconds}
+
+
+def self_training_results(x_lab: Tensor, y_lab: Tensor, x_unlab: Tensor, x_unlab_view: Tensor, seed_logits: Tensor,
+                          seed_classes: Sequence[int], x_pool: Tensor, y_pool: Tensor, *, n_classes: int = 10,
+                          rounds: int = 3, threshold: float = 0.9, steps: int = 200) -> dict:
+    """:func:`self_training_study`, committed under ``helpers/weights/results/ch11/selftrain-<hash>.pt``.
+
+    Named by the options, the seed classes and the integer inputs (labels, the seed's predicted classes, the
+    shapes); the embeddings are floats, so the notebook reruns the seeded run's first round live and compares.
+
+    Returns:
+        ``{"plain", "seeded", "seeded, round 1"}``: :class:`SelfTraining`; ``"ceiling"``: the probe on every pool
+        label; ``"seconds"``: the two self-training runs' build time.
+    """
+    key = {"n_classes": n_classes, "rounds": rounds, "threshold": threshold, "steps": steps,
+           "seed_classes": [int(c) for c in seed_classes],
+           "shapes": [list(t.shape) for t in (x_lab, x_unlab, x_unlab_view, seed_logits, x_pool)],
+           "inputs": _digest([torch.as_tensor(y_lab), seed_logits.argmax(1), torch.as_tensor(y_pool)])}
+
+    def build(path) -> None:
+        torch.save(self_training_study(x_lab, y_lab, x_unlab, x_unlab_view, seed_logits, seed_classes, x_pool, y_pool,
+                                       n_classes=n_classes, rounds=rounds, threshold=threshold, steps=steps), path)
+
+    results = _committed_results("selftrain", key, build)
+
+    def unpack(r: dict) -> SelfTraining:
+        return SelfTraining(_unpack_probe(r["probe"]), r["pseudo"].long(), r["history"],
+                            _unpack_probe(r["supervised"]))
+
+    out = {k: unpack(results[k]) for k in ("plain", "seeded", "seeded, round 1")}
+    out["ceiling"] = _unpack_probe(results["ceiling"])
+    out["seconds"] = float(results["seconds"])
+    return out
 
 
 # --------------------------------------------------------------------------------------------------

@@ -490,3 +490,66 @@ def test_student_study_is_seeded_and_scores_every_run():
     with pytest.raises(ValueError, match="needs \\(kind"):
         rare.student_study(features, teacher, teacher_test, labels, y_test, groups,
                            students={"x": ("linear", "pixels", 0.1)})
+
+
+def test_committed_students_match_a_live_fit_and_are_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv(common.CACHE_ENV, str(tmp_path))
+    z, teacher, groups = _concept_problem(n=200)
+    runs = {"a": (z, teacher, groups), "b": (z[:, [1, 0, 3, 2, 5, 4]], teacher, groups)}
+    concepts = {"a": list("abcdef"), "b": list("badcfe")}
+    students, results = rare.choquet_students_results(runs, name="test-students", concepts=concepts, epochs=2,
+                                                      check="b", check_epochs=1)
+    assert set(students) == {"a", "b"} and set(results["seconds"]) == {"a", "b"}
+    live = {name: rare.fit_student(x, t, g, epochs=2) for name, (x, t, g) in runs.items()}
+    live_first = rare.fit_student(*runs["b"], epochs=1)
+    first = rare.load_choquet_student(groups, 3, results["check_state"])
+    with torch.no_grad():
+        for name, (x, _, _) in runs.items():
+            assert torch.equal(students[name](x), live[name](x))
+        assert torch.equal(first(z), live_first(z))  # the first epoch of the run
+    assert len(list(tmp_path.glob("results/ch11/test-students-*.pt"))) == 1
+    again, _ = rare.choquet_students_results(runs, name="test-students", concepts=concepts, epochs=2, check="b",
+                                             check_epochs=1)
+    assert len(list(tmp_path.glob("results/ch11/test-students-*.pt"))) == 1  # loaded, not rebuilt
+    with torch.no_grad():
+        assert torch.equal(again["a"](z), students["a"](z))
+
+
+def test_committed_cav_tests_match_live_tests(tmp_path, monkeypatch):
+    monkeypatch.setenv(common.CACHE_ENV, str(tmp_path))
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(2, (160,), generator=gen)
+    has = torch.rand(160, generator=gen) < 0.4
+    emb = torch.randn(160, 6, generator=gen) + 2.0 * F.one_hot(labels, 6).float()
+    emb[:, 4] += 2.0 * has.float()
+
+    def statistic(cav):
+        return rare.within_class_auc((emb[80:] @ cav[:, None]).numpy(), has[80:, None].numpy(),
+                                     labels[80:].numpy())[0]
+
+    tests = {"concept": (has[:80].numpy(), statistic), "class": (labels[:80].numpy() == 1, statistic)}
+    committed = rare.cav_tests_results(emb[:80], tests, n_runs=3, truth=[labels, has])
+    for name, (positives, stat) in tests.items():
+        live = rare.cav_significance(emb[:80], positives, stat, n_runs=3)
+        assert np.array_equal(live.concept, committed[name].concept) and live.p == committed[name].p
+    assert committed["concept"].concept.mean() > 0.8
+
+
+def test_committed_self_training_matches_live_runs(tmp_path, monkeypatch):
+    monkeypatch.setenv(common.CACHE_ENV, str(tmp_path))
+    x, y = _blobs()
+    lab, unlab = torch.arange(0, len(x), 20), torch.tensor([i for i in range(len(x)) if i % 20])
+    view = x[unlab] + 0.01
+    seed_logits = torch.zeros(len(unlab), 3)
+    seed_logits[:, 0] = 5.0 * (x[unlab, 0] > 1).float()
+    options = {"n_classes": 3, "rounds": 2, "threshold": 0.9, "steps": 50}
+    runs = rare.self_training_results(x[lab], y[lab], x[unlab], view, seed_logits, [0], x, y, **options)
+    plain = rare.self_train(x[lab], y[lab], x[unlab], x_unlab_view=view, **options)
+    seeded = rare.self_train(x[lab], y[lab], x[unlab], x_unlab_view=view, seed_logits=seed_logits, seed_classes=[0],
+                             **options)
+    for live, committed in [(plain, runs["plain"]), (seeded, runs["seeded"])]:
+        assert torch.equal(live.pseudo, committed.pseudo) and live.history == committed.history
+        assert torch.equal(live.probe.weight, committed.probe.weight)
+        assert torch.equal(live.supervised.bias, committed.supervised.bias)
+    assert runs["seeded, round 1"].history == seeded.history[:1]
+    assert torch.equal(runs["ceiling"].weight, rare.fit_probe(x, y, n_classes=3, steps=50).weight)
