@@ -590,6 +590,216 @@ def chefer_relevance(model: nn.Module, images: Tensor, target: Tensor) -> Tensor
 
 
 # ---------------------------------------------------------------------------------------------
+# Chapter 8's faithfulness study of the ViT on Fashion-MNIST: nine maps, four protocols
+# ---------------------------------------------------------------------------------------------
+
+FASHION_BLACK = (0.0 - data.FASHION_MEAN) / data.FASHION_STD  # a black pixel, normalised
+FASHION_GREY = 0.0  # the training set's mean pixel, normalised
+VIT_METHODS = ("saliency", "integrated gradients", "IG, grey baseline", "GradientSHAP", "occlusion",
+               "last-layer attention", "rollout", "Chefer relevance", "random")  # fmt: skip
+VIT_PROTOCOLS = {  # column -> (glue key, mode, canvas, garment only)
+    "deletion to black": ("del", "deletion", "black", False),
+    "deletion to grey": ("del_grey", "deletion", "grey", False),
+    "deletion to black, garment only": ("del_fg", "deletion", "black", True),
+    "insertion from blur": ("ins", "insertion", "blur", False),
+}
+"""Chapter 8's deletion/insertion protocols on Fashion-MNIST: canvas black, grey (the mean pixel) or the image
+blurred (Gaussian, kernel 25, sigma 4); "garment only" moves only pixels brighter than 1 % of white."""
+VIT_STEPS = 28
+
+
+def vit_maps(model: nn.Module, images: Tensor, target: Tensor, methods: Sequence[str] = VIT_METHODS, *,
+             shap_baselines: Tensor | None = None, seed: int = 0) -> tuple[dict, dict, dict]:  # fmt: skip
+    """Chapter 8's pixel maps ``[batch, 28, 28]`` of the ViT's ``target`` class, one per method (in that order).
+
+    Saliency (``|grad|``), integrated gradients from black and from grey (64 steps), GradientSHAP (16 samples
+    from ``shap_baselines``, noise 0.1; torch and NumPy seeded with ``seed``, NumPy's state restored),
+    occlusion (4 x 4 black squares, stride 2), last-layer attention and rollout from ``[CLS]`` and
+    :func:`chefer_relevance` (patch maps upsampled), and a uniform random map (``seed``).
+
+    Returns:
+        ``({method: map}, {method: seconds per image}, {IG method: Captum's convergence delta [batch]})``.
+    """
+    from captum.attr import GradientShap, IntegratedGradients, Occlusion, Saliency
+
+    unknown = [m for m in methods if m not in VIT_METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {list(VIT_METHODS)}")
+    if "GradientSHAP" in methods and shap_baselines is None:
+        raise ValueError("GradientSHAP needs shap_baselines (e.g. 16 training images)")
+    maps, seconds, deltas = {}, {}, {}
+    for name in methods:
+        t0 = time.perf_counter()
+        if name == "saliency":
+            m = Saliency(model).attribute(images, target=target, abs=True)[:, 0]
+        elif name in ("integrated gradients", "IG, grey baseline"):
+            m, deltas[name] = IntegratedGradients(model).attribute(
+                images, baselines=FASHION_BLACK if name == "integrated gradients" else FASHION_GREY, target=target,
+                n_steps=64, internal_batch_size=2048, return_convergence_delta=True)
+            m, deltas[name] = m[:, 0], deltas[name].detach()
+        elif name == "GradientSHAP":
+            torch.manual_seed(seed)
+            state = np.random.get_state()  # Captum draws the points on the path with NumPy's global generator
+            np.random.seed(seed)
+            try:
+                m = GradientShap(model).attribute(images, baselines=shap_baselines, target=target, n_samples=16,
+                                                  stdevs=0.1)[:, 0]
+            finally:
+                np.random.set_state(state)
+        elif name == "occlusion":
+            m = Occlusion(model).attribute(images, target=target, sliding_window_shapes=(1, 4, 4), strides=(1, 2, 2),
+                                           baselines=FASHION_BLACK, perturbations_per_eval=64)[:, 0]
+        elif name in ("last-layer attention", "rollout"):
+            _, a = vit_attentions(model, images)
+            last = name == "last-layer attention"
+            patch = a[-1, :, :, 0, 1:].mean(1).reshape(-1, GRID, GRID) if last else cls_rollout(a)
+            m = upsample(patch, IMAGE_SIZE)
+        elif name == "Chefer relevance":
+            m = upsample(chefer_relevance(model, images, target), IMAGE_SIZE)
+        else:  # random
+            m = torch.rand(len(images), IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(seed))
+        maps[name] = m.detach()
+        seconds[name] = (time.perf_counter() - t0) / len(images)
+    return maps, seconds, deltas
+
+
+def vit_faithfulness(model: nn.Module, images: Tensor, target: Tensor, *, shap_baselines: Tensor,
+                     seed: int = 0, random_map: Tensor | None = None) -> dict:  # fmt: skip
+    """Deletion and insertion curves of :data:`VIT_METHODS`' maps under :data:`VIT_PROTOCOLS` for one batch.
+
+    ``random_map`` (``[batch, 28, 28]``), when given, is the "random" method's map instead of :func:`vit_maps`'.
+
+    Returns:
+        ``{"curves": {protocol: {method: [batch, 29]}}, "ig_delta": {IG method: [batch]}}``; the maps are
+        :func:`vit_maps` (with ``seed``), the tracked probability is the softmax of ``target``, 28 steps.
+    """
+    maps, _, deltas = vit_maps(model, images, target, shap_baselines=shap_baselines, seed=seed)
+    if random_map is not None:
+        maps["random"] = random_map
+    from torchvision.transforms.functional import gaussian_blur
+
+    canvases = {"black": FASHION_BLACK, "grey": FASHION_GREY, "blur": gaussian_blur(images, kernel_size=25, sigma=4.0)}
+    garment = data.unnormalise(images) > 0.01  # [batch, 28, 28]: pixels that are not black
+
+    def probs(z: Tensor) -> Tensor:
+        return model(z).softmax(-1)
+
+    curves = {p: {m: perturbation_curve(probs, images, maps[m], target=target, mode=mode, canvas=canvases[canvas],
+                                        pixels=garment if fg else None, steps=VIT_STEPS) for m in VIT_METHODS}
+              for p, (_, mode, canvas, fg) in VIT_PROTOCOLS.items()}  # fmt: skip
+    return {"curves": curves, "ig_delta": deltas}
+
+
+def vit_faithfulness_study(model: nn.Module, images: Tensor, target: Tensor, groups: Tensor, *,
+                           shap_baselines: Tensor) -> dict:  # fmt: skip
+    """Chapter 8's faithfulness study: :func:`vit_faithfulness` on each group of images (a class), seeded by its group.
+
+    The maps of one group are computed in one batch with ``seed = group`` (GradientSHAP's draws); the random map
+    of image ``i`` is row ``i`` of ``torch.rand(n, 28, 28)`` drawn with seed 0. Any group can be recomputed alone
+    and must give the same curves (the chapter checks one live).
+
+    Returns:
+        ``{"curves": {protocol: {method: [n, 29]}}, "ig_delta": {IG method: [n]}, "target": [n], "seconds"}``, rows
+        in the order of ``images``.
+    """
+    t0 = time.perf_counter()
+    model = model.eval()
+    groups = torch.as_tensor(groups)
+    random = torch.rand(len(images), IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
+    parts = {int(g): vit_faithfulness(model, images[groups == g], target[groups == g], shap_baselines=shap_baselines,
+                                      seed=int(g), random_map=random[groups == g])
+             for g in groups.unique()}  # fmt: skip
+
+    def gather(get) -> Tensor:
+        out = None
+        for g, part in parts.items():
+            value = get(part)
+            out = torch.empty(len(images), *value.shape[1:], dtype=value.dtype) if out is None else out
+            out[groups == g] = value
+        return out
+
+    return {"curves": {p: {m: gather(lambda r, p=p, m=m: r["curves"][p][m]) for m in VIT_METHODS}
+                       for p in VIT_PROTOCOLS},
+            "ig_delta": {k: gather(lambda r, k=k: r["ig_delta"][k])
+                         for k in ("integrated gradients", "IG, grey baseline")},
+            "target": target.clone(), "seconds": time.perf_counter() - t0}  # fmt: skip
+
+
+def vit_faithfulness_results(model: nn.Module, images: Tensor, target: Tensor, groups: Tensor, *,
+                             shap_baselines: Tensor) -> dict:  # fmt: skip
+    """:func:`vit_faithfulness_study`'s results, committed with the book (verified by SHA-256) and rebuilt when
+    missing or altered; the file is named by a hash of the methods, protocols, images, groups and weights.
+
+    Rebuilding takes about a minute on 2 cores (``BOOK_THREADS`` sets the threads).
+    """
+    key = {"methods": list(VIT_METHODS), "protocols": VIT_PROTOCOLS, "steps": VIT_STEPS, "blur": [25, 4.0],
+           "garment": 0.01, "seeds": "GradientSHAP: torch, NumPy seeded by group; random: seed 0",
+           "inputs": _digest([images, torch.as_tensor(target), torch.as_tensor(groups), shap_baselines]),
+           "model": _digest(list(model.state_dict().values()))}  # fmt: skip
+
+    def build(path) -> None:
+        with common.torch_threads(common.free_cores()):
+            study = vit_faithfulness_study(model, images, target, groups, shap_baselines=shap_baselines)
+        torch.save(study, path)
+
+    path = common.cached_file(common.cache_dir("results", "ch8") / f"vit-faithfulness-{common.content_hash(key)}.pt",
+                              build, committed=True)
+    return torch.load(path, weights_only=True)
+
+
+VIT_CASCADE = ("head", "norm", "blocks.3", "blocks.2", "blocks.1", "blocks.0", "patch_embed")
+"""Chapter 8's cascading randomisation of the ViT, output side first (the last step also re-draws the position
+embeddings and the ``[CLS]`` vector, :func:`cascading_randomisation`'s ``reset_embeddings``)."""
+VIT_SANITY = ("saliency", "integrated gradients", "occlusion", "rollout", "Chefer relevance")
+
+
+def vit_sanity_study(model: nn.Module, images: Tensor, target: Tensor, *, steps: Sequence[int] | None = None) -> dict:
+    """Chapter 8's sanity check of the ViT: :data:`VIT_SANITY`'s maps (:func:`vit_maps`, one batch) on the trained
+    model and on each copy of :func:`cascading_randomisation` over :data:`VIT_CASCADE`, compared by
+    :func:`map_similarity`; the floor compares each image's trained map with the next image's.
+
+    Args:
+        steps: optional indices of the cascade's steps to compute (the rest are skipped): a spot check.
+
+    Returns:
+        ``{"similarity": {method: {measure: [steps, batch]}}, "floor": {method: {measure: [batch]}}, "seconds"}``
+        (float64; with ``steps``, only those rows, in order).
+    """
+    t0 = time.perf_counter()
+    keep = range(len(VIT_CASCADE)) if steps is None else list(steps)
+    reference, _, _ = vit_maps(model, images, target, VIT_SANITY)
+    rows: dict[str, dict[str, list]] = {m: {} for m in VIT_SANITY}
+    for i, (_layer, randomised) in enumerate(cascading_randomisation(model, VIT_CASCADE, seed=0,
+                                                                     reset_embeddings=True)):  # fmt: skip
+        if i not in keep:
+            continue
+        now, _, _ = vit_maps(randomised, images, target, VIT_SANITY)
+        for m in VIT_SANITY:
+            for k, v in map_similarity(reference[m], now[m]).items():
+                rows[m].setdefault(k, []).append(v)
+    floor = {m: map_similarity(reference[m], reference[m].roll(1, 0)) for m in VIT_SANITY}
+    return {"similarity": {m: {k: torch.stack(v) for k, v in per.items()} for m, per in rows.items()},
+            "floor": floor, "seconds": time.perf_counter() - t0}  # fmt: skip
+
+
+def vit_sanity_results(model: nn.Module, images: Tensor, target: Tensor) -> dict:
+    """:func:`vit_sanity_study`'s results, committed with the book (verified by SHA-256) and rebuilt when missing or
+    altered; the file is named by a hash of the methods, the cascade, the images and the weights."""
+    key = {"methods": list(VIT_SANITY), "cascade": list(VIT_CASCADE), "reset_embeddings": True, "seed": 0,
+           "measures": ["spearman", "spearman_abs", "ssim", "hog"], "floor": "roll 1",
+           "inputs": _digest([images, torch.as_tensor(target)]), "model": _digest(list(model.state_dict().values()))}
+
+    def build(path) -> None:
+        with common.torch_threads(common.free_cores()):
+            study = vit_sanity_study(model, images, target)
+        torch.save(study, path)
+
+    path = common.cached_file(common.cache_dir("results", "ch8") / f"vit-sanity-{common.content_hash(key)}.pt",
+                              build, committed=True)
+    return torch.load(path, weights_only=True)
+
+
+# ---------------------------------------------------------------------------------------------
 # Real photos: explanations of EfficientNet-Lite0 and RISE's deletion/insertion canvases
 # ---------------------------------------------------------------------------------------------
 

@@ -373,3 +373,71 @@ def test_photo_gradient_shap_is_seeded_and_restores_numpy():
     assert torch.equal(a[:1], b), "the first photo's map depends neither on the batch nor on NumPy's state"
     np.random.seed(1)
     assert np.random.random() == after, "NumPy's global generator must be left as it was"
+
+
+def test_vit_maps_methods_seeds_and_bad_input(vit, test_set):
+    import numpy as np
+
+    x, _ = test_set
+    x, t = x[:3], vision.predict_logits(vit, x[:3]).argmax(1)
+    np.random.seed(1)
+    maps, seconds, deltas = vision.vit_maps(vit, x, t, shap_baselines=x, seed=3)
+    after = np.random.random()
+    assert list(maps) == list(vision.VIT_METHODS) == list(seconds)
+    assert all(m.shape == (3, 28, 28) for m in maps.values())
+    assert set(deltas) == {"integrated gradients", "IG, grey baseline"} and deltas["IG, grey baseline"].shape == (3,)
+    np.random.seed(2)
+    again, _, _ = vision.vit_maps(vit, x, t, ["GradientSHAP", "random"], shap_baselines=x, seed=3)
+    np.random.seed(1)
+    assert np.random.random() == after, "NumPy's global generator must be left as it was"
+    for m in ("GradientSHAP", "random"):
+        assert torch.equal(maps[m], again[m]), f"{m} must depend only on its seed"
+    with pytest.raises(ValueError, match="unknown method"):
+        vision.vit_maps(vit, x, t, ["LIME"])
+    with pytest.raises(ValueError, match="shap_baselines"):
+        vision.vit_maps(vit, x, t, ["GradientSHAP"])
+
+
+def test_vit_faithfulness_study_groups_can_be_recomputed_alone(vit, test_set):
+    x, y = test_set
+    idx = torch.cat([(y == c).nonzero()[:2, 0] for c in (0, 1)])
+    x, groups = x[idx], y[idx]
+    t = vision.predict_logits(vit, x).argmax(1)
+    study = vision.vit_faithfulness_study(vit, x, t, groups, shap_baselines=x)
+    assert set(study["curves"]) == set(vision.VIT_PROTOCOLS) and torch.equal(study["target"], t)
+    rows = groups == 1
+    random = torch.rand(len(x), 28, 28, generator=torch.Generator().manual_seed(0))[rows]
+    one = vision.vit_faithfulness(vit, x[rows], t[rows], shap_baselines=x, seed=1, random_map=random)
+    for p, per in study["curves"].items():
+        for m, c in per.items():
+            assert c.shape == (4, vision.VIT_STEPS + 1)
+            torch.testing.assert_close(one["curves"][p][m], c[rows], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(one["ig_delta"]["integrated gradients"], study["ig_delta"]["integrated gradients"][rows])
+
+
+def test_vit_sanity_study_spot_check_matches_the_full_cascade(vit, test_set):
+    x, _ = test_set
+    x, t = x[:2], vision.predict_logits(vit, x[:2]).argmax(1)
+    full = vision.vit_sanity_study(vit, x, t)
+    last = vision.vit_sanity_study(vit, x, t, steps=[len(vision.VIT_CASCADE) - 1])
+    for m in vision.VIT_SANITY:
+        for k, v in full["similarity"][m].items():
+            assert v.shape == (len(vision.VIT_CASCADE), 2)
+            torch.testing.assert_close(last["similarity"][m][k][0], v[-1])
+            torch.testing.assert_close(last["floor"][m][k], full["floor"][m][k])
+    assert torch.allclose(full["similarity"]["rollout"]["spearman"][0], torch.ones(2, dtype=torch.float64)), \
+        "rollout never reads the head: re-initialising it alone leaves the map unchanged"
+
+
+def test_committed_vit_studies_are_verified_and_complete():
+    folder = common.WEIGHTS_DIR / "results" / "ch8"
+    faith, sanity = sorted(folder.glob("vit-faithfulness-*.pt")), sorted(folder.glob("vit-sanity-*.pt"))
+    assert len(faith) == 1 and common.verified(faith[0]), "the ViT faithfulness study must be committed (.sha256)"
+    assert len(sanity) == 1 and common.verified(sanity[0]), "the ViT sanity study must be committed with its .sha256"
+    study = torch.load(faith[0], weights_only=True)
+    for p in vision.VIT_PROTOCOLS:
+        assert set(study["curves"][p]) == set(vision.VIT_METHODS)
+        assert all(c.shape == (300, vision.VIT_STEPS + 1) for c in study["curves"][p].values())
+    cascade = torch.load(sanity[0], weights_only=True)
+    assert set(cascade["similarity"]) == set(vision.VIT_SANITY)
+    assert all(v.shape[0] == len(vision.VIT_CASCADE) for per in cascade["similarity"].values() for v in per.values())
