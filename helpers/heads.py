@@ -1208,6 +1208,42 @@ def head_positions(
     return out
 
 
+def neighbour_classes(
+    labels: Sequence[str], n: int, *, offset: int, classes: Sequence[str], skip: Sequence[str] = ("punct",)
+) -> list[int]:
+    """Class of the relation label of the word ``offset`` places away, for each of the first ``n`` words.
+
+    A probe that reads the *previous* word's relation (``offset=-1``) from a word's own vector needs
+    information moved from one position to the next: the job a previous-token head seems to do.
+
+    Args:
+        labels: one sentence's relation labels; n: words kept after truncation.
+        offset: -1 (previous word), +1 (next word), any non-zero shift.
+        classes: the labels that get a class of their own (index into it); any other label is class
+            ``len(classes)`` ("other").
+        skip: a word with one of these labels is not scored (-1), punctuation by default.
+
+    Returns:
+        per word, the neighbour's class, or -1 when the word is skipped or the neighbour lies outside the
+        ``n`` kept words.
+
+    >>> neighbour_classes(["det", "nsubj", "ROOT", "punct"], 4, offset=-1, classes=["det", "nsubj"])
+    [-1, 0, 1, -1]
+    >>> neighbour_classes(["det", "nsubj", "ROOT"], 3, offset=1, classes=["nsubj"])
+    [0, 1, -1]
+    """
+    if offset == 0:
+        raise ValueError("offset must be non-zero (-1: previous word, +1: next word)")
+    if not 0 <= n <= len(labels):
+        raise ValueError(f"n must lie in [0, {len(labels)}] (the sentence's words), got {n}")
+    index = {lab: i for i, lab in enumerate(classes)}
+    out = []
+    for w in range(n):
+        j = w + offset
+        out.append(-1 if labels[w] in skip or not 0 <= j < n else index.get(labels[j], len(classes)))
+    return out
+
+
 def _ablated_last_hidden(model: nn.Module, enc, keep: Tensor) -> Iterator[tuple[int, Tensor]]:
     """Last hidden state [batch, pos, d] of one encoded batch under every mask of ``keep``, each run
     restarting from the hidden state entering its first masked layer (as :func:`ablated_embeddings`)."""

@@ -375,3 +375,16 @@ def test_probes_under_ablation_match_the_unablated_model(model, tokenizer):
     with pytest.raises(ValueError, match="keep must be"):
         heads.probe_under_ablation(model, tokenizer, SENTENCES, [0, 1, 0, 1], SENTENCES, [0, 1, 0, 1],
                                    torch.ones(N_LAYERS, N_HEADS))
+
+
+def test_neighbour_classes_reads_the_neighbours_label_and_skips_what_it_cannot_score():
+    labels = ["det", "amod", "nsubj", "ROOT", "punct", "dobj"]
+    prev = heads.neighbour_classes(labels, 6, offset=-1, classes=["det", "nsubj"])
+    assert prev == [-1, 0, 2, 1, -1, 2]  # amod and punct are "other" (class 2); punct itself is not scored
+    nxt = heads.neighbour_classes(labels, 4, offset=1, classes=["det", "nsubj"])
+    assert nxt == [2, 1, 2, -1]  # truncated to 4 words: the last word's neighbour was cut
+    assert heads.neighbour_classes(labels, 6, offset=-2, classes=[]) == [-1, -1, 0, 0, -1, 0]
+    with pytest.raises(ValueError, match="non-zero"):
+        heads.neighbour_classes(labels, 6, offset=0, classes=[])
+    with pytest.raises(ValueError, match="n must lie"):
+        heads.neighbour_classes(labels, 7, offset=1, classes=[])
