@@ -961,9 +961,9 @@ def trigger_study(model: nn.Module, windows: Tensor, *, k: int = 25, batch_size:
     """The chapter's trigger mining (:func:`mine_triggers`, one trigger per window) over all windows.
 
     Returns:
-        ``{"doc": [layer, d_mlp, k] int16, "pos": [layer, d_mlp, k] int8, "kth": [layer, d_mlp] float32
-        (the k-th largest coefficient), "n_tokens": int}``; the coefficients of single triggers are
-        recomputed on demand (:func:`trigger_coefficients`).
+        a dict of ``doc`` ``[layer, d_mlp, k]`` (int16), ``pos`` ``[layer, d_mlp, k]`` (int8), ``kth``
+        ``[layer, d_mlp]`` (float32, the k-th largest coefficient) and ``n_tokens`` (int); the
+        coefficients of single triggers are recomputed on demand (:func:`trigger_coefficients`).
 
     Introduced in nbs/05_ffn_memories.ipynb (the full mining is committed; the notebook re-mines layer 1).
     """
@@ -1040,8 +1040,8 @@ def rounding_noise_study(model: nn.Module, windows: Tensor, *, seeds: Sequence[i
     ``schemes`` and ``block`` are passed to :func:`rounding_noise`.
 
     Returns:
-        ``{"base_ce": [window, pos - 2], "noisy_ce": [seed, window], "flipped": [seed, window],
-        "kept": [seed]}`` (float32, ``kept`` float64).
+        a dict of ``base_ce`` ``[window, pos - 2]``, ``noisy_ce`` ``[seed, window]``, ``flipped``
+        ``[seed, window]`` (float32) and ``kept`` ``[seed]`` (float64).
 
     Introduced in nbs/05_ffn_memories.ipynb (the notebook recomputes seed 0's losses live).
     """
@@ -1125,8 +1125,9 @@ def steering_study(model: nn.Module, memories: Mapping[int, Sequence[int]],
     prompt of each list, unedited and edited.
 
     Returns:
-        ``{"base_n", "chosen" [strength, prompt], "random", "ce_chosen" [strength, window], "ce_random",
-        "base_m", "off_m", "down_m", "down_ctrl", "gens": {name: [ids]}}``, float64 tensors.
+        a dict of float64 tensors ``base_n``, ``chosen`` ``[strength, prompt]``, ``random``, ``ce_chosen``
+        ``[strength, window]``, ``ce_random``, ``base_m``, ``off_m``, ``down_m``, ``down_ctrl``, and ``gens``
+        (``{name: [ids]}``).
 
     Introduced in nbs/05_ffn_memories.ipynb (the notebook recomputes m = ``set_to`` for the chosen memories live).
     """
