@@ -175,9 +175,12 @@ def render_table(rows: list[dict], book: dict | None, machine: dict) -> str:
             f"{warm['wall_s']:.1f} | {warm['peak_rss_gb']:.2f} | {'' if in_book is None else f'{in_book:.1f}'} "
             f"| {mark} |"
         )
+    for name in sorted(set(executed) - {r["notebook"] for r in rows}):  # never measured alone
+        lines.append(f"| `{name}` | | | | | {executed[name]:.1f} | |")
     peak = max(max(r["cold"]["peak_rss_gb"], r["warm"]["peak_rss_gb"]) for r in rows)
     if book:
-        ok = book["ok"] and book["cold_s"] < BUDGET_BOOK_S and book["peak_rss_gb"] < BUDGET_GB
+        # the memory budget is per notebook; the whole book's peak holds JOBS kernels at once
+        ok = book["ok"] and book["cold_s"] < BUDGET_BOOK_S
         lines.append(
             f"| **whole book**, `make book` cold (execution + HTML) | | | | | **{book['cold_s']:.1f}** "
             f"(peak {book['peak_rss_gb']:.2f} GB) | {'yes' if ok else 'no'} |"
