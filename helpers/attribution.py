@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from helpers import attention
+from helpers.common import tensor_digest
 from helpers.data import AustenSplit, austen_passages  # noqa: F401  (Chapter 7 imports them from here)
 
 METHODS = ("integrated_gradients", "saliency", "input_x_gradient", "occlusion", "attention", "rollout", "random")
@@ -328,15 +329,6 @@ def austen_classifier(encoder: nn.Module, tokenizer, split: AustenSplit, *, titl
     return classifier.eval().requires_grad_(False)
 
 
-def _digest(tensors: Sequence[Tensor]) -> str:
-    """SHA-256 (16 hex digits) of the tensors' bytes, in order: names an artefact made from them."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(str(tuple(t.shape)).encode() + t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
 
 def austen_finetuned(encoder: nn.Module, tokenizer, split: AustenSplit, *, titles: Sequence[str] = AUSTEN_TITLES,
                      words: int = 30, max_epochs: int = 10, batch_size: int = 32, lr: float = 1e-4,
@@ -586,8 +578,9 @@ def faithfulness_results(models: dict[str, PooledClassifier], ids: Tensor, am: T
     """
     from helpers import common
 
-    key = {"protocol": protocol, "methods": list(STUDY_METHODS), "inputs": _digest([ids, am, content, labels]),
-           "models": {name: _digest(list(m.state_dict().values())) for name, m in models.items()}, "pad_id": pad_id}
+    key = {"protocol": protocol, "methods": list(STUDY_METHODS), "inputs": tensor_digest([ids, am, content, labels]),
+           "models": {name: tensor_digest(list(m.state_dict().values())) for name, m in models.items()},
+           "pad_id": pad_id}
 
     def build(path) -> None:
         with common.torch_threads(common.free_cores()):

@@ -133,6 +133,16 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def tensor_digest(tensors) -> str:
+    """SHA-256 (16 hex digits) of tensors' shapes and bytes, in order: names an artefact made from them."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(str(tuple(t.shape)).encode() + t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def cached_file(path: str | os.PathLike, build: Callable[[Path], None], *, committed: bool = False) -> Path:
     """Return ``path``, building it with ``build(path)`` unless a verified copy already exists.
 

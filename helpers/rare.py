@@ -42,6 +42,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from helpers import assets, clip, common, data, zoo
+from helpers.common import tensor_digest
 
 RARE_CLASSES = (5, 6, 8)
 """Sandal, shirt and bag: the classes made rare and hidden from the CLIP-style model."""
@@ -1088,15 +1089,6 @@ def student_study(features: Mapping[str, tuple[Tensor, Tensor]], teacher_pool: T
     return out
 
 
-def _digest(tensors: Sequence[Tensor]) -> str:
-    """SHA-256 (16 hex digits) of integer tensors' bytes, in order: names an artefact made from them."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(str(tuple(t.shape)).encode() + t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
 
 def student_study_results(features: Mapping[str, tuple[Tensor, Tensor]], teacher_pool: Tensor, teacher_test: Tensor,
                           labels: Tensor, y_test: Tensor, groups: Sequence[str], *, recipe: Mapping,
@@ -1109,7 +1101,7 @@ def student_study_results(features: Mapping[str, tuple[Tensor, Tensor]], teacher
     inputs differ in their last bits between machines, so they are checked live instead (recompute one run).
     """
     key = {"recipe": dict(recipe), "concepts": list(concept_names), "groups": list(groups),
-           "inputs": _digest([torch.as_tensor(labels), teacher_pool.argmax(1), teacher_test.argmax(1),
+           "inputs": tensor_digest([torch.as_tensor(labels), teacher_pool.argmax(1), teacher_test.argmax(1),
                               torch.as_tensor(y_test)]),
            "shapes": {k: [list(p.shape), list(t.shape)] for k, (p, t) in features.items()}}
 
@@ -1179,7 +1171,7 @@ def choquet_students_results(runs: Mapping[str, tuple[Tensor, Tensor, Sequence[s
     """
     key = {"epochs": epochs, "check": [check, check_epochs],
            "runs": {n: {"concepts": list(concepts[n]), "groups": list(g), "shape": list(z.shape),
-                        "teacher": _digest([t.argmax(1)])} for n, (z, t, g) in runs.items()}}
+                        "teacher": tensor_digest([t.argmax(1)])} for n, (z, t, g) in runs.items()}}
 
     def build(path) -> None:
         torch.save(choquet_students(runs, epochs=epochs, check=check, check_epochs=check_epochs), path)
@@ -1210,7 +1202,7 @@ def cav_tests_results(image_emb: Tensor, tests: Mapping[str, tuple[np.ndarray, o
     pixel rules); the embeddings are floats, so the notebook recomputes one test live and compares it.
     """
     key = {"n_runs": n_runs, "tests": list(tests), "shape": list(image_emb.shape),
-           "inputs": _digest([torch.as_tensor(np.asarray(p, dtype=np.int64)) for p, _ in tests.values()]
+           "inputs": tensor_digest([torch.as_tensor(np.asarray(p, dtype=np.int64)) for p, _ in tests.values()]
                              + [torch.as_tensor(t).long() for t in truth])}
 
     def build(path) -> None:
@@ -1271,7 +1263,7 @@ def self_training_results(x_lab: Tensor, y_lab: Tensor, x_unlab: Tensor, x_unlab
     key = {"n_classes": n_classes, "rounds": rounds, "threshold": threshold, "steps": steps,
            "seed_classes": [int(c) for c in seed_classes],
            "shapes": [list(t.shape) for t in (x_lab, x_unlab, x_unlab_view, seed_logits, x_pool)],
-           "inputs": _digest([torch.as_tensor(y_lab), seed_logits.argmax(1), torch.as_tensor(y_pool)])}
+           "inputs": tensor_digest([torch.as_tensor(y_lab), seed_logits.argmax(1), torch.as_tensor(y_pool)])}
 
     def build(path) -> None:
         torch.save(self_training_study(x_lab, y_lab, x_unlab, x_unlab_view, seed_logits, seed_classes, x_pool, y_pool,

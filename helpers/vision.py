@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from helpers import assets, common, data, hooks, zoo
+from helpers.common import tensor_digest
 
 IMAGE_SIZE, PATCH = data.IMAGE_SIZE, 7
 GRID = IMAGE_SIZE // PATCH  # 4 x 4 patches
@@ -734,8 +735,8 @@ def vit_faithfulness_results(model: nn.Module, images: Tensor, target: Tensor, g
     """
     key = {"methods": list(VIT_METHODS), "protocols": VIT_PROTOCOLS, "steps": VIT_STEPS, "blur": [25, 4.0],
            "garment": 0.01, "seeds": "GradientSHAP: torch, NumPy seeded by group; random: seed 0",
-           "inputs": _digest([images, torch.as_tensor(target), torch.as_tensor(groups), shap_baselines]),
-           "model": _digest(list(model.state_dict().values()))}  # fmt: skip
+           "inputs": tensor_digest([images, torch.as_tensor(target), torch.as_tensor(groups), shap_baselines]),
+           "model": tensor_digest(list(model.state_dict().values()))}  # fmt: skip
 
     def build(path) -> None:
         with common.torch_threads(common.free_cores()):
@@ -787,7 +788,8 @@ def vit_sanity_results(model: nn.Module, images: Tensor, target: Tensor) -> dict
     altered; the file is named by a hash of the methods, the cascade, the images and the weights."""
     key = {"methods": list(VIT_SANITY), "cascade": list(VIT_CASCADE), "reset_embeddings": True, "seed": 0,
            "measures": ["spearman", "spearman_abs", "ssim", "hog"], "floor": "roll 1",
-           "inputs": _digest([images, torch.as_tensor(target)]), "model": _digest(list(model.state_dict().values()))}
+           "inputs": tensor_digest([images, torch.as_tensor(target)]),
+           "model": tensor_digest(list(model.state_dict().values()))}
 
     def build(path) -> None:
         with common.torch_threads(common.free_cores()):
@@ -931,15 +933,6 @@ def rise_benchmark(model: nn.Module, images: Tensor, targets: Tensor, maps: dict
             for mode, canvas in (("deletion", delete_to), ("insertion", insert_from))}  # fmt: skip
 
 
-def _digest(tensors: Sequence[Tensor]) -> str:
-    """SHA-256 (16 hex digits) of the tensors' bytes, in order: names an artefact made from them."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(str(tuple(t.shape)).encode() + t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
 
 def rise_photo_study(model: nn.Module, names: Sequence[str] = assets.BENCHMARK_PHOTOS) -> dict:
     """Chapter 8's RISE benchmark on bundled photos: :func:`photo_maps`' five methods and a random map.
@@ -974,8 +967,8 @@ def rise_photo_results(model: nn.Module, names: Sequence[str] = assets.BENCHMARK
     to_input = assets.imagenet_transform()
     images = torch.stack([to_input(p) for p in assets.sample_photos(names).values()])
     key = {"protocol": RISE_PROTOCOL, "steps": RISE_STEPS, "methods": [*PHOTO_METHODS, "random"],
-           "photos": list(names), "inputs": _digest([images]), "seeds": "torch 0; NumPy 0 for GradientSHAP",
-           "model": _digest(list(model.state_dict().values()))}  # fmt: skip
+           "photos": list(names), "inputs": tensor_digest([images]), "seeds": "torch 0; NumPy 0 for GradientSHAP",
+           "model": tensor_digest(list(model.state_dict().values()))}  # fmt: skip
 
     def build(path) -> None:
         with common.torch_threads(common.free_cores()):
