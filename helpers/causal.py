@@ -11,6 +11,9 @@ They sit on the book's one hook layer, :mod:`helpers.hooks` (site names as in Tr
 - :func:`patching_sweep` patches clean activations into a corrupted run, one site at a time (Vig et al.
   2020; Meng et al. 2022); :func:`attribution_patching` is its first-order approximation (Nanda 2023;
   Syed et al. 2023); :func:`site_grid` builds the usual site lists;
+- :func:`path_patching` measures a head's effect along one path (to the logits, or into other heads'
+  queries, keys or values; Wang et al. 2022), :func:`expand_kv_heads` gives each query head its own
+  keys and values for it;
 - :func:`induction_scores` scores heads on repeated random tokens (Olsson et al. 2022) and
   :func:`circuit_logit_diff` measures a circuit with every other head mean-ablated (Wang et al. 2022).
 
@@ -411,6 +414,146 @@ def attribution_patching(model: nn.Module, clean: Tensor, corrupted: Tensor, *, 
     return torch.stack(out)
 
 
+# ------------------------------------------------------------------------------------------ path patching
+def expand_kv_heads(model: nn.Module) -> nn.Module:
+    """A copy of a grouped-query-attention Llama with one key/value head per query head: the same function.
+
+    With grouped-query attention ``n_heads // n_kv_heads`` query heads read the same keys and values, so
+    ``hooks.patch(model, "blocks.l.attn.hook_v", heads=[g])`` changes several heads at once. Repeating each
+    key/value projection's rows (as ``repeat_kv`` repeats its output) gives every query head its own copy,
+    which path patching into one head's keys or values needs.
+
+    Returns:
+        a new model (the input is left as it is); its logits equal the input's to float tolerance.
+    """
+    import copy
+
+    _base(model)
+    n_heads, n_kv = model.config.num_attention_heads, hooks._n_kv_heads(model)
+    out = copy.deepcopy(model)
+    if n_kv == n_heads:
+        return out
+    groups = n_heads // n_kv
+    for layer in _base(out).layers:
+        attn = layer.self_attn
+        for name in ("k_proj", "v_proj"):
+            old = getattr(attn, name)
+            new = nn.Linear(old.in_features, old.out_features * groups, bias=old.bias is not None)
+            new.weight.data = old.weight.data.unflatten(0, (n_kv, -1)).repeat_interleave(groups, 0).flatten(0, 1)
+            if old.bias is not None:
+                new.bias.data = old.bias.data.unflatten(0, (n_kv, -1)).repeat_interleave(groups, 0).flatten()
+            setattr(attn, name, new.to(old.weight))
+        attn.num_key_value_groups = 1
+    out.config.num_key_value_heads = n_heads
+    return out
+
+
+def _heads(model: nn.Module, heads: Sequence[tuple[int, int]], what: str) -> list[tuple[int, int]]:
+    n_layers, n_heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    try:
+        out = [(int(l), int(h)) for l, h in heads]
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{what} must be a list of (layer, head) pairs, got {heads!r}") from err
+    if not out:
+        raise ValueError(f"{what} is empty: give (layer, head) pairs")
+    bad = [c for c in out if not (0 <= c[0] < n_layers and 0 <= c[1] < n_heads)]
+    if bad:
+        raise ValueError(f"{what} {bad} out of range ({n_layers} layers x {n_heads} heads)")
+    return out
+
+
+@torch.no_grad()
+def path_patching(model: nn.Module, orig: Tensor, new: Tensor, *, senders: Sequence[tuple[int, int]], metric: Metric,
+                  receivers: Sequence[tuple[int, int]] | None = None, receiver_input: str = "q",
+                  progress: bool = False) -> Tensor:
+    """Path patching (Wang et al. 2022, §3.1 and App. B): a sender head's effect along one path only.
+
+    For each sender head on its own: (1) run ``orig`` with the sender's output taken from ``new`` and every
+    other head of later blocks frozen at its ``orig`` output (MLPs are recomputed, so they are part of every
+    path); (2) with ``receivers=None`` the metric of that run is the answer (the path sender → MLPs → logits);
+    otherwise record the receivers' ``receiver_input`` (their query, key or value projection, all positions)
+    in that run and (3) run ``orig`` again with only those inputs of only those heads replaced (the path
+    sender → receivers → logits, everything after the receivers recomputed).
+
+    Args:
+        model: a Llama-style causal LM in eval mode; for ``receiver_input`` ``"k"``/``"v"`` one key/value head
+            per query head (:func:`expand_kv_heads`), so that one head's keys or values can be patched alone.
+        orig, new: ``[batch, pos]`` token ids of equal shape: the run measured and the run the senders come from
+            (Wang et al.: the IOI prompts and the same prompts with three unrelated names).
+        senders: ``(layer, head)`` pairs, each patched on its own.
+        metric: ``metric(logits [batch, pos, vocab]) -> [batch]`` on ``orig``'s targets, e.g. :func:`logit_diff_metric`.
+        receivers: ``(layer, head)`` pairs whose input carries the path, or ``None`` for the logits directly.
+        receiver_input: ``"q"``, ``"k"`` or ``"v"``.
+        progress: show a tqdm bar over blocks.
+
+    Returns:
+        ``[sender, batch]`` the metric of each path-patched run (compare with ``metric`` of ``orig``).
+    """
+    orig, new = _pair(model, orig, new)
+    senders = _heads(model, senders, "senders")
+    n_layers, n_heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    if receiver_input not in ("q", "k", "v"):
+        raise ValueError(f"receiver_input must be 'q', 'k' or 'v', got {receiver_input!r}")
+    if receivers is not None:
+        receivers = _heads(model, receivers, "receivers")
+        if receiver_input != "q" and hooks._n_kv_heads(model) != n_heads:
+            raise ValueError(
+                f"receiver_input={receiver_input!r} with grouped-query attention ({hooks._n_kv_heads(model)} key/value "
+                f"heads for {n_heads} query heads) would patch several heads at once: pass expand_kv_heads(model)"
+            )
+    z_sites = [f"blocks.{l}.attn.hook_z" for l in range(n_layers)]
+    _, z_orig = hooks.run_with_cache(model, orig, sites=z_sites)
+    _, z_new = hooks.run_with_cache(model, new, sites=z_sites)
+    by_layer: dict[int, list[int]] = {}
+    for i, (l, _) in enumerate(senders):
+        by_layer.setdefault(l, []).append(i)
+    b = orig.shape[0]
+    out: list[Tensor | None] = [None] * len(senders)
+    if receivers is not None:  # a sender in a receiver's block or later cannot reach it: the run is orig itself
+        last = max(l for l, _ in receivers)
+        late = [i for i, (l, _) in enumerate(senders) if l >= last]
+        if late:
+            unchanged = metric(model(orig).logits)
+            for i in late:
+                out[i] = unchanged.clone()
+        by_layer = {l: idx for l, idx in by_layer.items() if l < last}
+    layers = sorted(by_layer)
+    if progress:
+        from tqdm.auto import tqdm
+
+        layers = tqdm(layers, desc="path patching", leave=False)
+    for layer in layers:
+        idx = by_layer[layer]
+        k = len(idx)
+        heads_here = [senders[i][1] for i in idx]
+        batch = orig.repeat(k, 1)                                                           # [k * batch, pos]
+
+        def put_senders(z, layer=layer, heads_here=heads_here):
+            z = z.clone()
+            for j, h in enumerate(heads_here):
+                z[j * b : (j + 1) * b, :, h] = z_new[f"blocks.{layer}.attn.hook_z"][:, :, h]
+            return z
+
+        frozen = [hooks.patch(model, f"blocks.{layer}.attn.hook_z", fn=put_senders)]
+        frozen += [hooks.patch(model, z_sites[l], z_orig[z_sites[l]].repeat(k, 1, 1, 1))
+                   for l in range(layer + 1, n_layers)]
+        if receivers is None:
+            with hooks.patches(frozen):
+                logits = model(batch).logits
+        else:
+            r_sites = sorted({f"blocks.{l}.attn.hook_{receiver_input}" for l, _ in receivers})
+            with hooks.patches(frozen), hooks.capture(model, r_sites) as recorded:
+                model(batch)
+            heads_at = {site: sorted({h for l, h in receivers if site == f"blocks.{l}.attn.hook_{receiver_input}"})
+                        for site in r_sites}
+            writes = [hooks.patch(model, site, recorded[site], heads=heads_at[site]) for site in r_sites]
+            with hooks.patches(writes):
+                logits = model(batch).logits
+        for j, i in enumerate(idx):
+            out[i] = metric(logits[j * b : (j + 1) * b])
+    return torch.stack(out)
+
+
 # ----------------------------------------------------------------------------------------------- circuits
 def induction_scores(pattern: Tensor, *, period: int, start: int = 0) -> dict[str, Tensor]:
     """Induction and previous-token scores of every head on sequences that repeat after ``period`` tokens.
@@ -478,9 +621,9 @@ def circuit_logit_diff(model: nn.Module, input_ids: Tensor, *, circuit: Sequence
 
 
 __all__ = [
-    "Site", "TunedLens", "attribution_patching", "circuit_logit_diff", "direct_logit_attribution", "induction_scores",
-    "lens_stats", "logit_diff_metric", "logit_lens", "normalised", "patching_sweep", "residual_stream", "site_grid",
-    "train_tuned_lens", "unembed",
+    "Site", "TunedLens", "attribution_patching", "circuit_logit_diff", "direct_logit_attribution", "expand_kv_heads",
+    "induction_scores", "lens_stats", "logit_diff_metric", "logit_lens", "normalised", "path_patching",
+    "patching_sweep", "pick_heads", "residual_stream", "site_grid", "train_tuned_lens", "unembed",
 ]
 
 
@@ -685,6 +828,131 @@ def chapter_results(model: nn.Module, tokenizer, *, recipe: dict = RECIPE, progr
             rand.append(circuit_ld([every[int(i)] for i in pick]))
         out[f"report_random{k}"] = torch.stack(rand)                                             # [draw, prompt]
     return out
+
+
+PATH_RECIPE = {"version": 1, "ioi_per_template": 16, "ioi_seed": 0, "select_fraction": 0.5, "threshold": 0.05,
+               "random_circuits": 20}
+"""What :func:`path_results` computes; ``threshold``: a head joins a class when its path-patching effect on the
+selection prompts is at least this share of the logit difference (fixed before the effects were looked at)."""
+
+
+def pick_heads(effect: Tensor, *, threshold: float, sign: int) -> list[tuple[int, int]]:
+    """Heads whose relative effect is beyond ``threshold`` in the direction ``sign`` (-1: lowers the metric).
+
+    Args:
+        effect: ``[layer, head]`` mean relative change of the metric when the head's path is patched.
+
+    Returns:
+        ``(layer, head)`` pairs, strongest first.
+    """
+    if sign not in (-1, 1) or not threshold > 0:
+        raise ValueError(f"sign must be -1 or 1 and threshold > 0, got sign={sign}, threshold={threshold}")
+    flat = effect.flatten() * sign
+    order = flat.argsort(descending=True)
+    return [divmod(int(i), effect.shape[1]) for i in order if flat[i] >= threshold]
+
+
+def path_results(model: nn.Module, tokenizer, *, recipe: dict = PATH_RECIPE, progress: bool = True) -> dict:
+    """Wang et al.'s path-patching search on the chapter's IOI prompts (about 25 min on 2 cores), as tensors.
+
+    The "new" run of every path is the reference prompt of the same row (same template, three unrelated
+    names: Wang et al.'s ABC distribution). Three steps, each on every prompt of both halves, with the
+    classes chosen on the selection half by :func:`pick_heads`: (1) every head → logits: name movers lower
+    the IO − S logit difference, negative name movers raise it; (2) every head → the name movers' queries:
+    S-inhibition heads; (3) every head → the S-inhibition heads' values (on :func:`expand_kv_heads`):
+    induction and duplicate-token heads. Then the circuit (the union) with every other head mean-ablated
+    on the report prompts, and as many random sets of the same size.
+
+    Returns:
+        ``{"base": [prompt], "direct"/"to_nm_q"/"to_sinh_v": [layer, head, prompt] metric of the patched
+        run, "name_movers"/"negative"/"s_inhibition"/"induction_duplicate": [k, 2] heads, "report_circuit":
+        [report prompt], "report_random": [draw, report prompt], ...}``; prompts in template order.
+    """
+    import time
+
+    import numpy as np
+
+    from helpers import stats
+
+    n_layers, n_heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    groups = ioi_prompts(tokenizer, n_per_template=recipe["ioi_per_template"], seed=recipe["ioi_seed"])
+    labels = np.concatenate([[g] * len(p.io) for g, p in enumerate(groups)])
+    select, report = stats.split_indices(len(labels), fraction=recipe["select_fraction"], seed=0, labels=labels)
+    every = [(l, h) for l in range(n_layers) for h in range(n_heads)]
+    out: dict = {"recipe": recipe, "select": torch.tensor(select), "report": torch.tensor(report)}
+    with torch.no_grad():
+        out["base"] = torch.cat([logit_diff_metric(p.io, p.s)(model(p.clean).logits) for p in groups])
+    sel = torch.tensor(select)
+
+    def sweep(name: str, net: nn.Module, receivers, receiver_input: str = "q") -> Tensor:
+        if receivers is not None and not receivers:  # an empty class upstream: no path to patch
+            out[name], out[f"{name}_s"] = out["base"].expand(n_layers, n_heads, -1).clone(), 0.0
+            return torch.zeros(n_layers, n_heads)
+        t0 = time.perf_counter()
+        runs = [path_patching(net, p.clean, p.reference, senders=every, metric=logit_diff_metric(p.io, p.s),
+                              receivers=receivers, receiver_input=receiver_input, progress=progress) for p in groups]
+        out[f"{name}_s"] = time.perf_counter() - t0
+        out[name] = torch.cat(runs, 1).view(n_layers, n_heads, -1)                           # [layer, head, prompt]
+        base = out["base"]
+        return (out[name][..., sel] - base[sel]).mean(-1) / base[sel].mean()                  # [layer, head]
+
+    thr = recipe["threshold"]
+
+    def heads(effect: Tensor, sign: int) -> Tensor:
+        return torch.tensor(pick_heads(effect, threshold=thr, sign=sign), dtype=torch.long).view(-1, 2)
+
+    effect = sweep("direct", model, None)
+    out["name_movers"], out["negative"] = heads(effect, -1), heads(effect, 1)
+    effect = sweep("to_nm_q", model, out["name_movers"].tolist(), "q")
+    out["s_inhibition"] = heads(effect, -1)
+    effect = sweep("to_sinh_v", expand_kv_heads(model), out["s_inhibition"].tolist(), "v")
+    out["induction_duplicate"] = heads(effect, -1)
+
+    circuit = sorted({tuple(h) for k in ("name_movers", "negative", "s_inhibition", "induction_duplicate")
+                      for h in out[k].tolist()})
+    out["circuit"] = torch.tensor(circuit, dtype=torch.long).view(-1, 2)
+    offsets = np.cumsum([0] + [len(p.io) for p in groups])
+    mean_z = []
+    for p in groups:
+        _, cache = hooks.run_with_cache(model, p.reference, sites="blocks.*.attn.hook_z")
+        mean_z.append(torch.stack([cache[f"blocks.{l}.attn.hook_z"].mean(0) for l in range(n_layers)]))
+
+    def circuit_ld(heads) -> Tensor:
+        lds = []
+        for g, p in enumerate(groups):
+            r = torch.tensor([i - offsets[g] for i in report if offsets[g] <= i < offsets[g + 1]])
+            lds.append(circuit_logit_diff(model, p.clean[r], circuit=heads, mean_z=mean_z[g],
+                                          metric=logit_diff_metric(p.io[r], p.s[r])))
+        return torch.cat(lds)
+
+    out["report_circuit"] = circuit_ld(circuit)
+    gen = torch.Generator().manual_seed(1)
+    out["report_random"] = torch.stack([circuit_ld([every[int(i)] for i in torch.randperm(len(every), generator=gen)
+                                                    [: len(circuit)]]) for _ in range(recipe["random_circuits"])])
+    return out
+
+
+def path_results_path():
+    """Where :func:`load_path_results` keeps the artefact (named by the recipe's content hash)."""
+    from helpers import common
+
+    return common.cache_dir("results", "ch6b") / f"paths-{common.content_hash(PATH_RECIPE)}.pt"
+
+
+def load_path_results(model: nn.Module | None = None, tokenizer=None) -> dict:
+    """The committed results of :func:`path_results` (verified by SHA-256), rebuilt when missing or altered."""
+    from helpers import common
+
+    def build(target) -> None:
+        nonlocal model, tokenizer
+        if model is None:
+            from helpers.assets import smollm2
+
+            model, tokenizer = smollm2(attn_implementation="eager")
+        with common.torch_threads(common.free_cores()):
+            torch.save(path_results(model.eval(), tokenizer), target)
+
+    return torch.load(common.cached_file(path_results_path(), build, committed=True), weights_only=True)
 
 
 def results_path():

@@ -6,6 +6,9 @@ SmolLM2-135M (a ``LlamaForCausalLM``). Sites are named as in TransformerLens (Na
 - ``hook_embed``: embeddings output = residual stream before block 0, ``[batch, pos, d_model]`` (BERT:
   after the embedding LayerNorm; Llama: ``embed_tokens``, skipped when ``inputs_embeds`` is passed);
 - ``blocks.{l}.hook_resid_pre``: input of block l, ``[batch, pos, d_model]``;
+- ``blocks.{l}.attn.hook_q`` / ``hook_k`` / ``hook_v``: outputs of the query, key and value projections
+  (before rotary embeddings), ``[batch, pos, head, d_head]``; with grouped-query attention ``hook_k`` and
+  ``hook_v`` have one entry per key/value head, shared by ``n_heads // n_kv_heads`` query heads;
 - ``blocks.{l}.attn.hook_pattern``: attention probabilities (capture only), ``[batch, head, q, k]``;
 - ``blocks.{l}.attn.hook_z``: per-head outputs, the input of ``o_proj`` / BERT's ``attention.output.dense``,
   ``[batch, pos, head, d_head]``;
@@ -69,7 +72,8 @@ import torch
 from torch import Tensor, nn
 
 _BLOCK_SITES = (  # in the order a forward pass reaches them
-    *("hook_resid_pre", "attn.hook_pattern", "attn.hook_z", "hook_attn_out", "hook_resid_mid"),
+    *("hook_resid_pre", "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_pattern", "attn.hook_z"),
+    *("hook_attn_out", "hook_resid_mid"),
     *("mlp.hook_post", "hook_mlp_out", "hook_resid_post"),
 )
 _BLOCK_NAME = re.compile(r"blocks\.(-?\d+)\.(.+)")
@@ -80,7 +84,7 @@ class _Site:
     name: str
     module: nn.Module
     kind: str  # "in": first input; "out": output; "pattern": 2nd output of attention; "mid": Llama resid_mid
-    features: tuple[int, ...]  # shape after [batch, pos] (hook_z: (head, d_head)); () for the pattern
+    features: tuple[int, ...]  # shape after [batch, pos] (hook_q/k/v/z: (head, d_head)); () for the pattern
     layer: nn.Module | None = None  # the block, for "mid"
 
 
@@ -107,12 +111,24 @@ def _dims(model: nn.Module) -> tuple[int, int, int, int, int]:
     return c.num_hidden_layers, c.num_attention_heads, d_head, c.hidden_size, c.intermediate_size
 
 
-def _block_sites(arch: str, block: nn.Module, dims: tuple[int, ...]) -> dict[str, tuple[nn.Module, str, tuple]]:
+def _n_kv_heads(model: nn.Module) -> int:
+    """Key/value heads: fewer than the query heads with grouped-query attention."""
+    c = model.config
+    return getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+
+
+def _block_sites(
+    arch: str, block: nn.Module, dims: tuple[int, ...], n_kv: int
+) -> dict[str, tuple[nn.Module, str, tuple]]:
     _, n_heads, d_head, d, d_mlp = dims
     if arch == "bert":
         attn_dense, mlp_dense = block.attention.output.dense, block.output.dense
+        qkv = block.attention.self
         return {
             "hook_resid_pre": (block, "in", (d,)),
+            "attn.hook_q": (qkv.query, "out", (n_heads, d_head)),
+            "attn.hook_k": (qkv.key, "out", (n_heads, d_head)),
+            "attn.hook_v": (qkv.value, "out", (n_heads, d_head)),
             "attn.hook_pattern": (block.attention.self, "pattern", ()),
             "attn.hook_z": (attn_dense, "in", (n_heads, d_head)),
             "hook_attn_out": (attn_dense, "out", (d,)),
@@ -120,8 +136,12 @@ def _block_sites(arch: str, block: nn.Module, dims: tuple[int, ...]) -> dict[str
             "hook_mlp_out": (mlp_dense, "out", (d,)),
             "hook_resid_post": (block, "out", (d,)),
         }
+    attn = block.self_attn
     return {
         "hook_resid_pre": (block, "in", (d,)),
+        "attn.hook_q": (attn.q_proj, "out", (n_heads, d_head)),
+        "attn.hook_k": (attn.k_proj, "out", (n_kv, d_head)),
+        "attn.hook_v": (attn.v_proj, "out", (n_kv, d_head)),
         "attn.hook_pattern": (block.self_attn, "pattern", ()),
         "attn.hook_z": (block.self_attn.o_proj, "in", (n_heads, d_head)),
         "hook_attn_out": (block.self_attn.o_proj, "out", (d,)),
@@ -144,7 +164,7 @@ def site_names(model: nn.Module) -> list[str]:
     >>> from transformers import BertConfig, BertModel
     >>> bert = BertModel(BertConfig(num_hidden_layers=1, hidden_size=8, num_attention_heads=2, intermediate_size=16))
     >>> site_names(bert)[:3]
-    ['hook_embed', 'blocks.0.hook_resid_pre', 'blocks.0.attn.hook_pattern']
+    ['hook_embed', 'blocks.0.hook_resid_pre', 'blocks.0.attn.hook_q']
     """
     arch, _ = _architecture(model)
     per_block = [s for s in _BLOCK_SITES if arch == "llama" or s != "hook_resid_mid"]
@@ -167,7 +187,7 @@ def _site(model: nn.Module, name: str) -> _Site:
         if not 0 <= layer < n_layers:
             raise ValueError(f"site {name!r}: layer {layer} is out of range; this model has layers 0..{n_layers - 1}")
         block = (base.encoder.layer if arch == "bert" else base.layers)[layer]
-        sites = _block_sites(arch, block, dims)
+        sites = _block_sites(arch, block, dims, _n_kv_heads(model))
         if match[2] in sites:
             return _Site(name, *sites[match[2]], layer=block)
     valid = site_names(model)
@@ -195,7 +215,7 @@ def _expand(model: nn.Module, sites: str | Iterable[str] | None) -> list[str]:
 
 def _install(site: _Site, edit: Callable[[Tensor], Tensor | None], writes: bool) -> list:
     """Register hooks that pass the site's activation to ``edit``; a returned tensor replaces it."""
-    unflatten = len(site.features) == 2  # hook_z: [batch, pos, head * d_head] -> [batch, pos, head, d_head]
+    unflatten = len(site.features) == 2  # [batch, pos, head * d_head] <-> [batch, pos, head, d_head]
 
     def pre(_module, args, kwargs):
         x = args[0] if args else kwargs["hidden_states"]
@@ -207,7 +227,8 @@ def _install(site: _Site, edit: Callable[[Tensor], Tensor | None], writes: bool)
 
     def post(_module, _args, out):
         if site.kind != "pattern":
-            return edit(out)
+            y = edit(out.unflatten(-1, site.features) if unflatten else out)
+            return y.flatten(-2) if unflatten and y is not None else y
         if out[1] is None:
             raise ValueError(f"{site.name}: no attention probabilities: load the model with eager attention")
         edit(out[1])
@@ -496,7 +517,7 @@ def patch(
         fn: instead of ``value``, ``fn(activation) -> activation`` of the same shape; only the chosen
             positions/heads of its result are written.
         positions: index or list of indices along the pos axis (negative counts from the end); ``None``: all.
-        heads: head index or list, only for ``attn.hook_z``; ``None``: all heads.
+        heads: head index or list, only for sites with a head axis (``attn.hook_q/k/v/z``); ``None``: all heads.
 
     Returns:
         a context manager (yields ``None``); several patches stack (nested ``with`` or :func:`patches`).
@@ -517,14 +538,14 @@ def patch(
         raise ValueError(f"{site} can be captured but not patched; patch the heads' outputs, attn.hook_z, instead")
     if (value is None) == (fn is None):
         raise ValueError("give exactly one of value= (a tensor or number) or fn= (activation -> activation)")
-    n_heads = _dims(model)[1]
     head_list = _indices("heads", heads)
     if head_list is not None:
         if len(where.features) != 2:
-            raise ValueError(f"heads= applies only to attn.hook_z sites (with a head axis), not to {site!r}")
+            raise ValueError(f"heads= applies only to sites with a head axis (attn.hook_q/k/v/z), not to {site!r}")
+        n_heads = where.features[0]
         bad = [h for h in head_list if not 0 <= h < n_heads]
         if bad:
-            raise ValueError(f"heads {bad} out of range: the model has heads 0..{n_heads - 1}")
+            raise ValueError(f"heads {bad} out of range: {site} has heads 0..{n_heads - 1}")
     pos_list = _indices("positions", positions)
     if value is not None:
         value = torch.as_tensor(value, dtype=torch.get_default_dtype() if isinstance(value, float | int) else None)

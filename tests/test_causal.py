@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import Tensor
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from helpers import causal, hooks
@@ -164,6 +165,93 @@ def test_circuit_with_every_head_is_the_model(tiny, pair):
     assert not torch.allclose(empty, out)
 
 
+def test_expand_kv_heads_is_the_same_function(tiny, pair):
+    clean, _ = pair
+    wide = causal.expand_kv_heads(tiny)
+    assert tiny.model.layers[0].self_attn.k_proj.out_features == 2 * 8 and wide.config.num_key_value_heads == 4
+    with torch.no_grad():
+        torch.testing.assert_close(wide(clean).logits, tiny(clean).logits, rtol=0, atol=1e-5)
+    _, narrow_v = hooks.run_with_cache(tiny, clean, sites="blocks.1.attn.hook_v")
+    _, wide_v = hooks.run_with_cache(wide, clean, sites="blocks.1.attn.hook_v")
+    # query heads 0 and 1 share key/value head 0; in the wide copy each has its own copy of it
+    assert wide_v["blocks.1.attn.hook_v"].shape[2] == 4 and narrow_v["blocks.1.attn.hook_v"].shape[2] == 2
+    torch.testing.assert_close(wide_v["blocks.1.attn.hook_v"][:, :, 1], narrow_v["blocks.1.attn.hook_v"][:, :, 0])
+
+
+@pytest.fixture(scope="module")
+def no_mlp(tiny):
+    """The tiny model with every MLP switched off (down_proj = 0) and one key/value head per query head:
+    then a head's paths are short enough to compute by hand."""
+    model = causal.expand_kv_heads(tiny)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.normal_(0, 1)             # tied to the unembedding: visible logit moves
+        for layer in model.model.layers:
+            layer.mlp.down_proj.weight.zero_()
+            a = layer.self_attn
+            for proj in (a.q_proj, a.k_proj, a.v_proj, a.o_proj):
+                proj.weight.normal_(0, 0.3)         # larger than the 0.02 init, so that paths differ visibly
+    return model
+
+
+def _head_write(model, layer: int, head: int, z: Tensor) -> Tensor:
+    """What head ``head`` of block ``layer`` adds to the residual stream, from its z ``[batch, pos, d_head]``."""
+    w_o = model.model.layers[layer].self_attn.o_proj.weight                     # [d_model, head * d_head]
+    d_head = z.shape[-1]
+    return z @ w_o[:, head * d_head : (head + 1) * d_head].T
+
+
+def test_path_patching_known_answers(no_mlp, pair):
+    orig, new = pair
+    metric = METRIC
+    sites = ["blocks.0.attn.hook_z", "blocks.1.attn.hook_z", "blocks.1.hook_resid_pre", "blocks.1.hook_resid_post",
+             "blocks.1.attn.hook_pattern"]
+    _, o = hooks.run_with_cache(no_mlp, orig, sites=sites)
+    _, n = hooks.run_with_cache(no_mlp, new, sites=sites)
+    with torch.no_grad():
+        base = metric(no_mlp(orig).logits)
+    every = [(l, h) for l in range(2) for h in range(4)]
+    # the same run as the source changes nothing, on every path
+    for receivers in (None, [(1, 2)]):
+        same = causal.path_patching(no_mlp, orig, orig, senders=every, metric=metric, receivers=receivers,
+                                    receiver_input="v")
+        torch.testing.assert_close(same, base.expand_as(same), rtol=0, atol=1e-5)
+    # sender -> logits: with the later heads frozen and no MLPs, the final residual stream moves by exactly
+    # what the sender writes differently
+    h = 3
+    delta = _head_write(no_mlp, 0, h, n["blocks.0.attn.hook_z"][:, :, h] - o["blocks.0.attn.hook_z"][:, :, h])
+    want = metric(causal.unembed(no_mlp, o["blocks.1.hook_resid_post"] + delta))
+    got = causal.path_patching(no_mlp, orig, new, senders=[(0, h)], metric=metric)[0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, base, atol=1e-2)
+    # a head of the last block: path patching to the logits is activation patching of that head
+    with torch.no_grad(), hooks.patch(no_mlp, "blocks.1.attn.hook_z", n["blocks.1.attn.hook_z"], heads=[2]):
+        torch.testing.assert_close(causal.path_patching(no_mlp, orig, new, senders=[(1, 2)], metric=metric)[0],
+                                   metric(no_mlp(orig).logits), rtol=0, atol=1e-5)
+    # sender (0, h) -> the values of receiver (1, r): the receiver keeps its clean attention pattern and reads
+    # values computed from the residual stream that the sender changed
+    r = 1
+    layer = no_mlp.model.layers[1]
+    v = layer.self_attn.v_proj(layer.input_layernorm(o["blocks.1.hook_resid_pre"] + delta)).unflatten(-1, (4, 8))
+    z_r = o["blocks.1.attn.hook_pattern"][:, r] @ v[:, :, r]                      # [batch, pos, d_head]
+    moved = _head_write(no_mlp, 1, r, z_r - o["blocks.1.attn.hook_z"][:, :, r])
+    want = metric(causal.unembed(no_mlp, o["blocks.1.hook_resid_post"] + moved))
+    got = causal.path_patching(no_mlp, orig, new, senders=[(0, h), (1, 0)], metric=metric, receivers=[(1, r)],
+                               receiver_input="v")
+    torch.testing.assert_close(got[0], want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got[0], base, atol=1e-2)
+    assert torch.equal(got[1], base)                           # a sender in the receiver's block cannot reach it
+    assert _no_hooks(no_mlp)
+
+
+def test_pick_heads():
+    effect = torch.tensor([[0.0, -0.3, 0.1], [-0.06, 0.02, -0.04]])
+    assert causal.pick_heads(effect, threshold=0.05, sign=-1) == [(0, 1), (1, 0)]
+    assert causal.pick_heads(effect, threshold=0.05, sign=1) == [(0, 2)]
+    with pytest.raises(ValueError, match="sign"):
+        causal.pick_heads(effect, threshold=0.05, sign=0)
+
+
 def test_bad_input_raises_clear_errors(tiny, pair):
     clean, corrupted = pair
     sites, _ = causal.site_grid(tiny, "mlp")
@@ -186,6 +274,18 @@ def test_bad_input_raises_clear_errors(tiny, pair):
         causal.site_grid(tiny, "resid")
     with pytest.raises(ValueError, match="equal"):
         causal.normalised(1.0, clean=2.0, corrupted=2.0)
+    with pytest.raises(ValueError, match="same"):
+        causal.path_patching(tiny, clean, corrupted[:, :-1], senders=[(0, 0)], metric=METRIC)
+    with pytest.raises(ValueError, match="out of range"):
+        causal.path_patching(tiny, clean, corrupted, senders=[(2, 0)], metric=METRIC)
+    with pytest.raises(ValueError, match="empty"):
+        causal.path_patching(tiny, clean, corrupted, senders=[], metric=METRIC)
+    with pytest.raises(ValueError, match="receiver_input"):
+        causal.path_patching(tiny, clean, corrupted, senders=[(0, 0)], metric=METRIC, receivers=[(1, 0)],
+                             receiver_input="z")
+    with pytest.raises(ValueError, match="expand_kv_heads"):
+        causal.path_patching(tiny, clean, corrupted, senders=[(0, 0)], metric=METRIC, receivers=[(1, 0)],
+                             receiver_input="v")
     assert _no_hooks(tiny)
 
 
@@ -207,3 +307,24 @@ def test_chapter_recipe_runs_short_on_a_tiny_model_with_the_real_tokenizer():
     assert out["ioi_select_heads"].shape == (8, 6) and out["resid"].shape[0] == 2 * out["resid_shape"][1]
     assert out["tuned_wikipedia_kl"].shape[0] == 2 and out["report_random26"].shape == (2, 6)
     assert out["lens_losses"].shape == (3,) and torch.isfinite(out["heads_attr_s"] * out["report_full"]).all()
+
+
+@pytest.mark.slow
+def test_path_recipe_runs_short_on_a_tiny_model_with_the_real_tokenizer():
+    """A short version of the path-patching search behind the committed artefact (helpers/weights/results/ch6b)."""
+    from transformers import AutoTokenizer
+
+    from helpers import assets
+
+    tokenizer = AutoTokenizer.from_pretrained(assets._smollm2_dir())
+    torch.manual_seed(0)
+    config = LlamaConfig(num_hidden_layers=3, hidden_size=16, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=32, vocab_size=len(tokenizer), tie_word_embeddings=True,
+                         initializer_range=0.5, attn_implementation="eager")
+    model = LlamaForCausalLM(config).eval()
+    recipe = {**causal.PATH_RECIPE, "ioi_per_template": 4, "random_circuits": 2, "threshold": 0.01}
+    out = causal.path_results(model, tokenizer, recipe=recipe, progress=False)
+    assert out["direct"].shape == (3, 4, 12) and out["to_sinh_v"].shape == (3, 4, 12)
+    assert len(out["name_movers"]) + len(out["negative"]) > 0              # a random model has heads that matter
+    assert out["report_random"].shape == (2, 6) and out["circuit"].shape[1] == 2
+    assert torch.isfinite(out["report_circuit"]).all()

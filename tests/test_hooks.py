@@ -80,8 +80,8 @@ def all_hooks(model) -> int:
 
 def test_site_names(bert, llama):
     b, l = hooks.site_names(bert), hooks.site_names(llama)
-    assert len(b) == 1 + 7 * N_LAYERS and len(l) == 1 + 8 * N_LAYERS + 1
-    assert b[:3] == ["hook_embed", "blocks.0.hook_resid_pre", "blocks.0.attn.hook_pattern"]
+    assert len(b) == 1 + 10 * N_LAYERS and len(l) == 1 + 11 * N_LAYERS + 1
+    assert b[:3] == ["hook_embed", "blocks.0.hook_resid_pre", "blocks.0.attn.hook_q"]
     assert "blocks.1.hook_resid_mid" in l and not any("resid_mid" in s for s in b)
     assert l[-2:] == ["blocks.1.hook_resid_post", "ln_final.hook_normalized"]
 
@@ -121,6 +121,33 @@ def test_hook_z_heads_sum_to_attn_out(arch, bert, llama, ids):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_q_k_v_are_the_projections_per_head(arch, bert, llama, ids):
+    model = bert if arch == "bert" else llama
+    layer = model.encoder.layer[1].attention.self if arch == "bert" else model.model.layers[1].self_attn
+    projections = ((layer.query, layer.key, layer.value) if arch == "bert"
+                   else (layer.q_proj, layer.k_proj, layer.v_proj))
+    _, cache = hooks.run_with_cache(model, ids[0], sites=["blocks.1.hook_resid_pre", "blocks.1.attn.hook_*"])
+    x = cache["blocks.1.hook_resid_pre"] if arch == "bert" else model.model.layers[1].input_layernorm(
+        cache["blocks.1.hook_resid_pre"])
+    n_kv = N_HEADS if arch == "bert" else 2  # the tiny Llama has grouped-query attention: 2 key/value heads
+    for name, proj, heads in zip("qkv", projections, (N_HEADS, n_kv, n_kv), strict=True):
+        got = cache[f"blocks.1.attn.hook_{name}"]
+        assert got.shape == (2, 6, heads, D_HEAD), name
+        torch.testing.assert_close(got, proj(x).unflatten(-1, (heads, D_HEAD)), rtol=0, atol=1e-6)
+    # patching one query head changes only that head's pattern
+    with hooks.patch(model, "blocks.1.attn.hook_q", 0.0, heads=[2]):
+        with hooks.capture(model, "blocks.1.attn.hook_pattern") as c:
+            model(ids[0])
+    new, old = c["blocks.1.attn.hook_pattern"], cache["blocks.1.attn.hook_pattern"]
+    others = [h for h in range(N_HEADS) if h != 2]
+    torch.testing.assert_close(new[:, others], old[:, others], rtol=0, atol=1e-6)
+    assert not torch.allclose(new[:, 2], old[:, 2])
+    with pytest.raises(ValueError, match=rf"hook_v has heads 0\.\.{n_kv - 1}"):
+        hooks.patch(model, "blocks.1.attn.hook_v", 0.0, heads=[n_kv])
+
+
+@torch.no_grad()
 def test_llama_residual_stream_adds_up(llama, ids):
     _, cache = hooks.run_with_cache(llama, ids[0])
     for l in range(N_LAYERS):
@@ -141,7 +168,7 @@ def test_patching_own_activation_changes_nothing(arch, bert, llama, ids):
     for site in hooks.site_names(model):
         if site.endswith("hook_pattern"):
             continue
-        heads = [1, 3] if site.endswith("hook_z") else None
+        heads = [1, 3] if site.endswith(("hook_z", "hook_q")) else [0] if site.endswith(("hook_k", "hook_v")) else None
         with hooks.patch(model, site, cache[site], positions=[0, -1], heads=heads):
             torch.testing.assert_close(out_of(model, ids[0]), reference, rtol=0, atol=1e-6, msg=site)
 
@@ -274,7 +301,7 @@ def test_bad_input(bert, llama, ids):
         (lambda: hooks.capture(llama, ["blocks.2.hook_resid_post"]), "layer 2 is out of range"),
         (lambda: hooks.capture(llama, "blocks.*.hook_nothing"), "matches no site"),
         (lambda: hooks.patch(llama, "blocks.0.attn.hook_z", 0.0, heads=[4]), r"heads \[4\] out of range"),
-        (lambda: hooks.patch(llama, "blocks.0.hook_attn_out", 0.0, heads=[0]), "only to attn.hook_z"),
+        (lambda: hooks.patch(llama, "blocks.0.hook_attn_out", 0.0, heads=[0]), "only to sites with a head axis"),
         (lambda: hooks.patch(llama, "blocks.0.hook_attn_out", torch.zeros(2, 6, 31)), "does not fit"),
         (lambda: hooks.patch(llama, "blocks.0.attn.hook_z", torch.zeros(4, 8), heads=[1]), "does not fit"),
         (lambda: hooks.patch(llama, "blocks.0.hook_attn_out", torch.full((32,), float("nan"))), "non-finite"),

@@ -13,8 +13,8 @@ disabled) and names the same sites. Two bridges:
 
 Conventions compared like with like:
 - token ids are passed to both (the book's tokenizer adds no BOS; TL's ``to_tokens`` would prepend one);
-- ``attn.hook_z`` / ``hook_pattern`` are per *query* head (9) in both; the 3 GQA key/value heads appear
-  only in TL's ``hook_k``/``hook_v``, which the book does not name;
+- ``attn.hook_z`` / ``hook_pattern`` / ``hook_q`` are per *query* head (9) in both; ``hook_k``/``hook_v`` have
+  the 3 GQA key/value heads in both, before rotary embeddings (TL's ``hook_rot_q``/``hook_rot_k`` are after);
 - the book's ``ln_final.hook_normalized`` is the output of the final RMSNorm (weight applied). TL's
   ``ln_final.hook_normalized`` is ``x / rms`` before the weight (HookedTransformer folds the weight into
   ``W_U``); the book's site equals TL's ``ln_final.hook_out`` = ``hook_normalized * w``;
@@ -33,8 +33,8 @@ pytestmark = pytest.mark.slow
 
 NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"  # only a label here: weights, config and tokenizer are passed in
 LAYERS = (0, 14, 29)
-BLOCK_SITES = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "attn.hook_pattern", "attn.hook_z",
-               "hook_attn_out", "mlp.hook_post", "hook_mlp_out")
+BLOCK_SITES = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "attn.hook_q", "attn.hook_k", "attn.hook_v",
+               "attn.hook_pattern", "attn.hook_z", "hook_attn_out", "mlp.hook_post", "hook_mlp_out")
 SITES = ["hook_embed", "ln_final.hook_normalized", *(f"blocks.{l}.{s}" for l in LAYERS for s in BLOCK_SITES)]
 CLEAN = "When Mary and John went to the store, John gave a drink to"
 CORRUPTED = "When Mary and John went to the store, Mary gave a drink to"
