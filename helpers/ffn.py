@@ -34,6 +34,9 @@ __all__ = [
     "Triggers",
     "greedy_ids",
     "held_out_mass",
+    "knockout_logprobs",
+    "knockout_results",
+    "knockout_study",
     "model_key",
     "rounding_noise_results",
     "rounding_noise_study",
@@ -1027,6 +1030,120 @@ def trigger_coefficients(model: nn.Module, windows: Tensor, *, layer: int, dims:
     with hooks.observe(decoder, [_coefficient_site(layer)], lambda site, m: got.__setitem__("m", m.detach())):
         hooks.run_until(decoder, layer, input_ids=windows[uniq].to(device), use_cache=False)
     return got["m"][row, positions, dims].float().cpu()
+
+
+@torch.no_grad()
+def knockout_logprobs(model: nn.Module, windows: Tensor, *, layer: int, dims: Sequence[int] | Tensor,
+                      docs: Sequence[int] | Tensor, positions: Sequence[int] | Tensor, tokens: Tensor,
+                      batch_size: int = 32) -> Tensor:
+    """Next-token log-probabilities at single positions, with one memory knocked out at that position only.
+
+    Row ``i`` runs window ``docs[i]`` up to ``positions[i]`` with memory ``dims[i]`` of ``layer`` set to 0 at
+    ``positions[i]`` (every other position and memory untouched; ``dims[i] = -1``: nothing knocked out) and
+    scores ``tokens[i]`` in the distribution predicted there, i.e. for the token at ``positions[i] + 1``.
+
+    Args:
+        windows: ``[window, pos]`` token ids.
+        tokens: ``[n, t]`` token ids to score for each row.
+
+    Returns:
+        ``[n, t]`` float64 log-probabilities.
+
+    Introduced in nbs/05_ffn_memories.ipynb (a causal test of the memories where they fire).
+    """
+    (layer,) = _check_layers(model, [layer])
+    dims, docs, positions = (torch.as_tensor(x, dtype=torch.long).reshape(-1) for x in (dims, docs, positions))
+    tokens = torch.as_tensor(tokens, dtype=torch.long)
+    n = len(dims)
+    if n == 0 or not n == len(docs) == len(positions) or tokens.ndim != 2 or len(tokens) != n:
+        raise ValueError("dims, docs, positions and tokens ([n, t]) must be non-empty with the same n")
+    d_mlp = feed_forward_layers(model)[layer].down_proj.in_features
+    if int(dims.min()) < -1 or int(dims.max()) >= d_mlp:
+        raise ValueError(f"dims must be memory indices in 0..{d_mlp - 1} (or -1 for none)")
+    if int(docs.min()) < 0 or int(docs.max()) >= len(windows):
+        raise ValueError(f"docs must index the {len(windows)} windows")
+    if int(positions.min()) < 0 or int(positions.max()) >= windows.shape[1]:
+        raise ValueError(f"positions must lie in 0..{windows.shape[1] - 1}")
+    order = positions.argsort()                                   # similar lengths together: shorter batches
+    out = torch.empty(n, tokens.shape[1], dtype=torch.float64)
+    device = next(model.parameters()).device
+    for chunk in order.split(batch_size):
+        pos, dim = positions[chunk], dims[chunk]
+        ids = windows[docs[chunk], : int(pos.max()) + 1].to(device)
+        rows = torch.nonzero(dim >= 0)[:, 0]
+
+        def knock(m: Tensor, rows=rows, pos=pos, dim=dim) -> Tensor:  # [batch, pos, d_mlp]
+            m = m.clone()
+            m[rows, pos[rows], dim[rows]] = 0.0
+            return m
+
+        with hooks.patch(model, _coefficient_site(layer), fn=knock):
+            logits = model(input_ids=ids, use_cache=False).logits
+        logp = logits[torch.arange(len(chunk)), pos].double().log_softmax(-1).cpu()
+        out[chunk] = logp.gather(1, tokens[chunk])
+    return out
+
+
+def knockout_study(model: nn.Module, windows: Tensor, triggers: Mapping[str, Tensor], *, per_layer: int = 6,
+                   n_triggers: int = 5, top_tokens: int = 10, seed: int = 0) -> dict:
+    """Knock memories out where they fire: the causal counterpart of reading values in the vocabulary.
+
+    In every layer, ``per_layer`` memories drawn at random (no selection on any outcome) and, for each, a
+    random *control* memory of the same layer. At each of a memory's ``n_triggers`` strongest triggers that
+    have a next token in the window, the clean run, the memory knocked out at the trigger position, and the
+    control knocked out at the same position; scored: the actual next token and the memory's ``top_tokens``
+    value tokens (:func:`value_tokens`).
+
+    Returns:
+        ``layer``, ``dim``, ``control`` ``[memory]``; ``doc``, ``pos`` ``[memory, trigger]``; ``clean``,
+        ``knocked``, ``control_knocked`` ``[memory, trigger, 1 + top_tokens]`` log-probabilities (column 0:
+        the next token).
+
+    Introduced in nbs/05_ffn_memories.ipynb.
+    """
+    n_layers = len(_decoder(model).layers)
+    d_mlp = feed_forward_layers(model)[0].down_proj.in_features
+    gen = torch.Generator().manual_seed(seed)
+    ok = (triggers["doc"] >= 0) & (triggers["pos"] + 1 < windows.shape[1])             # [layer, d_mlp, k]
+    out: dict = {k: [] for k in ("layer", "dim", "control", "doc", "pos", "clean", "knocked", "control_knocked")}
+    for layer in range(n_layers):
+        eligible = torch.nonzero(ok[layer].sum(-1) >= n_triggers)[:, 0]
+        dims = eligible[torch.randperm(len(eligible), generator=gen)[:per_layer]]
+        controls = torch.stack([torch.randint(0, d_mlp - 1, (1,), generator=gen)[0] for _ in dims])
+        controls = controls + (controls >= dims).long()                                   # never the memory itself
+        slots = torch.stack([torch.nonzero(ok[layer, d])[:n_triggers, 0] for d in dims])   # [memory, trigger]
+        doc = triggers["doc"][layer, dims[:, None], slots]
+        pos = triggers["pos"][layer, dims[:, None], slots]
+        nxt = windows[doc, pos + 1]                                                       # [memory, trigger]
+        vals = value_tokens(model, layer=layer, dims=dims, k=top_tokens)[1]               # [memory, top]
+        toks = torch.cat([nxt[..., None], vals[:, None, :].expand(-1, n_triggers, -1)], -1).flatten(0, 1)
+        rep = lambda x: x[:, None].expand(-1, n_triggers).flatten()  # noqa: E731
+        for key, which in (("clean", torch.full_like(rep(dims), -1)), ("knocked", rep(dims)),
+                           ("control_knocked", rep(controls))):
+            lp = knockout_logprobs(model, windows, layer=layer, dims=which, docs=doc.flatten(), positions=pos.flatten(),
+                                   tokens=toks)
+            out[key].append(lp.view(len(dims), n_triggers, -1))
+        out["layer"].append(torch.full_like(dims, layer))
+        out["dim"].append(dims)
+        out["control"].append(controls)
+        out["doc"].append(doc)
+        out["pos"].append(pos)
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def knockout_results(model: nn.Module, windows: Tensor, triggers: Mapping[str, Tensor], *, key: str | None = None,
+                     **options) -> dict:
+    """:func:`knockout_study` committed with the book (named by the model, the windows and the options)."""
+    from helpers import common
+
+    recipe = {"study": "knockout", "model": key or model_key(model), "windows": tokens_key(windows),
+              "triggers": tokens_key(triggers["doc"], triggers["pos"]), **options}
+
+    def build() -> dict:
+        with common.torch_threads(common.free_cores()):
+            return knockout_study(model, windows, triggers, **options)
+
+    return _committed_result("knockout", recipe, build)
 
 
 def rounding_noise_study(model: nn.Module, windows: Tensor, *, seeds: Sequence[int] = (0, 1, 2), k: int = 10,

@@ -394,7 +394,9 @@ def test_committed_chapter_results_are_small_verified_and_complete():
     folder = common.WEIGHTS_DIR / "results" / "ch5"
     shapes = {"triggers": {"doc": (15, 1536, 25), "pos": (15, 1536, 25), "kth": (15, 1536)},
               "rounding-noise": {"base_ce": (16, 63), "noisy_ce": (3, 16), "flipped": (3, 16), "kept": (3,)},
-              "steering": {"chosen": (3, 32), "random": (3, 32), "ce_chosen": (3, 16), "down_ctrl": (16,)}}
+              "steering": {"chosen": (3, 32), "random": (3, 32), "ce_chosen": (3, 16), "down_ctrl": (16,)},
+              "knockout": {"clean": (180, 5, 11), "knocked": (180, 5, 11), "control_knocked": (180, 5, 11),
+                           "dim": (180,), "control": (180,)}}
     for study, expected in shapes.items():
         files = sorted(folder.glob(f"{study}-*.npz"))
         assert len(files) == (2 if study == "triggers" else 1), study
@@ -404,3 +406,55 @@ def test_committed_chapter_results_are_small_verified_and_complete():
             assert {k: tuple(result[k].shape) for k in expected} == expected
     triggers = [ffn._load_result(p) for p in sorted(folder.glob("triggers-*.npz"))]
     assert all(t["n_tokens"] == 32000 and 0 <= int(t["doc"].min()) and int(t["doc"].max()) < 500 for t in triggers)
+
+
+def test_knockout_changes_one_memory_at_one_position_only():
+    from helpers import hooks
+
+    model, windows = _llama(), _windows()
+    layer, n = 1, 7
+    g = torch.Generator().manual_seed(3)
+    docs, pos = torch.randint(0, len(windows), (n,), generator=g), torch.randint(1, 8, (n,), generator=g)
+    dims = torch.randint(0, D_MLP, (n,), generator=g)
+    dims[2] = -1                                                         # one row with nothing knocked out
+    tokens = torch.randint(0, VOCAB, (n, 3), generator=g)
+    got = ffn.knockout_logprobs(model, windows, layer=layer, dims=dims, docs=docs, positions=pos, tokens=tokens,
+                                batch_size=3)                            # sorted and truncated batches
+    for i in range(n):                                                   # one full window at a time, by hand
+        def zero(m, i=i):
+            m = m.clone()
+            if dims[i] >= 0:
+                m[0, pos[i], dims[i]] = 0.0
+            return m
+
+        with torch.no_grad(), hooks.patch(model, f"blocks.{layer}.mlp.hook_post", fn=zero):
+            logp = model(windows[docs[i]][None]).logits[0, pos[i]].double().log_softmax(-1)
+        torch.testing.assert_close(got[i], logp[tokens[i]], atol=1e-5, rtol=1e-5)
+    clean = ffn.knockout_logprobs(model, windows, layer=layer, dims=torch.full((n,), -1), docs=docs, positions=pos,
+                                  tokens=tokens)
+    assert torch.equal(clean[2], got[2]) and not torch.allclose(clean, got)
+    with torch.no_grad():                                                # a memory with no value changes nothing
+        model.model.layers[layer].mlp.down_proj.weight[:, dims[0]] = 0.0
+    dead = ffn.knockout_logprobs(model, windows, layer=layer, dims=dims[:1], docs=docs[:1], positions=pos[:1],
+                                 tokens=tokens[:1])
+    off = ffn.knockout_logprobs(model, windows, layer=layer, dims=[-1], docs=docs[:1], positions=pos[:1],
+                                tokens=tokens[:1])
+    torch.testing.assert_close(dead, off, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="positions"):
+        ffn.knockout_logprobs(model, windows, layer=layer, dims=[0], docs=[0], positions=[9], tokens=tokens[:1])
+    with pytest.raises(ValueError, match="same n"):
+        ffn.knockout_logprobs(model, windows, layer=layer, dims=[0, 1], docs=[0], positions=[1], tokens=tokens[:1])
+
+
+def test_knockout_study_draws_memories_with_their_triggers_and_controls():
+    model, windows = _llama(), _windows()
+    trig = ffn.trigger_study(model, windows, k=4, batch_size=3)
+    trig = {"doc": trig["doc"].long(), "pos": trig["pos"].long()}
+    out = ffn.knockout_study(model, windows, trig, per_layer=2, n_triggers=3, top_tokens=4, seed=0)
+    assert out["clean"].shape == out["knocked"].shape == (2 * LAYERS, 3, 5)
+    assert (out["control"] != out["dim"]).all() and (out["pos"] + 1 < windows.shape[1]).all()
+    for i in range(len(out["dim"])):        # the rows are the memories' own triggers, strongest first
+        l, d = int(out["layer"][i]), int(out["dim"][i])
+        assert set(zip(out["doc"][i].tolist(), out["pos"][i].tolist(), strict=True)) <= set(
+            zip(trig["doc"][l, d].tolist(), trig["pos"][l, d].tolist(), strict=True))
+    assert not torch.allclose(out["knocked"], out["clean"]) and not torch.allclose(out["control_knocked"], out["clean"])
