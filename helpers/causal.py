@@ -554,6 +554,89 @@ def path_patching(model: nn.Module, orig: Tensor, new: Tensor, *, senders: Seque
     return torch.stack(out)
 
 
+# ------------------------------------------------------------------------------------------ causal tracing
+TRACE_KINDS = {"resid": "hook_resid_post", "mlp": "hook_mlp_out", "attn": "hook_attn_out"}
+
+
+@torch.no_grad()
+def causal_trace(model: nn.Module, input_ids: Tensor, *, subject: Sequence[int], target: int, noise: Tensor,
+                 positions: Sequence[int], kinds: Sequence[str] = ("resid", "mlp", "attn"), window: int = 10) -> dict:
+    """Causal tracing (Meng et al. 2022, §2.1): noise the subject, restore one clean state, read P(target).
+
+    The subject's token embeddings get ``noise`` added (the corrupted run); then, one (layer, position) at a
+    time, a clean state is written back: ``"resid"`` the residual stream after block ``l``; ``"mlp"`` /
+    ``"attn"`` the MLP / attention outputs of the ``window`` blocks around ``l`` (``l - window // 2`` to
+    ``l + window // 2 - 1``, clipped, as in the paper's code). Every restored run uses the same noise samples,
+    so restored and corrupted runs are paired.
+
+    Args:
+        model: a Llama-style causal LM in eval mode.
+        input_ids: ``[1, pos]`` one prompt.
+        subject: positions of the subject's tokens.
+        target: the answer's token id (the probability read at the last position).
+        noise: ``[n_noise, len(subject), d_model]`` added to the subject's embeddings.
+        positions: positions to restore (e.g. the subject's last token and the prompt's last token).
+        kinds: which states to restore, keys of :data:`TRACE_KINDS`.
+        window: blocks restored together for ``"mlp"`` and ``"attn"``.
+
+    Returns:
+        ``{"clean": P in the clean run, "corrupted": [n_noise], kind: [position, layer, n_noise]}``.
+    """
+    input_ids = _ids(input_ids, vocab=model.config.vocab_size)
+    n_layers, n_pos = model.config.num_hidden_layers, input_ids.shape[1]
+    if input_ids.shape[0] != 1:
+        raise ValueError(f"causal_trace takes one prompt, [1, pos]; got {tuple(input_ids.shape)}")
+    subject, positions = list(subject), list(positions)
+    if not subject or not positions or any(not 0 <= p < n_pos for p in subject + positions):
+        raise ValueError(f"subject and positions must be non-empty positions in 0..{n_pos - 1}")
+    if noise.ndim != 3 or noise.shape[1] != len(subject) or noise.shape[2] != model.config.hidden_size:
+        want = f"[n_noise, {len(subject)}, {model.config.hidden_size}]"
+        raise ValueError(f"noise must be {want}, got {tuple(noise.shape)}")
+    bad = [k for k in kinds if k not in TRACE_KINDS]
+    if bad or not 0 < window:
+        raise ValueError(f"kinds must come from {sorted(TRACE_KINDS)} and window > 0; got {bad}, window={window}")
+    n = len(noise)
+    sites = sorted({f"blocks.{l}.{TRACE_KINDS[k]}" for k in kinds for l in range(n_layers)})
+    out_clean, clean = hooks.run_with_cache(model, input_ids, sites=sites)
+    out = {"clean": float(out_clean.logits[0, -1].softmax(-1)[target])}
+    subj = torch.tensor(subject)
+
+    def noised(rows: int):
+        def add(x: Tensor) -> Tensor:
+            x = x.clone()
+            x[:, subj] = x[:, subj] + noise.to(x).repeat(rows // n, 1, 1)
+            return x
+
+        return hooks.patch(model, "hook_embed", fn=add)
+
+    with noised(n):
+        out["corrupted"] = model(input_ids.expand(n, -1)).logits[:, -1].softmax(-1)[:, target]
+    batch = input_ids.expand(n_layers * n, -1)
+    for kind in kinds:
+        per_pos = []
+        for p in positions:
+            writes = []
+            for j in range(n_layers):  # site j is restored in the row blocks of the layers l whose window holds it
+                if kind == "resid":
+                    blocks = [j]
+                else:
+                    blocks = [l for l in range(n_layers) if l - window // 2 <= j < l + window - window // 2]
+                rows = torch.cat([torch.arange(l * n, (l + 1) * n) for l in blocks])
+                site = f"blocks.{j}.{TRACE_KINDS[kind]}"
+
+                def restore(x: Tensor, rows=rows, p=p, value=clean[site][0, p]) -> Tensor:
+                    x = x.clone()
+                    x[rows, p] = value
+                    return x
+
+                writes.append(hooks.patch(model, site, fn=restore))
+            with noised(len(batch)), hooks.patches(writes):
+                probs = model(batch).logits[:, -1].softmax(-1)[:, target]
+            per_pos.append(probs.view(n_layers, n))
+        out[kind] = torch.stack(per_pos)                                            # [position, layer, noise]
+    return out
+
+
 # ----------------------------------------------------------------------------------------------- circuits
 def induction_scores(pattern: Tensor, *, period: int, start: int = 0) -> dict[str, Tensor]:
     """Induction and previous-token scores of every head on sequences that repeat after ``period`` tokens.
@@ -953,6 +1036,151 @@ def load_path_results(model: nn.Module | None = None, tokenizer=None) -> dict:
             torch.save(path_results(model.eval(), tokenizer), target)
 
     return torch.load(common.cached_file(path_results_path(), build, committed=True), weights_only=True)
+
+
+_FACT_TEMPLATES = {  # relation template: (subject, answer) pairs; the answer's first token is scored
+    'The capital city of {} is': (
+        ('France', 'Paris'), ('Germany', 'Berlin'), ('Italy', 'Rome'), ('Spain', 'Madrid'), ('Japan', 'Tokyo'),
+        ('Russia', 'Moscow'), ('Egypt', 'Cairo'), ('Greece', 'Athens'), ('Portugal', 'Lisbon'),
+        ('Ireland', 'Dublin'), ('Austria', 'Vienna'), ('Norway', 'Oslo'), ('Sweden', 'Stockholm'),
+        ('Poland', 'Warsaw'), ('Hungary', 'Budapest'), ('Kenya', 'Nairobi'), ('Thailand', 'Bangkok'),
+        ('Peru', 'Lima'), ('Cuba', 'Havana'), ('Iran', 'Tehran'), ('Iraq', 'Baghdad'), ('Argentina', 'Buenos'),
+        ('Canada', 'Ottawa'), ('Australia', 'Canberra'), ('China', 'Beijing'), ('England', 'London'),
+        ('Denmark', 'Copenhagen'), ('Finland', 'Helsinki'), ('Belgium', 'Brussels'), ('South Korea', 'Seoul'),
+        ('Turkey', 'Ankara'), ('Mexico', 'Mexico'), ('Chile', 'Santiago'), ('Syria', 'Damascus'),
+    ),
+    'The official language of {} is': (
+        ('Brazil', 'Portuguese'), ('France', 'French'), ('Germany', 'German'), ('Italy', 'Italian'),
+        ('Japan', 'Japanese'), ('Russia', 'Russian'), ('Greece', 'Greek'), ('Poland', 'Polish'),
+        ('Turkey', 'Turkish'), ('Sweden', 'Swedish'), ('China', 'Chinese'), ('Spain', 'Spanish'),
+        ('Mexico', 'Spanish'), ('Egypt', 'Arabic'), ('Israel', 'Hebrew'), ('Iran', 'Persian'),
+        ('the Netherlands', 'Dutch'), ('Finland', 'Finnish'), ('Hungary', 'Hungarian'),
+    ),
+    '{} is located in the city of': (
+        ('The Eiffel Tower', 'Paris'), ('The Colosseum', 'Rome'), ('Big Ben', 'London'),
+        ('The Brandenburg Gate', 'Berlin'), ('The Statue of Liberty', 'New'), ('The Golden Gate Bridge', 'San'),
+        ('The Kremlin', 'Moscow'), ('The Sydney Opera House', 'Sydney'), ('The Acropolis', 'Athens'),
+        ('The Louvre', 'Paris'), ('The Vatican', 'Rome'), ('Times Square', 'New'), ('The Space Needle', 'Seattle'),
+        ('Buckingham Palace', 'London'),
+    ),
+    '{} is headquartered in the country of': (
+        ('Toyota', 'Japan'), ('Volkswagen', 'Germany'), ('Samsung', 'South'), ('Nokia', 'Finland'),
+        ('IKEA', 'Sweden'), ('Sony', 'Japan'), ('BMW', 'Germany'), ('Nestlé', 'Switzerland'), ('Fiat', 'Italy'),
+        ('Honda', 'Japan'), ('Siemens', 'Germany'), ('Renault', 'France'), ('Volvo', 'Sweden'),
+        ('Nintendo', 'Japan'),
+    ),
+    '{} was born in the country of': (
+        ('Albert Einstein', 'Germany'), ('Mozart', 'Austria'), ('Napoleon', 'France'), ('Picasso', 'Spain'),
+        ('Leonardo da Vinci', 'Italy'), ('Frida Kahlo', 'Mexico'), ('Tolstoy', 'Russia'), ('Gandhi', 'India'),
+        ('Shakespeare', 'England'), ('Beethoven', 'Germany'), ('Chopin', 'Poland'), ('Confucius', 'China'),
+    ),
+    '{} plays the sport of': (
+        ('Lionel Messi', 'football'), ('Roger Federer', 'tennis'), ('Michael Jordan', 'basketball'),
+        ('Tiger Woods', 'golf'), ('Serena Williams', 'tennis'), ('LeBron James', 'basketball'),
+        ('Cristiano Ronaldo', 'football'), ('Rafael Nadal', 'tennis'),
+    ),
+}
+FACTS = tuple((t.replace("{}", "{" + s + "}"), " " + a) for t, pairs in _FACT_TEMPLATES.items() for s, a in pairs)
+"""Factual prompts for causal tracing, written for this book (Meng et al.'s CounterFact/known-facts sets are not
+available offline): six relations; :func:`trace_results` keeps those SmolLM2 completes correctly."""
+
+TRACE_RECIPE = {"version": 1, "n_noise": 5, "noise_scale": 3.0, "window": 10, "seed": 0, "select_fraction": 0.5}
+"""What :func:`trace_results` computes (Meng et al. 2022 use 10 noise samples; 5 here, for CPU time)."""
+
+
+def fact_prompt(tokenizer, prompt: str) -> tuple[Tensor, list[int]]:
+    """``(input_ids [1, pos], subject positions)`` of a :data:`FACTS` prompt ("... {subject} ...")."""
+    pre, rest = prompt.split("{")
+    subject, post = rest.split("}")
+    text = pre + subject + post
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+    upto = tokenizer(pre + subject, add_special_tokens=False).input_ids
+    start = len(tokenizer(pre.rstrip(), add_special_tokens=False).input_ids) if pre.strip() else 0
+    if ids[0, : len(upto)].tolist() != upto or start >= len(upto):
+        raise ValueError(f"the subject of {prompt!r} does not tokenize on its own")
+    return ids, list(range(start, len(upto)))
+
+
+def trace_results(model: nn.Module, tokenizer, *, recipe: dict = TRACE_RECIPE, progress: bool = True) -> dict:
+    """Causal tracing of every :data:`FACTS` prompt the model knows (its top-1 next token is the answer).
+
+    Noise: ``noise_scale`` times the standard deviation of the known subjects' token embeddings (Meng et al.
+    use 3), ``n_noise`` Gaussian samples per prompt; restored positions: the subject's last token and the
+    prompt's last token.
+
+    Returns:
+        ``relation`` / ``fact`` ``[prompt]`` (indices into the relations and :data:`FACTS`), ``clean``,
+        ``corrupted`` ``[prompt]``, ``restored`` ``[prompt, kind (resid, mlp, attn), position (last subject,
+        last), layer]`` mean P(answer) over the noise samples, ``sigma``, ``select``/``report`` splits, ``seconds``.
+    """
+    import time
+
+    from helpers import stats
+
+    known, ids_all, subjects, answers = [], [], [], []
+    def relation(prompt: str) -> str:  # the template's text around the subject
+        return prompt.split("}", 1)[1] if prompt.startswith("{") else prompt.split("{", 1)[0]
+
+    relations = sorted({relation(p) for p, _ in FACTS})
+    for i, (prompt, answer) in enumerate(FACTS):
+        ids, subject = fact_prompt(tokenizer, prompt)
+        target = tokenizer(answer, add_special_tokens=False).input_ids[0]
+        with torch.no_grad():
+            if int(model(ids).logits[0, -1].argmax()) == target:
+                known.append(i)
+                ids_all.append(ids)
+                subjects.append(subject)
+                answers.append(target)
+    emb = model.get_input_embeddings().weight
+    sigma = float(torch.cat([emb[ids[0, s]] for ids, s in zip(ids_all, subjects, strict=True)]).detach().std())
+    gen = torch.Generator().manual_seed(recipe["seed"])
+    rel = [relations.index(relation(FACTS[i][0])) for i in known]
+    out: dict = {"fact": torch.tensor(known), "relation": torch.tensor(rel), "sigma": sigma, "clean": [],
+                 "corrupted": [], "restored": []}
+    t0 = time.perf_counter()
+    iterator = range(len(known))
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(iterator, desc="causal tracing", leave=False)
+    for j in iterator:
+        ids, subject = ids_all[j], subjects[j]
+        shape = (recipe["n_noise"], len(subject), emb.shape[1])
+        noise = recipe["noise_scale"] * sigma * torch.randn(*shape, generator=gen)
+        r = causal_trace(model, ids, subject=subject, target=answers[j], noise=noise,
+                         positions=[subject[-1], ids.shape[1] - 1], window=recipe["window"])
+        out["clean"].append(r["clean"])
+        out["corrupted"].append(float(r["corrupted"].mean()))
+        out["restored"].append(torch.stack([r[k].mean(-1) for k in ("resid", "mlp", "attn")]))
+    out["seconds"] = time.perf_counter() - t0
+    out["clean"], out["corrupted"] = torch.tensor(out["clean"]), torch.tensor(out["corrupted"])
+    out["restored"] = torch.stack(out["restored"])
+    select, report = stats.split_indices(len(known), fraction=recipe["select_fraction"], seed=0, labels=rel)
+    out["select"], out["report"] = torch.tensor(select), torch.tensor(report)
+    return out
+
+
+def trace_results_path():
+    """Where :func:`load_trace_results` keeps the artefact (named by the recipe's and the facts' content hash)."""
+    from helpers import common
+
+    return common.cache_dir("results", "ch6b") / f"trace-{common.content_hash({**TRACE_RECIPE, 'facts': FACTS})}.pt"
+
+
+def load_trace_results(model: nn.Module | None = None, tokenizer=None) -> dict:
+    """The committed results of :func:`trace_results` (verified by SHA-256), rebuilt when missing or altered."""
+    from helpers import common
+
+    def build(target) -> None:
+        nonlocal model, tokenizer
+        if model is None:
+            from helpers.assets import smollm2
+
+            model, tokenizer = smollm2(attn_implementation="eager")
+        with common.torch_threads(common.free_cores()):
+            torch.save(trace_results(model.eval(), tokenizer), target)
+
+    return torch.load(common.cached_file(trace_results_path(), build, committed=True), weights_only=True)
 
 
 def results_path():

@@ -328,3 +328,61 @@ def test_path_recipe_runs_short_on_a_tiny_model_with_the_real_tokenizer():
     assert len(out["name_movers"]) + len(out["negative"]) > 0              # a random model has heads that matter
     assert out["report_random"].shape == (2, 6) and out["circuit"].shape[1] == 2
     assert torch.isfinite(out["report_circuit"]).all()
+
+
+def test_causal_trace_known_answers(tiny, pair):
+    ids = pair[0][:1]                                                    # [1, 7]
+    target, subject, last = 11, [1, 2], ids.shape[1] - 1
+    g = torch.Generator().manual_seed(0)
+    noise = 3.0 * torch.randn(4, 2, 32, generator=g)
+    out = causal.causal_trace(tiny, ids, subject=subject, target=target, noise=noise, positions=[2, last])
+    with torch.no_grad():
+        clean = float(tiny(ids).logits[0, -1].softmax(-1)[target])
+    assert out["clean"] == pytest.approx(clean, abs=1e-6) and out["resid"].shape == (2, 2, 4)
+    assert not torch.allclose(out["corrupted"], torch.full((4,), clean), atol=1e-4)
+    # the residual stream after the last block at the last position carries the whole prediction
+    torch.testing.assert_close(out["resid"][1, -1], torch.full((4,), clean), atol=1e-5, rtol=0)
+    # one (kind, layer, position) by hand: noise the subject, restore the window's MLP outputs at position 2
+    _, cache = hooks.run_with_cache(tiny, ids, sites="blocks.*.hook_mlp_out")
+    layer, window = 1, 2
+    blocks = range(max(0, layer - window // 2), min(2, layer + window - window // 2))
+
+    def add(x):
+        x = x.clone()
+        x[:, subject] = x[:, subject] + noise
+        return x
+
+    patches = [hooks.patch(tiny, "hook_embed", fn=add)] + [
+        hooks.patch(tiny, f"blocks.{j}.hook_mlp_out", cache[f"blocks.{j}.hook_mlp_out"], positions=[2]) for j in blocks]
+    with torch.no_grad(), hooks.patches(patches):
+        want = tiny(ids.expand(4, -1)).logits[:, -1].softmax(-1)[:, target]
+    got = causal.causal_trace(tiny, ids, subject=subject, target=target, noise=noise, positions=[2], kinds=["mlp"],
+                              window=window)["mlp"][0, layer]
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    # no noise: every run is the clean run
+    calm = causal.causal_trace(tiny, ids, subject=subject, target=target, noise=torch.zeros(2, 2, 32), positions=[0])
+    for kind in ("resid", "mlp", "attn"):
+        torch.testing.assert_close(calm[kind], torch.full_like(calm[kind], clean), atol=1e-6, rtol=0)
+    assert _no_hooks(tiny)
+    with pytest.raises(ValueError, match="one prompt"):
+        causal.causal_trace(tiny, pair[0], subject=subject, target=target, noise=noise, positions=[2])
+    with pytest.raises(ValueError, match="noise must be"):
+        causal.causal_trace(tiny, ids, subject=[1], target=target, noise=noise, positions=[2])
+    with pytest.raises(ValueError, match="positions"):
+        causal.causal_trace(tiny, ids, subject=subject, target=target, noise=noise, positions=[9])
+    with pytest.raises(ValueError, match="kinds"):
+        causal.causal_trace(tiny, ids, subject=subject, target=target, noise=noise, positions=[2], kinds=["z"])
+
+
+def test_fact_prompts_mark_their_subject():
+    from transformers import AutoTokenizer
+
+    from helpers import assets
+
+    tokenizer = AutoTokenizer.from_pretrained(assets._smollm2_dir())
+    for prompt, answer in causal.FACTS:
+        ids, subject = causal.fact_prompt(tokenizer, prompt)
+        name = prompt.split("{")[1].split("}")[0]
+        assert tokenizer.decode(ids[0, subject]).strip() == name, prompt
+        assert subject == list(range(subject[0], subject[-1] + 1)) and subject[-1] < ids.shape[1] - 1
+        assert answer.startswith(" ") and len(tokenizer(answer, add_special_tokens=False).input_ids) >= 1
