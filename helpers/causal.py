@@ -1109,9 +1109,11 @@ def trace_results(model: nn.Module, tokenizer, *, recipe: dict = TRACE_RECIPE, p
     prompt's last token.
 
     Returns:
-        ``relation`` / ``fact`` ``[prompt]`` (indices into the relations and :data:`FACTS`), ``clean``,
-        ``corrupted`` ``[prompt]``, ``restored`` ``[prompt, kind (resid, mlp, attn), position (last subject,
-        last), layer]`` mean P(answer) over the noise samples, ``sigma``, ``select``/``report`` splits, ``seconds``.
+        ``relation`` / ``fact`` ``[prompt]`` (indices into the relations and :data:`FACTS`); ``clean``,
+        ``corrupted`` ``[prompt]``; ``restored`` ``[prompt, kind, position, layer]``, the mean P(answer) over
+        the noise samples (kinds: the recipe's, by default resid, mlp, attn; positions: the subject's last
+        token and the last token, only the first with the recipe's subject_only); ``sigma``; the
+        ``select`` / ``report`` splits; ``seconds``.
     """
     import time
 
@@ -1147,11 +1149,13 @@ def trace_results(model: nn.Module, tokenizer, *, recipe: dict = TRACE_RECIPE, p
         ids, subject = ids_all[j], subjects[j]
         shape = (recipe["n_noise"], len(subject), emb.shape[1])
         noise = recipe["noise_scale"] * sigma * torch.randn(*shape, generator=gen)
-        r = causal_trace(model, ids, subject=subject, target=answers[j], noise=noise,
-                         positions=[subject[-1], ids.shape[1] - 1], window=recipe["window"])
+        kinds = recipe.get("kinds", ("resid", "mlp", "attn"))
+        positions = [subject[-1], ids.shape[1] - 1][: 1 if recipe.get("subject_only") else 2]
+        r = causal_trace(model, ids, subject=subject, target=answers[j], noise=noise, positions=positions,
+                         kinds=kinds, window=recipe["window"])
         out["clean"].append(r["clean"])
         out["corrupted"].append(float(r["corrupted"].mean()))
-        out["restored"].append(torch.stack([r[k].mean(-1) for k in ("resid", "mlp", "attn")]))
+        out["restored"].append(torch.stack([r[k].mean(-1) for k in kinds]))
     out["seconds"] = time.perf_counter() - t0
     out["clean"], out["corrupted"] = torch.tensor(out["clean"]), torch.tensor(out["corrupted"])
     out["restored"] = torch.stack(out["restored"])
@@ -1160,14 +1164,18 @@ def trace_results(model: nn.Module, tokenizer, *, recipe: dict = TRACE_RECIPE, p
     return out
 
 
-def trace_results_path():
+TRACE_FIRST_MLP_RECIPE = {**TRACE_RECIPE, "window": 1, "kinds": ["mlp"], "subject_only": True}
+"""One block's MLP at a time, at the subject's last token only: tells the first MLP's share from the others'."""
+
+
+def trace_results_path(recipe: dict = TRACE_RECIPE):
     """Where :func:`load_trace_results` keeps the artefact (named by the recipe's and the facts' content hash)."""
     from helpers import common
 
-    return common.cache_dir("results", "ch6b") / f"trace-{common.content_hash({**TRACE_RECIPE, 'facts': FACTS})}.pt"
+    return common.cache_dir("results", "ch6b") / f"trace-{common.content_hash({**recipe, 'facts': FACTS})}.pt"
 
 
-def load_trace_results(model: nn.Module | None = None, tokenizer=None) -> dict:
+def load_trace_results(model: nn.Module | None = None, tokenizer=None, *, recipe: dict = TRACE_RECIPE) -> dict:
     """The committed results of :func:`trace_results` (verified by SHA-256), rebuilt when missing or altered."""
     from helpers import common
 
@@ -1178,9 +1186,9 @@ def load_trace_results(model: nn.Module | None = None, tokenizer=None) -> dict:
 
             model, tokenizer = smollm2(attn_implementation="eager")
         with common.torch_threads(common.free_cores()):
-            torch.save(trace_results(model.eval(), tokenizer), target)
+            torch.save(trace_results(model.eval(), tokenizer, recipe=recipe), target)
 
-    return torch.load(common.cached_file(trace_results_path(), build, committed=True), weights_only=True)
+    return torch.load(common.cached_file(trace_results_path(recipe), build, committed=True), weights_only=True)
 
 
 def results_path():
