@@ -1015,15 +1015,16 @@ def path_results(model: nn.Module, tokenizer, *, recipe: dict = PATH_RECIPE, pro
     return out
 
 
-def path_results_path():
-    """Where :func:`load_path_results` keeps the artefact (named by the recipe's content hash)."""
+def _result_path(prefix: str, key: dict):
+    """Where a committed result of this chapter lives: ``results/ch6b/<prefix>-<content hash of key>.pt``."""
     from helpers import common
 
-    return common.cache_dir("results", "ch6b") / f"paths-{common.content_hash(PATH_RECIPE)}.pt"
+    return common.cache_dir("results", "ch6b") / f"{prefix}-{common.content_hash(key)}.pt"
 
 
-def load_path_results(model: nn.Module | None = None, tokenizer=None) -> dict:
-    """The committed results of :func:`path_results` (verified by SHA-256), rebuilt when missing or altered."""
+def _load_committed(path, compute: Callable[[nn.Module, object], dict], model: nn.Module | None, tokenizer) -> dict:
+    """``compute(model, tokenizer)``'s dict from the committed copy at ``path`` (verified by SHA-256), rebuilt
+    when missing or altered (loading SmolLM2 with eager attention when no model is given)."""
     from helpers import common
 
     def build(target) -> None:
@@ -1033,9 +1034,19 @@ def load_path_results(model: nn.Module | None = None, tokenizer=None) -> dict:
 
             model, tokenizer = smollm2(attn_implementation="eager")
         with common.torch_threads(common.free_cores()):
-            torch.save(path_results(model.eval(), tokenizer), target)
+            torch.save(compute(model.eval(), tokenizer), target)
 
-    return torch.load(common.cached_file(path_results_path(), build, committed=True), weights_only=True)
+    return torch.load(common.cached_file(path, build, committed=True), weights_only=True)
+
+
+def path_results_path():
+    """Where :func:`load_path_results` keeps the artefact (named by the recipe's content hash)."""
+    return _result_path("paths", PATH_RECIPE)
+
+
+def load_path_results(model: nn.Module | None = None, tokenizer=None) -> dict:
+    """The committed results of :func:`path_results` (verified by SHA-256), rebuilt when missing or altered."""
+    return _load_committed(path_results_path(), path_results, model, tokenizer)
 
 
 _FACT_TEMPLATES = {  # relation template: (subject, answer) pairs; the answer's first token is scored
@@ -1170,45 +1181,20 @@ TRACE_FIRST_MLP_RECIPE = {**TRACE_RECIPE, "window": 1, "kinds": ["mlp"], "subjec
 
 def trace_results_path(recipe: dict = TRACE_RECIPE):
     """Where :func:`load_trace_results` keeps the artefact (named by the recipe's and the facts' content hash)."""
-    from helpers import common
-
-    return common.cache_dir("results", "ch6b") / f"trace-{common.content_hash({**recipe, 'facts': FACTS})}.pt"
+    return _result_path("trace", {**recipe, "facts": FACTS})
 
 
 def load_trace_results(model: nn.Module | None = None, tokenizer=None, *, recipe: dict = TRACE_RECIPE) -> dict:
     """The committed results of :func:`trace_results` (verified by SHA-256), rebuilt when missing or altered."""
-    from helpers import common
-
-    def build(target) -> None:
-        nonlocal model, tokenizer
-        if model is None:
-            from helpers.assets import smollm2
-
-            model, tokenizer = smollm2(attn_implementation="eager")
-        with common.torch_threads(common.free_cores()):
-            torch.save(trace_results(model.eval(), tokenizer, recipe=recipe), target)
-
-    return torch.load(common.cached_file(trace_results_path(recipe), build, committed=True), weights_only=True)
+    return _load_committed(trace_results_path(recipe), lambda m, t: trace_results(m, t, recipe=recipe), model,
+                           tokenizer)
 
 
 def results_path():
     """Where :func:`load_results` keeps the artefact (named by the recipe's content hash)."""
-    from helpers import common
-
-    return common.cache_dir("results", "ch6b") / f"causal-{common.content_hash(RECIPE)}.pt"
+    return _result_path("causal", RECIPE)
 
 
 def load_results(model: nn.Module | None = None, tokenizer=None) -> dict:
     """The committed results of :func:`chapter_results` (verified by SHA-256), rebuilt when missing or altered."""
-    from helpers import common
-
-    def build(target) -> None:
-        nonlocal model, tokenizer
-        if model is None:
-            from helpers.assets import smollm2
-
-            model, tokenizer = smollm2(attn_implementation="eager")
-        with common.torch_threads(common.free_cores()):
-            torch.save(chapter_results(model.eval(), tokenizer), target)
-
-    return torch.load(common.cached_file(results_path(), build, committed=True), weights_only=True)
+    return _load_committed(results_path(), chapter_results, model, tokenizer)
