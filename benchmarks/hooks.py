@@ -6,7 +6,7 @@ in the batch, 1 torch thread, ``torch.inference_mode``), time on the same batche
 - ``forward_s``: the bare ``BertModel`` forward pass;
 - ``hidden_states_s``: the same with ``output_hidden_states=True`` (transformers' own recorder);
 - ``capture_resid_post_s``: inside ``hooks.capture(model, "blocks.*.hook_resid_post")`` (6 sites);
-- ``capture_all_s``: inside ``hooks.capture`` of every site (43 sites, attention patterns included);
+- ``capture_all_s``: inside ``hooks.capture`` of every site (61 on MiniLM-L6, attention patterns and q/k/v included);
 - ``patch_head_s``: inside ``hooks.patch`` of one head of ``blocks.3.attn.hook_z`` at the first position.
 
 Each ratio is ``median(method) / median(forward)`` over ``--repeats`` alternating runs (the CPU may be

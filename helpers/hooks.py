@@ -39,17 +39,18 @@ removed on exit, also after an exception (a test checks that no other module reg
 Why hand-written hooks and not nnsight: nnsight 0.8.1 (the version PyPI serves) was evaluated as a
 package only, not run: a 313 kB wheel with a compiled extension, 75 Python files (18k lines) and 11
 unpinned requirements, of which greenlet and zstandard are not in the book's environment. This layer is
-about 520 lines on plain ``torch`` hooks and adds no dependency. Its cost on MiniLM-L6 (benchmarks/hooks.py,
+about 550 lines on plain ``torch`` hooks and adds no dependency. Its cost on MiniLM-L6 (benchmarks/hooks.py,
 100 sentences, 1 thread, 2-core CPU; benchmarks/results/hooks.json): capturing ``hook_resid_post`` of
-all 6 layers 1.01x the bare forward pass, all 43 sites 1.05x, patching one head 1.02x (other runs gave
-0.98x, 1.02x, 0.99x and, in hooks.json, 0.99x, 1.14x, 1.13x: run-to-run noise on a shared CPU).
+all 6 layers 1.04x the bare forward pass, all 61 sites 1.07x, patching one head 0.99x (hooks.json, 2026-12-06;
+earlier runs with the 43 sites before ``hook_q/k/v`` gave 1.01x/1.05x/1.02x and 0.99x/1.14x/1.13x: run-to-run
+noise on a shared CPU).
 
 Why not TransformerLens: it is this layer's test oracle instead (tests/test_hooks_transformer_lens.py). On
 SmolLM2, the Llama sites above (blocks 0, 14, 29) and the logits are bitwise equal to TransformerLens 4.3.0's
 unprocessed ``TransformerBridge`` (our ``ln_final.hook_normalized`` is its ``ln_final.hook_out``: its own is
 before the RMSNorm weight), within 2e-6 relative of its weight-processed model; a head patch, the logit lens
 and direct logit attribution agree to 5e-7 on the unprocessed bridge. Capturing the 30 ``hook_resid_post``
-sites costs 1.03x the bare forward pass here, 1.10x with its ``run_with_cache``. It adds 199 MB (datasets
+sites costs 0.99x the bare forward pass here, 1.02x with its ``run_with_cache`` (earlier run: 1.03x, 1.10x). It adds 199 MB (datasets
 pulls pyarrow) and hides the hook mechanics the chapter teaches, so it stays a test dependency of this
 hand-written layer.
 
