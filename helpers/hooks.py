@@ -51,8 +51,8 @@ unprocessed ``TransformerBridge`` (our ``ln_final.hook_normalized`` is its ``ln_
 before the RMSNorm weight), within 2e-6 relative of its weight-processed model; a head patch, the logit lens
 and direct logit attribution agree to 5e-7 on the unprocessed bridge. Capturing the 30 ``hook_resid_post``
 sites costs 0.99x the bare forward pass here, 1.02x with its ``run_with_cache`` (earlier run: 1.03x, 1.10x).
-It adds 199 MB (datasets pulls pyarrow) and hides the hook mechanics the chapter teaches, so it stays a test dependency of this
-hand-written layer.
+It adds 199 MB (datasets pulls pyarrow) and hides the hook mechanics the chapter teaches, so it stays a
+test dependency of this hand-written layer.
 
 Introduced in the causal-interventions chapter: activation patching (Vig et al. 2020; Meng et al. 2022),
 logit lens (nostalgebraist 2020), direct logit attribution (Elhage et al. 2021). Site names follow
