@@ -804,6 +804,25 @@ def _chunks(n: int, size: int):
     return [slice(i, min(n, i + size)) for i in range(0, n, size)]
 
 
+def _report_circuit(model: nn.Module, groups: Sequence[IOIPrompts], report) -> Callable[[Sequence], Tensor]:
+    """``circuit -> [report prompt]`` IO − S logit difference with every other head mean-ablated (means over each
+    template's reference prompts, per position), on the prompts ``report`` (global indices, template order)."""
+    n_layers = model.config.num_hidden_layers
+    mean_z, rows, start = [], [], 0
+    for p in groups:
+        _, cache = hooks.run_with_cache(model, p.reference, sites="blocks.*.attn.hook_z")
+        mean_z.append(torch.stack([cache[f"blocks.{l}.attn.hook_z"].mean(0) for l in range(n_layers)]))
+        rows.append(torch.tensor([i - start for i in report if start <= i < start + len(p.io)], dtype=torch.long))
+        start += len(p.io)
+
+    def circuit_ld(circuit) -> Tensor:
+        return torch.cat([circuit_logit_diff(model, p.clean[r], circuit=circuit, mean_z=z,
+                                             metric=logit_diff_metric(p.io[r], p.s[r]))
+                          for p, r, z in zip(groups, rows, mean_z, strict=True)])
+
+    return circuit_ld
+
+
 def chapter_results(model: nn.Module, tokenizer, *, recipe: dict = RECIPE, progress: bool = True) -> dict:
     """Everything Chapter 6b is too slow to compute live (about 20 min on 2 shared cores), as plain tensors.
 
@@ -885,18 +904,7 @@ def chapter_results(model: nn.Module, tokenizer, *, recipe: dict = RECIPE, progr
     order = effect.abs().argsort(descending=True)
     out["head_order"] = order
     n_heads = head_shape[1]
-    mean_z = []
-    for p in groups:
-        _, cache = hooks.run_with_cache(model, p.reference, sites="blocks.*.attn.hook_z")
-        mean_z.append(torch.stack([cache[f"blocks.{l}.attn.hook_z"].mean(0) for l in range(head_shape[0])]))
-
-    def circuit_ld(circuit) -> Tensor:
-        lds = []
-        for g, p in enumerate(groups):
-            r = rows(g, report)
-            lds.append(circuit_logit_diff(model, p.clean[r], circuit=circuit, mean_z=mean_z[g],
-                                          metric=logit_diff_metric(p.io[r], p.s[r])))
-        return torch.cat(lds)                                                                    # [report prompt]
+    circuit_ld = _report_circuit(model, groups, report)
 
     every = [(l, h) for l in range(head_shape[0]) for h in range(n_heads)]
     out["report_full"] = circuit_ld(every)
@@ -994,20 +1002,7 @@ def path_results(model: nn.Module, tokenizer, *, recipe: dict = PATH_RECIPE, pro
     circuit = sorted({tuple(h) for k in ("name_movers", "negative", "s_inhibition", "induction_duplicate")
                       for h in out[k].tolist()})
     out["circuit"] = torch.tensor(circuit, dtype=torch.long).view(-1, 2)
-    offsets = np.cumsum([0] + [len(p.io) for p in groups])
-    mean_z = []
-    for p in groups:
-        _, cache = hooks.run_with_cache(model, p.reference, sites="blocks.*.attn.hook_z")
-        mean_z.append(torch.stack([cache[f"blocks.{l}.attn.hook_z"].mean(0) for l in range(n_layers)]))
-
-    def circuit_ld(heads) -> Tensor:
-        lds = []
-        for g, p in enumerate(groups):
-            r = torch.tensor([i - offsets[g] for i in report if offsets[g] <= i < offsets[g + 1]])
-            lds.append(circuit_logit_diff(model, p.clean[r], circuit=heads, mean_z=mean_z[g],
-                                          metric=logit_diff_metric(p.io[r], p.s[r])))
-        return torch.cat(lds)
-
+    circuit_ld = _report_circuit(model, groups, report)
     out["report_circuit"] = circuit_ld(circuit)
     gen = torch.Generator().manual_seed(1)
     out["report_random"] = torch.stack([circuit_ld([every[int(i)] for i in torch.randperm(len(every), generator=gen)
