@@ -1117,9 +1117,9 @@ def knockout_study(model: nn.Module, windows: Tensor, triggers: Mapping[str, Ten
         nxt = windows[doc, pos + 1]                                                       # [memory, trigger]
         vals = value_tokens(model, layer=layer, dims=dims, k=top_tokens)[1]               # [memory, top]
         toks = torch.cat([nxt[..., None], vals[:, None, :].expand(-1, n_triggers, -1)], -1).flatten(0, 1)
-        rep = lambda x: x[:, None].expand(-1, n_triggers).flatten()  # noqa: E731
-        for key, which in (("clean", torch.full_like(rep(dims), -1)), ("knocked", rep(dims)),
-                           ("control_knocked", rep(controls))):
+        per_row = dims.repeat_interleave(n_triggers)                                      # [memory * trigger]
+        for key, which in (("clean", torch.full_like(per_row, -1)), ("knocked", per_row),
+                           ("control_knocked", controls.repeat_interleave(n_triggers))):
             lp = knockout_logprobs(model, windows, layer=layer, dims=which, docs=doc.flatten(), positions=pos.flatten(),
                                    tokens=toks)
             out[key].append(lp.view(len(dims), n_triggers, -1))
