@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -509,7 +509,8 @@ class ChoquetStudent(nn.Module):
 
 def distil(student: nn.Module, inputs: Tensor, teacher_logits: Tensor, *, temperature: float = 2.0,
            epochs: int = 20, batch_size: int = 512, lr: float = 0.02, weight_decay: float = 0.0,
-           seed: int = 0) -> list[float]:
+           seed: int = 0, weights: Tensor | None = None,
+           extra_loss: Callable[[nn.Module], Tensor] | None = None) -> list[float]:
     """Fit ``student(inputs)`` to a teacher's logits by knowledge distillation (Hinton et al. 2015).
 
     Minimises ``T² KL(softmax(teacher / T) || softmax(student / T))`` with Adam over mini-batches.
@@ -519,6 +520,9 @@ def distil(student: nn.Module, inputs: Tensor, teacher_logits: Tensor, *, temper
         inputs: ``[N, ...]`` (concept scores for CB2).
         teacher_logits: ``[N, classes]``.
         temperature: ``T``; larger values transfer more of the teacher's "dark knowledge".
+        weights: optional ``[N]`` per-example weights (finite, >= 0): a batch ``B``'s term is then
+            ``(1/|B|) Σ_i w_i T² KL_i`` (Chapter 11's weighted students, :func:`helpers.rare.distil_student`).
+        extra_loss: optional ``student -> scalar`` added to every step's loss (e.g. a labelled term).
 
     Returns:
         the mean loss of each epoch.
@@ -528,30 +532,43 @@ def distil(student: nn.Module, inputs: Tensor, teacher_logits: Tensor, *, temper
                          f"{tuple(teacher_logits.shape)}")
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
+    if weights is not None and (weights.shape != (len(inputs),) or not torch.isfinite(weights).all()
+                                or (weights < 0).any()):
+        raise ValueError(f"weights must be finite and >= 0, one per input ({len(inputs)}), got shape "
+                         f"{tuple(weights.shape)}")
     with common.torch_threads(1):  # small dense ops: one thread is faster, and immune to a busy machine
         return _distil(student, inputs, teacher_logits, temperature=temperature, epochs=epochs,
-                       batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed)
+                       batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed, weights=weights,
+                       extra_loss=extra_loss)
 
 
-def _distil(student, inputs, teacher_logits, *, temperature, epochs, batch_size, lr, weight_decay, seed):
+def _distil(student, inputs, teacher_logits, *, temperature, epochs, batch_size, lr, weight_decay, seed,
+            weights=None, extra_loss=None):
     generator = torch.Generator().manual_seed(seed)
     optimiser = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=lr,
                                  weight_decay=weight_decay)
     target = (teacher_logits / temperature).log_softmax(-1)
     history = []
     student.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(inputs), generator=generator)
-        total = 0.0
-        for i in range(0, len(order), batch_size):
-            b = order[i : i + batch_size]
-            log_p = (student(inputs[b]) / temperature).log_softmax(-1)
-            loss = F.kl_div(log_p, target[b], log_target=True, reduction="batchmean") * temperature**2
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            total += loss.item() * len(b)
-        history.append(total / len(inputs))
+    with torch.enable_grad():
+        for _ in range(epochs):
+            order = torch.randperm(len(inputs), generator=generator)
+            total = 0.0
+            for i in range(0, len(order), batch_size):
+                b = order[i : i + batch_size]
+                log_p = (student(inputs[b]) / temperature).log_softmax(-1)
+                if weights is None:
+                    loss = F.kl_div(log_p, target[b], log_target=True, reduction="batchmean") * temperature**2
+                else:
+                    kl = F.kl_div(log_p, target[b], log_target=True, reduction="none").sum(-1)  # [batch]
+                    loss = (weights[b] * kl).sum() / len(b) * temperature**2
+                if extra_loss is not None:
+                    loss = loss + extra_loss(student)
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+                total += loss.item() * len(b)
+            history.append(total / len(inputs))
     student.eval()
     return history
 

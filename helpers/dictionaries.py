@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from helpers import common, hooks
+from helpers import common, hooks, stats
 
 KINDS = ("topk", "relu")
 
@@ -625,8 +625,8 @@ def _summary(res: dict) -> dict:
     return out
 
 
-def build_minilm(path: Path, *, log=print) -> None:
-    """Recipe: harvest MiniLM-L6's middle residual stream, train the sweep, write the artefact to ``path``."""
+def _minilm_activations(log=print) -> tuple[Tensor, dict]:
+    """MiniLM's recipe site on the recipe's sentences: ``([token, 384], {split: [token] bool})``, special tokens out."""
     from helpers.assets import minilm
 
     r = RECIPE["minilm"]
@@ -639,8 +639,13 @@ def build_minilm(path: Path, *, log=print) -> None:
     h = harvest(model, batches, site=r["site"])
     special = torch.isin(h["input_ids"], torch.tensor(tok.all_special_ids))
     units = np.asarray(split)[h["seq"].numpy()]
-    keep = {s: torch.from_numpy(units == s) & ~special for s in ("train", "validation", "test")}
-    x = h[r["site"]]
+    return h[r["site"]], {s: torch.from_numpy(units == s) & ~special for s in ("train", "validation", "test")}
+
+
+def build_minilm(path: Path, *, log=print) -> None:
+    """Recipe: harvest MiniLM-L6's middle residual stream, train the sweep, write the artefact to ``path``."""
+    r = RECIPE["minilm"]
+    x, keep = _minilm_activations(log)
     res = _sweep(x[keep["train"]], x[keep["validation"]], x[keep["test"]], r, log)
     summary = _summary(res)
     chosen = {kind: select(summary, kind, max_fvu=RECIPE["select_fvu"]) for kind in KINDS}
@@ -660,30 +665,38 @@ def build_minilm(path: Path, *, log=print) -> None:
                path)
 
 
+def _smollm2_activations(model: nn.Module, windows: Tensor, log=print) -> tuple[dict, Tensor, dict]:
+    """The recipe layer's residual stream, MLP input and MLP output on ``windows``: ``(harvest, mlp_in [token, d],
+    {split: [token] bool})``, positions before the recipe's ``first`` left out of every split."""
+    r = RECIPE["smollm2"]
+    layer = r["layer"]
+    sites = [f"blocks.{layer}.hook_resid_post", f"blocks.{layer}.hook_resid_mid", f"blocks.{layer}.hook_mlp_out"]
+    log(f"harvesting SmolLM2: {windows.numel()} tokens")
+    batches = [{"input_ids": windows[i:i + 16], "attention_mask": torch.ones_like(windows[i:i + 16])}
+               for i in range(0, len(windows), 16)]
+    h = harvest(model, batches, site=sites)
+    with torch.no_grad():
+        mlp_in = torch.cat([model.model.layers[layer].post_attention_layernorm(c) for c in h[sites[1]].split(8192)])
+    units = split_of(len(windows))[h["seq"].numpy()]
+    # positions 0..first-1 hold the attention sink: <|endoftext|> and the massive activations of the first
+    # tokens after it (norms ~100x the rest, ~98 % of the variance); they are left out and never spliced
+    keep = {s: torch.from_numpy(units == s) & (h["pos"] >= r["first"]) for s in ("train", "validation", "test")}
+    return h, mlp_in, keep
+
+
 def build_smollm2(path: Path, *, log=print) -> None:
     """Recipe: SmolLM2's middle residual stream and MLP; the sweep, the transcoder, loss recovered, contexts."""
     from helpers.assets import smollm2
 
     r = RECIPE["smollm2"]
-    layer = r["layer"]
-    site, mid, mlp_out = (f"blocks.{layer}.hook_resid_post", f"blocks.{layer}.hook_resid_mid",
-                          f"blocks.{layer}.hook_mlp_out")
+    layer, first = r["layer"], r["first"]
+    site, mlp_out = f"blocks.{layer}.hook_resid_post", f"blocks.{layer}.hook_mlp_out"
     common.set_seed(0)
     model, tok = smollm2()
     model.requires_grad_(False)
     windows, source = smollm2_windows(tok)
     split = split_of(len(windows))
-    log(f"harvesting SmolLM2: {windows.numel()} tokens")
-    batches = [{"input_ids": windows[i:i + 16], "attention_mask": torch.ones_like(windows[i:i + 16])}
-               for i in range(0, len(windows), 16)]
-    h = harvest(model, batches, site=[site, mid, mlp_out])
-    with torch.no_grad():
-        mlp_in = torch.cat([model.model.layers[layer].post_attention_layernorm(c) for c in h[mid].split(8192)])
-    units = np.asarray(split)[h["seq"].numpy()]
-    # positions 0..first-1 hold the attention sink: <|endoftext|> and the massive activations of the first
-    # tokens after it (norms ~100x the rest, ~98 % of the variance); they are left out and never spliced
-    first = r["first"]
-    keep = {s: torch.from_numpy(units == s) & (h["pos"] >= first) for s in ("train", "validation", "test")}
+    h, mlp_in, keep = _smollm2_activations(model, windows, log)
     x = h[site]
     norms = x[keep["train"]].norm(dim=-1)
     log(f"largest / median token norm kept: {float(norms.max() / norms.median()):.1f}")
@@ -776,35 +789,201 @@ def ovr_proba(X: np.ndarray, coef: np.ndarray, intercept: np.ndarray) -> np.ndar
     return p / p.sum(1, keepdims=True)
 
 
-def probe_study(X_tr: np.ndarray, y_tr: np.ndarray, fit_i: np.ndarray, val_i: np.ndarray, *, recipe: dict) -> dict:
-    """Chapter 6c's L1 probe: choose ``C`` on the validation passages, then refit on all training passages.
+SEED_STUDY = {"seeds": [1, 2], "v": 1}
+"""Training seeds of :func:`seed_study` (seed 0 is the committed artefact's)."""
 
-    ``recipe`` names everything that determines the inputs and must hold ``"Cs"`` and ``"seed"``. The result
-    is committed (:func:`helpers.common.cached_file`). Returns ``{"Cs", "val_acc" [C], "coef_val" [C, class,
-    feature], "intercept_val" [C, class], "C_best", "coef" [class, feature], "intercept" [class],
-    "classes" [class]}`` (float64).
+
+def _seed_metrics(model: SparseAutoencoder, x: Tensor, target: Tensor | None = None) -> dict:
+    e = _evaluate(model, x, target)
+    freq = e["counts"].float() / e["n"]
+    return {"fvu": float(e["fvu_tok"].mean()), "l0": float(e["l0"].mean()), "dead": float((e["counts"] == 0).float()
+            .mean()), "dense": float((freq > 0.1).float().mean())}
+
+
+def seed_study(*, log=print) -> dict:
+    """The chapter's chosen TopK SAEs (MiniLM, SmolLM2) and the transcoder retrained under the seeds of
+    :data:`SEED_STUDY` (initialisation and batch order; same training tokens), scored on the same test tokens
+    and loss windows as the committed artefacts. Committed under ``results/ch6c``.
+
+    Returns:
+        ``{seed: {"minilm" | "smollm2" | "transcoder": {"fvu", "l0", "dead", "dense"}}}`` (floats) and, for
+        ``"smollm2"`` and ``"transcoder"``, ``"loss"``: ``[window]`` next-token cross-entropy with the
+        dictionary spliced in.
     """
-    Cs = [float(c) for c in recipe["Cs"]]
+    chosen = {name: load_artefact(name)["chosen"]["topk"] for name in ("minilm", "smollm2")}
+    recipe = {"recipe": RECIPE, "chosen": chosen, **SEED_STUDY}
 
     def build(path: Path) -> None:
-        out = {"Cs": torch.tensor(Cs, dtype=torch.float64), "val_acc": [], "coef_val": [], "intercept_val": []}
-        for C in Cs:
-            m = l1_probe(C, seed=recipe["seed"]).fit(X_tr[fit_i], y_tr[fit_i])
-            out["val_acc"].append(float(np.mean(m.predict(X_tr[val_i]) == y_tr[val_i])))
-            out["coef_val"].append(np.vstack([e.coef_ for e in m.estimators_]))
-            out["intercept_val"].append(np.concatenate([e.intercept_ for e in m.estimators_]))
-        best = max(range(len(Cs)), key=lambda i: (out["val_acc"][i], -Cs[i]))      # ties: the stronger penalty
-        clf = l1_probe(Cs[best], seed=recipe["seed"]).fit(X_tr, y_tr)
-        out.update(val_acc=torch.tensor(out["val_acc"], dtype=torch.float64),
-                   coef_val=torch.from_numpy(np.stack(out["coef_val"])),
-                   intercept_val=torch.from_numpy(np.stack(out["intercept_val"])), C_best=Cs[best],
-                   coef=torch.from_numpy(np.vstack([e.coef_ for e in clf.estimators_])),
-                   intercept=torch.from_numpy(np.concatenate([e.intercept_ for e in clf.estimators_])),
-                   classes=torch.as_tensor(clf.classes_))
+        from helpers.assets import smollm2
+
+        out = {}
+        x, keep = _minilm_activations(log)
+        r = RECIPE["minilm"]
+        x_tr = x[keep["train"]][torch.randperm(int(keep["train"].sum()), generator=torch.Generator().manual_seed(0))[
+            : r["max_train"]]]
+        for seed in SEED_STUDY["seeds"]:
+            log(f"MiniLM, seed {seed}")
+            sae, _ = train_sae(x_tr, d_sae=r["d_sae"], kind="topk", k=int(chosen["minilm"].split("-")[1]),
+                               epochs=r["epochs"], batch_size=RECIPE["batch_size"], lr=RECIPE["lr"], seed=seed)
+            out[seed] = {"minilm": _seed_metrics(load_dictionary(_state(sae)), x[keep["test"]])}
+        del x, x_tr
+        r = RECIPE["smollm2"]
+        layer, first, t = r["layer"], r["first"], r["transcoder"]
+        model, tok = smollm2()
+        model.requires_grad_(False)
+        windows, _ = smollm2_windows(tok)
+        h, mlp_in, keep = _smollm2_activations(model, windows, log)
+        x, mlp_out = h[f"blocks.{layer}.hook_resid_post"], h[f"blocks.{layer}.hook_mlp_out"]
+        x_tr = x[keep["train"]][torch.randperm(int(keep["train"].sum()), generator=torch.Generator().manual_seed(0))[
+            : r["max_train"]]]
+        tr = keep["train"].nonzero()[:, 0]
+        tr = tr[torch.randperm(len(tr), generator=torch.Generator().manual_seed(0))[: r["max_train"]]]
+        test_w = windows[split_of(len(windows)) == "test"][: r["loss_windows"]]
+        site = f"blocks.{layer}.hook_resid_post"
+        for seed in SEED_STUDY["seeds"]:
+            log(f"SmolLM2, seed {seed}")
+            sae, _ = train_sae(x_tr, d_sae=r["d_sae"], kind="topk", k=int(chosen["smollm2"].split("-")[1]),
+                               epochs=r["epochs"], batch_size=RECIPE["batch_size"], lr=RECIPE["lr"], seed=seed)
+            sae = load_dictionary(_state(sae))
+            out[seed]["smollm2"] = _seed_metrics(sae, x[keep["test"]]) | {"loss": next_token_loss(
+                model, test_w, edits=splice(model, site, lambda a, m=sae: m(a)[0], first=first), first=first)}
+            tc, _ = train_sae(mlp_in[tr], targets=mlp_out[tr], d_sae=t["d_sae"], kind="topk", k=t["k"],
+                              epochs=r["epochs"], batch_size=RECIPE["batch_size"], lr=RECIPE["lr"], seed=seed)
+            tc = load_dictionary(_state(tc) | {"transcoder": True})
+            out[seed]["transcoder"] = _seed_metrics(tc, mlp_in[keep["test"]], mlp_out[keep["test"]]) | {
+                "loss": next_token_loss(model, test_w, edits=splice_transcoder(model, layer, tc, first=first),
+                                        first=first)}
         torch.save(out, path)
 
-    blob = torch.load(common.cached_file(_study_path("probe", recipe), build, committed=True), weights_only=True)
-    return {k: v.numpy() if isinstance(v, Tensor) else v for k, v in blob.items()}
+    return torch.load(common.cached_file(_study_path("seeds", recipe), build, committed=True), weights_only=True)
+
+
+@torch.no_grad()
+def pooled_codes(encoder: nn.Module, batches: Sequence[dict], *, site: str, special_ids: Sequence[int],
+                 sae: SparseAutoencoder | None = None, chunk: int = 8192) -> np.ndarray:
+    """``[sequence, d]`` mean over each sequence's tokens (special tokens excluded) of ``sae``'s code at ``site``
+    (``sae=None``: of the activation itself). A sequence with no ordinary token gets zeros."""
+    h = harvest(encoder, batches, site=site)
+    keep = ~torch.isin(h["input_ids"], torch.as_tensor(list(special_ids)))
+    x, seq = h[site][keep], h["seq"][keep]
+    n = sum(len(b["input_ids"]) for b in batches)
+    d = x.shape[1] if sae is None else sae.d_sae
+    sums = torch.zeros(n, d)
+    for xc, sc in zip(x.split(chunk), seq.split(chunk), strict=True):    # never hold every token's code at once
+        sums.index_add_(0, sc, xc if sae is None else sae.encode(xc))
+    return (sums / torch.bincount(seq, minlength=n).clamp(min=1)[:, None]).numpy()
+
+
+def fold_probe(X: np.ndarray, y: np.ndarray, folds: np.ndarray, *, Cs: Sequence[float], seed: int = 0) -> dict:
+    """The L1 probe on chapter folds: each passage is predicted by the model that never saw its fold.
+
+    For test fold ``k`` the penalty is chosen on fold ``k + 1`` (whole chapters, mod the number of folds) by a
+    probe fitted on the remaining folds (ties: the stronger penalty), then refitted on every fold but ``k``.
+
+    Returns:
+        ``{"pred" [passage], "C" [fold], "val_acc" [fold, C], "coef" [fold, class, feature],
+        "intercept" [fold, class]}`` (numpy).
+    """
+    X, y, folds = np.asarray(X), np.asarray(y), np.asarray(folds)
+    if X.ndim != 2 or len(X) != len(y) or y.shape != folds.shape or not np.isfinite(X).all():
+        raise ValueError(f"X must be finite [passage, feature] with one label and fold per row, got {X.shape}, "
+                         f"{y.shape}, {folds.shape}")
+    ks = np.unique(folds)
+    if len(ks) < 3 or not np.array_equal(ks, np.arange(len(ks))):
+        raise ValueError(f"folds must be 0..K-1 with K >= 3, got {ks.tolist()}")
+    out = {"pred": np.zeros(len(y), dtype=np.int64), "C": [], "val_acc": [], "coef": [], "intercept": []}
+    for k in ks:
+        v = (k + 1) % len(ks)
+        fit, val, train, test = folds != k, folds == v, folds != k, folds == k
+        fit &= folds != v
+        acc = [float(np.mean(l1_probe(C, seed=seed).fit(X[fit], y[fit]).predict(X[val]) == y[val])) for C in Cs]
+        best = max(range(len(Cs)), key=lambda i: (acc[i], -Cs[i]))
+        clf = l1_probe(Cs[best], seed=seed).fit(X[train], y[train])
+        out["pred"][test] = clf.predict(X[test])
+        out["C"].append(float(Cs[best]))
+        out["val_acc"].append(acc)
+        out["coef"].append(np.vstack([e.coef_ for e in clf.estimators_]))
+        out["intercept"].append(np.concatenate([e.intercept_ for e in clf.estimators_]))
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+def cv_probe(X: np.ndarray, y: np.ndarray, folds: Sequence[tuple[np.ndarray, np.ndarray]], *, Cs: Sequence[float],
+             fraction: float = 0.8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The L1 probe under cross-validation with the penalty chosen inside each training fold.
+
+    For each ``(train, test)`` pair, ``C`` is chosen on a stratified ``1 - fraction`` of ``train`` by a probe fitted
+    on the rest (ties: the stronger penalty), then the probe is refitted on all of ``train`` and tested.
+
+    Returns:
+        ``([example] correct predictions summed over the folds, [fold] chosen C)``.
+    """
+    X, y = np.asarray(X), np.asarray(y)
+    if X.ndim != 2 or len(X) != len(y) or not np.isfinite(X).all() or not folds:
+        raise ValueError(f"X must be finite [example, feature] with one label per row and folds non-empty, got "
+                         f"{X.shape}, {y.shape}, {len(folds)} folds")
+    correct, chosen = np.zeros(len(y)), []
+    for tr, te in folds:
+        fit_i, val_i = stats.split_indices(len(tr), fraction=fraction, seed=seed, labels=y[tr])
+        fit_i, val_i = tr[fit_i], tr[val_i]
+        acc = [float(np.mean(l1_probe(C, seed=seed).fit(X[fit_i], y[fit_i]).predict(X[val_i]) == y[val_i]))
+               for C in Cs]
+        best = max(range(len(Cs)), key=lambda i: (acc[i], -Cs[i]))
+        correct[te] += l1_probe(Cs[best], seed=seed).fit(X[tr], y[tr]).predict(X[te]) == y[te]
+        chosen.append(float(Cs[best]))
+    return correct, np.asarray(chosen)
+
+
+def wikipedia_sae(encoder: nn.Module, tokenizer, *, k: int, n_sentences: int = 4000, log=print) -> tuple[
+        SparseAutoencoder, dict]:
+    """A MiniLM TopK SAE of the recipe trained on Wikipedia sentences only (no Austen): ``(sae, test summary)``.
+
+    Same site, width, step count, batch, learning rate and seed as the committed sweep; ``n_sentences`` evenly
+    spaced Wikipedia sentences, split by :func:`split_of`; FVU and L0 on its own test tokens.
+    """
+    from helpers.assets import wikipedia_sentences
+
+    r = RECIPE["minilm"]
+    pool = wikipedia_sentences()
+    texts = [pool[i] for i in np.linspace(0, len(pool) - 1, n_sentences).astype(int)]
+    h = harvest(encoder, batches_of(tokenizer, texts, batch_size=128, max_length=r["max_length"]), site=r["site"])
+    keep = ~torch.isin(h["input_ids"], torch.tensor(tokenizer.all_special_ids))
+    units = split_of(len(texts))[h["seq"].numpy()]
+    x_tr, x_te = h[r["site"]][keep & torch.from_numpy(units == "train")], h[r["site"]][keep & torch.from_numpy(
+        units == "test")]
+    x_tr = x_tr[torch.randperm(len(x_tr), generator=torch.Generator().manual_seed(0))[: r["max_train"]]]
+    log(f"Wikipedia-only SAE: {len(x_tr):,} training tokens")
+    sae, _ = train_sae(x_tr, d_sae=r["d_sae"], kind="topk", k=k, epochs=r["epochs"], batch_size=RECIPE["batch_size"],
+                       lr=RECIPE["lr"], seed=0)
+    sae = load_dictionary(_state(sae))
+    e = _evaluate(sae, x_te)
+    return sae, {"n_train": len(x_tr), "n_test": e["n"], "fvu": float(e["fvu_tok"].mean()),
+                 "l0": float(e["l0"].mean())}
+
+
+def austen_fold_study(encoder: nn.Module, tokenizer, sae: SparseAutoencoder, texts: Sequence[str], labels,
+                      folds, *, recipe: dict) -> dict:
+    """Chapter 6c's classifier on Chapter 3's chapter folds (committed): :func:`fold_probe` on the passages'
+    pooled codes of ``sae`` (``"book"``), of a Wikipedia-only SAE (:func:`wikipedia_sae`, ``"wikipedia"``) and
+    on the pooled activation itself (``"dense"``). ``recipe`` names all that determines the inputs and holds
+    ``"site"``, ``"max_length"`` and ``"Cs"``.
+
+    Returns:
+        ``{variant: fold_probe(...)}`` plus ``"wikipedia_sae"`` (its stored state) and ``"wikipedia_summary"``.
+    """
+    def build(path: Path) -> None:
+        batches = batches_of(tokenizer, list(texts), batch_size=128, max_length=recipe["max_length"])
+        wiki, summary = wikipedia_sae(encoder, tokenizer, k=sae.k)
+        out = {}
+        for name, code in (("book", sae), ("wikipedia", wiki), ("dense", None)):
+            X = pooled_codes(encoder, batches, site=recipe["site"], special_ids=tokenizer.all_special_ids, sae=code)
+            out[name] = {k: torch.from_numpy(v) for k, v in fold_probe(X, np.asarray(labels), np.asarray(folds),
+                                                                        Cs=recipe["Cs"]).items()}
+        torch.save(out | {"wikipedia_sae": _state(wiki), "wikipedia_summary": summary}, path)
+
+    blob = torch.load(common.cached_file(_study_path("austen-folds", recipe), build, committed=True),
+                      weights_only=True)
+    return {name: {k: v.numpy() for k, v in blob[name].items()} for name in ("book", "wikipedia", "dense")} | {
+        "wikipedia_sae": load_dictionary(blob["wikipedia_sae"]), "wikipedia_summary": blob["wikipedia_summary"]}
 
 
 @torch.no_grad()

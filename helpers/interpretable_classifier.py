@@ -1006,6 +1006,139 @@ def cached_austen_study(fold_emb, leaky_emb, texts, labels, folds, features, *, 
         return {k: f[k] for k in f.files}
 
 
+SINR_HPARAMS = {"tau": 0.1, "epochs": 40, "lr": 0.05, "l1": 1e-4, "batch_size": 32, "seed": 0, "query": "free"}
+"""Chapter 3's task-attention hyper-parameters (polarity; the Austen task overrides :data:`AUSTEN_HPARAMS`)."""
+
+AUSTEN_HPARAMS = {"epochs": 20, "batch_size": 128, "lr": 0.1}
+"""Chapter 3's overrides for the Austen task (2,400 passages: bigger batches than polarity)."""
+
+
+def minilm_features(encoder: nn.Module, tokenizer, texts: Sequence[str], name: str) -> np.ndarray:
+    """``[n, 384]`` mean-pooled MiniLM-L6 states of ``texts`` (the black box's inputs), committed by content hash."""
+    from helpers import attribution
+
+    recipe = {"model": "all-MiniLM-L6-v2", "texts": common.content_hash(list(texts)), "max_length": 64}
+    path = common.cache_dir("features", "ch3") / f"{name}-{common.content_hash(recipe)}.pt"
+
+    def build(p: Path) -> None:
+        torch.save(attribution.pooled_features(encoder, tokenizer, list(texts), max_length=64), p)
+
+    return torch.load(common.cached_file(path, build, committed=True)).numpy()
+
+
+def grouped_accuracy(correct, groups, *, versus=None, trials: int = 1, unit: str = "groups") -> stats.Estimate:
+    """Accuracy (``correct`` / ``trials`` per example) with a bootstrap over ``groups`` of examples, or the
+    paired difference with another system's ``versus`` (correct counts on the same examples).
+
+    >>> round(grouped_accuracy([1, 0, 1, 1], [0, 0, 1, 1]).value, 2)
+    0.75
+    """
+    count = cluster_sums(np.full(len(correct), trials), groups)
+    other = None if versus is None else (cluster_sums(versus, groups), count)
+    return ratio_estimate(cluster_sums(correct, groups), count, versus=other, unit=unit)
+
+
+def ner_heldout_sinr(documents: Sequence[tuple[str, str]], words_of: Sequence[Sequence[str]], *,
+                     n_sentences: int = 1500, n_train: int = 1200) -> tuple[sinr.SinrEmbedding, list[str], np.ndarray]:
+    """Chapter 3's SINr for the polarity and tagging tasks: Chapter 2's recipe on the book corpus minus the
+    paragraphs that hold the tagging test sentences.
+
+    Returns:
+        ``(embedding, sentences, held_out)``: the tagging task's ``n_sentences`` Wikipedia sentences (the first
+        ``n_train`` to train on, the rest to test) and ``[document]`` True for the paragraphs left out.
+    """
+    from helpers.assets import wikipedia_sentences
+
+    if len(documents) != len(words_of) or not len(documents):
+        raise ValueError(f"documents and words_of must be the same non-empty corpus, got {len(documents)} and "
+                         f"{len(words_of)}")
+    pool = wikipedia_sentences()
+    sentences = pool[:: len(pool) // n_sentences][:n_sentences]
+    held_out = documents_containing(documents, sentences[n_train:])
+    emb = sinr_embedding([w for w, out in zip(words_of, held_out, strict=True) if not out], name="sinr-ner-heldout")
+    return emb, sentences, held_out
+
+
+def polarity_study(emb: sinr.SinrEmbedding, texts: Sequence[str], labels, features: np.ndarray, *,
+                   repeats: int = 3, seed: int = 0) -> dict:
+    """Task 1 of nbs/03: every model on the same ``repeats`` x 5 stratified folds of the polarity sentences.
+
+    Returns:
+        ``"folds"``: the ``(train, test)`` index pairs; ``"bow"``, ``"minilm"`` (logistic regression on
+        ``features``) and ``"sinr"`` (:data:`SINR_HPARAMS`): ``[sentence]`` number of correct predictions,
+        out of ``repeats``.
+    """
+    from sklearn.model_selection import RepeatedStratifiedKFold
+
+    labels = np.asarray(labels)
+    if len(texts) != len(labels) or len(features) != len(labels):
+        raise ValueError(f"texts, labels and features must have one row per sentence, got {len(texts)}, "
+                         f"{len(labels)}, {len(features)}")
+    enc = encode(emb, list(texts))
+    folds = list(RepeatedStratifiedKFold(n_splits=5, n_repeats=repeats, random_state=seed).split(texts, labels))
+    out = {"folds": folds, **{k: np.zeros(len(texts)) for k in ("bow", "minilm", "sinr")}}
+    for tr, te in folds:
+        out["bow"][te] += bow_predict([texts[i] for i in tr], labels[tr], [texts[i] for i in te]) == labels[te]
+        out["minilm"][te] += logistic(features[tr], labels[tr]).predict(features[te]) == labels[te]
+        model = train_task_attention(emb.vectors, enc.input_ids[tr], enc.attention_mask[tr], labels[tr], 2,
+                                     **SINR_HPARAMS)
+        out["sinr"][te] += _correct(model, Encoded(enc.input_ids[te], enc.attention_mask[te],
+                                                   [enc.tokens[i] for i in te]), labels[te])
+    return out
+
+
+class AustenTask(NamedTuple):
+    """Chapter 3's Austen task on chapter folds, as :func:`austen_task` builds it."""
+
+    titles: list[str]               # the six novels, in label order
+    split: object                   # the passages drawn (helpers.data.AustenSplit)
+    passages: AustenFolds           # kept passages: texts, labels, chapter, fold
+    document_folds: np.ndarray      # [document] fold of each book document (-1: not Austen)
+    hierarchy0: SinrHierarchy       # fold 0's SINr (fine = fold_emb[0]) with its coarse level
+    fold_emb: list                  # [fold] SINr rebuilt without that fold's chapters
+    features: np.ndarray            # [passage, 384] the black box's MiniLM features
+    study: dict                     # the committed :func:`austen_study` (bag of words, black box, SINr seeds)
+    recipe: dict                    # what keys the study
+
+
+def austen_task(documents: Sequence[tuple[str, str]], words_of: Sequence[Sequence[str]], encoder: nn.Module,
+                tokenizer, *, words: int = 30, k: int = 5, seeds: Sequence[int] = (0, 1, 2)) -> AustenTask:
+    """Chapter 3's Austen task: 500 passages of ``words`` words per novel in ``k`` folds of whole chapters, SINr
+    rebuilt per fold without its chapters, the black box's features and the committed :func:`austen_study`.
+
+    Args:
+        documents: :func:`helpers.sinr.book_documents`; ``words_of``: the same, tokenised by
+            :func:`helpers.sinr.tokenize`; ``encoder, tokenizer``: MiniLM-L6 (only used if the committed
+            features are missing).
+    """
+    from helpers import data
+    from helpers.assets import austen_novels
+
+    if len(documents) != len(words_of) or not len(documents):
+        raise ValueError(f"documents and words_of must be the same non-empty corpus, got {len(documents)} and "
+                         f"{len(words_of)}")
+    novels = austen_novels()
+    titles = list(novels)
+    split = data.austen_passages(titles, words=words, n_train=400, n_test=100, seed=0)
+    aus = austen_chapter_folds(novels, split.train + split.test, titles, words=words, k=k)
+    doc_fold = document_folds(documents, novels, k=k)
+    without = [[w for w, f in zip(words_of, doc_fold, strict=True) if f != j] for j in range(k)]
+    hier0 = sinr_hierarchy(without[0], name="sinr-austen-fold0")
+    fold_emb = [hier0.fine] + [sinr_embedding(without[j], name=f"sinr-austen-fold{j}") for j in range(1, k)]
+    features = np.concatenate([minilm_features(encoder, tokenizer, [p for p, _ in part], name) for part, name in
+                               ((split.train, "austen-train"), (split.test, "austen-test"))])[aus.rows]
+    hparams = {**SINR_HPARAMS, **AUSTEN_HPARAMS}
+    recipe = {"study": "austen", "texts": common.content_hash(aus.texts), "labels": fingerprint(aus.labels),
+              "folds": fingerprint(aus.folds), "minilm": fingerprint(features),
+              "sinr": [fingerprint(e) for e in fold_emb],
+              "leaky": {"corpus": common.content_hash(list(words_of)), "config": sinr.BOOK_CONFIG},
+              "seeds": list(seeds), "hparams": hparams, "n_classes": len(titles), "v": 1}
+    study = cached_austen_study(fold_emb, lambda: sinr_embedding(words_of, name="sinr-book"),   # Chapter 2's SINr
+                                aus.texts, aus.labels, aus.folds, features, n_classes=len(titles), seeds=seeds,
+                                hparams=hparams, recipe=recipe)
+    return AustenTask(titles, split, aus, doc_fold, hier0, fold_emb, features, study, recipe)
+
+
 def token_features(encoder: nn.Module, tokenizer, words_list: Sequence[Sequence[str]], *, max_length: int = 128,
                    batch_size: int = 64) -> Tensor:
     """The encoder's last-layer vector of each word's first word piece, [tokens, d] over all sentences.

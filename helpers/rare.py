@@ -914,6 +914,8 @@ def distil_student(student: torch.nn.Module, z: Tensor, teacher_logits: Tensor, 
     if temperature <= 0 or epochs < 1 or batch_size < 1 or lr <= 0 or label_weight < 0:
         raise ValueError(f"need temperature, lr > 0, epochs, batch_size >= 1 and label_weight >= 0, got "
                          f"{temperature}, {lr}, {epochs}, {batch_size}, {label_weight}")
+    from helpers import choquet
+
     n_classes = teacher_logits.shape[1]
     distilled = torch.arange(len(z))
     lab_x = lab_y = lab_w = None
@@ -948,31 +950,13 @@ def distil_student(student: torch.nn.Module, z: Tensor, teacher_logits: Tensor, 
         if float(w.sum()) <= 0:
             raise ValueError("weights of the distilled images sum to 0")
     w = w / w.mean()
-    x, target = z[distilled], (teacher_logits[distilled] / temperature).log_softmax(-1)
-    with common.torch_threads(1):  # small dense ops: one thread is faster, and immune to a busy machine
-        generator = torch.Generator().manual_seed(seed)
-        optimiser = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=lr)
-        history = []
-        student.train()
-        with torch.enable_grad():
-            for _ in range(epochs):
-                order = torch.randperm(len(x), generator=generator)
-                total = 0.0
-                for i in range(0, len(order), batch_size):
-                    b = order[i : i + batch_size]
-                    log_p = (student(x[b]) / temperature).log_softmax(-1)
-                    kl = F.kl_div(log_p, target[b], log_target=True, reduction="none").sum(-1)  # [batch]
-                    loss = (w[b] * kl).sum() / len(b) * temperature**2
-                    if lab_x is not None:
-                        ce = F.cross_entropy(student(lab_x), lab_y, reduction="none")
-                        loss = loss + label_weight * (lab_w * ce).sum()
-                    optimiser.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimiser.step()
-                    total += loss.item() * len(b)
-                history.append(total / len(x))
-    student.eval()
-    return history
+
+    def labelled_term(student):   # label_weight x the class-balanced cross-entropy of every labelled image
+        return label_weight * (lab_w * F.cross_entropy(student(lab_x), lab_y, reduction="none")).sum()
+
+    return choquet.distil(student, z[distilled], teacher_logits[distilled], temperature=temperature, epochs=epochs,
+                          batch_size=batch_size, lr=lr, seed=seed, weights=w,
+                          extra_loss=None if lab_x is None else labelled_term)
 
 
 def make_student(kind: str, n_features: int, n_classes: int, *, groups: Sequence[str] | None = None,

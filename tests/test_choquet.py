@@ -203,6 +203,29 @@ def test_distillation_losses_known_answers():
         choquet.distillation_loss(s, t, kind="l1")
 
 
+def test_weighted_distillation_counts_each_example_by_its_weight_and_adds_the_extra_loss():
+    torch.manual_seed(0)
+    x, t = torch.rand(64, 3), torch.randn(64, 2)
+    keep = torch.arange(64) % 2 == 0
+
+    def run(inputs, logits, **kw):
+        s = torch.nn.Linear(3, 2)
+        with torch.no_grad():
+            s.weight.fill_(0.1)
+            s.bias.zero_()
+        return choquet.distil(s, inputs, logits, epochs=1, batch_size=64, lr=0.1, **kw), s
+
+    (h_w, s_w), (h_k, s_k) = run(x, t, weights=2.0 * keep.float()), run(x[keep], t[keep])
+    # one full batch: weights 2 on half the examples over 64 = the plain loss on that half over 32
+    assert h_w[0] == pytest.approx(h_k[0], rel=1e-5)
+    assert torch.allclose(s_w.weight, s_k.weight, atol=1e-6)
+    h_e, _ = run(x, t, extra_loss=lambda student: torch.tensor(1.5))
+    h_0, _ = run(x, t)
+    assert h_e[0] == pytest.approx(h_0[0] + 1.5, rel=1e-6)
+    with pytest.raises(ValueError, match="weights must be finite"):
+        run(x, t, weights=-torch.ones(64))
+
+
 def test_alignment_terms_known_answer():
     latent = torch.tensor([1.0, -0.5, 2.0, 0.0])
     aligner = choquet.Aligner(3, 4, hidden=5)

@@ -1,5 +1,6 @@
 """Known-answer tests for helpers/dictionaries.py (sparse autoencoders and transcoders, Chapter 6c)."""
 
+import numpy as np
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -171,22 +172,64 @@ def test_word_type_features_with_a_transform_equals_transforming_first():
     assert torch.allclose(streamed, D.word_type_features(codes(x), words, 7), atol=1e-6)
 
 
-def test_ovr_proba_reproduces_the_fitted_probe_and_the_study_is_reproducible(tmp_path, monkeypatch):
+def test_fold_probe_predicts_each_fold_with_a_model_that_never_saw_it_and_ovr_proba_matches():
     import numpy as np
 
-    monkeypatch.setenv("BOOK_CACHE", str(tmp_path))
     rng = np.random.default_rng(0)
-    X, y = rng.random((90, 6)), np.repeat(np.arange(3), 30)
-    X[np.arange(90), y] += 1.0                                                    # one informative feature per class
-    fit_i, val_i = np.arange(0, 90, 3).tolist() + np.arange(1, 90, 3).tolist(), np.arange(2, 90, 3)
-    recipe = {"test": "probe", "Cs": [0.1, 10.0], "seed": 0}
-    study = D.probe_study(X, y, np.array(fit_i), val_i, recipe=recipe)
-    clf = D.l1_probe(study["C_best"]).fit(X, y)
-    assert np.abs(D.ovr_proba(X, study["coef"], study["intercept"]) - clf.predict_proba(X)).max() < 1e-12
-    assert study["val_acc"].shape == (2,) and study["coef_val"].shape == (2, 3, 6)
-    assert study["val_acc"].max() > 0.9 and study["C_best"] in recipe["Cs"]
-    again = D.probe_study(X, y, np.array(fit_i), val_i, recipe=recipe)          # loaded from the cache
-    assert np.array_equal(again["coef"], study["coef"])
+    X, y = rng.random((120, 6)), np.tile(np.arange(3), 40)
+    X[np.arange(120), y] += 1.0                                                   # one informative feature per class
+    folds = np.repeat(np.arange(4), 30)
+    out = D.fold_probe(X, y, folds, Cs=[0.1, 10.0])
+    assert out["coef"].shape == (4, 3, 6) and out["val_acc"].shape == (4, 2) and set(out["C"]) <= {0.1, 10.0}
+    assert (out["pred"] == y).mean() > 0.9
+    for k in range(4):                                                            # fold k: refit on the other folds
+        clf = D.l1_probe(out["C"][k]).fit(X[folds != k], y[folds != k])
+        assert np.array_equal(clf.predict(X[folds == k]), out["pred"][folds == k])
+        proba = D.ovr_proba(X[folds == k], out["coef"][k], out["intercept"][k])
+        assert np.abs(proba - clf.predict_proba(X[folds == k])).max() < 1e-12
+    with pytest.raises(ValueError, match="folds must be 0..K-1"):
+        D.fold_probe(X, y, np.repeat(np.arange(2), 60), Cs=[1.0])
+    with pytest.raises(ValueError, match="finite"):
+        D.fold_probe(np.full((120, 6), np.nan), y, folds, Cs=[1.0])
+
+
+def test_cv_probe_chooses_c_inside_each_training_fold_and_counts_correct_predictions():
+    from sklearn.model_selection import RepeatedStratifiedKFold
+
+    rng = np.random.default_rng(1)
+    X, y = rng.random((80, 5)), np.tile([0, 1], 40)
+    X[:, 0] += 0.8 * y                                                            # one informative feature
+    folds = list(RepeatedStratifiedKFold(n_splits=5, n_repeats=2, random_state=0).split(X, y))
+    correct, chosen = D.cv_probe(X, y, folds, Cs=[0.01, 10.0])
+    assert correct.shape == (80,) and correct.max() <= 2 and correct.sum() / 160 > 0.75 and len(chosen) == 10
+    tr, te = folds[0]                                                             # fold 0 by hand
+    from helpers import stats
+
+    fit_i, val_i = stats.split_indices(len(tr), fraction=0.8, seed=0, labels=y[tr])
+    acc = [np.mean(D.l1_probe(C).fit(X[tr[fit_i]], y[tr[fit_i]]).predict(X[tr[val_i]]) == y[tr[val_i]])
+           for C in (0.01, 10.0)]
+    assert chosen[0] == (0.01 if acc[0] >= acc[1] else 10.0)
+    with pytest.raises(ValueError, match="folds non-empty"):
+        D.cv_probe(X, y, [], Cs=[1.0])
+
+
+def test_pooled_codes_average_each_sequence_without_special_tokens():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
+                                 intermediate_size=16)).eval()
+    ids = torch.tensor([[1, 5, 6, 2, 0], [1, 7, 2, 0, 0]])                       # 1, 2 special; 0 padding
+    mask = (ids != 0).long()
+    batch = [{"input_ids": ids, "attention_mask": mask}]
+    sae = D.SparseAutoencoder(8, 12, k=3)
+    pooled = D.pooled_codes(model, batch, site="blocks.1.hook_resid_post", special_ids=[1, 2], sae=sae)
+    dense = D.pooled_codes(model, batch, site="blocks.1.hook_resid_post", special_ids=[1, 2])
+    with torch.no_grad():
+        h = model(input_ids=ids, attention_mask=mask).last_hidden_state             # block 1 is the last block
+    assert np.allclose(dense[0], h[0, 1:3].mean(0).numpy(), atol=1e-5)
+    assert np.allclose(dense[1], h[1, 1].numpy(), atol=1e-5)
+    assert np.allclose(pooled[0], sae.encode(h[0, 1:3]).mean(0).detach().numpy(), atol=1e-5)
 
 
 def test_steering_edit_adds_the_unit_direction_and_concept_mass_sums_probabilities():

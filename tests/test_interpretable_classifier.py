@@ -305,6 +305,21 @@ def test_ratio_estimate_matches_the_stats_layer_on_singleton_clusters_and_resamp
         ic.cluster_sums([1, 2], [0])
 
 
+
+def test_grouped_accuracy_is_the_ratio_estimate_of_group_sums_and_austen_task_checks_its_corpus():
+    rng = np.random.default_rng(2)
+    a, b, groups = (rng.random(60) < 0.6).astype(float), (rng.random(60) < 0.5).astype(float), np.repeat(
+        np.arange(12), 5)
+    e = ic.grouped_accuracy(a, groups, unit="chapters")
+    ref = ic.ratio_estimate(ic.cluster_sums(a, groups), ic.cluster_sums(np.ones(60), groups), unit="chapters")
+    assert (e.value, e.lo, e.hi, e.n) == (ref.value, ref.lo, ref.hi, 12)
+    d = ic.grouped_accuracy(a, groups, versus=b)
+    assert d.value == pytest.approx(a.mean() - b.mean())
+    assert ic.grouped_accuracy(2 * a, groups, trials=2).value == pytest.approx(a.mean())   # correct of 2 trials each
+    with pytest.raises(ValueError, match="same non-empty corpus"):
+        ic.austen_task([("Emma", "a b c")], [], None, None)
+
+
 # ---- entity-level scores ----
 
 
