@@ -257,3 +257,27 @@ def test_steering_edit_adds_the_unit_direction_and_concept_mass_sums_probabiliti
     probs = clean[0, -1].softmax(-1)
     mass = D.concept_mass(model, Tok(), ["\x01\x02\x03\x04\x05"], [7, 9])
     assert mass.shape == (1,) and mass[0] == pytest.approx(float(probs[[7, 9]].sum()), rel=1e-5)
+
+
+def test_the_committed_seed_study_loads_without_retraining(monkeypatch):
+    def no_training(*args, **kwargs):
+        raise AssertionError("the committed seed study should load, not retrain")
+
+    monkeypatch.setattr(D, "train_sae", no_training)
+    runs = D.seed_study()
+    assert sorted(runs) == D.SEED_STUDY["seeds"]
+    for seed in D.SEED_STUDY["seeds"]:
+        assert set(runs[seed]) == {"minilm", "smollm2", "transcoder"}
+        for name, r in runs[seed].items():
+            assert 0 < r["fvu"] < 1 and 0 <= r["dead"] <= 1 and r["l0"] > 0
+            if name != "minilm":
+                assert r["loss"].shape == (D.RECIPE["smollm2"]["loss_windows"],) and bool(torch.isfinite(r["loss"]).all())
+
+
+def test_seed_metrics_count_dead_and_dense_latents():
+    sae = D.SparseAutoencoder(4, 6, kind="topk", k=2)
+    with torch.no_grad():
+        sae.W_enc.zero_()
+        sae.b_enc.copy_(torch.tensor([3.0, 2.0, 1.0, 0.0, -1.0, -2.0]))     # always latents 0 and 1
+    m = D._seed_metrics(sae, torch.randn(50, 4))
+    assert m["l0"] == 2 and m["dead"] == pytest.approx(4 / 6) and m["dense"] == pytest.approx(2 / 6)
