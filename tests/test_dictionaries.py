@@ -271,7 +271,8 @@ def test_the_committed_seed_study_loads_without_retraining(monkeypatch):
         for name, r in runs[seed].items():
             assert 0 < r["fvu"] < 1 and 0 <= r["dead"] <= 1 and r["l0"] > 0
             if name != "minilm":
-                assert r["loss"].shape == (D.RECIPE["smollm2"]["loss_windows"],) and bool(torch.isfinite(r["loss"]).all())
+                assert r["loss"].shape == (D.RECIPE["smollm2"]["loss_windows"],)
+                assert bool(torch.isfinite(r["loss"]).all())
 
 
 def test_seed_metrics_count_dead_and_dense_latents():
