@@ -858,6 +858,58 @@ def seed_study(*, log=print) -> dict:
     return torch.load(common.cached_file(_study_path("seeds", recipe), build, committed=True), weights_only=True)
 
 
+EPOCH_STUDY = {"epochs": [2, 4, 8], "v": 1}
+"""Passes over the same training tokens in :func:`epoch_study` (the committed dictionaries made one)."""
+
+
+def epoch_study(*, log=print) -> dict:
+    """How far from converged the chapter's chosen TopK SAEs are: each retrained (seed 0, same tokens, same
+    batch and learning rate) for more passes over its training tokens, scored on the same test tokens and, for
+    SmolLM2, the same loss windows. Committed under ``results/ch6c``.
+
+    Returns:
+        ``{epochs: {"minilm" | "smollm2": {"fvu", "l0", "dead", "dense"} (+ "loss" [window] for SmolLM2)}}``.
+    """
+    chosen = {name: load_artefact(name)["chosen"]["topk"] for name in ("minilm", "smollm2")}
+    recipe = {"recipe": RECIPE, "chosen": chosen, **EPOCH_STUDY}
+
+    def build(path: Path) -> None:
+        from helpers.assets import smollm2
+
+        out = {e: {} for e in EPOCH_STUDY["epochs"]}
+        x, keep = _minilm_activations(log)
+        r = RECIPE["minilm"]
+        x_tr = x[keep["train"]][torch.randperm(int(keep["train"].sum()), generator=torch.Generator().manual_seed(0))[
+            : r["max_train"]]]
+        for e in EPOCH_STUDY["epochs"]:
+            log(f"MiniLM, {e} passes")
+            sae, _ = train_sae(x_tr, d_sae=r["d_sae"], kind="topk", k=int(chosen["minilm"].split("-")[1]), epochs=e,
+                               batch_size=RECIPE["batch_size"], lr=RECIPE["lr"], seed=0)
+            out[e]["minilm"] = _seed_metrics(load_dictionary(_state(sae)), x[keep["test"]])
+        del x, x_tr
+        r = RECIPE["smollm2"]
+        layer, first = r["layer"], r["first"]
+        model, tok = smollm2()
+        model.requires_grad_(False)
+        windows, _ = smollm2_windows(tok)
+        h, _, keep = _smollm2_activations(model, windows, log)
+        site = f"blocks.{layer}.hook_resid_post"
+        x = h[site]
+        x_tr = x[keep["train"]][torch.randperm(int(keep["train"].sum()), generator=torch.Generator().manual_seed(0))[
+            : r["max_train"]]]
+        test_w = windows[split_of(len(windows)) == "test"][: r["loss_windows"]]
+        for e in EPOCH_STUDY["epochs"]:
+            log(f"SmolLM2, {e} passes")
+            sae, _ = train_sae(x_tr, d_sae=r["d_sae"], kind="topk", k=int(chosen["smollm2"].split("-")[1]), epochs=e,
+                               batch_size=RECIPE["batch_size"], lr=RECIPE["lr"], seed=0)
+            sae = load_dictionary(_state(sae))
+            out[e]["smollm2"] = _seed_metrics(sae, x[keep["test"]]) | {"loss": next_token_loss(
+                model, test_w, edits=splice(model, site, lambda a, m=sae: m(a)[0], first=first), first=first)}
+        torch.save(out, path)
+
+    return torch.load(common.cached_file(_study_path("epochs", recipe), build, committed=True), weights_only=True)
+
+
 @torch.no_grad()
 def pooled_codes(encoder: nn.Module, batches: Sequence[dict], *, site: str, special_ids: Sequence[int],
                  sae: SparseAutoencoder | None = None, chunk: int = 8192) -> np.ndarray:
