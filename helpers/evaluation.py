@@ -647,9 +647,12 @@ def randomised_copy(model: torch.nn.Module, *, seed: int = 0) -> torch.nn.Module
 # Chapter 14's harness: the explanations it scores, the perturbations, the per-setting tables
 # ---------------------------------------------------------------------------------------------
 
-IMAGE_METHODS = ("saliency", "integrated gradients", "GradientSHAP", "occlusion", "last-layer attention", "rollout",
-                 "prototype map", "random")
-"""The pixel explanations Chapter 14 scores: Chapter 8's six methods, Chapter 9's prototype map, a random map."""
+IMAGE_METHODS = ("saliency", "integrated gradients", "GradientSHAP", "occlusion", "RISE", "last-layer attention",
+                 "rollout", "prototype map", "random")
+"""The pixel explanations Chapter 14 scores: Chapter 8's six methods, RISE, Chapter 9's prototype map, a random map."""
+
+RISE_SETTINGS = {"n_masks": 1000, "grid": 7, "p": 0.5}
+"""RISE in Chapter 14: 1,000 masks from a 7 x 7 grid (4-pixel cells, as occlusion's window), half of it kept."""
 
 CONCEPT_METHODS = ("Choquet contributions", "linear contributions", "random concepts")
 """The concept explanations Chapter 14 scores (:func:`concept_contributions`)."""
@@ -678,6 +681,8 @@ def image_explanation(model: torch.nn.Module, method: str, images: Tensor, targe
     (``black``, 64 steps), GradientSHAP (``shap_baselines``, 16 samples, noise 0.1; seeds torch's global
     generator with ``seed``, where Captum draws), occlusion (4 x 4 window, stride 2, black), the
     CLS row of the last layer's attention and attention rollout (upsampled from the 4 x 4 grid);
+    RISE (:func:`helpers.vision.rise_saliency` with :data:`RISE_SETTINGS`, pixels dimmed to black, masks
+    drawn with ``seed``);
     Chapter 9's prototype map (the class's last-layer weights times the prototypes' similarity
     maps; ``model`` must then be a :class:`helpers.prototypes.ProtoViT`); and a random map drawn
     with ``seed``.
@@ -726,6 +731,8 @@ def image_explanation(model: torch.nn.Module, method: str, images: Tensor, targe
         with torch.no_grad():
             return Occlusion(model).attribute(images, target=target, sliding_window_shapes=(1, 4, 4),
                                               strides=(1, 2, 2), baselines=black, perturbations_per_eval=64)[:, 0]
+    if method == "RISE":
+        return vision.rise_saliency(model, images, target, fill=float(black), seed=seed, **RISE_SETTINGS)
     if method in ("last-layer attention", "rollout"):
         _, a = vision.vit_attentions(model, images)  # [layer, batch, head, 17, 17]
         patch = (a[-1, :, :, 0, 1:].mean(1).reshape(-1, vision.GRID, vision.GRID) if method == "last-layer attention"
@@ -1165,6 +1172,77 @@ def paired_comparison(per_item: dict[str, dict[str, np.ndarray]], setting: str, 
         raise ValueError(f"{rows[0]} and {rows[1]} must be measured on the same items, got {x.shape} and {y.shape}")
     ok = np.isfinite(x) & np.isfinite(y)
     return stats.paired_difference(x[ok], y[ok])
+
+
+def kendall_w(scores) -> float:
+    """Kendall's coefficient of concordance of ``scores`` ``[rater, item]``: 1 when every rater ranks the items
+    the same way, 0 when the rankings share nothing (ties get average ranks, with the tie correction).
+
+    In Chapter 14 a rater is one input (an image) and the items are the methods: W says how consistently the
+    inputs rank the methods under one metric (Tomsett et al. 2020's *inter-rater reliability*, with W in place
+    of Krippendorff's alpha).
+
+    >>> kendall_w([[1, 2, 3], [1, 2, 3], [1, 2, 3]])
+    1.0
+    >>> round(kendall_w([[1, 2, 3], [3, 2, 1]]), 6)
+    0.0
+    """
+    from scipy.stats import rankdata
+
+    x = np.asarray(scores, dtype=float)
+    if x.ndim != 2 or x.shape[0] < 2 or x.shape[1] < 2 or not np.isfinite(x).all():
+        raise ValueError(f"scores must be finite [rater >= 2, item >= 2], got shape {x.shape}")
+    m, n = x.shape
+    ranks = rankdata(x, axis=1)
+    s = float(((ranks.sum(0) - m * (n + 1) / 2) ** 2).sum())
+    ties = sum(float((c ** 3 - c).sum()) for c in (np.unique(row, return_counts=True)[1] for row in x))
+    denominator = m ** 2 * (n ** 3 - n) - m * ties
+    return 1.0 if denominator <= 0 else 12 * s / denominator
+
+
+def metric_reliability(per_item: dict[str, dict[str, np.ndarray]], rows: Sequence[str], metrics: Sequence[str], *,
+                       variants: Sequence[tuple[str, str, bool]] = (), n_resamples: int = 2000, seed: int = 0):
+    """How far a setting's metrics can be trusted to rank its methods (Tomsett et al. 2020).
+
+    - **concordance** of each metric: Kendall's W (:func:`kendall_w`) of the methods' values over the items
+      measured for every method, with a percentile bootstrap over items;
+    - **agreement between protocol variants** ``(metric a, metric b, same direction)``: the mean over items of
+      the Spearman correlation (:func:`helpers.stats.rank_correlations`) between the methods' values under
+      ``a`` and under ``b`` (``b`` negated when the two run in opposite directions), bootstrap over items.
+
+    Returns:
+        ``(concordance, agreement)``: ``{metric: Estimate}`` and ``{(a, b): Estimate}``.
+    """
+    from helpers import stats
+
+    if len(rows) < 2:
+        raise ValueError(f"need at least two methods, got {list(rows)}")
+
+    def table(metric):
+        missing = [r for r in rows if metric not in per_item.get(r, {})]
+        if missing:
+            raise ValueError(f"per_item has no {metric!r} for {missing}")
+        x = np.stack([np.asarray(per_item[r][metric], dtype=float) for r in rows], 1)   # [item, method]
+        return x[np.isfinite(x).all(1)]
+
+    gen = np.random.default_rng(seed)
+    concordance = {}
+    for metric in metrics:
+        x = table(metric)
+        if len(x) < 2:
+            raise ValueError(f"{metric!r} has fewer than two items measured for every method")
+        boot = [kendall_w(x[gen.integers(0, len(x), len(x))]) for _ in range(n_resamples)]
+        lo, hi = np.percentile(boot, [2.5, 97.5])
+        concordance[metric] = stats.Estimate(kendall_w(x), float(lo), float(hi), n=len(x),
+                                             method=f"Kendall's W over {len(x)} items, percentile bootstrap 95%")
+    agreement = {}
+    for a, b, same in variants:
+        xa, xb = (np.stack([np.asarray(per_item[r][m], dtype=float) for r in rows], 1) for m in (a, b))
+        ok = np.isfinite(xa).all(1) & np.isfinite(xb).all(1)
+        rho = stats.rank_correlations(xa[ok], xb[ok] if same else -xb[ok])   # [item], the book's one convention
+        rho = np.nan_to_num(rho, nan=0.0)                   # one variant constant on an item: no agreement there
+        agreement[a, b] = stats.bootstrap_ci(rho, seed=seed)
+    return concordance, agreement
 
 
 def tied_with_best(per_item: dict[str, dict[str, np.ndarray]], setting, columns: Sequence[str], *,

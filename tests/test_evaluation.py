@@ -354,6 +354,11 @@ def test_image_explanation_known_answers_on_a_linear_model():
     shap = evaluation.image_explanation(model, "GradientSHAP", images, target, black=black,
                                         shap_baselines=torch.zeros(2, 1, 28, 28))
     assert shap.shape == (4, 28, 28)
+    rise = evaluation.image_explanation(model, "RISE", images[:1], target[:1], black=black, seed=2)
+    from helpers import vision                                  # the harness runs vision.rise_saliency, dimming to black
+
+    ref = vision.rise_saliency(model, images[:1], target[:1], fill=black, seed=2, **evaluation.RISE_SETTINGS)
+    assert torch.equal(rise, ref) and rise.shape == (1, 28, 28)
 
 
 def test_image_explanation_attention_maps_on_a_tiny_vit():
@@ -613,3 +618,22 @@ def test_word_intrusion_helpers():
         evaluation.unit_rows(np.eye(2), np.array([2]))
     with pytest.raises(ValueError, match="sets"):
         evaluation.intrusion_oddness(torch.ones(3, 2))
+
+
+def test_kendall_w_is_friedmans_statistic_rescaled_and_reliability_reads_per_item_tables():
+    from scipy.stats import friedmanchisquare
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 4, (30, 5)).astype(float) + np.arange(5) * 0.7          # ties, and a shared trend
+    chi2 = friedmanchisquare(*x.T).statistic                                     # tie-corrected
+    assert evaluation.kendall_w(x) == pytest.approx(chi2 / (30 * (5 - 1)), rel=1e-9)
+    with pytest.raises(ValueError, match="finite"):
+        evaluation.kendall_w([[1.0, np.nan], [1.0, 2.0]])
+    per_item = {f"s: m{j}": {"a": x[:, j], "b": -x[:, j], "c": rng.random(30)} for j in range(5)}
+    conc, agree = evaluation.metric_reliability(per_item, list(per_item), ["a", "c"], variants=[("a", "b", False)],
+                                                n_resamples=200)
+    assert conc["a"].value == pytest.approx(evaluation.kendall_w(x)) and conc["a"].lo <= conc["a"].value
+    assert conc["c"].value < conc["a"].value                                    # noise is less concordant
+    assert agree["a", "b"].value == pytest.approx(1.0)                            # b is a with the other sign
+    with pytest.raises(ValueError, match="two methods"):
+        evaluation.metric_reliability(per_item, ["s: m0"], ["a"])

@@ -441,3 +441,37 @@ def test_committed_vit_studies_are_verified_and_complete():
     cascade = torch.load(sanity[0], weights_only=True)
     assert set(cascade["similarity"]) == set(vision.VIT_SANITY)
     assert all(v.shape[0] == len(vision.VIT_CASCADE) for per in cascade["similarity"].values() for v in per.values())
+
+
+def test_rise_masks_are_smooth_random_and_keep_a_share_p_of_the_image():
+    m = vision.rise_masks(4000, 28, grid=7, p=0.5, seed=0)
+    assert m.shape == (4000, 28, 28) and float(m.min()) >= 0 and float(m.max()) <= 1
+    assert abs(float(m.mean()) - 0.5) < 0.02                                    # E[M] = p
+    assert torch.equal(vision.rise_masks(5, 28, seed=3), vision.rise_masks(5, 28, seed=3))
+    assert not torch.equal(vision.rise_masks(5, 28, seed=3), vision.rise_masks(5, 28, seed=4))
+    soft = ((m > 0.01) & (m < 0.99)).float().mean()                             # bilinear edges, not a hard grid
+    assert float(soft) > 0.1
+    with pytest.raises(ValueError, match="grid"):
+        vision.rise_masks(3, 4, grid=7)
+
+
+def test_rise_saliency_is_the_mask_average_weighted_by_the_probability_and_finds_the_region():
+    region = torch.zeros(1, 1, 28, 28)
+    region[..., 4:12, 16:24] = 1.0
+
+    class RegionModel(nn.Module):             # class 0's logit grows with how much of the region is visible
+        def forward(self, x):
+            seen = (x * region).sum((1, 2, 3)) / region.sum()
+            return torch.stack([8 * (seen - 0.5), torch.zeros_like(seen)], 1)
+
+    image = torch.ones(1, 1, 28, 28)
+    sal = vision.rise_saliency(RegionModel(), image, [0], fill=0.0, n_masks=300, seed=1, batch_size=64)
+    masks = vision.rise_masks(300, 28, seed=1)
+    probs = RegionModel()(image * masks[:, None]).softmax(-1)[:, 0]               # fill 0: image x mask
+    assert torch.allclose(sal[0], torch.einsum("n,nhw->hw", probs, masks) / (300 * 0.5), atol=1e-5)
+    inside = region[0, 0].bool()
+    assert float(sal[0][inside].mean()) > float(sal[0][~inside].mean()) + 0.05
+    with pytest.raises(ValueError, match="one class per image"):
+        vision.rise_saliency(RegionModel(), image, [0, 1], fill=0.0, n_masks=4)
+    with pytest.raises(ValueError, match="finite"):
+        vision.rise_saliency(RegionModel(), image * float("nan"), [0], fill=0.0, n_masks=4)
