@@ -584,9 +584,14 @@ def top_contexts(model: SparseAutoencoder, x: Tensor, *, k: int = 8, chunk: int 
     return best_v, best_i
 
 
+def _draw(x: Tensor, n: int) -> Tensor:
+    """The recipe's fixed draw of at most ``n`` rows of ``x`` (one permutation seeded 0): training subsets."""
+    return x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:n]]
+
+
 def _sweep(x_tr, x_va, x_te, r, log):
     results = {}
-    x_tr = x_tr[torch.randperm(len(x_tr), generator=torch.Generator().manual_seed(0))[: r["max_train"]]]
+    x_tr = _draw(x_tr, r["max_train"])
     for kind, values in (("topk", r["ks"]), ("relu", r["l1s"])):
         for v in values:
             name = f"{kind}-{v}"
@@ -652,7 +657,7 @@ def build_minilm(path: Path, *, log=print) -> None:
     from sklearn.decomposition import PCA, FastICA
 
     train_x = x[keep["train"]]
-    sample = train_x[torch.randperm(len(train_x), generator=torch.Generator().manual_seed(0))[:10000]]
+    sample = _draw(train_x, 10000)
     pca = PCA(n_components=x.shape[1], random_state=0).fit(sample.numpy())
     log("fitting ICA")
     ica = FastICA(n_components=128, random_state=0, max_iter=200, whiten="unit-variance").fit(sample.numpy())
@@ -704,7 +709,7 @@ def build_smollm2(path: Path, *, log=print) -> None:
     log("training the transcoder")
     t = r["transcoder"]
     tr = keep["train"].nonzero()[:, 0]
-    tr = tr[torch.randperm(len(tr), generator=torch.Generator().manual_seed(0))[: r["max_train"]]]
+    tr = _draw(tr, r["max_train"])
     tc, tc_hist = train_sae(mlp_in[tr], targets=h[mlp_out][tr], d_sae=t["d_sae"], kind="topk", k=t["k"],
                             epochs=r["epochs"], batch_size=RECIPE["batch_size"], lr=RECIPE["lr"], seed=0)
     tc = load_dictionary(_state(tc) | {"transcoder": True})
@@ -819,8 +824,7 @@ def seed_study(*, log=print) -> dict:
         out = {}
         x, keep = _minilm_activations(log)
         r = RECIPE["minilm"]
-        x_tr = x[keep["train"]][torch.randperm(int(keep["train"].sum()), generator=torch.Generator().manual_seed(0))[
-            : r["max_train"]]]
+        x_tr = _draw(x[keep["train"]], r["max_train"])
         for seed in SEED_STUDY["seeds"]:
             log(f"MiniLM, seed {seed}")
             sae, _ = train_sae(x_tr, d_sae=r["d_sae"], kind="topk", k=int(chosen["minilm"].split("-")[1]),
@@ -834,10 +838,9 @@ def seed_study(*, log=print) -> dict:
         windows, _ = smollm2_windows(tok)
         h, mlp_in, keep = _smollm2_activations(model, windows, log)
         x, mlp_out = h[f"blocks.{layer}.hook_resid_post"], h[f"blocks.{layer}.hook_mlp_out"]
-        x_tr = x[keep["train"]][torch.randperm(int(keep["train"].sum()), generator=torch.Generator().manual_seed(0))[
-            : r["max_train"]]]
+        x_tr = _draw(x[keep["train"]], r["max_train"])
         tr = keep["train"].nonzero()[:, 0]
-        tr = tr[torch.randperm(len(tr), generator=torch.Generator().manual_seed(0))[: r["max_train"]]]
+        tr = _draw(tr, r["max_train"])
         test_w = windows[split_of(len(windows)) == "test"][: r["loss_windows"]]
         site = f"blocks.{layer}.hook_resid_post"
         for seed in SEED_STUDY["seeds"]:
@@ -879,8 +882,7 @@ def epoch_study(*, log=print) -> dict:
         out = {e: {} for e in EPOCH_STUDY["epochs"]}
         x, keep = _minilm_activations(log)
         r = RECIPE["minilm"]
-        x_tr = x[keep["train"]][torch.randperm(int(keep["train"].sum()), generator=torch.Generator().manual_seed(0))[
-            : r["max_train"]]]
+        x_tr = _draw(x[keep["train"]], r["max_train"])
         for e in EPOCH_STUDY["epochs"]:
             log(f"MiniLM, {e} passes")
             sae, _ = train_sae(x_tr, d_sae=r["d_sae"], kind="topk", k=int(chosen["minilm"].split("-")[1]), epochs=e,
@@ -895,8 +897,7 @@ def epoch_study(*, log=print) -> dict:
         h, _, keep = _smollm2_activations(model, windows, log)
         site = f"blocks.{layer}.hook_resid_post"
         x = h[site]
-        x_tr = x[keep["train"]][torch.randperm(int(keep["train"].sum()), generator=torch.Generator().manual_seed(0))[
-            : r["max_train"]]]
+        x_tr = _draw(x[keep["train"]], r["max_train"])
         test_w = windows[split_of(len(windows)) == "test"][: r["loss_windows"]]
         for e in EPOCH_STUDY["epochs"]:
             log(f"SmolLM2, {e} passes")
@@ -1002,7 +1003,7 @@ def wikipedia_sae(encoder: nn.Module, tokenizer, *, k: int, n_sentences: int = 4
     units = split_of(len(texts))[h["seq"].numpy()]
     x_tr, x_te = h[r["site"]][keep & torch.from_numpy(units == "train")], h[r["site"]][keep & torch.from_numpy(
         units == "test")]
-    x_tr = x_tr[torch.randperm(len(x_tr), generator=torch.Generator().manual_seed(0))[: r["max_train"]]]
+    x_tr = _draw(x_tr, r["max_train"])
     log(f"Wikipedia-only SAE: {len(x_tr):,} training tokens")
     sae, _ = train_sae(x_tr, d_sae=r["d_sae"], kind="topk", k=k, epochs=r["epochs"], batch_size=RECIPE["batch_size"],
                        lr=RECIPE["lr"], seed=0)
