@@ -3,7 +3,7 @@
 No registry package ships CLIP or ViT weights, so the book trains its own CLIP-style model
 (Radford et al. 2021) on Fashion-MNIST images paired with generated captions:
 
-* image tower: the chapter-8 ViT architecture (:func:`helpers.vision.fashion_vit`, 16 patches + CLS,
+* image tower: the chapter-8 ViT architecture (:func:`helpers.zoo.fashion_vit`, 16 patches + CLS,
   width 64), trained *from scratch* here, so it shares no weights with the black box it will help
   explain (``vision.pretrained("vit")``), + a linear projection;
 * text tower: the real pretrained MiniLM-L6 sentence encoder (mean pooling), *frozen*, + a linear
@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from helpers import common, data, vision, zoo
+from helpers import common, data, zoo
 
 # ---------------------------------------------------------------------------------------------
 # The interface every chapter uses
@@ -148,7 +148,7 @@ class FashionClip(nn.Module):
 
     def __init__(self, *, dim: int = 128, text: MiniLMText | None = None):
         super().__init__()
-        self.vit = vision.fashion_vit()
+        self.vit = zoo.fashion_vit()
         self.vit.reset_classifier(0)  # the CLS token's final-LayerNorm vector, [batch, 64]
         self.image_proj = nn.Linear(self.vit.embed_dim, dim, bias=False)
         self.text_proj = nn.Linear(MiniLMText.dim, dim, bias=False)

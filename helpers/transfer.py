@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from helpers import assets, common, data, vision, zoo
+from helpers import assets, common, data, zoo
 
 CLASSES = assets.FASHION_CLASSES
 COARSE_GROUPS: dict[str, tuple[str, ...]] = {
@@ -243,7 +243,7 @@ used together, e.g. MuCaLe replicate k = S[k] + G[k])."""
 
 
 class SourceNet(nn.Module):
-    """The book's ViT trunk (:func:`helpers.vision.fashion_vit`, classifier removed) with named heads.
+    """The book's ViT trunk (:func:`helpers.zoo.fashion_vit`, classifier removed) with named heads.
 
     ``forward(x)`` returns ``{task: logits}``; :meth:`embed` returns the CLS features ``[batch, width]``
     that transfer uses.
@@ -251,7 +251,7 @@ class SourceNet(nn.Module):
 
     def __init__(self, n_classes: Mapping[str, int], *, width: int = 64, depth: int = 4):
         super().__init__()
-        self.trunk = vision.fashion_vit(width=width, depth=depth)
+        self.trunk = zoo.fashion_vit(width=width, depth=depth)
         self.trunk.reset_classifier(0)
         self.heads = nn.ModuleDict({task: nn.Linear(width, n) for task, n in n_classes.items()})
         self.width = width
@@ -700,7 +700,7 @@ def fine_tune(models: nn.Module | Sequence[nn.Module], target: Target, *, epochs
             optimiser.step()
             scheduler.step()
     net.eval().requires_grad_(False)
-    acc = float((vision.predict_logits(net, target.x_test).argmax(1) == target.y_test).float().mean())
+    acc = float((zoo.predict_logits(net, target.x_test).argmax(1) == target.y_test).float().mean())
     return net, {"test_accuracy": acc, "seconds": time.perf_counter() - start}
 
 

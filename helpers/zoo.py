@@ -26,6 +26,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar
 
+import torch
+from torch import Tensor, nn
+
 from helpers import common
 
 
@@ -191,3 +194,60 @@ def load(name: str, *, seed: int = 0, **overrides):
 
 
 __all__ = ["Recipe", "committed_path", "load", "names", "save_trained", "trained_model", "weights_path"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The architectures of the book's Fashion-MNIST models (Chapters 8-14 build on them)
+# ---------------------------------------------------------------------------------------------
+
+
+def fashion_vit(*, width: int = 64, depth: int = 4, heads: int = 4, mlp_ratio: float = 2.0) -> nn.Module:
+    """A timm ``VisionTransformer`` sized for 28 x 28 grey images: 7 x 7 patches, CLS token, 10 classes
+    (Chapter 8's ViT; also the image tower of Chapter 10's CLIP-style model and Chapter 13's trunk).
+
+    With the defaults it has 139,018 parameters: 16 patch tokens + CLS, 4 blocks of 4 heads of width 16.
+    """
+    from timm.models.vision_transformer import VisionTransformer
+
+    from helpers import assets, data
+
+    return VisionTransformer(
+        img_size=data.IMAGE_SIZE, patch_size=7, in_chans=1, num_classes=len(assets.FASHION_CLASSES),
+        embed_dim=width, depth=depth, num_heads=heads, mlp_ratio=mlp_ratio, global_pool="token",
+    )  # fmt: skip
+
+
+class SmallCNN(nn.Module):
+    """Three conv blocks (32, 64, 128 channels, batch norm, ReLU, 2x2 max-pool) + global average + linear.
+
+    The convolutional baseline of chapter 8 (about 94k parameters, same training recipe as the ViT).
+    """
+
+    def __init__(self, n_classes: int = 10):
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = [1, 32, 64, 128]
+        for c_in, c_out in zip(channels[:-1], channels[1:], strict=True):
+            layers += [
+                nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+                nn.BatchNorm2d(c_out),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+            ]
+        self.features = nn.Sequential(*layers)  # [batch, 128, 3, 3]
+        self.head = nn.Linear(channels[-1], n_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x).mean((2, 3)))
+
+
+def predict_logits(model: nn.Module, images: Tensor, *, batch_size: int = 1000) -> Tensor:
+    """Logits ``[N, classes]`` of ``model`` on ``images`` ``[N, 1, 28, 28]`` in eval mode, in batches."""
+    from helpers import data
+
+    images = data.check_images(images)
+    was_training = model.training
+    model.eval()
+    out = torch.cat([model(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+    model.train(was_training)
+    return out

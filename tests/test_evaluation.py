@@ -355,7 +355,7 @@ def test_image_explanation_known_answers_on_a_linear_model():
                                         shap_baselines=torch.zeros(2, 1, 28, 28))
     assert shap.shape == (4, 28, 28)
     rise = evaluation.image_explanation(model, "RISE", images[:1], target[:1], black=black, seed=2)
-    from helpers import vision                                  # the harness runs vision.rise_saliency, dimming to black
+    from helpers import vision  # the harness runs vision.rise_saliency, dimming to black
 
     ref = vision.rise_saliency(model, images[:1], target[:1], fill=black, seed=2, **evaluation.RISE_SETTINGS)
     assert torch.equal(rise, ref) and rise.shape == (1, 28, 28)

@@ -89,3 +89,20 @@ def test_load_returns_the_chapters_committed_models():
     for name in ("vit", "cnn"):
         path = zoo.weights_path("vision", vision._weights_name(vision.RECIPES[name]))
         assert common.verified(common.WEIGHTS_DIR / path.relative_to(common.cache_dir()))
+
+
+def test_chapters_that_build_on_the_book_vit_take_it_from_the_zoo_not_from_chapter_8():
+    import ast
+    from pathlib import Path
+
+    from helpers import vision
+
+    root = Path(__file__).resolve().parents[1] / "helpers"
+    for module in ("clip", "transfer"):
+        tree = ast.parse((root / f"{module}.py").read_text())
+        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == "helpers"
+                    for a in n.names}
+        assert "vision" not in imported, f"helpers/{module}.py imports Chapter 8's module for the ViT"
+    assert vision.fashion_vit is zoo.fashion_vit and vision.SmallCNN is zoo.SmallCNN    # Chapter 8 re-exports them
+    assert vision.predict_logits is zoo.predict_logits
+    assert sum(p.numel() for p in zoo.fashion_vit().parameters()) == 139_018             # as the docstring says
