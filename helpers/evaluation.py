@@ -1192,12 +1192,17 @@ def kendall_w(scores) -> float:
     x = np.asarray(scores, dtype=float)
     if x.ndim != 2 or x.shape[0] < 2 or x.shape[1] < 2 or not np.isfinite(x).all():
         raise ValueError(f"scores must be finite [rater >= 2, item >= 2], got shape {x.shape}")
-    m, n = x.shape
-    ranks = rankdata(x, axis=1)
+    return _kendall_w_of_ranks(rankdata(x, axis=1))
+
+
+def _kendall_w_of_ranks(ranks: np.ndarray) -> float:
+    """Kendall's W of average ranks ``[rater, item]``; each rater's ties Σ(t³ − t) follow from its sum of
+    squared ranks, n(n + 1)(2n + 1)/6 − Σ(t³ − t)/12, so resampled raters need no re-ranking."""
+    m, n = ranks.shape
     s = float(((ranks.sum(0) - m * (n + 1) / 2) ** 2).sum())
-    ties = sum(float((c ** 3 - c).sum()) for c in (np.unique(row, return_counts=True)[1] for row in x))
+    ties = float((2 * n * (n + 1) * (2 * n + 1) - 12 * (ranks ** 2).sum(1)).sum())
     denominator = m ** 2 * (n ** 3 - n) - m * ties
-    return 1.0 if denominator <= 0 else 12 * s / denominator
+    return 1.0 if denominator <= 1e-9 else 12 * s / denominator
 
 
 def metric_reliability(per_item: dict[str, dict[str, np.ndarray]], rows: Sequence[str], metrics: Sequence[str], *,
@@ -1213,6 +1218,8 @@ def metric_reliability(per_item: dict[str, dict[str, np.ndarray]], rows: Sequenc
     Returns:
         ``(concordance, agreement)``: ``{metric: Estimate}`` and ``{(a, b): Estimate}``.
     """
+    from scipy.stats import rankdata
+
     from helpers import stats
 
     if len(rows) < 2:
@@ -1231,7 +1238,8 @@ def metric_reliability(per_item: dict[str, dict[str, np.ndarray]], rows: Sequenc
         x = table(metric)
         if len(x) < 2:
             raise ValueError(f"{metric!r} has fewer than two items measured for every method")
-        boot = [kendall_w(x[gen.integers(0, len(x), len(x))]) for _ in range(n_resamples)]
+        ranks = rankdata(x, axis=1)                            # resampling raters keeps each rater's ranks
+        boot = [_kendall_w_of_ranks(ranks[gen.integers(0, len(x), len(x))]) for _ in range(n_resamples)]
         lo, hi = np.percentile(boot, [2.5, 97.5])
         concordance[metric] = stats.Estimate(kendall_w(x), float(lo), float(hi), n=len(x),
                                              method=f"Kendall's W over {len(x)} items, percentile bootstrap 95%")
