@@ -76,7 +76,6 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-@torch.no_grad()
 def accuracy(model: nn.Module, images: Tensor, labels: Tensor) -> float:
     """Top-1 accuracy of ``model`` on ``(images, labels)``."""
     return float((predict_logits(model, images).argmax(1) == labels).float().mean())

@@ -241,6 +241,7 @@ class SmallCNN(nn.Module):
         return self.head(self.features(x).mean((2, 3)))
 
 
+@torch.no_grad()
 def predict_logits(model: nn.Module, images: Tensor, *, batch_size: int = 1000) -> Tensor:
     """Logits ``[N, classes]`` of ``model`` on ``images`` ``[N, 1, 28, 28]`` in eval mode, in batches."""
     from helpers import data

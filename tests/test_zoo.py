@@ -105,4 +105,6 @@ def test_chapters_that_build_on_the_book_vit_take_it_from_the_zoo_not_from_chapt
         assert "vision" not in imported, f"helpers/{module}.py imports Chapter 8's module for the ViT"
     assert vision.fashion_vit is zoo.fashion_vit and vision.SmallCNN is zoo.SmallCNN    # Chapter 8 re-exports them
     assert vision.predict_logits is zoo.predict_logits
+    logits = zoo.predict_logits(zoo.fashion_vit(), torch.zeros(3, 1, 28, 28))
+    assert logits.shape == (3, 10) and not logits.requires_grad                          # teachers' logits: no graph
     assert sum(p.numel() for p in zoo.fashion_vit().parameters()) == 139_018             # as the docstring says
