@@ -805,60 +805,73 @@ def _seed_metrics(model: SparseAutoencoder, x: Tensor, target: Tensor | None = N
             .mean()), "dense": float((freq > 0.1).float().mean())}
 
 
+def _retrained(runs: dict, *, transcoder: bool, log=print) -> dict:
+    """The chosen TopK SAEs (and, with ``transcoder``, the transcoder) retrained once per ``runs`` entry
+    ``{key: (seed, epochs)}`` (``epochs=None``: the model's recipe) on the committed recipe's training tokens,
+    scored on its test tokens and loss windows:
+    ``{key: {"minilm" | "smollm2" | "transcoder": {"fvu", "l0", "dead", "dense"} (+ "loss")}}``."""
+    from helpers.assets import smollm2
+
+    chosen = {name: int(load_artefact(name)["chosen"]["topk"].split("-")[1]) for name in ("minilm", "smollm2")}
+    out = {key: {} for key in runs}
+    x, keep = _minilm_activations(log)
+    r = RECIPE["minilm"]
+    x_tr = _draw(x[keep["train"]], r["max_train"])
+    for key, (seed, epochs) in runs.items():
+        log(f"MiniLM, seed {seed}, {epochs or r['epochs']} passes")
+        sae, _ = train_sae(x_tr, d_sae=r["d_sae"], kind="topk", k=chosen["minilm"], epochs=epochs or r["epochs"],
+                           batch_size=RECIPE["batch_size"], lr=RECIPE["lr"], seed=seed)
+        out[key]["minilm"] = _seed_metrics(load_dictionary(_state(sae)), x[keep["test"]])
+    del x, x_tr
+    r = RECIPE["smollm2"]
+    layer, first, t = r["layer"], r["first"], r["transcoder"]
+    model, tok = smollm2()
+    model.requires_grad_(False)
+    windows, _ = smollm2_windows(tok)
+    h, mlp_in, keep = _smollm2_activations(model, windows, log)
+    site = f"blocks.{layer}.hook_resid_post"
+    x, mlp_out = h[site], h[f"blocks.{layer}.hook_mlp_out"]
+    x_tr = _draw(x[keep["train"]], r["max_train"])
+    tr = _draw(keep["train"].nonzero()[:, 0], r["max_train"])
+    test_w = windows[split_of(len(windows)) == "test"][: r["loss_windows"]]
+    for key, (seed, epochs) in runs.items():
+        log(f"SmolLM2, seed {seed}, {epochs or r['epochs']} passes")
+        sae, _ = train_sae(x_tr, d_sae=r["d_sae"], kind="topk", k=chosen["smollm2"], epochs=epochs or r["epochs"],
+                           batch_size=RECIPE["batch_size"], lr=RECIPE["lr"], seed=seed)
+        sae = load_dictionary(_state(sae))
+        out[key]["smollm2"] = _seed_metrics(sae, x[keep["test"]]) | {"loss": next_token_loss(
+            model, test_w, edits=splice(model, site, lambda a, m=sae: m(a)[0], first=first), first=first)}
+        if transcoder:
+            tc, _ = train_sae(mlp_in[tr], targets=mlp_out[tr], d_sae=t["d_sae"], kind="topk", k=t["k"],
+                              epochs=epochs or r["epochs"], batch_size=RECIPE["batch_size"], lr=RECIPE["lr"], seed=seed)
+            tc = load_dictionary(_state(tc) | {"transcoder": True})
+            out[key]["transcoder"] = _seed_metrics(tc, mlp_in[keep["test"]], mlp_out[keep["test"]]) | {
+                "loss": next_token_loss(model, test_w, edits=splice_transcoder(model, layer, tc, first=first),
+                                        first=first)}
+    return out
+
+
+def _chosen_recipe(study: dict) -> dict:
+    chosen = {name: load_artefact(name)["chosen"]["topk"] for name in ("minilm", "smollm2")}
+    return {"recipe": RECIPE, "chosen": chosen, **study}
+
+
 def seed_study(*, log=print) -> dict:
     """The chapter's chosen TopK SAEs (MiniLM, SmolLM2) and the transcoder retrained under the seeds of
-    :data:`SEED_STUDY` (initialisation and batch order; same training tokens), scored on the same test tokens
-    and loss windows as the committed artefacts. Committed under ``results/ch6c``.
+    :data:`SEED_STUDY` (initialisation and batch order; same training tokens, one pass), scored on the same test
+    tokens and loss windows as the committed artefacts. Committed under ``results/ch6c``.
 
     Returns:
         ``{seed: {"minilm" | "smollm2" | "transcoder": {"fvu", "l0", "dead", "dense"}}}`` (floats) and, for
         ``"smollm2"`` and ``"transcoder"``, ``"loss"``: ``[window]`` next-token cross-entropy with the
         dictionary spliced in.
     """
-    chosen = {name: load_artefact(name)["chosen"]["topk"] for name in ("minilm", "smollm2")}
-    recipe = {"recipe": RECIPE, "chosen": chosen, **SEED_STUDY}
-
     def build(path: Path) -> None:
-        from helpers.assets import smollm2
+        runs = {seed: (seed, None) for seed in SEED_STUDY["seeds"]}
+        torch.save(_retrained(runs, transcoder=True, log=log), path)
 
-        out = {}
-        x, keep = _minilm_activations(log)
-        r = RECIPE["minilm"]
-        x_tr = _draw(x[keep["train"]], r["max_train"])
-        for seed in SEED_STUDY["seeds"]:
-            log(f"MiniLM, seed {seed}")
-            sae, _ = train_sae(x_tr, d_sae=r["d_sae"], kind="topk", k=int(chosen["minilm"].split("-")[1]),
-                               epochs=r["epochs"], batch_size=RECIPE["batch_size"], lr=RECIPE["lr"], seed=seed)
-            out[seed] = {"minilm": _seed_metrics(load_dictionary(_state(sae)), x[keep["test"]])}
-        del x, x_tr
-        r = RECIPE["smollm2"]
-        layer, first, t = r["layer"], r["first"], r["transcoder"]
-        model, tok = smollm2()
-        model.requires_grad_(False)
-        windows, _ = smollm2_windows(tok)
-        h, mlp_in, keep = _smollm2_activations(model, windows, log)
-        x, mlp_out = h[f"blocks.{layer}.hook_resid_post"], h[f"blocks.{layer}.hook_mlp_out"]
-        x_tr = _draw(x[keep["train"]], r["max_train"])
-        tr = keep["train"].nonzero()[:, 0]
-        tr = _draw(tr, r["max_train"])
-        test_w = windows[split_of(len(windows)) == "test"][: r["loss_windows"]]
-        site = f"blocks.{layer}.hook_resid_post"
-        for seed in SEED_STUDY["seeds"]:
-            log(f"SmolLM2, seed {seed}")
-            sae, _ = train_sae(x_tr, d_sae=r["d_sae"], kind="topk", k=int(chosen["smollm2"].split("-")[1]),
-                               epochs=r["epochs"], batch_size=RECIPE["batch_size"], lr=RECIPE["lr"], seed=seed)
-            sae = load_dictionary(_state(sae))
-            out[seed]["smollm2"] = _seed_metrics(sae, x[keep["test"]]) | {"loss": next_token_loss(
-                model, test_w, edits=splice(model, site, lambda a, m=sae: m(a)[0], first=first), first=first)}
-            tc, _ = train_sae(mlp_in[tr], targets=mlp_out[tr], d_sae=t["d_sae"], kind="topk", k=t["k"],
-                              epochs=r["epochs"], batch_size=RECIPE["batch_size"], lr=RECIPE["lr"], seed=seed)
-            tc = load_dictionary(_state(tc) | {"transcoder": True})
-            out[seed]["transcoder"] = _seed_metrics(tc, mlp_in[keep["test"]], mlp_out[keep["test"]]) | {
-                "loss": next_token_loss(model, test_w, edits=splice_transcoder(model, layer, tc, first=first),
-                                        first=first)}
-        torch.save(out, path)
-
-    return torch.load(common.cached_file(_study_path("seeds", recipe), build, committed=True), weights_only=True)
+    path = _study_path("seeds", _chosen_recipe(SEED_STUDY))
+    return torch.load(common.cached_file(path, build, committed=True), weights_only=True)
 
 
 EPOCH_STUDY = {"epochs": [2, 4, 8], "v": 1}
@@ -873,42 +886,12 @@ def epoch_study(*, log=print) -> dict:
     Returns:
         ``{epochs: {"minilm" | "smollm2": {"fvu", "l0", "dead", "dense"} (+ "loss" [window] for SmolLM2)}}``.
     """
-    chosen = {name: load_artefact(name)["chosen"]["topk"] for name in ("minilm", "smollm2")}
-    recipe = {"recipe": RECIPE, "chosen": chosen, **EPOCH_STUDY}
-
     def build(path: Path) -> None:
-        from helpers.assets import smollm2
+        runs = {epochs: (0, epochs) for epochs in EPOCH_STUDY["epochs"]}
+        torch.save(_retrained(runs, transcoder=False, log=log), path)
 
-        out = {e: {} for e in EPOCH_STUDY["epochs"]}
-        x, keep = _minilm_activations(log)
-        r = RECIPE["minilm"]
-        x_tr = _draw(x[keep["train"]], r["max_train"])
-        for e in EPOCH_STUDY["epochs"]:
-            log(f"MiniLM, {e} passes")
-            sae, _ = train_sae(x_tr, d_sae=r["d_sae"], kind="topk", k=int(chosen["minilm"].split("-")[1]), epochs=e,
-                               batch_size=RECIPE["batch_size"], lr=RECIPE["lr"], seed=0)
-            out[e]["minilm"] = _seed_metrics(load_dictionary(_state(sae)), x[keep["test"]])
-        del x, x_tr
-        r = RECIPE["smollm2"]
-        layer, first = r["layer"], r["first"]
-        model, tok = smollm2()
-        model.requires_grad_(False)
-        windows, _ = smollm2_windows(tok)
-        h, _, keep = _smollm2_activations(model, windows, log)
-        site = f"blocks.{layer}.hook_resid_post"
-        x = h[site]
-        x_tr = _draw(x[keep["train"]], r["max_train"])
-        test_w = windows[split_of(len(windows)) == "test"][: r["loss_windows"]]
-        for e in EPOCH_STUDY["epochs"]:
-            log(f"SmolLM2, {e} passes")
-            sae, _ = train_sae(x_tr, d_sae=r["d_sae"], kind="topk", k=int(chosen["smollm2"].split("-")[1]), epochs=e,
-                               batch_size=RECIPE["batch_size"], lr=RECIPE["lr"], seed=0)
-            sae = load_dictionary(_state(sae))
-            out[e]["smollm2"] = _seed_metrics(sae, x[keep["test"]]) | {"loss": next_token_loss(
-                model, test_w, edits=splice(model, site, lambda a, m=sae: m(a)[0], first=first), first=first)}
-        torch.save(out, path)
-
-    return torch.load(common.cached_file(_study_path("epochs", recipe), build, committed=True), weights_only=True)
+    path = _study_path("epochs", _chosen_recipe(EPOCH_STUDY))
+    return torch.load(common.cached_file(path, build, committed=True), weights_only=True)
 
 
 @torch.no_grad()
