@@ -286,7 +286,7 @@ def _check(model: ContinualClip, task: data.Task, state: State) -> None:
 def _tower_parameters(model: ContinualClip) -> list[nn.Parameter]:
     """Image tower + both projections (the learned temperature and the MiniLM text tower stay fixed)."""
     c = model.clip
-    return [*c.vit.parameters(), *c.image_proj.parameters(), *c.text_proj.parameters()]
+    return [*c.image_tower.parameters(), *c.image_proj.parameters(), *c.text_proj.parameters()]
 
 
 def _batches(n: int, recipe: StepRecipe, generator: torch.Generator, steps: int) -> list[Tensor]:
@@ -584,6 +584,28 @@ def zscl_paper(model: ContinualClip, task: data.Task, *, state: State) -> Contin
 zscl_paper.prepare = _zscl_prepare
 
 
+def _off_domain_prepare(state: State) -> None:
+    """ZSCL's reference set from outside the pre-training data, as the paper's (ImageNet images, CC captions).
+
+    Images: :func:`helpers.data.photo_patches` (grey crops of photos); texts: passages of
+    ``n_reference_texts`` // 6 + 1 twelve-word passages per Austen novel, ``n_reference_texts`` of them kept.
+    """
+    recipe = state.recipe
+    state.reference_images = data.photo_patches(recipe.n_reference, seed=recipe.seed)
+    per_novel = recipe.n_reference_texts // 6 + 1
+    passages = data.austen_passages(words=12, n_train=per_novel, n_test=1, seed=recipe.seed).train
+    pick = torch.randperm(len(passages), generator=torch.Generator().manual_seed(recipe.seed))
+    state.reference_texts = [passages[i][0] for i in pick[: recipe.n_reference_texts].tolist()]
+
+
+def zscl_paper_off_domain(model: ContinualClip, task: data.Task, *, state: State) -> ContinualClip:
+    """:func:`zscl_paper` with an off-domain reference set (:func:`_off_domain_prepare`): photo crops, Austen text."""
+    return zscl_paper(model, task, state=state)
+
+
+zscl_paper_off_domain.prepare = _off_domain_prepare
+
+
 def replay(model: ContinualClip, task: data.Task, *, state: State) -> ContinualClip:
     """Fine-tune with a small replay buffer: each step adds a batch of stored earlier-task examples.
 
@@ -629,6 +651,10 @@ METHODS: dict[str, Callable[..., ContinualClip]] = {
 
 "WiSE-FT" and "ZSCL" are the book's ablations (blend with ``θ_0`` at ``recipe.alpha``; distillation
 only, ``T = 1``); "WiSE-FT (paper)" and "ZSCL (paper)" use ZSCL's reference settings (:data:`PAPER_SETTINGS`)."""
+
+MORE_METHODS: dict[str, Callable[..., ContinualClip]] = {"ZSCL (paper, off-domain)": zscl_paper_off_domain}
+"""Methods of the chapter's second setting only (the LiT model, :func:`lit_runs`)."""
+ALL_METHODS = {**METHODS, **MORE_METHODS}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -762,25 +788,29 @@ def question_scores(model: ContinualClip, task: data.Task, questions: Sequence[Q
 
 @torch.no_grad()
 def evaluate(model: ContinualClip, tasks: Sequence[data.Task], zero_shot_task: data.Task,
-             questions: Sequence[Question] = QUESTIONS, *, image_emb: list[Tensor] | None = None) -> dict:
+             questions: Sequence[Question] = QUESTIONS, *, image_emb: list[Tensor] | None = None,
+             extra_tasks: Sequence[data.Task] = ()) -> dict:
     """Accuracy on every task, on the retention set (``"zero_shot"``), and the questions' balanced accuracy on it.
 
     Args:
-        image_emb: the test-image embeddings of ``[*tasks, zero_shot_task]`` when already known (a
-            frozen tower); they are computed otherwise and returned under ``"image_emb"``.
+        image_emb: the test-image embeddings of ``[*tasks, zero_shot_task, *extra_tasks]`` when already
+            known (a frozen tower); they are computed otherwise and returned under ``"image_emb"``.
+        extra_tasks: more sets never trained on (e.g. :func:`helpers.data.held_out_domain`); their
+            accuracies are returned under ``"extra"``.
     """
-    everything = [*tasks, zero_shot_task]
+    everything = [*tasks, zero_shot_task, *extra_tasks]
     if image_emb is None:
         image_emb = [model.encode_images(t.x_test) for t in everything]
     acc = [float(((e @ model.class_embeddings(t).T).argmax(1) == t.y_test).float().mean())
            for e, t in zip(image_emb, everything, strict=True)]
-    return {"tasks": acc[:-1], "zero_shot": acc[-1], "image_emb": image_emb,
-            "questions": question_scores(model, zero_shot_task, questions, image_emb=image_emb[-1])}
+    n = len(tasks)
+    return {"tasks": acc[:n], "zero_shot": acc[n], "extra": acc[n + 1 :], "image_emb": image_emb,
+            "questions": question_scores(model, zero_shot_task, questions, image_emb=image_emb[n])}
 
 
 def run_stream(method: str | Callable[..., ContinualClip], initial: clip.FashionClip, tasks: Sequence[data.Task],
-               zero_shot_task: data.Task, *, recipe: StepRecipe = StepRecipe(), progress: bool = False
-               ) -> tuple[dict, ContinualClip]:
+               zero_shot_task: data.Task, *, recipe: StepRecipe = StepRecipe(), progress: bool = False,
+               extra_tasks: Sequence[data.Task] = ()) -> tuple[dict, ContinualClip]:
     """Train ``method`` on ``tasks`` in order, evaluating before training and after every step.
 
     Returns:
@@ -790,11 +820,12 @@ def run_stream(method: str | Callable[..., ContinualClip], initial: clip.Fashion
         (training only, wall and process CPU time, one torch thread; CPU time is robust to other jobs
         on the machine), ``"wall_seconds"`` (training and evaluation), and the memory accounting
         ``"trained_params"``, ``"stored_params"`` (extra model copies, heads, contexts)
-        and ``"stored_images"`` (buffer or reference set).
+        and ``"stored_images"`` (buffer or reference set). With ``extra_tasks`` (sets never trained on),
+        ``"extra"`` holds ``{name: [T + 1] accuracies}``.
     """
-    if isinstance(method, str) and method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
-    fn = METHODS[method] if isinstance(method, str) else method
+    if isinstance(method, str) and method not in ALL_METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {list(ALL_METHODS)}")
+    fn = ALL_METHODS[method] if isinstance(method, str) else method
     if len(tasks) == 0:
         raise ValueError("the stream is empty: give at least one Task")
     from tqdm.auto import tqdm
@@ -807,7 +838,8 @@ def run_stream(method: str | Callable[..., ContinualClip], initial: clip.Fashion
         name = method if isinstance(method, str) else fn.__name__
         if hasattr(fn, "prepare"):  # a method that needs more than the stream (ZSCL's reference set)
             fn.prepare(state)
-        model, rows, seconds, cpu_seconds = start, [evaluate(start, tasks, zero_shot_task)], [], []
+        first = evaluate(start, tasks, zero_shot_task, extra_tasks=extra_tasks)
+        model, rows, seconds, cpu_seconds = start, [first], [], []
         for step, task in enumerate(tqdm(tasks, desc=name, disable=not progress)):
             state.step = step
             before = {k: v.clone() for k, v in model.clip.state_dict().items()}
@@ -818,12 +850,13 @@ def run_stream(method: str | Callable[..., ContinualClip], initial: clip.Fashion
             state.seen.append(task)
             after = model.clip.state_dict()
             frozen = all(torch.equal(v, after[k]) for k, v in before.items())  # tower unchanged: reuse embeddings
-            rows.append(evaluate(model, tasks, zero_shot_task, image_emb=rows[-1]["image_emb"] if frozen else None))
-    tower = n_parameters(nn.ModuleList([model.clip.vit, model.clip.image_proj, model.clip.text_proj]))
+            rows.append(evaluate(model, tasks, zero_shot_task, image_emb=rows[-1]["image_emb"] if frozen else None,
+                                 extra_tasks=extra_tasks))
+    tower = n_parameters(nn.ModuleList([model.clip.image_tower, model.clip.image_proj, model.clip.text_proj]))
     trained = {"zero-shot": 0, "linear probe": sum(h.numel() for h in model.heads.values()),
                "CoOp": model.context.vectors.numel() if model.context is not None else 0}.get(name, tower)
-    stored = {"WiSE-FT": tower, "LwF": tower, "ZSCL": tower, "WiSE-FT (paper)": tower,
-              "ZSCL (paper)": 3 * tower}.get(name, 0)  # ZSCL (paper): teacher, L2 anchor, running average
+    stored = {"WiSE-FT": tower, "LwF": tower, "ZSCL": tower, "WiSE-FT (paper)": tower, "ZSCL (paper)": 3 * tower,
+              "ZSCL (paper, off-domain)": 3 * tower}.get(name, 0)  # ZSCL (paper): teacher, L2 anchor, running average
     stored += sum(h.numel() for h in model.heads.values())
     stored += model.context.vectors.numel() if model.context is not None else 0
     images = len(state.buffer) if state.buffer is not None else 0
@@ -833,6 +866,8 @@ def run_stream(method: str | Callable[..., ContinualClip], initial: clip.Fashion
               "seconds": seconds, "cpu_seconds": cpu_seconds, "wall_seconds": time.perf_counter() - wall,
               "trained_params": int(trained), "stored_params": int(stored),
               "stored_images": int(images)}
+    if extra_tasks:
+        result["extra"] = {t.name: [r["extra"][i] for r in rows] for i, t in enumerate(extra_tasks)}
     return result, model
 
 
@@ -964,6 +999,111 @@ def learning_curves(initial: clip.FashionClip, seed: int, *, steps: int = 200, e
                 common.set_seed(seed)
                 state = State(initial=ContinualClip(initial), recipe=recipe, step=k)
                 out[task.name] = _learning_curve(initial, fit, state, steps=steps, every=every)
+        target.write_text(json.dumps(out))
+
+    return json.loads(common.cached_file(path, build, committed=True).read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+# The second setting: a LiT model (locked ImageNet tower) that has zero-shot transfer to lose
+# ---------------------------------------------------------------------------------------------
+
+LIT_SEEDS = (0, 1, 2)
+"""Seeds of the LiT setting (each draws its stream, buffer, reference sets and batches)."""
+LIT_ORDERS = (data.DOMAINS, tuple(reversed(data.DOMAINS)))
+"""The two task orders of the LiT setting: the chapter's, and the same four tasks reversed."""
+LIT_METHODS = ("zero-shot", "fine-tune", "linear probe", "LwF", "WiSE-FT (paper)", "replay", "ZSCL (paper)",
+               "ZSCL (paper, off-domain)")
+LIT_GRID = {"lr": (3e-4, 1e-3, 3e-3), "steps": 400, "every": 25}
+"""Fine-tuning settings tried on the LiT setting's validation split: learning rates, and curves to 400 steps."""
+
+
+def lit_choice(curves: dict[str, dict]) -> tuple[float, int, float]:
+    """The learning rate and step count with the best mean validation accuracy over tasks in :func:`lit_curves`.
+
+    Returns:
+        ``(lr, steps, mean validation accuracy)``; ties go to the smaller learning rate, then fewer steps.
+    """
+    best = None
+    for lr, per_task in sorted(curves.items(), key=lambda kv: float(kv[0])):
+        mean = np.mean([c["fine-tune"] for c in per_task.values()], axis=0)  # [checkpoints]
+        steps = next(iter(per_task.values()))["steps"]
+        i = int(np.argmax(mean))
+        if best is None or mean[i] > best[2]:
+            best = (float(lr), int(steps[i]), float(mean[i]))
+    return best
+
+
+def _lit_features(tasks: Sequence[data.Task], *sets: Tensor) -> None:
+    """Compute the locked tower's features of every image the LiT runs will see, with all threads."""
+    clip.imagenet_tower().precompute(*[x for t in tasks for x in (t.x_train, t.x_test)], *sets)
+
+
+def lit_curves(seed: int = 0, *, n_val: int = 400, recipe: StepRecipe = StepRecipe(), n_train: int = 2000,
+               n_test: int = 400) -> dict[str, dict]:
+    """Validation curves of fine-tuning the LiT model, one task at a time, for each learning rate of :data:`LIT_GRID`.
+
+    As :func:`learning_curves`: each task of seed ``seed``'s stream (chapter order) keeps its last
+    ``n_val`` training images for validation; the test images are not touched. Committed JSON.
+
+    Returns:
+        ``{str(lr): {task name: {"steps": [...], "fine-tune": [accuracy], "linear probe": accuracy}}}``.
+    """
+    initial = clip.pretrained_lit(progress=False)
+    recipe = dataclasses.replace(recipe, seed=int(seed))
+    key = {"code": 1, "grid": LIT_GRID, "n_val": n_val, "recipe": dataclasses.asdict(recipe), "n_train": n_train,
+           "n_test": n_test, "initial": _initial_key(initial)}
+    path = common.cache_dir("results", "ch12") / f"lit-curves-s{seed}-{common.content_hash(key, length=12)}.json"
+
+    def build(target: Path) -> None:
+        tasks = data.make_stream(data.DOMAINS, n_train=n_train, n_test=n_test, seed=seed)
+        _lit_features(tasks)
+        out = {}
+        with common.torch_threads(1):
+            for lr in LIT_GRID["lr"]:
+                out[str(lr)] = {}
+                for k, task in enumerate(tasks):
+                    fit = data.Task(task.name, task.class_names, task.templates, task.x_train[:-n_val],
+                                    task.y_train[:-n_val], task.x_train[-n_val:], task.y_train[-n_val:])
+                    common.set_seed(seed)
+                    state = State(initial=ContinualClip(initial), recipe=dataclasses.replace(recipe, lr=lr), step=k)
+                    out[str(lr)][task.name] = _learning_curve(initial, fit, state, steps=LIT_GRID["steps"],
+                                                              every=LIT_GRID["every"])
+        target.write_text(json.dumps(out))
+
+    return json.loads(common.cached_file(path, build, committed=True).read_text())
+
+
+def lit_runs(seed: int, order: Sequence[str] = data.DOMAINS, *, recipe: StepRecipe,
+             methods: Sequence[str] = LIT_METHODS, held_out: str = "flipped", n_train: int = 2000, n_test: int = 400,
+             progress: bool = False) -> dict[str, dict]:
+    """Every method of ``methods`` on one seed's stream, starting from the LiT model (:func:`clip.pretrained_lit`).
+
+    As :func:`seed_runs`, with the retention set and, under ``"extra"``, the held-out domain
+    (:func:`helpers.data.held_out_domain`) evaluated after every step. ``recipe`` is the one chosen on
+    :func:`lit_curves` (its ``seed`` is replaced by ``seed``). Committed JSON.
+
+    Returns:
+        ``{method: result}`` as :func:`run_stream` returns it.
+    """
+    unknown = [m for m in methods if m not in ALL_METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from {list(ALL_METHODS)}")
+    initial = clip.pretrained_lit(progress=False)
+    recipe = dataclasses.replace(recipe, seed=int(seed))
+    key = {"code": 1, "methods": list(methods), "recipe": dataclasses.asdict(recipe), "order": list(order),
+           "held_out": held_out, "n_train": n_train, "n_test": n_test, "initial": _initial_key(initial),
+           "retention": data.ZERO_SHOT_SIZE, "questions": [q.text for q in QUESTIONS]}
+    tag = "".join(d[0] for d in order)
+    path = common.cache_dir("results", "ch12") / f"lit-s{seed}-{tag}-{common.content_hash(key, length=12)}.json"
+
+    def build(target: Path) -> None:
+        tasks = data.make_stream(order, n_train=n_train, n_test=n_test, seed=seed)
+        retention, other = data.retention_set(), data.held_out_domain(held_out)
+        _lit_features(tasks, retention.x_test, other.x_test, data.reference_images(recipe.n_reference, seed=seed),
+                      data.photo_patches(recipe.n_reference, seed=seed))
+        out = {m: run_stream(m, initial, tasks, retention, recipe=recipe, progress=progress, extra_tasks=[other])[0]
+               for m in methods}
         target.write_text(json.dumps(out))
 
     return json.loads(common.cached_file(path, build, committed=True).read_text())

@@ -169,7 +169,7 @@ def digits_tensors() -> tuple[Tensor, Tensor]:
     return _renormalise(F.pad(big, (4, 4, 4, 4))[:, 0]), torch.as_tensor(labels).long()
 
 
-DOMAIN_SHIFTS = ("none", "inverted", "rotated", "edges", "edges-replicate")
+DOMAIN_SHIFTS = ("none", "inverted", "rotated", "edges", "edges-replicate", "flipped")
 """The kinds of :func:`shift_domain`."""
 
 
@@ -182,6 +182,7 @@ def shift_domain(images: np.ndarray | Tensor, kind: str) -> np.ndarray | Tensor:
     * ``"none"``: unchanged;
     * ``"inverted"``: ``1 - pixel`` (``255 - x`` for uint8);
     * ``"rotated"``: a quarter turn counter-clockwise;
+    * ``"flipped"``: upside down (rows in reverse order; Chapter 12's held-out domain);
     * ``"edges"``: Sobel gradient magnitude, scaled to a maximum of 1 (255) per image, the image padded
       with black (zeros) at its border (Chapter 12's task stream);
     * ``"edges-replicate"``: the same with the border pixels repeated outwards (Chapter 13's target),
@@ -207,6 +208,8 @@ def shift_domain(images: np.ndarray | Tensor, kind: str) -> np.ndarray | Tensor:
         return images.copy()
     if kind == "rotated":
         return np.ascontiguousarray(np.rot90(images, 1, axes=(1, 2)))
+    if kind == "flipped":
+        return np.ascontiguousarray(images[:, ::-1])
     if kind == "inverted":
         return 255 - images
     from scipy import ndimage
@@ -230,6 +233,8 @@ def _shift_normalised(images: Tensor, kind: str) -> Tensor:
         out = 1 - pixels
     elif kind == "rotated":
         out = torch.rot90(pixels, 1, dims=(-2, -1))
+    elif kind == "flipped":
+        out = torch.flip(pixels, dims=(-2,))
     else:
         sobel = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
         kernels = torch.stack([sobel, sobel.T])[:, None]  # [2, 1, 3, 3]
@@ -504,6 +509,44 @@ def retention_set(n: int = ZERO_SHOT_SIZE) -> Task:
         raise ValueError(f"n must be in [1, {ZERO_SHOT_SIZE}], got {n}")
     x, y = fashion_tensors("test")
     return Task("retention", CLASS_TEXT, HELD_OUT_TEMPLATES, x[:1], y[:1], x[:n], y[:n])
+
+
+def held_out_domain(kind: str = "flipped", n: int = ZERO_SHOT_SIZE) -> Task:
+    """A zero-shot set in a domain that neither pre-training nor the stream trains on.
+
+    The retention set's images (the first ``n`` Fashion-MNIST test images) shifted by ``kind``
+    (default: upside down), named by the *training* templates, so that only the image domain is new.
+    No method trains on it; like :func:`retention_set`, its one "training" image is never used.
+    """
+    if kind in ("none", "edges-replicate", *DOMAINS):
+        raise ValueError(f"kind must be a domain outside the stream {DOMAINS} and not 'none', got {kind!r}")
+    if not 1 <= n <= ZERO_SHOT_SIZE:
+        raise ValueError(f"n must be in [1, {ZERO_SHOT_SIZE}], got {n}")
+    x, y = fashion_tensors("test")
+    x = shift_domain(x[:n], kind)
+    return Task(kind, CLASS_TEXT, TRAIN_TEMPLATES, x[:1], y[:1], x, y[:n])
+
+
+def photo_patches(n: int = 1000, *, seed: int = 0) -> Tensor:
+    """Off-domain unlabelled images: ``n`` random grey crops of the bundled photos, ``[n, 1, 28, 28]`` normalised.
+
+    Each crop is a random square (side 40-160 pixels) of one of :func:`helpers.assets.sample_photos`'
+    seven photos (a cat, an astronaut, coffee, a rocket, ...), turned grey, resized to 28 x 28 (area
+    averaging) and normalised as Fashion-MNIST. Neither clothes nor digits: the role ImageNet plays
+    as ZSCL's reference set for a CLIP pre-trained on web data (Chapter 12).
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    rng = np.random.default_rng(seed)
+    photos = [torch.from_numpy(p.astype(np.float32) / 255).mean(-1) for p in assets.sample_photos().values()]
+    out = torch.empty(n, IMAGE_SIZE, IMAGE_SIZE)
+    for i in range(n):
+        grey = photos[rng.integers(len(photos))]  # [H, W] in [0, 1]
+        side = int(rng.integers(40, min(160, *grey.shape) + 1))
+        top, left = int(rng.integers(grey.shape[0] - side + 1)), int(rng.integers(grey.shape[1] - side + 1))
+        crop = grey[top : top + side, left : left + side][None, None]
+        out[i] = F.interpolate(crop, size=(IMAGE_SIZE, IMAGE_SIZE), mode="area")[0, 0]
+    return _renormalise(out)
 
 
 def reference_images(n: int = 1000, *, seed: int = 0) -> Tensor:

@@ -132,6 +132,10 @@ def test_bad_inputs_give_clear_errors():
         continual.seed_runs(clip.FashionClip(dim=8), 0, methods=("magic",))
     with pytest.raises(ValueError, match="every"):
         continual.learning_curves(clip.FashionClip(dim=8), 0, steps=5, every=10)
+    with pytest.raises(ValueError, match="unknown methods"):
+        continual.lit_runs(0, recipe=continual.StepRecipe(), methods=("magic",))
+    with pytest.raises(ValueError, match="LitRecipe"):
+        clip.pretrained_lit(clip.RECIPE)
 
 
 def _perturbed(model, seed=1, scale=0.05):
@@ -231,3 +235,54 @@ def test_paper_wise_ft_blends_with_the_previous_model_at_alpha():
     k = "clip.image_proj.weight"
     expected = (1 - a) * model.state_dict()[k] + a * tuned.state_dict()[k]  # the previous model, not state.initial
     assert torch.allclose(out.state_dict()[k], expected, atol=1e-6)
+
+
+# --- the LiT setting: held-out domain, off-domain reference set, the locked ImageNet tower ---
+
+
+def test_off_domain_reference_set_is_photos_and_austen_text():
+    state = continual.State(initial=_toy_model(), recipe=continual.StepRecipe(n_reference=16, n_reference_texts=10))
+    continual.zscl_paper_off_domain.prepare(state)
+    assert torch.equal(state.reference_images, data.photo_patches(16, seed=0))
+    assert len(state.reference_texts) == 10 and len(set(state.reference_texts)) == 10
+    assert all(len(t.split()) == 12 for t in state.reference_texts)
+    assert not set(state.reference_texts) & set(data.caption_table())
+
+
+def test_run_stream_reports_extra_sets_never_trained_on():
+    tasks = [_tiny_task("a", seed=0)]
+    zero, extra = _tiny_task("zero-shot", n=20, classes=data.CLASS_TEXT, seed=2), _tiny_task("held", seed=3)
+    recipe = continual.StepRecipe(steps=2, batch_size=4)
+    torch.manual_seed(0)
+    result, _ = continual.run_stream("fine-tune", clip.FashionClip(dim=8), tasks, zero, recipe=recipe,
+                                     extra_tasks=[extra])
+    assert list(result["extra"]) == ["held"] and len(result["extra"]["held"]) == 2
+    torch.manual_seed(0)
+    plain, _ = continual.run_stream("fine-tune", clip.FashionClip(dim=8), tasks, zero, recipe=recipe)
+    assert "extra" not in plain and plain["matrix"] == result["matrix"]
+
+
+def test_imagenet_features_are_cached_by_content_and_match_a_direct_computation():
+    tower = clip.ImageNetFeatures(resolution=64)
+    x = _tiny_task(n=6).x_train
+    first = tower(x)
+    assert first.shape == (6, 1280) and len(tower._cache) == 6
+    again = tower(torch.cat([x[3:], x[:3]]))  # same images, other order: cache hits, rows follow the images
+    assert torch.equal(again, torch.cat([first[3:], first[:3]])) and len(tower._cache) == 6
+    assert torch.allclose(tower._compute(x), first, atol=1e-5)
+
+
+def test_lit_model_trains_only_its_projections_and_copies_share_the_tower():
+    torch.manual_seed(0)
+    lit = clip.LitClip(dim=8)
+    assert continual.n_parameters(lit.image_tower) == 0
+    assert {n for n, _ in lit.named_parameters()} == {"image_proj.weight", "text_proj.weight", "log_scale"}
+    model = continual.ContinualClip(lit).eval().requires_grad_(False)
+    twin = copy.deepcopy(model)
+    task = _tiny_task(n=8)
+    emb = model.encode_images(task.x_test)
+    assert emb.shape == (4, 8) and torch.allclose(twin.encode_images(task.x_test), emb)
+    tuned = continual.finetune(model, task, state=continual.State(initial=model,
+                                                                  recipe=continual.StepRecipe(steps=2, batch_size=4)))
+    assert not torch.equal(tuned.clip.image_proj.weight, model.clip.image_proj.weight)
+    assert torch.equal(tuned.clip.log_scale, model.clip.log_scale)

@@ -328,3 +328,29 @@ def test_caption_and_shop_bad_inputs():
         data.simulate_shop(images, labels[:10])
     with pytest.raises(ValueError, match="as many labels"):
         data.simulate_shop(images[:0], labels[:0])
+
+
+def test_flipped_domain_is_upside_down_in_both_representations():
+    raw = (torch.rand(3, 28, 28, generator=torch.Generator().manual_seed(0)) * 255).byte().numpy()
+    flipped = data.shift_domain(raw, "flipped")
+    assert (flipped == raw[:, ::-1]).all() and (data.shift_domain(flipped, "flipped") == raw).all()
+    norm = data.shift_domain(data.normalise(raw), "flipped")
+    assert torch.allclose(norm, data.normalise(flipped), atol=1e-6)
+
+
+def test_held_out_domain_shifts_the_retention_images_and_refuses_stream_domains():
+    held, retention = data.held_out_domain("flipped", n=50), data.retention_set(50)
+    assert torch.allclose(held.x_test, data.shift_domain(retention.x_test, "flipped"))
+    assert torch.equal(held.y_test, retention.y_test) and held.templates == data.TRAIN_TEMPLATES
+    for kind in ("inverted", "none", "edges-replicate"):
+        with pytest.raises(ValueError, match="outside the stream"):
+            data.held_out_domain(kind)
+
+
+def test_photo_patches_are_seeded_grey_crops_in_range():
+    a, b, c = data.photo_patches(20, seed=0), data.photo_patches(20, seed=0), data.photo_patches(20, seed=1)
+    assert a.shape == (20, 1, 28, 28) and torch.equal(a, b) and not torch.equal(a, c)
+    pixels = data.unnormalise(a)
+    assert float(pixels.min()) >= -1e-6 and float(pixels.max()) <= 1 + 1e-6
+    with pytest.raises(ValueError, match="n must be"):
+        data.photo_patches(0)
