@@ -58,7 +58,7 @@ class PromptContext(nn.Module):
     so before training the learned prompt equals the hand-written one.
     """
 
-    def __init__(self, text: clip.MiniLMText, *, init: str = "a photo of a"):
+    def __init__(self, text: clip.MiniLMText, *, init: str = "a photo of a", class_specific: bool = False):
         super().__init__()
         encoder, self._tokenizer = text.encoder()  # the same frozen encoder as the model's text tower
         self._encoder = [encoder]  # a list keeps it out of state_dict
@@ -66,6 +66,21 @@ class PromptContext(nn.Module):
         with torch.no_grad():
             vectors = self.encoder.get_input_embeddings()(ids).clone()  # [M, 384]
         self.vectors = nn.Parameter(vectors)
+        self.class_specific = class_specific
+        self.class_vectors = nn.ParameterDict()  # CoOp's class-specific context (CSC): one [M, 384] per class name
+
+    @staticmethod
+    def _key(name: str) -> str:
+        return name.replace(".", "_")
+
+    def add_classes(self, class_names: Sequence[str]) -> list[nn.Parameter]:
+        """Class-specific context: the vectors of ``class_names``, created from the shared ones if new."""
+        if not self.class_specific:
+            raise ValueError("add_classes needs a class-specific context (class_specific=True)")
+        for name in class_names:
+            if self._key(name) not in self.class_vectors:
+                self.class_vectors[self._key(name)] = nn.Parameter(self.vectors.detach().clone())
+        return [self.class_vectors[self._key(n)] for n in class_names]
 
     @property
     def encoder(self) -> nn.Module:
@@ -77,6 +92,9 @@ class PromptContext(nn.Module):
         nn.Module.__init__(new)
         new._encoder, new._tokenizer = self._encoder, self._tokenizer
         new.vectors = nn.Parameter(self.vectors.detach().clone(), requires_grad=self.vectors.requires_grad)
+        new.class_specific = getattr(self, "class_specific", False)
+        new.class_vectors = nn.ParameterDict({k: nn.Parameter(v.detach().clone(), requires_grad=v.requires_grad)
+                                              for k, v in getattr(self, "class_vectors", {}).items()})
         return new
 
     def forward(self, class_names: Sequence[str]) -> Tensor:
@@ -85,7 +103,12 @@ class PromptContext(nn.Module):
         texts = [" ".join(["x"] * m) + f" {name}." for name in class_names]
         enc = self._tokenizer(texts, padding=True, return_tensors="pt")
         embeds = self.encoder.get_input_embeddings()(enc["input_ids"])  # [C, pos, 384]
-        embeds = torch.cat([embeds[:, :1], self.vectors.expand(len(texts), -1, -1), embeds[:, 1 + m :]], 1)
+        if self.class_specific:  # each class its own context (the shared vectors for a class never trained)
+            context = torch.stack([self.class_vectors[self._key(n)] if self._key(n) in self.class_vectors
+                                   else self.vectors for n in class_names])
+        else:
+            context = self.vectors.expand(len(texts), -1, -1)
+        embeds = torch.cat([embeds[:, :1], context, embeds[:, 1 + m :]], 1)
         hidden = self.encoder(inputs_embeds=embeds, attention_mask=enc["attention_mask"]).last_hidden_state
         mask = enc["attention_mask"][..., None].float()
         return (hidden * mask).sum(1) / mask.sum(1)
@@ -95,8 +118,9 @@ class ContinualClip(nn.Module):
     """A :class:`helpers.clip.FashionClip` plus what the methods add: per-task linear heads, a prompt context.
 
     :meth:`class_embeddings` gives the ``[C, d]`` classifier of a task: its linear head if one was
-    trained, else the learned prompt context if there is one, else the prompt ensemble of the
-    task's templates through the (trainable) text projection.
+    trained, else its own prompt context if one was learned for it, else the shared learned prompt
+    context if there is one, else the prompt ensemble of the task's templates through the (trainable)
+    text projection.
     """
 
     def __init__(self, model: clip.FashionClip):
@@ -104,6 +128,7 @@ class ContinualClip(nn.Module):
         self.clip = model
         self.heads = nn.ParameterDict()
         self.context: PromptContext | None = None
+        self.task_contexts = nn.ModuleDict()  # per-task prompt contexts, looked up by task name
 
     @property
     def logit_scale(self) -> float:
@@ -127,6 +152,8 @@ class ContinualClip(nn.Module):
     def class_embeddings(self, task: data.Task) -> Tensor:
         if task.name in self.heads:
             return F.normalize(self.heads[task.name], dim=-1)
+        if task.name in self.task_contexts:
+            return F.normalize(self.clip.text_features(self.task_contexts[task.name](task.class_names)), dim=-1)
         if self.context is not None:
             return F.normalize(self.clip.text_features(self.context(task.class_names)), dim=-1)
         return self.prompt_embeddings(task.class_names, task.templates)
@@ -392,24 +419,47 @@ def coop(model: ContinualClip, task: data.Task, *, state: State) -> ContinualCli
     Images are embedded once by the frozen tower; each step re-encodes the task's learned prompts
     through the frozen MiniLM and takes a cross-entropy step on a batch of image embeddings.
     """
+    return _coop(model, task, state)
+
+
+def coop_class_specific(model: ContinualClip, task: data.Task, *, state: State) -> ContinualClip:
+    """CoOp with class-specific context (CSC): each class name has its own vectors, shared by tasks that use it."""
+    return _coop(model, task, state, class_specific=True)
+
+
+def coop_per_task(model: ContinualClip, task: data.Task, *, state: State) -> ContinualClip:
+    """CoOp with one context per task, kept after the task (like the linear probe, the task must be known at test)."""
+    return _coop(model, task, state, per_task=True)
+
+
+def _coop(model: ContinualClip, task: data.Task, state: State, *, class_specific: bool = False,
+          per_task: bool = False) -> ContinualClip:
     _check(model, task, state)
     recipe = state.recipe
     model = copy.deepcopy(model)
-    if model.context is None:
-        model.context = PromptContext(model.clip.text)
+    if per_task:
+        model.task_contexts[task.name] = PromptContext(model.clip.text)
+        context = model.task_contexts[task.name]
+    else:
+        if model.context is None:
+            model.context = PromptContext(model.clip.text, class_specific=class_specific)
+        context = model.context
     model.requires_grad_(False)
-    model.context.vectors.requires_grad_(True)
+    trained = context.add_classes(task.class_names) if class_specific else [context.vectors]
+    for p in trained:
+        p.requires_grad_(True)
     features = model.encode_images(task.x_train)  # [N, d]
-    optimiser = torch.optim.Adam([model.context.vectors], lr=recipe.coop_lr)
+    optimiser = torch.optim.Adam(trained, lr=recipe.coop_lr)
     generator = torch.Generator().manual_seed(recipe.seed * 1000 + state.step)
     wide = dataclasses.replace(recipe, batch_size=4 * recipe.batch_size)  # image side is free: big batches
     for batch in _batches(len(features), wide, generator, recipe.coop_steps):
-        text = F.normalize(model.clip.text_features(model.context(task.class_names)), dim=-1)
+        text = F.normalize(model.clip.text_features(context(task.class_names)), dim=-1)
         loss = F.cross_entropy(model.logit_scale * features[batch] @ text.T, task.y_train[batch])
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
-    model.context.vectors.requires_grad_(False)
+    for p in trained:
+        p.requires_grad_(False)
     return model
 
 
@@ -561,20 +611,23 @@ def wise_ft_paper(model: ContinualClip, task: data.Task, *, state: State) -> Con
     return wise_ft(model, tuned, PAPER_SETTINGS["alpha"])
 
 
-def zscl_paper(model: ContinualClip, task: data.Task, *, state: State) -> ContinualClip:
+def zscl_paper(model: ContinualClip, task: data.Task, *, state: State,
+               more: Callable[[ContinualClip, Tensor, torch.Generator], Tensor] | None = None) -> ContinualClip:
     """ZSCL with the settings of its reference scripts (:data:`PAPER_SETTINGS`): the full method.
 
     Distillation from the initial model on the reference set (image and text terms summed, ``T = 2``,
     the student's reference images scored against the teacher's text embeddings), label smoothing 0.2,
     an L2 penalty to the model the task starts from, and weight ensembling over the task's training.
+    ``more(student, images, generator)``, if given, is one more loss term (self-training, below).
     """
     teacher, recipe, minilm = _zscl_inputs(model, task, state)
 
-    def distil(student: ContinualClip, _x: Tensor, g: torch.Generator) -> Tensor:
+    def distil(student: ContinualClip, x: Tensor, g: torch.Generator) -> Tensor:
         rows = torch.randint(len(state.reference_images), (recipe.reference_batch,), generator=g)
         image_to_text, text_to_image = zscl_loss(student, teacher, state.reference_images[rows], minilm,
                                                  temperature=PAPER_SETTINGS["temperature"], student_text=False)
-        return recipe.distil_weight * (image_to_text + text_to_image)
+        loss = recipe.distil_weight * (image_to_text + text_to_image)
+        return loss if more is None else loss + more(student, x, g)
 
     every = max(1, recipe.steps // PAPER_SETTINGS["we_snapshots"])
     return _fine_tune(model, task, state, distil, label_smoothing=PAPER_SETTINGS["label_smoothing"],
@@ -604,6 +657,83 @@ def zscl_paper_off_domain(model: ContinualClip, task: data.Task, *, state: State
 
 
 zscl_paper_off_domain.prepare = _off_domain_prepare
+
+
+# --- few labels: each task's first FEW_LABELS training images keep their labels, the rest are unlabelled ---
+
+FEW_LABELS = 200
+"""Labelled training images per task in the few-labels study (the other images of the task come unlabelled)."""
+PSEUDO_THRESHOLD = 0.95
+"""Self-training keeps an unlabelled image when the model's largest class probability reaches this (FixMatch's 0.95)."""
+
+
+def few_labels(task: data.Task, n_labelled: int | None = None) -> tuple[data.Task, Tensor]:
+    """``(the task with only its first n_labelled training images, the other training images [U, 1, 28, 28])``.
+
+    ``n_labelled`` defaults to :data:`FEW_LABELS`, read when called.
+    """
+    n_labelled = FEW_LABELS if n_labelled is None else n_labelled
+    if not 1 <= n_labelled < len(task.x_train):
+        raise ValueError(f"n_labelled must be in [1, {len(task.x_train)}), got {n_labelled}")
+    labelled = data.Task(task.name, task.class_names, task.templates, task.x_train[:n_labelled],
+                         task.y_train[:n_labelled], task.x_test, task.y_test)
+    return labelled, task.x_train[n_labelled:]
+
+
+def pseudo_label_loss(student: ContinualClip, images: Tensor, task: data.Task, *,
+                      threshold: float = PSEUDO_THRESHOLD) -> tuple[Tensor, float]:
+    """Self-training on unlabelled images: cross-entropy to the student's own confident predictions.
+
+    The targets are the argmax classes of the student's current predictions, without gradient
+    (Lee 2013; FixMatch's confidence mask, Sohn et al. 2020, without its augmentations); images whose
+    largest probability is below ``threshold`` contribute nothing.
+
+    Returns:
+        ``(loss summed over the kept images / len(images), fraction kept)``; the loss is differentiable in
+        the student only.
+    """
+    logits = student.logits(images, task)  # [B, C]
+    with torch.no_grad():
+        confidence, target = logits.softmax(-1).max(-1)
+        keep = confidence >= threshold
+    if not keep.any():
+        return logits.sum() * 0, 0.0
+    return F.cross_entropy(logits[keep], target[keep], reduction="sum") / len(images), float(keep.float().mean())
+
+
+def _self_training(unlabelled: Tensor, task: data.Task, recipe: StepRecipe):
+    def term(student: ContinualClip, _x: Tensor, g: torch.Generator) -> Tensor:
+        rows = torch.randint(len(unlabelled), (recipe.batch_size,), generator=g)
+        return pseudo_label_loss(student, unlabelled[rows], task, threshold=PSEUDO_THRESHOLD)[0]
+
+    return term
+
+
+def finetune_few(model: ContinualClip, task: data.Task, *, state: State) -> ContinualClip:
+    """Fine-tuning on the task's :data:`FEW_LABELS` labelled images only (the unlabelled ones are ignored)."""
+    _check(model, task, state)
+    return _fine_tune(model, few_labels(task)[0], state)
+
+
+def self_training_few(model: ContinualClip, task: data.Task, *, state: State) -> ContinualClip:
+    """Fine-tuning on the labelled images plus self-training on the unlabelled ones (a batch of each per step)."""
+    _check(model, task, state)
+    labelled, unlabelled = few_labels(task)
+    return _fine_tune(model, labelled, state, _self_training(unlabelled, labelled, state.recipe))
+
+
+def zscl_paper_few(model: ContinualClip, task: data.Task, *, state: State) -> ContinualClip:
+    """:func:`zscl_paper` on the task's labelled images only."""
+    return zscl_paper(model, few_labels(task)[0], state=state)
+
+
+def zscl_paper_self_training_few(model: ContinualClip, task: data.Task, *, state: State) -> ContinualClip:
+    """:func:`zscl_paper` on the labelled images plus self-training on the unlabelled ones."""
+    labelled, unlabelled = few_labels(task)
+    return zscl_paper(model, labelled, state=state, more=_self_training(unlabelled, labelled, state.recipe))
+
+
+zscl_paper_few.prepare = zscl_paper_self_training_few.prepare = _zscl_prepare
 
 
 def replay(model: ContinualClip, task: data.Task, *, state: State) -> ContinualClip:
@@ -652,7 +782,15 @@ METHODS: dict[str, Callable[..., ContinualClip]] = {
 "WiSE-FT" and "ZSCL" are the book's ablations (blend with ``θ_0`` at ``recipe.alpha``; distillation
 only, ``T = 1``); "WiSE-FT (paper)" and "ZSCL (paper)" use ZSCL's reference settings (:data:`PAPER_SETTINGS`)."""
 
-MORE_METHODS: dict[str, Callable[..., ContinualClip]] = {"ZSCL (paper, off-domain)": zscl_paper_off_domain}
+MORE_METHODS: dict[str, Callable[..., ContinualClip]] = {
+    "ZSCL (paper, off-domain)": zscl_paper_off_domain,
+    "CoOp (class-specific)": coop_class_specific,
+    "CoOp (per task)": coop_per_task,
+    "fine-tune (few labels)": finetune_few,
+    "self-training (few labels)": self_training_few,
+    "ZSCL (paper, few labels)": zscl_paper_few,
+    "ZSCL (paper) + self-training (few labels)": zscl_paper_self_training_few,
+}
 """Methods of the chapter's second setting only (the LiT model, :func:`lit_runs`)."""
 ALL_METHODS = {**METHODS, **MORE_METHODS}
 
@@ -853,12 +991,17 @@ def run_stream(method: str | Callable[..., ContinualClip], initial: clip.Fashion
             rows.append(evaluate(model, tasks, zero_shot_task, image_emb=rows[-1]["image_emb"] if frozen else None,
                                  extra_tasks=extra_tasks))
     tower = n_parameters(nn.ModuleList([model.clip.image_tower, model.clip.image_proj, model.clip.text_proj]))
+    contexts = [model.context] if model.context is not None else []
+    contexts += list(model.task_contexts.values())
+    prompt_params = sum(n_parameters(c) for c in contexts)
     trained = {"zero-shot": 0, "linear probe": sum(h.numel() for h in model.heads.values()),
-               "CoOp": model.context.vectors.numel() if model.context is not None else 0}.get(name, tower)
+               **dict.fromkeys(PROMPT_METHODS, prompt_params)}.get(name, tower)
+    # ZSCL (paper) and its variants store a teacher, the L2 anchor and the running average
     stored = {"WiSE-FT": tower, "LwF": tower, "ZSCL": tower, "WiSE-FT (paper)": tower, "ZSCL (paper)": 3 * tower,
-              "ZSCL (paper, off-domain)": 3 * tower}.get(name, 0)  # ZSCL (paper): teacher, L2 anchor, running average
+              "ZSCL (paper, off-domain)": 3 * tower, "ZSCL (paper, few labels)": 3 * tower,
+              "ZSCL (paper) + self-training (few labels)": 3 * tower}.get(name, 0)
     stored += sum(h.numel() for h in model.heads.values())
-    stored += model.context.vectors.numel() if model.context is not None else 0
+    stored += prompt_params
     images = len(state.buffer) if state.buffer is not None else 0
     images += len(state.reference_images) if state.reference_images is not None else 0
     result = {"method": name, "tasks": [t.name for t in tasks], "matrix": [r["tasks"] for r in rows],
@@ -1014,6 +1157,11 @@ LIT_ORDERS = (data.DOMAINS, tuple(reversed(data.DOMAINS)))
 """The two task orders of the LiT setting: the chapter's, and the same four tasks reversed."""
 LIT_METHODS = ("zero-shot", "fine-tune", "linear probe", "LwF", "WiSE-FT (paper)", "replay", "ZSCL (paper)",
                "ZSCL (paper, off-domain)")
+PROMPT_METHODS = ("CoOp", "CoOp (class-specific)", "CoOp (per task)")
+"""Prompt learning on the LiT setting: one shared context, one per class name (CSC), one per task."""
+FEW_LABEL_METHODS = ("fine-tune (few labels)", "self-training (few labels)", "ZSCL (paper, few labels)",
+                     "ZSCL (paper) + self-training (few labels)")
+"""The few-labels study on the LiT setting: each task's first :data:`FEW_LABELS` images labelled, the rest not."""
 LIT_GRID = {"lr": (3e-4, 1e-3, 3e-3), "steps": 400, "every": 25}
 """Fine-tuning settings tried on the LiT setting's validation split: learning rates, and curves to 400 steps."""
 
@@ -1104,6 +1252,36 @@ def lit_runs(seed: int, order: Sequence[str] = data.DOMAINS, *, recipe: StepReci
                       data.photo_patches(recipe.n_reference, seed=seed))
         out = {m: run_stream(m, initial, tasks, retention, recipe=recipe, progress=progress, extra_tasks=[other])[0]
                for m in methods}
+        target.write_text(json.dumps(out))
+
+    return json.loads(common.cached_file(path, build, committed=True).read_text())
+
+
+def wise_ft_sweep(initial: clip.FashionClip, seed: int, *, alphas: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
+                  recipe: StepRecipe = StepRecipe(), n_train: int = 2000, n_test: int = 400) -> dict[str, dict]:
+    """WiSE-FT's coefficient swept after the stream: the pretrained model blended with seed ``seed``'s final
+    sequentially fine-tuned model, each blend evaluated on the tasks and the retention set. Committed JSON.
+
+    Returns:
+        ``{str(alpha): {"tasks": [accuracy per task], "retention": accuracy}}``.
+    """
+    if not alphas or not all(0.0 <= a <= 1.0 for a in alphas):
+        raise ValueError(f"alphas must be a non-empty list of values in [0, 1], got {alphas}")
+    recipe = dataclasses.replace(recipe, seed=int(seed))
+    key = {"code": 1, "alphas": [float(a) for a in alphas], "recipe": dataclasses.asdict(recipe), "n_train": n_train,
+           "n_test": n_test, "initial": _initial_key(initial), "retention": data.ZERO_SHOT_SIZE}
+    path = common.cache_dir("results", "ch12") / f"wise-sweep-s{seed}-{common.content_hash(key, length=12)}.json"
+
+    def build(target: Path) -> None:
+        tasks = data.make_stream(data.DOMAINS, n_train=n_train, n_test=n_test, seed=seed)
+        retention = data.retention_set()
+        _, tuned = run_stream("fine-tune", initial, tasks, retention, recipe=recipe)
+        start = ContinualClip(copy.deepcopy(initial)).eval()
+        out = {}
+        with common.torch_threads(1):
+            for a in alphas:
+                ev = evaluate(wise_ft(start, tuned, float(a)).eval(), tasks, retention)
+                out[str(float(a))] = {"tasks": ev["tasks"], "retention": ev["zero_shot"]}
         target.write_text(json.dumps(out))
 
     return json.loads(common.cached_file(path, build, committed=True).read_text())

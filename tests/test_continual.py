@@ -136,6 +136,8 @@ def test_bad_inputs_give_clear_errors():
         continual.lit_runs(0, recipe=continual.StepRecipe(), methods=("magic",))
     with pytest.raises(ValueError, match="LitRecipe"):
         clip.pretrained_lit(clip.RECIPE)
+    with pytest.raises(ValueError, match="alphas"):
+        continual.wise_ft_sweep(clip.FashionClip(dim=8), 0, alphas=(0.5, 1.5))
 
 
 def _perturbed(model, seed=1, scale=0.05):
@@ -286,3 +288,73 @@ def test_lit_model_trains_only_its_projections_and_copies_share_the_tower():
                                                                   recipe=continual.StepRecipe(steps=2, batch_size=4)))
     assert not torch.equal(tuned.clip.image_proj.weight, model.clip.image_proj.weight)
     assert torch.equal(tuned.clip.log_scale, model.clip.log_scale)
+
+
+def test_few_labels_keeps_the_first_images_labelled_and_returns_the_rest():
+    task = _tiny_task(n=12)
+    labelled, unlabelled = continual.few_labels(task, 5)
+    assert torch.equal(labelled.x_train, task.x_train[:5]) and torch.equal(labelled.y_train, task.y_train[:5])
+    assert torch.equal(unlabelled, task.x_train[5:]) and torch.equal(labelled.x_test, task.x_test)
+    for n in (0, 12):
+        with pytest.raises(ValueError, match="n_labelled"):
+            continual.few_labels(task, n)
+
+
+def test_pseudo_label_loss_is_cross_entropy_to_confident_predictions_only():
+    model, task = _toy_model(), _tiny_task(n=12)
+    images = task.x_train
+    with torch.no_grad():
+        p = model.logits(images, task).softmax(-1)
+    everything, kept = continual.pseudo_label_loss(model, images, task, threshold=0.0)
+    assert kept == 1.0
+    assert torch.allclose(everything, torch.nn.functional.cross_entropy(model.logits(images, task), p.argmax(-1)))
+    nothing, kept = continual.pseudo_label_loss(model, images, task, threshold=1.01)
+    assert kept == 0.0 and float(nothing) == 0.0
+    middle = float(p.max(-1).values.median())
+    some, kept = continual.pseudo_label_loss(model, images, task, threshold=middle)
+    keep = p.max(-1).values >= middle
+    expected = torch.nn.functional.cross_entropy(model.logits(images, task)[keep], p.argmax(-1)[keep],
+                                                 reduction="sum") / len(images)
+    assert kept == float(keep.float().mean()) and torch.allclose(some, expected)
+
+
+def test_few_label_methods_train_on_the_labelled_images_only(monkeypatch):
+    monkeypatch.setattr(continual, "FEW_LABELS", 4)
+    model, task = _toy_model(), _tiny_task(n=12)
+    state = continual.State(initial=model, recipe=continual.StepRecipe(steps=3, batch_size=4))
+    labelled, _ = continual.few_labels(task)
+    assert len(labelled.x_train) == 4
+    few = continual.finetune_few(model, task, state=state)
+    by_hand = continual.finetune(model, labelled, state=state)
+    assert torch.equal(few.clip.image_proj.weight, by_hand.clip.image_proj.weight)
+    monkeypatch.setattr(continual, "PSEUDO_THRESHOLD", 0.0)  # every unlabelled image counts
+    self_trained = continual.self_training_few(model, task, state=state)
+    assert not torch.equal(self_trained.clip.image_proj.weight, few.clip.image_proj.weight)
+
+
+def test_class_specific_context_learns_one_context_per_class_name():
+    model, task = _toy_model(), _tiny_task()
+    state = continual.State(initial=model, recipe=continual.StepRecipe(coop_steps=3, coop_lr=0.05))
+    out = continual.coop_class_specific(model, task, state=state)
+    keys = sorted(out.context.class_vectors.keys())
+    assert keys == ["bag", "sandal"]  # the shared vectors stay the hand-written start
+    assert torch.equal(out.context.vectors, continual.PromptContext(model.clip.text).vectors)
+    a, b = (out.context.class_vectors[k] for k in keys)
+    assert not torch.equal(a, b)  # each class moved on its own
+    with torch.no_grad():  # a class never trained keeps the hand-written prompt
+        assert torch.allclose(out.context(["coat"]), model.clip.text(["a photo of a coat."]), atol=1e-5)
+    twin = copy.deepcopy(out)
+    assert torch.equal(twin.context.class_vectors["bag"], out.context.class_vectors["bag"])
+    with pytest.raises(ValueError, match="class-specific"):
+        continual.PromptContext(model.clip.text).add_classes(["bag"])
+
+
+def test_per_task_context_is_used_for_its_task_only():
+    model = _toy_model()
+    first, second = _tiny_task("a", seed=0), _tiny_task("b", classes=("three", "seven"), seed=1)
+    state = continual.State(initial=model, recipe=continual.StepRecipe(coop_steps=3, coop_lr=0.05))
+    out = continual.coop_per_task(continual.coop_per_task(model, first, state=state), second, state=state)
+    assert sorted(out.task_contexts) == ["a", "b"] and out.context is None
+    other = _tiny_task("c")
+    assert torch.allclose(out.class_embeddings(other), model.class_embeddings(other))  # unseen task: prompts
+    assert not torch.allclose(out.class_embeddings(first), model.class_embeddings(first))
