@@ -805,6 +805,22 @@ def _seed_metrics(model: SparseAutoencoder, x: Tensor, target: Tensor | None = N
             .mean()), "dense": float((freq > 0.1).float().mean())}
 
 
+def _minilm_saes(runs: dict, *, log=print) -> tuple[dict, Tensor, dict]:
+    """The chosen MiniLM TopK SAE retrained once per ``runs`` entry ``{key: (seed, epochs)}`` (``epochs=None``:
+    the recipe's) on the committed recipe's training tokens: ``({key: SAE}, activations, split masks)``."""
+    k = int(load_artefact("minilm")["chosen"]["topk"].split("-")[1])
+    x, keep = _minilm_activations(log)
+    r = RECIPE["minilm"]
+    x_tr = _draw(x[keep["train"]], r["max_train"])
+    out = {}
+    for key, (seed, epochs) in runs.items():
+        log(f"MiniLM, seed {seed}, {epochs or r['epochs']} passes")
+        sae, _ = train_sae(x_tr, d_sae=r["d_sae"], kind="topk", k=k, epochs=epochs or r["epochs"],
+                           batch_size=RECIPE["batch_size"], lr=RECIPE["lr"], seed=seed)
+        out[key] = load_dictionary(_state(sae))
+    return out, x, keep
+
+
 def _retrained(runs: dict, *, transcoder: bool, log=print) -> dict:
     """The chosen TopK SAEs (and, with ``transcoder``, the transcoder) retrained once per ``runs`` entry
     ``{key: (seed, epochs)}`` (``epochs=None``: the model's recipe) on the committed recipe's training tokens,
@@ -813,16 +829,9 @@ def _retrained(runs: dict, *, transcoder: bool, log=print) -> dict:
     from helpers.assets import smollm2
 
     chosen = {name: int(load_artefact(name)["chosen"]["topk"].split("-")[1]) for name in ("minilm", "smollm2")}
-    out = {key: {} for key in runs}
-    x, keep = _minilm_activations(log)
-    r = RECIPE["minilm"]
-    x_tr = _draw(x[keep["train"]], r["max_train"])
-    for key, (seed, epochs) in runs.items():
-        log(f"MiniLM, seed {seed}, {epochs or r['epochs']} passes")
-        sae, _ = train_sae(x_tr, d_sae=r["d_sae"], kind="topk", k=chosen["minilm"], epochs=epochs or r["epochs"],
-                           batch_size=RECIPE["batch_size"], lr=RECIPE["lr"], seed=seed)
-        out[key]["minilm"] = _seed_metrics(load_dictionary(_state(sae)), x[keep["test"]])
-    del x, x_tr
+    saes, x, keep = _minilm_saes(runs, log=log)
+    out = {key: {"minilm": _seed_metrics(sae, x[keep["test"]])} for key, sae in saes.items()}
+    del x, saes
     r = RECIPE["smollm2"]
     layer, first, t = r["layer"], r["first"], r["transcoder"]
     model, tok = smollm2()
@@ -1020,6 +1029,29 @@ def austen_fold_study(encoder: nn.Module, tokenizer, sae: SparseAutoencoder, tex
                       weights_only=True)
     return {name: {k: v.numpy() for k, v in blob[name].items()} for name in ("book", "wikipedia", "dense")} | {
         "wikipedia_sae": load_dictionary(blob["wikipedia_sae"]), "wikipedia_summary": blob["wikipedia_summary"]}
+
+
+def austen_seed_study(encoder: nn.Module, tokenizer, texts: Sequence[str], labels, folds, *, recipe: dict,
+                      log=print) -> dict[int, dict]:
+    """:func:`austen_fold_study`'s classifier on the codes of the MiniLM SAE retrained under each seed of
+    :data:`SEED_STUDY` (committed): how much the classifier moves with the dictionary's seed.
+
+    Returns:
+        ``{seed: fold_probe(...)}`` (numpy), ``recipe`` as for :func:`austen_fold_study`.
+    """
+    def build(path: Path) -> None:
+        batches = batches_of(tokenizer, list(texts), batch_size=128, max_length=recipe["max_length"])
+        out = {}
+        saes, _, _ = _minilm_saes({seed: (seed, None) for seed in SEED_STUDY["seeds"]}, log=log)
+        for seed, sae in saes.items():
+            X = pooled_codes(encoder, batches, site=recipe["site"], special_ids=tokenizer.all_special_ids, sae=sae)
+            out[seed] = {k: torch.from_numpy(v) for k, v in fold_probe(X, np.asarray(labels), np.asarray(folds),
+                                                                        Cs=recipe["Cs"]).items()}
+        torch.save(out, path)
+
+    path = _study_path("austen-seeds", _chosen_recipe({"folds": recipe, "seeds": SEED_STUDY}))
+    blob = torch.load(common.cached_file(path, build, committed=True), weights_only=True)
+    return {int(seed): {k: v.numpy() for k, v in d.items()} for seed, d in blob.items()}
 
 
 @torch.no_grad()
