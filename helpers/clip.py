@@ -27,6 +27,7 @@ L2-normalised ``[n, d]``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -121,15 +122,10 @@ class MiniLMText:
         return torch.stack([self._cache[t] for t in texts])
 
 
-_TEXT_TOWER: MiniLMText | None = None
-
-
+@functools.cache
 def text_tower() -> MiniLMText:
     """The process-wide frozen MiniLM text tower (one copy, one cache)."""
-    global _TEXT_TOWER
-    if _TEXT_TOWER is None:
-        _TEXT_TOWER = MiniLMText()
-    return _TEXT_TOWER
+    return MiniLMText()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,15 +418,10 @@ class ImageNetFeatures:
                 self(images)
 
 
-_IMAGE_TOWER: ImageNetFeatures | None = None
-
-
+@functools.cache
 def imagenet_tower() -> ImageNetFeatures:
     """The process-wide frozen EfficientNet-Lite0 feature extractor (one copy, one cache)."""
-    global _IMAGE_TOWER
-    if _IMAGE_TOWER is None:
-        _IMAGE_TOWER = ImageNetFeatures()
-    return _IMAGE_TOWER
+    return ImageNetFeatures()
 
 
 class _LockedTower(nn.Module):

@@ -1285,3 +1285,36 @@ def wise_ft_sweep(initial: clip.FashionClip, seed: int, *, alphas: Sequence[floa
         target.write_text(json.dumps(out))
 
     return json.loads(common.cached_file(path, build, committed=True).read_text())
+
+
+def pseudo_label_start(seed: int = 0, *, n: int = 200, n_train: int = 2000, n_test: int = 400) -> dict[str, dict]:
+    """Self-training's raw material at the start of the stream: for each task of seed ``seed``'s stream (chapter
+    order), the share of its first ``n`` unlabelled training images that the LiT model (before any training)
+    classifies with confidence at least :data:`PSEUDO_THRESHOLD`, and how often those guesses are right.
+    Committed JSON (the locked tower's features would otherwise be computed on every run).
+
+    Returns:
+        ``{task name: {"passed": fraction, "right": fraction of the passed (None if none passed), "n": n}}``.
+    """
+    if not 1 <= n <= n_train - FEW_LABELS:
+        raise ValueError(f"n must be in [1, {n_train - FEW_LABELS}] (the unlabelled images of a task), got {n}")
+    initial = clip.pretrained_lit(progress=False)
+    key = {"code": 1, "seed": seed, "n": n, "n_train": n_train, "n_test": n_test, "few": FEW_LABELS,
+           "threshold": PSEUDO_THRESHOLD, "initial": _initial_key(initial)}
+    path = common.cache_dir("results", "ch12") / f"pseudo-start-s{seed}-{common.content_hash(key, length=12)}.json"
+
+    def build(target: Path) -> None:
+        tasks = data.make_stream(data.DOMAINS, n_train=n_train, n_test=n_test, seed=seed)
+        model, out = ContinualClip(initial), {}
+        clip.imagenet_tower().precompute(*[few_labels(t)[1][:n] for t in tasks])
+        with torch.no_grad():
+            for task in tasks:
+                _, unlabelled = few_labels(task)
+                hidden = task.y_train[FEW_LABELS:][:n]
+                confidence, guess = model.logits(unlabelled[:n], task).softmax(-1).max(-1)
+                keep = confidence >= PSEUDO_THRESHOLD
+                right = float((guess[keep] == hidden[keep]).float().mean()) if keep.any() else None
+                out[task.name] = {"passed": float(keep.float().mean()), "right": right, "n": len(hidden)}
+        target.write_text(json.dumps(out))
+
+    return json.loads(common.cached_file(path, build, committed=True).read_text())

@@ -136,6 +136,8 @@ def test_bad_inputs_give_clear_errors():
         continual.lit_runs(0, recipe=continual.StepRecipe(), methods=("magic",))
     with pytest.raises(ValueError, match="LitRecipe"):
         clip.pretrained_lit(clip.RECIPE)
+    with pytest.raises(ValueError, match="unlabelled images"):
+        continual.pseudo_label_start(0, n=0)
     with pytest.raises(ValueError, match="alphas"):
         continual.wise_ft_sweep(clip.FashionClip(dim=8), 0, alphas=(0.5, 1.5))
 
