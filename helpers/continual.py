@@ -680,6 +680,13 @@ def few_labels(task: data.Task, n_labelled: int | None = None) -> tuple[data.Tas
     return labelled, task.x_train[n_labelled:]
 
 
+@torch.no_grad()
+def _confident(logits: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
+    """``(keep [B] bool: largest class probability >= threshold, argmax class [B])`` of ``[B, C]`` logits."""
+    confidence, target = logits.softmax(-1).max(-1)
+    return confidence >= threshold, target
+
+
 def pseudo_label_loss(student: ContinualClip, images: Tensor, task: data.Task, *,
                       threshold: float = PSEUDO_THRESHOLD) -> tuple[Tensor, float]:
     """Self-training on unlabelled images: cross-entropy to the student's own confident predictions.
@@ -693,9 +700,7 @@ def pseudo_label_loss(student: ContinualClip, images: Tensor, task: data.Task, *
         the student only.
     """
     logits = student.logits(images, task)  # [B, C]
-    with torch.no_grad():
-        confidence, target = logits.softmax(-1).max(-1)
-        keep = confidence >= threshold
+    keep, target = _confident(logits, threshold)
     if not keep.any():
         return logits.sum() * 0, 0.0
     return F.cross_entropy(logits[keep], target[keep], reduction="sum") / len(images), float(keep.float().mean())
@@ -781,6 +786,13 @@ METHODS: dict[str, Callable[..., ContinualClip]] = {
 
 "WiSE-FT" and "ZSCL" are the book's ablations (blend with ``θ_0`` at ``recipe.alpha``; distillation
 only, ``T = 1``); "WiSE-FT (paper)" and "ZSCL (paper)" use ZSCL's reference settings (:data:`PAPER_SETTINGS`)."""
+
+# Whole model copies a method keeps besides the model it trains: WiSE-FT's anchor, LwF's and ZSCL's teacher;
+# the paper's ZSCL also keeps the L2 anchor and the running average of its weight ensembling.
+for _fn in (wise_ft_method, lwf, zscl, wise_ft_paper):
+    _fn.model_copies = 1
+for _fn in (zscl_paper, zscl_paper_off_domain, zscl_paper_few, zscl_paper_self_training_few):
+    _fn.model_copies = 3
 
 MORE_METHODS: dict[str, Callable[..., ContinualClip]] = {
     "ZSCL (paper, off-domain)": zscl_paper_off_domain,
@@ -958,7 +970,8 @@ def run_stream(method: str | Callable[..., ContinualClip], initial: clip.Fashion
         (training only, wall and process CPU time, one torch thread; CPU time is robust to other jobs
         on the machine), ``"wall_seconds"`` (training and evaluation), and the memory accounting
         ``"trained_params"``, ``"stored_params"`` (extra model copies, heads, contexts)
-        and ``"stored_images"`` (buffer or reference set). With ``extra_tasks`` (sets never trained on),
+        and ``"stored_images"`` (buffer or reference set); a method's ``model_copies`` attribute says how many
+        whole models it keeps. With ``extra_tasks`` (sets never trained on),
         ``"extra"`` holds ``{name: [T + 1] accuracies}``.
     """
     if isinstance(method, str) and method not in ALL_METHODS:
@@ -996,10 +1009,7 @@ def run_stream(method: str | Callable[..., ContinualClip], initial: clip.Fashion
     prompt_params = sum(n_parameters(c) for c in contexts)
     trained = {"zero-shot": 0, "linear probe": sum(h.numel() for h in model.heads.values()),
                **dict.fromkeys(PROMPT_METHODS, prompt_params)}.get(name, tower)
-    # ZSCL (paper) and its variants store a teacher, the L2 anchor and the running average
-    stored = {"WiSE-FT": tower, "LwF": tower, "ZSCL": tower, "WiSE-FT (paper)": tower, "ZSCL (paper)": 3 * tower,
-              "ZSCL (paper, off-domain)": 3 * tower, "ZSCL (paper, few labels)": 3 * tower,
-              "ZSCL (paper) + self-training (few labels)": 3 * tower}.get(name, 0)
+    stored = getattr(fn, "model_copies", 0) * tower
     stored += sum(h.numel() for h in model.heads.values())
     stored += prompt_params
     images = len(state.buffer) if state.buffer is not None else 0
@@ -1088,6 +1098,14 @@ def seed_runs(initial: clip.FashionClip, seed: int, *, methods: Sequence[str] = 
     return json.loads(common.cached_file(path, build, committed=True).read_text())
 
 
+def _validation_split(task: data.Task, n_val: int) -> data.Task:
+    """The task with its last ``n_val`` training images as the "test" split (validation) and the rest to fit."""
+    if len(task.x_train) <= n_val:
+        raise ValueError(f"task {task.name!r} has {len(task.x_train)} training images, need > {n_val}")
+    return data.Task(task.name, task.class_names, task.templates, task.x_train[:-n_val], task.y_train[:-n_val],
+                     task.x_train[-n_val:], task.y_train[-n_val:])
+
+
 def _learning_curve(initial: clip.FashionClip, fit: data.Task, state: State, *, steps: int, every: int) -> dict:
     """One task's fine-tuning curve on ``fit``'s test split (the validation part), and the linear probe's accuracy."""
     start = ContinualClip(copy.deepcopy(initial)).eval().requires_grad_(False)
@@ -1135,10 +1153,7 @@ def learning_curves(initial: clip.FashionClip, seed: int, *, steps: int = 200, e
         out = {}
         with common.torch_threads(1):
             for k, task in enumerate(data.make_stream(domains, n_train=n_train, n_test=n_test, seed=seed)):
-                if len(task.x_train) <= n_val:
-                    raise ValueError(f"task {task.name!r} has {len(task.x_train)} training images, need > {n_val}")
-                fit = data.Task(task.name, task.class_names, task.templates, task.x_train[:-n_val],
-                                task.y_train[:-n_val], task.x_train[-n_val:], task.y_train[-n_val:])
+                fit = _validation_split(task, n_val)
                 common.set_seed(seed)
                 state = State(initial=ContinualClip(initial), recipe=recipe, step=k)
                 out[task.name] = _learning_curve(initial, fit, state, steps=steps, every=every)
@@ -1205,14 +1220,13 @@ def lit_curves(seed: int = 0, *, n_val: int = 400, recipe: StepRecipe = StepReci
 
     def build(target: Path) -> None:
         tasks = data.make_stream(data.DOMAINS, n_train=n_train, n_test=n_test, seed=seed)
-        _lit_features(tasks)
+        clip.imagenet_tower().precompute(*[t.x_train for t in tasks])  # the curves never touch the test images
         out = {}
         with common.torch_threads(1):
             for lr in LIT_GRID["lr"]:
                 out[str(lr)] = {}
                 for k, task in enumerate(tasks):
-                    fit = data.Task(task.name, task.class_names, task.templates, task.x_train[:-n_val],
-                                    task.y_train[:-n_val], task.x_train[-n_val:], task.y_train[-n_val:])
+                    fit = _validation_split(task, n_val)
                     common.set_seed(seed)
                     state = State(initial=ContinualClip(initial), recipe=dataclasses.replace(recipe, lr=lr), step=k)
                     out[str(lr)][task.name] = _learning_curve(initial, fit, state, steps=LIT_GRID["steps"],
@@ -1248,8 +1262,10 @@ def lit_runs(seed: int, order: Sequence[str] = data.DOMAINS, *, recipe: StepReci
     def build(target: Path) -> None:
         tasks = data.make_stream(order, n_train=n_train, n_test=n_test, seed=seed)
         retention, other = data.retention_set(), data.held_out_domain(held_out)
-        _lit_features(tasks, retention.x_test, other.x_test, data.reference_images(recipe.n_reference, seed=seed),
-                      data.photo_patches(recipe.n_reference, seed=seed))
+        references = [data.reference_images(recipe.n_reference, seed=seed),
+                      data.photo_patches(recipe.n_reference, seed=seed)]
+        distils = any(hasattr(ALL_METHODS[m], "prepare") for m in methods)  # ZSCL's reference sets
+        _lit_features(tasks, retention.x_test, other.x_test, *(references if distils else []))
         out = {m: run_stream(m, initial, tasks, retention, recipe=recipe, progress=progress, extra_tasks=[other])[0]
                for m in methods}
         target.write_text(json.dumps(out))
@@ -1311,8 +1327,7 @@ def pseudo_label_start(seed: int = 0, *, n: int = 200, n_train: int = 2000, n_te
             for task in tasks:
                 _, unlabelled = few_labels(task)
                 hidden = task.y_train[FEW_LABELS:][:n]
-                confidence, guess = model.logits(unlabelled[:n], task).softmax(-1).max(-1)
-                keep = confidence >= PSEUDO_THRESHOLD
+                keep, guess = _confident(model.logits(unlabelled[:n], task), PSEUDO_THRESHOLD)
                 right = float((guess[keep] == hidden[keep]).float().mean()) if keep.any() else None
                 out[task.name] = {"passed": float(keep.float().mean()), "right": right, "n": len(hidden)}
         target.write_text(json.dumps(out))

@@ -828,7 +828,7 @@ def _retrained(runs: dict, *, transcoder: bool, log=print) -> dict:
     ``{key: {"minilm" | "smollm2" | "transcoder": {"fvu", "l0", "dead", "dense"} (+ "loss")}}``."""
     from helpers.assets import smollm2
 
-    chosen = {name: int(load_artefact(name)["chosen"]["topk"].split("-")[1]) for name in ("minilm", "smollm2")}
+    k_smollm2 = int(load_artefact("smollm2")["chosen"]["topk"].split("-")[1])
     saes, x, keep = _minilm_saes(runs, log=log)
     out = {key: {"minilm": _seed_metrics(sae, x[keep["test"]])} for key, sae in saes.items()}
     del x, saes
@@ -845,7 +845,7 @@ def _retrained(runs: dict, *, transcoder: bool, log=print) -> dict:
     test_w = windows[split_of(len(windows)) == "test"][: r["loss_windows"]]
     for key, (seed, epochs) in runs.items():
         log(f"SmolLM2, seed {seed}, {epochs or r['epochs']} passes")
-        sae, _ = train_sae(x_tr, d_sae=r["d_sae"], kind="topk", k=chosen["smollm2"], epochs=epochs or r["epochs"],
+        sae, _ = train_sae(x_tr, d_sae=r["d_sae"], kind="topk", k=k_smollm2, epochs=epochs or r["epochs"],
                            batch_size=RECIPE["batch_size"], lr=RECIPE["lr"], seed=seed)
         sae = load_dictionary(_state(sae))
         out[key]["smollm2"] = _seed_metrics(sae, x[keep["test"]]) | {"loss": next_token_loss(
@@ -1005,6 +1005,14 @@ def wikipedia_sae(encoder: nn.Module, tokenizer, *, k: int, n_sentences: int = 4
                  "l0": float(e["l0"].mean())}
 
 
+def _probe_on_codes(encoder: nn.Module, tokenizer, batches: Sequence[dict], sae: SparseAutoencoder | None, labels,
+                    folds, recipe: dict) -> dict[str, Tensor]:
+    """:func:`fold_probe` on the passages' pooled codes of ``sae`` (``None``: the activation), as tensors to save."""
+    X = pooled_codes(encoder, batches, site=recipe["site"], special_ids=tokenizer.all_special_ids, sae=sae)
+    probe = fold_probe(X, np.asarray(labels), np.asarray(folds), Cs=recipe["Cs"])
+    return {k: torch.from_numpy(v) for k, v in probe.items()}
+
+
 def austen_fold_study(encoder: nn.Module, tokenizer, sae: SparseAutoencoder, texts: Sequence[str], labels,
                       folds, *, recipe: dict) -> dict:
     """Chapter 6c's classifier on Chapter 3's chapter folds (committed): :func:`fold_probe` on the passages'
@@ -1018,11 +1026,8 @@ def austen_fold_study(encoder: nn.Module, tokenizer, sae: SparseAutoencoder, tex
     def build(path: Path) -> None:
         batches = batches_of(tokenizer, list(texts), batch_size=128, max_length=recipe["max_length"])
         wiki, summary = wikipedia_sae(encoder, tokenizer, k=sae.k)
-        out = {}
-        for name, code in (("book", sae), ("wikipedia", wiki), ("dense", None)):
-            X = pooled_codes(encoder, batches, site=recipe["site"], special_ids=tokenizer.all_special_ids, sae=code)
-            out[name] = {k: torch.from_numpy(v) for k, v in fold_probe(X, np.asarray(labels), np.asarray(folds),
-                                                                        Cs=recipe["Cs"]).items()}
+        out = {name: _probe_on_codes(encoder, tokenizer, batches, code, labels, folds, recipe)
+               for name, code in (("book", sae), ("wikipedia", wiki), ("dense", None))}
         torch.save(out | {"wikipedia_sae": _state(wiki), "wikipedia_summary": summary}, path)
 
     blob = torch.load(common.cached_file(_study_path("austen-folds", recipe), build, committed=True),
@@ -1041,12 +1046,9 @@ def austen_seed_study(encoder: nn.Module, tokenizer, texts: Sequence[str], label
     """
     def build(path: Path) -> None:
         batches = batches_of(tokenizer, list(texts), batch_size=128, max_length=recipe["max_length"])
-        out = {}
         saes, _, _ = _minilm_saes({seed: (seed, None) for seed in SEED_STUDY["seeds"]}, log=log)
-        for seed, sae in saes.items():
-            X = pooled_codes(encoder, batches, site=recipe["site"], special_ids=tokenizer.all_special_ids, sae=sae)
-            out[seed] = {k: torch.from_numpy(v) for k, v in fold_probe(X, np.asarray(labels), np.asarray(folds),
-                                                                        Cs=recipe["Cs"]).items()}
+        out = {seed: _probe_on_codes(encoder, tokenizer, batches, sae, labels, folds, recipe)
+               for seed, sae in saes.items()}
         torch.save(out, path)
 
     path = _study_path("austen-seeds", _chosen_recipe({"folds": recipe, "seeds": SEED_STUDY}))
