@@ -1273,6 +1273,61 @@ def lit_runs(seed: int, order: Sequence[str] = data.DOMAINS, *, recipe: StepReci
     return json.loads(common.cached_file(path, build, committed=True).read_text())
 
 
+LIT_TUNING = {"LwF": ("distil_weight", (0.3, 1.0, 3.0)), "ZSCL (paper)": ("distil_weight", (0.3, 1.0, 3.0)),
+              "replay": ("replay_batch", (16, 32, 64))}
+"""Each method's own setting tried on the LiT setting's validation stream (:func:`lit_tuning`): the weight of
+the distillation term (LwF, ZSCL) and the replayed examples per step (replay); the middle values are the defaults."""
+
+
+def lit_tuning(seed: int = 0, *, recipe: StepRecipe, n_val: int = 400, n_train: int = 2000,
+               n_test: int = 400) -> dict[str, dict]:
+    """Each method of :data:`LIT_TUNING` on the LiT setting's *validation stream*, once per value of its setting.
+
+    The validation stream is seed ``seed``'s stream (chapter order) with each task's last ``n_val`` training
+    images as its test split (:func:`_validation_split`, as :func:`lit_curves`); the tasks' test images, the
+    retention set and the held-out domain are not touched. ``recipe`` is the one chosen on :func:`lit_curves`.
+    Committed JSON.
+
+    Returns:
+        ``{method: {str(value): {"avg", "last", "transfer"} on the validation stream}}`` (:func:`stream_metrics`).
+    """
+    initial = clip.pretrained_lit(progress=False)
+    recipe = dataclasses.replace(recipe, seed=int(seed))
+    key = {"code": 1, "grid": {m: [f, list(v)] for m, (f, v) in LIT_TUNING.items()}, "n_val": n_val,
+           "recipe": dataclasses.asdict(recipe), "n_train": n_train, "n_test": n_test, "initial": _initial_key(initial),
+           "retention": data.ZERO_SHOT_SIZE}
+    path = common.cache_dir("results", "ch12") / f"lit-tuning-s{seed}-{common.content_hash(key, length=12)}.json"
+
+    def build(target: Path) -> None:
+        tasks = [_validation_split(t, n_val) for t in data.make_stream(data.DOMAINS, n_train=n_train, n_test=n_test,
+                                                                        seed=seed)]
+        references = [data.reference_images(recipe.n_reference, seed=seed)]
+        _lit_features(tasks, *references)
+        retention = data.retention_set(200)                 # run_stream needs one; never read here
+        out = {}
+        for method, (field, values) in LIT_TUNING.items():
+            out[method] = {}
+            for v in values:
+                result, _ = run_stream(method, initial, tasks, retention,
+                                       recipe=dataclasses.replace(recipe, **{field: v}))
+                m = stream_metrics(np.asarray(result["matrix"])[1:])          # rows after each step
+                out[method][str(v)] = {k: m[k] for k in ("avg", "last", "transfer")}
+        target.write_text(json.dumps(out))
+
+    return json.loads(common.cached_file(path, build, committed=True).read_text())
+
+
+def lit_tuned(tuning: dict[str, dict], recipe: StepRecipe) -> dict[str, StepRecipe]:
+    """Each tuned method's recipe: the value of its :data:`LIT_TUNING` setting with the best validation-stream Avg
+    (ties: the default, then the smaller value)."""
+    out = {}
+    for method, (field, values) in LIT_TUNING.items():
+        default = getattr(StepRecipe(), field)
+        best = max(values, key=lambda v: (tuning[method][str(v)]["avg"], v == default, -v))
+        out[method] = dataclasses.replace(recipe, **{field: best})
+    return out
+
+
 def wise_ft_sweep(initial: clip.FashionClip, seed: int, *, alphas: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
                   recipe: StepRecipe = StepRecipe(), n_train: int = 2000, n_test: int = 400) -> dict[str, dict]:
     """WiSE-FT's coefficient swept after the stream: the pretrained model blended with seed ``seed``'s final

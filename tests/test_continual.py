@@ -360,3 +360,14 @@ def test_per_task_context_is_used_for_its_task_only():
     other = _tiny_task("c")
     assert torch.allclose(out.class_embeddings(other), model.class_embeddings(other))  # unseen task: prompts
     assert not torch.allclose(out.class_embeddings(first), model.class_embeddings(first))
+
+
+def test_lit_tuned_picks_the_best_validation_avg_and_the_default_on_ties():
+    recipe = continual.StepRecipe(lr=0.003, steps=275)
+    tuning = {m: {str(v): {"avg": 0.5, "last": 0.5, "transfer": 0.5} for v in values}
+              for m, (_, values) in continual.LIT_TUNING.items()}
+    tuning["LwF"]["3.0"]["avg"] = 0.6                                      # one clear winner
+    tuned = continual.lit_tuned(tuning, recipe)
+    assert tuned["LwF"].distil_weight == 3.0 and tuned["LwF"].lr == 0.003 and tuned["LwF"].steps == 275
+    assert tuned["ZSCL (paper)"].distil_weight == continual.StepRecipe().distil_weight      # a tie: the default
+    assert tuned["replay"].replay_batch == continual.StepRecipe().replay_batch
