@@ -2,6 +2,7 @@
 the LwF and ZSCL losses, weight ensembling and the paper's WiSE-FT."""
 
 import copy
+import dataclasses
 import math
 
 import numpy as np
@@ -371,3 +372,16 @@ def test_lit_tuned_picks_the_best_validation_avg_and_the_default_on_ties():
     assert tuned["LwF"].distil_weight == 3.0 and tuned["LwF"].lr == 0.003 and tuned["LwF"].steps == 275
     assert tuned["ZSCL (paper)"].distil_weight == continual.StepRecipe().distil_weight      # a tie: the default
     assert tuned["replay"].replay_batch == continual.StepRecipe().replay_batch
+
+
+def test_the_committed_tuning_study_loads_without_training(monkeypatch):
+    def no_training(*args, **kwargs):
+        raise AssertionError("the committed tuning study should load, not run the stream")
+
+    monkeypatch.setattr(continual, "run_stream", no_training)
+    lr, steps, _ = continual.lit_choice(continual.lit_curves(0))
+    recipe = dataclasses.replace(continual.StepRecipe(), lr=lr, steps=steps)
+    tuning = continual.lit_tuning(0, recipe=recipe)
+    assert {m: sorted(map(float, v)) for m, v in tuning.items()} == {
+        m: sorted(map(float, values)) for m, (_, values) in continual.LIT_TUNING.items()}
+    assert all(0 <= r[k] <= 1 for v in tuning.values() for r in v.values() for k in ("avg", "last", "transfer"))
