@@ -6,7 +6,8 @@ Tamaazousti, Le Borgne & Hudelot (CVPR 2017) train a *specialist* network on fin
 problems than either. This module holds the chapter's reusable parts:
 
 - the source problem: Fashion-MNIST at two granularities (:data:`COARSE_GROUPS`), with some fine
-  classes (:data:`HELD_OUT`) kept out of source training so that they can serve as a target;
+  classes (:data:`HELD_OUT`) kept out of source training so that they can serve as a target, and a third,
+  finer one: appearance clusters within each class (:func:`finer_labels`);
 - :class:`SourceNet`, the book's ViT trunk with one or two classification heads, trained by a
   fixed-seed :class:`SourceRecipe` that also holds the coarse grouping (:data:`RECIPES`: specialist,
   generalist, multi-task, budget controls and seed replicates, :data:`SEED_REPLICATES`); weights are
@@ -25,6 +26,7 @@ Tensors: images are ``[batch, 1, 28, 28]`` normalised as in :mod:`helpers.data`;
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -164,7 +166,7 @@ def hypernym_paths(synsets: Mapping[str, str] = WORDNET_SYNSETS) -> dict[str, st
 # Source networks
 # ---------------------------------------------------------------------------------------------
 
-TASKS = ("fine", "coarse")
+TASKS = ("fine", "coarse", "finer")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,15 +174,16 @@ class SourceRecipe(zoo.Recipe):
     """Everything that determines a source network; its content hash names the weights file.
 
     ``tasks`` picks the heads: ``("fine",)`` a specialist, ``("coarse",)`` a generalist, both a
-    multi-task network (losses summed). All recipes share the book's ViT trunk (chapter 8) and the
-    optimiser of :class:`helpers.vision.Recipe`. ``coarse_groups`` is the coarse granularity the
-    ``"coarse"`` head learns (a dict is accepted and frozen, see :func:`freeze_groups`); another
+    multi-task network (losses summed); ``("finer",)`` learns ``finer_per_class`` appearance clusters of
+    every source class (:func:`finer_labels`), a granularity finer than the classes. All recipes share the
+    book's ViT trunk (chapter 8) and the optimiser of :class:`helpers.vision.Recipe`. ``coarse_groups`` is
+    the coarse granularity the ``"coarse"`` head learns (a dict is accepted and frozen, see :func:`freeze_groups`); another
     grouping gives another :meth:`key`, hence another weights file, so a generalist of your own grouping
     never loads the chapter's committed one. The chapter's grouping (:data:`CHAPTER_GROUPS`) is left
     out of the hash, which keeps the committed files' names.
     """
 
-    LATE_FIELDS = {"coarse_groups": CHAPTER_GROUPS}  # the chapter's grouping keeps the committed files' names
+    LATE_FIELDS = {"coarse_groups": CHAPTER_GROUPS, "finer_per_class": 2}  # committed files keep their names
 
     tasks: tuple[str, ...] = ("fine",)
     epochs: int = 3
@@ -195,6 +198,7 @@ class SourceRecipe(zoo.Recipe):
     seed: int = 0
     version: int = 1
     coarse_groups: Grouping = CHAPTER_GROUPS
+    finer_per_class: int = 2
 
     def __post_init__(self):
         object.__setattr__(self, "coarse_groups", freeze_groups(self.coarse_groups))
@@ -203,6 +207,8 @@ class SourceRecipe(zoo.Recipe):
         class_indices(list(self.held_out))
         if self.epochs < 1 or self.n_train < 1:
             raise ValueError(f"epochs and n_train must be >= 1, got {self.epochs}, {self.n_train}")
+        if self.finer_per_class < 2:
+            raise ValueError(f"finer_per_class must be >= 2 (1 is the fine task), got {self.finer_per_class}")
 
     def coarse_mapping(self) -> tuple[list[str], list[int]]:
         """``(group names, group index of each fine label [10])`` of this recipe's grouping."""
@@ -224,19 +230,23 @@ RECIPES: dict[str, SourceRecipe] = {
     **{f"specialist_seed{k}": SourceRecipe(tasks=("fine",), seed=k) for k in (2, 3, 4, 5)},
     **{f"generalist_seed{k}": SourceRecipe(tasks=("coarse",), seed=k) for k in (1, 2)},
     **{f"multitask_seed{k}": SourceRecipe(tasks=("fine", "coarse"), seed=k) for k in (1, 2)},
+    "finer": SourceRecipe(tasks=("finer",)),
+    **{f"finer_seed{k}": SourceRecipe(tasks=("finer",), seed=k) for k in (1, 2)},
 }
 """The chapter's source networks: same trunk, data and optimiser; 3 epochs over 20,000 images of the 7
 source classes unless stated. ``specialist_long`` has the budget of specialist + generalist together
 (6 epochs), ``specialist_short`` a third of the budget; ``specialist_seed1`` is the specialist
 re-trained from another seed (the "two specialists" control of MuCaLe). The ``*_seed{k}`` recipes
 repeat S, S', G and MT over seeds: the seed-level replicates are (S, S') = seeds (0, 1), (2, 3), (4, 5)
-and G, MT = seeds 0, 1, 2 (:data:`SEED_REPLICATES`)."""
+and G, MT = seeds 0, 1, 2 (:data:`SEED_REPLICATES`). ``finer`` and ``finer_seed{k}`` learn the appearance
+clusters of :func:`finer_labels` (two per source class), seeds 0, 1, 2."""
 
 SEED_REPLICATES: dict[str, tuple[str, ...]] = {
     "S": ("specialist", "specialist_seed2", "specialist_seed4"),
     "S'": ("specialist_seed1", "specialist_seed3", "specialist_seed5"),
     "G": ("generalist", "generalist_seed1", "generalist_seed2"),
     "MT": ("multitask", "multitask_seed1", "multitask_seed2"),
+    "F": ("finer", "finer_seed1", "finer_seed2"),
 }
 """Network -> the :data:`RECIPES` names of its three seed replicates (replicate k of every network is
 used together, e.g. MuCaLe replicate k = S[k] + G[k])."""
@@ -273,7 +283,8 @@ def source_data(recipe: SourceRecipe, split: str = "train") -> tuple[Tensor, dic
             ``"test"`` (every test image of the source classes).
 
     Returns:
-        ``(images [N, 1, 28, 28], {"fine": [N] in 0..n_source-1, "coarse": [N] group index})``.
+        ``(images [N, 1, 28, 28], {"fine": [N] in 0..n_source-1, "coarse": [N] group index})``, and
+        ``"finer"`` (:func:`finer_labels`) when the recipe trains that head.
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -288,13 +299,45 @@ def source_data(recipe: SourceRecipe, split: str = "train") -> tuple[Tensor, dic
     fine = torch.full((len(CLASSES),), -1, dtype=torch.long)
     fine[torch.tensor(source)] = torch.arange(len(source))
     _, of_class = recipe.coarse_mapping()
-    return x, {"fine": fine[y], "coarse": torch.tensor(of_class)[y]}
+    labels = {"fine": fine[y], "coarse": torch.tensor(of_class)[y]}
+    if "finer" in recipe.tasks:
+        labels["finer"] = finer_labels(recipe, x, labels["fine"])
+    return x, labels
+
+
+@functools.cache
+def finer_centroids(recipe: SourceRecipe) -> Tensor:
+    """``[n_source, finer_per_class, 784]`` pixel centroids of each source class's appearance clusters.
+
+    k-means (scikit-learn, 10 initialisations, seed 0) on the pixels of the recipe's training images of each
+    class; within a class the clusters are ordered by mean brightness (darkest first), so that label
+    ``finer_per_class * c + j`` means the same on every machine.
+    """
+    from sklearn.cluster import KMeans
+
+    x, y = source_data(dataclasses.replace(recipe, tasks=("fine",)), "train")
+    flat = x.flatten(1).double().numpy()
+    out = []
+    for c in range(len(recipe.source_classes())):
+        km = KMeans(recipe.finer_per_class, n_init=10, random_state=0).fit(flat[y["fine"].numpy() == c])
+        centres = km.cluster_centers_[np.argsort(km.cluster_centers_.mean(1))]
+        out.append(torch.from_numpy(centres))
+    return torch.stack(out)
+
+
+def finer_labels(recipe: SourceRecipe, x: Tensor, fine: Tensor) -> Tensor:
+    """``[N]`` finer label of each image: its source class's nearest appearance centroid
+    (:func:`finer_centroids`), ``finer_per_class * fine + cluster``."""
+    centres = finer_centroids(recipe)                                       # [class, k, 784]
+    d = torch.cdist(x.flatten(1).double().unsqueeze(1), centres[fine]).squeeze(1)   # [N, k]
+    return fine * recipe.finer_per_class + d.argmin(1)
 
 
 def build_source_net(recipe: SourceRecipe) -> SourceNet:
     """An untrained :class:`SourceNet` for ``recipe``, initialised from its seed."""
     common.set_seed(recipe.seed)
-    n = {"fine": len(recipe.source_classes()), "coarse": len(recipe.coarse_groups)}
+    n = {"fine": len(recipe.source_classes()), "coarse": len(recipe.coarse_groups),
+         "finer": len(recipe.source_classes()) * recipe.finer_per_class}
     return SourceNet({t: n[t] for t in recipe.tasks}, width=recipe.width, depth=recipe.depth)
 
 

@@ -338,3 +338,17 @@ def test_committed_chapter_results_are_verified():
     assert {f.name.split("-")[0] for f in files} >= {"probe_C", "seeds"}, "run nbs/13 to rebuild, then commit"
     for f in files:
         assert common.verified(f), f"{f.name} does not match its .sha256 sidecar"
+
+
+def test_finer_labels_split_each_source_class_into_its_clusters():
+    recipe = transfer.RECIPES["finer"]
+    x, labels = transfer.source_data(recipe, "test")
+    k = recipe.finer_per_class
+    assert torch.equal(labels["finer"] // k, labels["fine"])                      # a cluster of its own class
+    assert set(labels["finer"].tolist()) == set(range(len(recipe.source_classes()) * k))
+    centres = transfer.finer_centroids(recipe)                                   # darker cluster first
+    assert bool((centres.mean(-1)[:, :-1] <= centres.mean(-1)[:, 1:]).all())
+    assert transfer.RECIPES["specialist"].key() == transfer.SourceRecipe().key()  # the new field keeps old names
+    with pytest.raises(ValueError, match="finer_per_class"):
+        transfer.SourceRecipe(tasks=("finer",), finer_per_class=1)
+    assert "finer" not in transfer.source_data(transfer.RECIPES["specialist"], "test")[1]
