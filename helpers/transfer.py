@@ -177,10 +177,10 @@ class SourceRecipe(zoo.Recipe):
     multi-task network (losses summed); ``("finer",)`` learns ``finer_per_class`` appearance clusters of
     every source class (:func:`finer_labels`), a granularity finer than the classes. All recipes share the
     book's ViT trunk (chapter 8) and the optimiser of :class:`helpers.vision.Recipe`. ``coarse_groups`` is
-    the coarse granularity the ``"coarse"`` head learns (a dict is accepted and frozen, see :func:`freeze_groups`); another
-    grouping gives another :meth:`key`, hence another weights file, so a generalist of your own grouping
-    never loads the chapter's committed one. The chapter's grouping (:data:`CHAPTER_GROUPS`) is left
-    out of the hash, which keeps the committed files' names.
+    the coarse granularity the ``"coarse"`` head learns (a dict is accepted and frozen, see
+    :func:`freeze_groups`); another grouping gives another :meth:`key`, hence another weights file, so a
+    generalist of your own grouping never loads the chapter's committed one. The chapter's grouping
+    (:data:`CHAPTER_GROUPS`) is left out of the hash, which keeps the committed files' names.
     """
 
     LATE_FIELDS = {"coarse_groups": CHAPTER_GROUPS, "finer_per_class": 2}  # committed files keep their names
