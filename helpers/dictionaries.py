@@ -482,17 +482,19 @@ def word_index_of_tokens(tokenizer, batches: Sequence[dict], vocab: dict[str, in
 # ---------------------------------------------------------------------------------------------
 
 RECIPE = {
-    "minilm": {"site": "blocks.2.hook_resid_post", "n_wiki": 2500, "n_austen": 1500, "max_length": 64,
-               "d_sae": 1536, "ks": [16, 32, 64], "l1s": [1.0, 2.0, 4.0], "epochs": 1, "max_train": 60000},
-    "smollm2": {"layer": 14, "n_wiki": 260, "n_austen": 140, "length": 128,
-                "d_sae": 2304, "ks": [16, 32, 64], "l1s": [1.0, 2.0, 4.0], "epochs": 1, "max_train": 40000,
+    "minilm": {"site": "blocks.2.hook_resid_post", "n_wiki": None, "n_austen": 10000, "max_length": 64,
+               "d_sae": 1536, "ks": [16, 32, 64], "l1s": [1.0, 2.0, 4.0], "epochs": 1, "max_train": 500000},
+    "smollm2": {"layer": 14, "n_wiki": 2600, "n_austen": 1400, "length": 128,
+                "d_sae": 2304, "ks": [16, 32, 64], "l1s": [1.0, 2.0, 4.0], "epochs": 1, "max_train": 390000,
                 "transcoder": {"d_sae": 1536, "k": 32}, "loss_windows": 24, "first": 4},
     "batch_size": 512, "lr": 2e-3,
     "split": {"test": 0, "validation": 1, "modulo": 10},
-    "select_fvu": 0.3, "version": 1,
+    "select_fvu": 0.3, "version": 2,
 }
-"""The scaled-down recipe: corpora sizes, sites, dictionary widths, the sparsity sweep, the split rule
-(unit ``i`` is test when ``i % 10 == 0``, validation when ``i % 10 == 1``, training otherwise)."""
+"""The recipe of the committed artefacts: corpora sizes (``n_wiki=None``: every Wikipedia sentence), sites,
+dictionary widths, the sparsity sweep, training tokens, the split rule (unit ``i`` is test when ``i % 10 == 0``,
+validation when ``i % 10 == 1``, training otherwise). The corpora hold about 1.3 M MiniLM tokens and 1.6 M
+SmolLM2 tokens; the recipe trains on 500,000 and 390,000 of them."""
 
 _SENT = re.compile(r"(?<=[.!?])\s+")
 
@@ -512,7 +514,8 @@ def minilm_sentences() -> list[str]:
 
     r = RECIPE["minilm"]
     wiki = wikipedia_sentences()
-    wiki = [wiki[i] for i in np.linspace(0, len(wiki) - 1, r["n_wiki"]).astype(int)]
+    if r["n_wiki"] is not None:
+        wiki = [wiki[i] for i in np.linspace(0, len(wiki) - 1, r["n_wiki"]).astype(int)]
     return wiki + austen_sentences(r["n_austen"])
 
 
@@ -585,8 +588,10 @@ def top_contexts(model: SparseAutoencoder, x: Tensor, *, k: int = 8, chunk: int 
 
 
 def _draw(x: Tensor, n: int) -> Tensor:
-    """The recipe's fixed draw of at most ``n`` rows of ``x`` (one permutation seeded 0): training subsets."""
-    return x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:n]]
+    """The recipe's fixed draw of ``n`` rows of ``x`` (a permutation seeded 0): training subsets. When ``x`` has
+    fewer rows, whole further permutations (seeded 1, 2, ...) follow, cut at ``n``: every row once before any twice."""
+    perms = [torch.randperm(len(x), generator=torch.Generator().manual_seed(i)) for i in range(max(1, -(-n // len(x))))]
+    return x[torch.cat(perms)[:n]]
 
 
 def _sweep(x_tr, x_va, x_te, r, log):
@@ -883,7 +888,7 @@ def seed_study(*, log=print) -> dict:
     return torch.load(common.cached_file(path, build, committed=True), weights_only=True)
 
 
-EPOCH_STUDY = {"epochs": [2, 4, 8], "v": 1}
+EPOCH_STUDY = {"epochs": [2, 4], "v": 1}
 """Passes over the same training tokens in :func:`epoch_study` (the committed dictionaries made one)."""
 
 
@@ -978,30 +983,30 @@ def cv_probe(X: np.ndarray, y: np.ndarray, folds: Sequence[tuple[np.ndarray, np.
     return correct, np.asarray(chosen)
 
 
-def wikipedia_sae(encoder: nn.Module, tokenizer, *, k: int, n_sentences: int = 4000, log=print) -> tuple[
-        SparseAutoencoder, dict]:
+def wikipedia_sae(encoder: nn.Module, tokenizer, *, k: int, log=print) -> tuple[SparseAutoencoder, dict]:
     """A MiniLM TopK SAE of the recipe trained on Wikipedia sentences only (no Austen): ``(sae, test summary)``.
 
-    Same site, width, step count, batch, learning rate and seed as the committed sweep; ``n_sentences`` evenly
-    spaced Wikipedia sentences, split by :func:`split_of`; FVU and L0 on its own test tokens.
+    Same site, width, batch, learning rate, seed and number of training samples (``max_train``) as the committed
+    sweep: the training tokens of every Wikipedia sentence (split by :func:`split_of`, the same sentences the book
+    corpus uses for training), repeated where there are fewer than ``max_train``; FVU and L0 on its own test tokens.
     """
     from helpers.assets import wikipedia_sentences
 
     r = RECIPE["minilm"]
-    pool = wikipedia_sentences()
-    texts = [pool[i] for i in np.linspace(0, len(pool) - 1, n_sentences).astype(int)]
+    texts = wikipedia_sentences()
     h = harvest(encoder, batches_of(tokenizer, texts, batch_size=128, max_length=r["max_length"]), site=r["site"])
     keep = ~torch.isin(h["input_ids"], torch.tensor(tokenizer.all_special_ids))
     units = split_of(len(texts))[h["seq"].numpy()]
     x_tr, x_te = h[r["site"]][keep & torch.from_numpy(units == "train")], h[r["site"]][keep & torch.from_numpy(
         units == "test")]
+    n_tokens = len(x_tr)
     x_tr = _draw(x_tr, r["max_train"])
-    log(f"Wikipedia-only SAE: {len(x_tr):,} training tokens")
+    log(f"Wikipedia-only SAE: {n_tokens:,} training tokens, {len(x_tr):,} samples")
     sae, _ = train_sae(x_tr, d_sae=r["d_sae"], kind="topk", k=k, epochs=r["epochs"], batch_size=RECIPE["batch_size"],
                        lr=RECIPE["lr"], seed=0)
     sae = load_dictionary(_state(sae))
     e = _evaluate(sae, x_te)
-    return sae, {"n_train": len(x_tr), "n_test": e["n"], "fvu": float(e["fvu_tok"].mean()),
+    return sae, {"n_train": n_tokens, "n_samples": len(x_tr), "n_test": e["n"], "fvu": float(e["fvu_tok"].mean()),
                  "l0": float(e["l0"].mean())}
 
 
@@ -1039,21 +1044,24 @@ def austen_fold_study(encoder: nn.Module, tokenizer, sae: SparseAutoencoder, tex
 def austen_seed_study(encoder: nn.Module, tokenizer, texts: Sequence[str], labels, folds, *, recipe: dict,
                       log=print) -> dict[int, dict]:
     """:func:`austen_fold_study`'s classifier on the codes of the MiniLM SAE retrained under each seed of
-    :data:`SEED_STUDY` (committed): how much the classifier moves with the dictionary's seed.
+    :data:`SEED_STUDY` (committed, with the SAEs themselves so that other tests can read them): how much the
+    classifier moves with the dictionary's seed.
 
     Returns:
-        ``{seed: fold_probe(...)}`` (numpy), ``recipe`` as for :func:`austen_fold_study`.
+        ``{seed: fold_probe(...) | {"sae": SparseAutoencoder}}`` (numpy), ``recipe`` as for
+        :func:`austen_fold_study`.
     """
     def build(path: Path) -> None:
         batches = batches_of(tokenizer, list(texts), batch_size=128, max_length=recipe["max_length"])
         saes, _, _ = _minilm_saes({seed: (seed, None) for seed in SEED_STUDY["seeds"]}, log=log)
-        out = {seed: _probe_on_codes(encoder, tokenizer, batches, sae, labels, folds, recipe)
+        out = {seed: _probe_on_codes(encoder, tokenizer, batches, sae, labels, folds, recipe) | {"sae": _state(sae)}
                for seed, sae in saes.items()}
         torch.save(out, path)
 
     path = _study_path("austen-seeds", _chosen_recipe({"folds": recipe, "seeds": SEED_STUDY}))
     blob = torch.load(common.cached_file(path, build, committed=True), weights_only=True)
-    return {int(seed): {k: v.numpy() for k, v in d.items()} for seed, d in blob.items()}
+    return {int(seed): {k: load_dictionary(v) if k == "sae" else v.numpy() for k, v in d.items()}
+            for seed, d in blob.items()}
 
 
 @torch.no_grad()

@@ -163,6 +163,16 @@ def test_a_short_version_of_the_recipe_sweeps_summarises_and_selects():
     assert all(v.dtype == torch.float16 for v in blob["state"].values() if v.ndim == 2)
 
 
+def test_draw_takes_every_row_once_before_any_twice():
+    x = torch.arange(10)
+    head = D._draw(x, 4)
+    assert torch.equal(head, x[torch.randperm(10, generator=torch.Generator().manual_seed(0))[:4]])
+    assert torch.equal(D._draw(x, 10).sort().values, x)                           # all rows, once each
+    long = D._draw(x, 25)
+    assert len(long) == 25 and torch.equal(long[:10].sort().values, x) and torch.equal(long[10:20].sort().values, x)
+    assert torch.equal(long[:4], head)                                           # the same first permutation
+
+
 def test_word_type_features_with_a_transform_equals_transforming_first():
     g = torch.Generator().manual_seed(0)
     x, words = torch.randn(20000, 4, generator=g), torch.randint(-1, 7, (20000,), generator=g)
