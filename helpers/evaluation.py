@@ -1344,3 +1344,103 @@ def word_rows(table: Tensor, row_of: dict[str, int], words) -> Tensor:
     if unknown:
         raise ValueError(f"words not in the table: {unknown[:10]}")
     return table[torch.as_tensor(np.vectorize(row_of.get)(words))].double()
+
+
+# ---------------------------------------------------------------------------------------------
+# ROAR: remove the pixels an explanation ranks highest, retrain, and measure what is left
+# ---------------------------------------------------------------------------------------------
+
+ROAR = {"methods": ("random", "Sobel edges", "saliency", "integrated gradients", "rollout"),
+        "fractions": (0.5, 0.9), "seeds": (0, 1, 2), "n_train": 6000, "n_test": 2000, "epochs": 5,
+        "fill": 0.0, "version": 1}
+"""Chapter 14's small ROAR: the explanations ranked (a random map and the model-free Sobel edge magnitude as
+controls), the shares of pixels removed, the retraining seeds, the Fashion-MNIST training and test images used
+(the first ``n_train`` and ``n_test``), the ViT's epochs, and the fill value (0: the training set's mean pixel,
+normalised, as ROAR's global mean)."""
+
+
+def roar_remove(images: Tensor, scores: Tensor, fraction: float, *, fill: float = 0.0) -> Tensor:
+    """``images`` with the ``fraction`` of each image's pixels that ``scores`` ranks highest set to ``fill``.
+
+    As ROAR's reference code: ``round_down(fraction * pixels)`` pixels per image, the top of the ranking
+    (ties broken by position, first pixel first).
+
+    Args:
+        images: ``[batch, 1, H, W]``; scores: ``[batch, H, W]`` finite, higher = more important.
+
+    >>> x = torch.arange(4.0).reshape(1, 1, 2, 2)
+    >>> roar_remove(x, torch.tensor([[[0.1, 0.9], [0.5, 0.2]]]), 0.5, fill=-1.0)[0, 0].tolist()
+    [[0.0, -1.0], [-1.0, 3.0]]
+    """
+    _check_image_batch(images, "images")
+    if scores.shape != (images.shape[0], *images.shape[2:]) or not torch.isfinite(scores).all():
+        raise ValueError(f"scores must be finite [batch, H, W] = {(images.shape[0], *images.shape[2:])}, got "
+                         f"{tuple(scores.shape)}")
+    _check_fraction(fraction)
+    flat = scores.reshape(len(scores), -1)
+    n = int(fraction * flat.shape[1])
+    order = torch.sort(flat, dim=1, descending=True, stable=True).indices[:, :n]    # [batch, n]
+    drop = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, order, True).reshape(scores.shape)
+    return torch.where(drop[:, None], torch.as_tensor(fill, dtype=images.dtype), images)
+
+
+def roar_maps(model: torch.nn.Module, method: str, images: Tensor, *, seed: int = 0, chunk: int = 500) -> Tensor:
+    """``[batch, 28, 28]`` ranking of ``images``' pixels by ``method`` of :data:`ROAR`, explaining the model's
+    predicted class: :func:`image_explanation` for the model's explanations, the Sobel edge magnitude of the
+    image itself (:func:`helpers.data.shift_domain`, model-free) for ``"Sobel edges"``."""
+    from helpers import data, vision, zoo
+
+    if method not in ROAR["methods"]:
+        raise ValueError(f"method must be one of {ROAR['methods']}, got {method!r}")
+    if method == "Sobel edges":
+        return data.shift_domain(images, "edges")[:, 0]
+    out = []
+    for i in range(0, len(images), chunk):
+        x = images[i:i + chunk]
+        target = zoo.predict_logits(model, x).argmax(1)
+        out.append(image_explanation(model, method, x, target, black=vision.FASHION_BLACK, seed=seed + i))
+    return torch.cat(out)
+
+
+def roar_study(model: torch.nn.Module, *, recipe: dict = ROAR, model_key: str, log=print) -> dict:
+    """ROAR (Hooker et al. 2019) on the Fashion-MNIST ViT, small: for each method and fraction of :data:`ROAR`,
+    the top pixels of every training and test image are replaced by the mean, a ViT is retrained from scratch
+    (Chapter 8's recipe, ``recipe["epochs"]`` epochs) on the modified training images and tested on the modified
+    test images, once per seed; a ViT trained on the unmodified images is the reference. A better ranking removes
+    more of what a classifier can learn: lower accuracy. Committed JSON (about 15 minutes of CPU to rebuild).
+
+    Args:
+        model: the ViT whose explanations are ranked (``model_key`` names it in the cache key).
+
+    Returns:
+        ``{"accuracy": {method: {str(fraction): [accuracy per seed]}}, "unmodified": [accuracy per seed]}``.
+    """
+    import json
+
+    from helpers import common, data, vision
+
+    key = {"recipe": recipe, "model": model_key, "code": 1}
+    path = common.cache_dir("results", "ch14") / f"roar-{common.content_hash(key, length=12)}.json"
+
+    def build(target) -> None:
+        x_tr, y_tr = (t[: recipe["n_train"]] for t in data.fashion_tensors("train"))
+        x_te, y_te = (t[: recipe["n_test"]] for t in data.fashion_tensors("test"))
+
+        def retrained(images) -> list[float]:
+            return [vision.train(vision.Recipe(arch="vit", epochs=recipe["epochs"], seed=s), progress=False,
+                                 images=images)[1]["test_accuracy"][-1] for s in recipe["seeds"]]
+
+        out = {"accuracy": {}, "unmodified": retrained((x_tr, y_tr, x_te, y_te))}
+        log(f"unmodified: {out['unmodified']}")
+        for method in recipe["methods"]:
+            with common.torch_threads(common.free_cores()):
+                m_tr, m_te = roar_maps(model, method, x_tr), roar_maps(model, method, x_te, seed=len(x_tr))
+            out["accuracy"][method] = {}
+            for f in recipe["fractions"]:
+                images = (roar_remove(x_tr, m_tr, f, fill=recipe["fill"]), y_tr,
+                          roar_remove(x_te, m_te, f, fill=recipe["fill"]), y_te)
+                out["accuracy"][method][str(f)] = retrained(images)
+                log(f"{method}, {f:.0%} removed: {out['accuracy'][method][str(f)]}")
+        target.write_text(json.dumps(out))
+
+    return json.loads(common.cached_file(path, build, committed=True).read_text())

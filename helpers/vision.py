@@ -81,12 +81,15 @@ def accuracy(model: nn.Module, images: Tensor, labels: Tensor) -> float:
     return float((predict_logits(model, images).argmax(1) == labels).float().mean())
 
 
-def train(recipe: Recipe, *, progress: bool = True) -> tuple[nn.Module, dict]:
+def train(recipe: Recipe, *, progress: bool = True,
+          images: tuple[Tensor, Tensor, Tensor, Tensor] | None = None) -> tuple[nn.Module, dict]:
     """Train a model by ``recipe`` on the Fashion-MNIST training set (AdamW, warm-up + cosine).
 
     Args:
         recipe: architecture and optimisation settings; the seed fixes initialisation and batch order.
         progress: show a tqdm bar over epochs.
+        images: ``(x_train, y_train, x_test, y_test)`` to train and test on instead of Fashion-MNIST's own
+            (e.g. ROAR's modified images); ``recipe.n_train`` still cuts the training set.
 
     Returns:
         ``(model in eval mode, history)`` with history ``{"epoch", "train_loss", "test_accuracy",
@@ -99,8 +102,14 @@ def train(recipe: Recipe, *, progress: bool = True) -> tuple[nn.Module, dict]:
     from tqdm.auto import tqdm
 
     common.set_seed(recipe.seed)
-    x_train, y_train = data.fashion_tensors("train")
-    x_test, y_test = data.fashion_tensors("test")
+    if images is None:
+        x_train, y_train = data.fashion_tensors("train")
+        x_test, y_test = data.fashion_tensors("test")
+    else:
+        x_train, y_train, x_test, y_test = images
+        if x_train.ndim != 4 or len(x_train) != len(y_train) or x_test.ndim != 4 or len(x_test) != len(y_test):
+            raise ValueError(f"images must be ([n, 1, 28, 28], [n], [m, 1, 28, 28], [m]), got "
+                             f"{[tuple(t.shape) for t in images]}")
     if recipe.n_train is not None:
         x_train, y_train = x_train[: recipe.n_train], y_train[: recipe.n_train]
     model = ARCHITECTURES[recipe.arch]()

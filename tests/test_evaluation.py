@@ -637,3 +637,31 @@ def test_kendall_w_is_friedmans_statistic_rescaled_and_reliability_reads_per_ite
     assert agree["a", "b"].value == pytest.approx(1.0)                            # b is a with the other sign
     with pytest.raises(ValueError, match="two methods"):
         evaluation.metric_reliability(per_item, ["s: m0"], ["a"])
+
+
+def test_roar_remove_fills_the_top_ranked_pixels_of_each_image():
+    x = torch.arange(8.0).reshape(2, 1, 2, 2)
+    scores = torch.tensor([[[0.1, 0.9], [0.5, 0.2]], [[1.0, 1.0], [0.0, 0.0]]])
+    out = evaluation.roar_remove(x, scores, 0.5, fill=-1.0)
+    assert out[0, 0].tolist() == [[0.0, -1.0], [-1.0, 3.0]]
+    assert out[1, 0].tolist() == [[-1.0, -1.0], [6.0, 7.0]]                      # ties: first pixel first
+    assert bool((evaluation.roar_remove(x, scores, 1.0) == 0).all())
+    with pytest.raises(ValueError, match="scores"):
+        evaluation.roar_remove(x, scores[:1], 0.5)
+    with pytest.raises(ValueError, match="scores"):
+        evaluation.roar_remove(x, torch.full_like(scores, float("nan")), 0.5)
+    with pytest.raises(ValueError):
+        evaluation.roar_remove(x, scores, 1.5)
+
+
+def test_roar_maps_rank_by_the_method_and_sobel_needs_no_model():
+    from helpers import data, vision
+
+    model = vision.pretrained("vit", progress=False)
+    x, _ = data.fashion_tensors("test")
+    edges = evaluation.roar_maps(None, "Sobel edges", x[:3])
+    assert edges.shape == (3, 28, 28) and torch.equal(edges, data.shift_domain(x[:3], "edges")[:, 0])
+    sal = evaluation.roar_maps(model, "saliency", x[:3], chunk=2)
+    assert sal.shape == (3, 28, 28) and bool((sal >= 0).all())
+    with pytest.raises(ValueError, match="method"):
+        evaluation.roar_maps(model, "occlusion", x[:3])
