@@ -678,8 +678,8 @@ def image_explanation(model: torch.nn.Module, method: str, images: Tensor, targe
     """``[batch, 28, 28]`` explanation of class ``target`` by ``method`` (higher = more important).
 
     Chapter 8's settings: saliency (absolute gradient), integrated gradients from a black image
-    (``black``, 64 steps), GradientSHAP (``shap_baselines``, 16 samples, noise 0.1; seeds torch's global
-    generator with ``seed``, where Captum draws), occlusion (4 x 4 window, stride 2, black), the
+    (``black``, 64 steps), GradientSHAP (``shap_baselines``, 16 samples, noise 0.1:
+    :func:`helpers.vision.gradient_shap`, a function of ``seed`` alone), occlusion (4 x 4 window, stride 2, black), the
     CLS row of the last layer's attention and attention rollout (upsampled from the 4 x 4 grid);
     RISE (:func:`helpers.vision.rise_saliency` with :data:`RISE_SETTINGS`, pixels dimmed to black, masks
     drawn with ``seed``);
@@ -717,14 +717,10 @@ def image_explanation(model: torch.nn.Module, method: str, images: Tensor, targe
         return IntegratedGradients(model).attribute(images, baselines=black, target=target, n_steps=64,
                                                     internal_batch_size=2048)[:, 0].detach()
     if method == "GradientSHAP":
-        from captum.attr import GradientShap
-
         if shap_baselines is None:
             raise ValueError("GradientSHAP needs shap_baselines, [n, 1, 28, 28] images to draw baselines from")
         _check_image_batch(shap_baselines, "shap_baselines")
-        torch.manual_seed(seed)  # Captum draws baselines and noise from torch's global generator
-        return GradientShap(model).attribute(images, baselines=shap_baselines, target=target, n_samples=16,
-                                             stdevs=0.1)[:, 0].detach()
+        return vision.gradient_shap(model, images, target, shap_baselines, seed=seed)
     if method == "occlusion":
         from captum.attr import Occlusion
 
@@ -1444,3 +1440,255 @@ def roar_study(model: torch.nn.Module, *, recipe: dict = ROAR, model_key: str, l
         target.write_text(json.dumps(out))
 
     return json.loads(common.cached_file(path, build, committed=True).read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+# Meta-evaluation (MetaQuantus): do the metrics resist a minor perturbation and react to a disruptive one?
+# ---------------------------------------------------------------------------------------------
+
+IMAGE_QUALITY = {"image deletion AUC": False, "image insertion AUC": True, "plausibility AUC": True}
+"""Chapter 14's per-image quality metrics of one explanation of one model, and whether higher is better."""
+
+
+def image_quality(model: torch.nn.Module, maps: Tensor, images: Tensor, target: Tensor, *, black: float,
+                  foreground: Tensor, steps: int = 28, blur_sigma: float = 4.0) -> dict[str, np.ndarray]:
+    """The image setting's per-image quality of ``maps`` as explanations of ``model``'s class ``target``.
+
+    Deletion AUC (pixels set to ``black`` in the map's order, :func:`helpers.vision.perturbation_curve`),
+    insertion AUC (pixels put back into a Gaussian blur of the images, kernel 25, ``blur_sigma``), both on
+    ``steps`` steps, and plausibility AUC (:func:`ground_truth_auc` of the map's magnitude against
+    ``foreground``).
+
+    Args:
+        maps: ``[batch, 28, 28]`` finite scores; images: ``[batch, 1, 28, 28]``; target: ``[batch]``;
+        foreground: ``[batch, 28, 28]`` bool, the pixels known to matter.
+
+    Returns:
+        ``{metric of IMAGE_QUALITY: [batch] values}``.
+    """
+    from torchvision.transforms.functional import gaussian_blur
+
+    from helpers import vision
+
+    _check_image_batch(images, "images")
+    target = _check_target_batch(target, len(images))
+    shape = (images.shape[0], *images.shape[2:])
+    if maps.shape != shape or not torch.isfinite(maps).all():
+        raise ValueError(f"maps must be finite [batch, H, W] = {shape}, got {tuple(maps.shape)}")
+    if foreground.shape != shape or foreground.dtype != torch.bool:
+        raise ValueError(f"foreground must be a bool [batch, H, W] = {shape} tensor, got {tuple(foreground.shape)} "
+                         f"{foreground.dtype}")
+    predict = softmax_predictor(model)
+    canvas = {"deletion": black, "insertion": gaussian_blur(images, kernel_size=25, sigma=blur_sigma)}
+    auc = {mode: vision.auc(vision.perturbation_curve(predict, images, maps, target=target, mode=mode, steps=steps,
+                                                      canvas=canvas[mode])).detach().numpy()
+           for mode in ("deletion", "insertion")}
+    return {"image deletion AUC": auc["deletion"], "image insertion AUC": auc["insertion"],
+            "plausibility AUC": ground_truth_auc(maps.abs(), foreground).numpy()}
+
+
+META = {"methods": ("saliency", "integrated gradients", "GradientSHAP", "occlusion", "RISE", "last-layer attention",
+                    "rollout"),
+        "tests": {"model resilience": ("model", "resilience", 0.001), "model adversary": ("model", "adversary", 2.0),
+                  "input resilience": ("input", "resilience", 0.001), "input adversary": ("input", "adversary", 5.0)},
+        "draws": 5, "version": 1}
+"""Chapter 14's meta-evaluation, after MetaQuantus's settings for (Fashion-)MNIST (Hedström et al. 2023,
+``setup_test_suite``): the ViT's explanation methods, the four tests ``(space, kind, size)`` — every weight
+multiplied by noise ~ N(1, size) (model), or uniform noise in [-size, size] added to every pixel, in pixel
+units of [0, 1] (input) — and the number of draws of each perturbation."""
+
+
+def perturbed_weights(model: torch.nn.Module, std: float, *, seed: int) -> torch.nn.Module:
+    """A copy of ``model`` with every parameter multiplied by independent noise ~ N(1, ``std``), as Quantus's
+    ``model.sample(noise_type="multiplicative")`` that MetaQuantus's model tests call (buffers untouched).
+
+    >>> m = perturbed_weights(torch.nn.Linear(2, 2), 0.0, seed=0)
+    >>> isinstance(m, torch.nn.Linear)
+    True
+    """
+    import copy
+
+    if not isinstance(std, (int, float)) or not math.isfinite(std) or std < 0:
+        raise ValueError(f"std must be a finite number >= 0, got {std!r}")
+    out = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(int(seed))
+    with torch.no_grad():
+        for p in out.parameters():
+            p.mul_(1 + std * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+    return out
+
+
+def uniform_input_noise(images: Tensor, amount: float, *, seed: int) -> Tensor:
+    """``images`` plus independent uniform noise in ``[-amount, amount]``, clipped below at the batch's
+    minimum, as MetaQuantus's input tests (``amount`` in the images' own units).
+
+    >>> x = torch.zeros(1, 1, 2, 2)
+    >>> bool((uniform_input_noise(x, 0.5, seed=0) >= 0).all())
+    True
+    """
+    _check_image_batch(images, "images")
+    if not isinstance(amount, (int, float)) or not math.isfinite(amount) or amount < 0:
+        raise ValueError(f"amount must be a finite number >= 0, got {amount!r}")
+    generator = torch.Generator().manual_seed(int(seed))
+    noise = (2 * torch.rand(images.shape, generator=generator, dtype=images.dtype) - 1) * amount
+    return (images + noise).clamp(min=float(images.min()))
+
+
+def meta_consistency(q, q_hat, kept, *, kind: str, higher_is_better: bool) -> dict[str, float]:
+    """MetaQuantus's intra- and inter-consistency of one metric under one perturbation draw.
+
+    On the items ``kept`` (a resilience test keeps the items whose prediction the perturbation left unchanged,
+    an adversary test those it changed):
+
+    - **IAC** (intra-consistency): for each method, the p-value of a two-sided Wilcoxon signed-rank test between
+      its scores before (``q``) and after (``q_hat``) the perturbation (zero differences split, ``zsplit``; p = 1
+      when nothing moved); a resilience test wants them alike (IAC = mean p), an adversary test different
+      (IAC = mean of 1 - p);
+    - **IEC** (inter-consistency): resilience — the share of (item, rank) places where the method ranked there is
+      the same before and after (the ranking of the methods survives); adversary — the share of (method, item)
+      pairs whose score got worse (``higher_is_better`` sets the direction: the reference code's
+      ``score_direction`` flag).
+
+    Args:
+        q, q_hat: ``[method, item]`` scores before and after; kept: ``[item]`` bool.
+        kind: ``"resilience"`` or ``"adversary"``.
+
+    Returns:
+        ``{"IAC": float, "IEC": float, "kept": int}`` (NaN scores when no item is kept).
+
+    >>> q = np.array([[0.1, 0.2, 0.3], [0.5, 0.6, 0.7]])
+    >>> meta_consistency(q, q, np.ones(3, bool), kind="resilience", higher_is_better=True)
+    {'IAC': 1.0, 'IEC': 1.0, 'kept': 3}
+    >>> meta_consistency(q, q - 0.1, np.ones(3, bool), kind="adversary", higher_is_better=True)["IEC"]
+    1.0
+    """
+    from scipy.stats import wilcoxon
+
+    q, q_hat = np.asarray(q, dtype=float), np.asarray(q_hat, dtype=float)
+    kept = np.asarray(kept)
+    if q.ndim != 2 or q.shape != q_hat.shape or q.shape[0] < 2:
+        raise ValueError(f"q and q_hat must be [method >= 2, item] of one shape, got {q.shape} and {q_hat.shape}")
+    if kept.dtype != bool or kept.shape != (q.shape[1],):
+        raise ValueError(f"kept must be a bool [item] = ({q.shape[1]},) array, got {kept.dtype} {kept.shape}")
+    if not (np.isfinite(q).all() and np.isfinite(q_hat).all()):
+        raise ValueError("q and q_hat must be finite")
+    if kind not in ("resilience", "adversary"):
+        raise ValueError(f"kind must be 'resilience' or 'adversary', got {kind!r}")
+    n = int(kept.sum())
+    if n == 0:
+        return {"IAC": float("nan"), "IEC": float("nan"), "kept": 0}
+    a, b = q[:, kept], q_hat[:, kept]
+    p = []
+    for before, after in zip(a, b, strict=True):
+        if np.allclose(before, after, rtol=0, atol=1e-12):
+            p.append(1.0)
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            p.append(float(wilcoxon(before, after, zero_method="zsplit", alternative="two-sided").pvalue))
+    p = np.asarray(p)
+    if kind == "resilience":
+        iec = float((np.argsort(a, axis=0, kind="stable") == np.argsort(b, axis=0, kind="stable")).mean())
+        return {"IAC": float(p.mean()), "IEC": iec, "kept": n}
+    worse = b < a if higher_is_better else b > a
+    return {"IAC": float((1 - p).mean()), "IEC": float(worse.mean()), "kept": n}
+
+
+def meta_evaluation_study(model: torch.nn.Module, images: Tensor, *, black: float, shap_baselines: Tensor,
+                          recipe: dict = META, model_key: str, log=print) -> dict:
+    """MetaQuantus's model and input perturbation tests (Hedström et al. 2023) of the image setting's metrics.
+
+    ``model``'s explanations (:func:`image_explanation`, the methods of ``recipe``, seed 0) of its predicted
+    class on ``images`` are scored by :func:`image_quality` once as they are, then once per draw of every test
+    of ``recipe`` on the perturbed model (or inputs), still explaining the class predicted before the
+    perturbation (as MetaQuantus does). The foreground is the clean image's. Committed JSON (about ten
+    minutes of CPU to rebuild).
+
+    Returns:
+        ``{"target": [item], "clean": {method: {metric: [item]}},
+        "tests": {test: [{"predicted": [item], "scores": {method: {metric: [item]}}} per draw]}}``.
+    """
+    import json
+
+    from helpers import common, data
+
+    key = {"recipe": recipe, "model": model_key, "n": len(images), "code": 2,
+           "images": common.content_hash(images.numpy().tobytes(), length=12)}
+    path = common.cache_dir("results", "ch14") / f"meta-{common.content_hash(key, length=12)}.json"
+
+    def build(target_path) -> None:
+        with torch.no_grad():
+            target = model(images).argmax(1)
+        foreground = data.unnormalise(images) > 0.1
+
+        def scores(m, x) -> dict:
+            out = {}
+            for method in recipe["methods"]:
+                maps = image_explanation(m, method, x, target, black=black, shap_baselines=shap_baselines)
+                out[method] = {k: np.round(v.astype(float), 7).tolist()
+                               for k, v in image_quality(m, maps, x, target, black=black,
+                                                         foreground=foreground).items()}
+            return out
+
+        out = {"target": target.tolist(), "clean": scores(model, images), "tests": {}}
+        for t, (name, (space, _, size)) in enumerate(recipe["tests"].items()):
+            out["tests"][name] = []
+            for d in range(recipe["draws"]):
+                seed = 1000 * (t + 1) + d
+                m = perturbed_weights(model, size, seed=seed).eval() if space == "model" else model
+                x = images if space == "model" else uniform_input_noise(images, size / data.FASHION_STD, seed=seed)
+                with torch.no_grad():
+                    predicted = m(x).argmax(1)
+                out["tests"][name].append({"predicted": predicted.tolist(), "scores": scores(m, x)})
+                log(f"{name}, draw {d}: prediction kept on {int((predicted == target).sum())} of {len(x)}")
+        target_path.write_text(json.dumps(out))
+
+    return json.loads(common.cached_file(path, build, committed=True).read_text())
+
+
+def meta_scores(study: dict, *, recipe: dict = META, controls: bool = True, seed: int = 0) -> dict:
+    """MetaQuantus's four scores and their mean, the meta-consistency MC, per metric and draw, from
+    :func:`meta_evaluation_study`'s output.
+
+    For each perturbation space (model, input) and metric, draw ``d`` of the resilience test and draw ``d`` of
+    the adversary test give IAC_NR, IEC_NR, IAC_AR, IEC_AR (:func:`meta_consistency`); MC is their mean (1 is
+    best). With ``controls``, two estimators that read nothing are scored on the same items: **random** (a
+    uniform number per item, drawn anew for every evaluation) and **frozen** (the unperturbed score, whatever
+    the perturbation: resilient by construction, never reactive).
+
+    Returns:
+        ``{space: {metric: {score: [draw]}}}`` with scores ``IAC_NR, IEC_NR, IAC_AR, IEC_AR, MC``.
+    """
+    methods = list(recipe["methods"])
+    target = np.asarray(study["target"])
+    clean = {m: np.stack([np.asarray(study["clean"][k][m], dtype=float) for k in methods]) for m in IMAGE_QUALITY}
+    gen = np.random.default_rng(seed)
+    out: dict = {}
+    for space in sorted({s for s, _, _ in recipe["tests"].values()}):
+        tests = {kind: name for name, (s, kind, _) in recipe["tests"].items() if s == space}
+        if set(tests) != {"resilience", "adversary"}:
+            raise ValueError(f"space {space!r} needs one resilience and one adversary test, got {sorted(tests)}")
+        metrics = {**{m: m for m in IMAGE_QUALITY}, **({"random": None, "frozen": None} if controls else {})}
+        out[space] = {m: {s: [] for s in ("IAC_NR", "IEC_NR", "IAC_AR", "IEC_AR", "MC")} for m in metrics}
+        for d in range(recipe["draws"]):
+            for kind, short in (("resilience", "NR"), ("adversary", "AR")):
+                draw = study["tests"][tests[kind]][d]
+                predicted = np.asarray(draw["predicted"])
+                kept = predicted == target if kind == "resilience" else predicted != target
+                for metric in metrics:
+                    if metric == "random":
+                        q, q_hat, higher = gen.random(clean["plausibility AUC"].shape), None, True
+                        q_hat = gen.random(q.shape)
+                    elif metric == "frozen":
+                        q = q_hat = clean["plausibility AUC"]
+                        higher = True
+                    else:
+                        q, higher = clean[metric], IMAGE_QUALITY[metric]
+                        q_hat = np.stack([np.asarray(draw["scores"][k][metric], dtype=float) for k in methods])
+                    r = meta_consistency(q, q_hat, kept, kind=kind, higher_is_better=higher)
+                    out[space][metric][f"IAC_{short}"].append(r["IAC"])
+                    out[space][metric][f"IEC_{short}"].append(r["IEC"])
+            for metric in metrics:
+                s = out[space][metric]
+                s["MC"].append(float(np.mean([s[k][-1] for k in ("IAC_NR", "IEC_NR", "IAC_AR", "IEC_AR")])))
+    return out

@@ -624,6 +624,22 @@ blurred (Gaussian, kernel 25, sigma 4); "garment only" moves only pixels brighte
 VIT_STEPS = 28
 
 
+def gradient_shap(model: nn.Module, images: Tensor, target: Tensor, baselines: Tensor, *, seed: int = 0) -> Tensor:
+    """``[batch, 28, 28]`` GradientSHAP map of class ``target`` (Captum, 16 samples from ``baselines``, noise 0.1),
+    a function of ``seed`` alone: Captum draws baselines and noise from torch's global generator (seeded here)
+    and the points on each path from NumPy's (seeded here, its state restored afterwards)."""
+    from captum.attr import GradientShap
+
+    torch.manual_seed(seed)
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        return GradientShap(model).attribute(images, baselines=baselines, target=target, n_samples=16,
+                                             stdevs=0.1)[:, 0].detach()
+    finally:
+        np.random.set_state(state)
+
+
 def vit_maps(model: nn.Module, images: Tensor, target: Tensor, methods: Sequence[str] = VIT_METHODS, *,
              shap_baselines: Tensor | None = None, seed: int = 0) -> tuple[dict, dict, dict]:  # fmt: skip
     """Chapter 8's pixel maps ``[batch, 28, 28]`` of the ViT's ``target`` class, one per method (in that order).
@@ -636,7 +652,7 @@ def vit_maps(model: nn.Module, images: Tensor, target: Tensor, methods: Sequence
     Returns:
         ``({method: map}, {method: seconds per image}, {IG method: Captum's convergence delta [batch]})``.
     """
-    from captum.attr import GradientShap, IntegratedGradients, Occlusion, Saliency
+    from captum.attr import IntegratedGradients, Occlusion, Saliency
 
     unknown = [m for m in methods if m not in VIT_METHODS]
     if unknown:
@@ -654,14 +670,7 @@ def vit_maps(model: nn.Module, images: Tensor, target: Tensor, methods: Sequence
                 n_steps=64, internal_batch_size=2048, return_convergence_delta=True)
             m, deltas[name] = m[:, 0], deltas[name].detach()
         elif name == "GradientSHAP":
-            torch.manual_seed(seed)
-            state = np.random.get_state()  # Captum draws the points on the path with NumPy's global generator
-            np.random.seed(seed)
-            try:
-                m = GradientShap(model).attribute(images, baselines=shap_baselines, target=target, n_samples=16,
-                                                  stdevs=0.1)[:, 0]
-            finally:
-                np.random.set_state(state)
+            m = gradient_shap(model, images, target, shap_baselines, seed=seed)
         elif name == "occlusion":
             m = Occlusion(model).attribute(images, target=target, sliding_window_shapes=(1, 4, 4), strides=(1, 2, 2),
                                            baselines=FASHION_BLACK, perturbations_per_eval=64)[:, 0]

@@ -665,3 +665,134 @@ def test_roar_maps_rank_by_the_method_and_sobel_needs_no_model():
     assert sal.shape == (3, 28, 28) and bool((sal >= 0).all())
     with pytest.raises(ValueError, match="method"):
         evaluation.roar_maps(model, "occlusion", x[:3])
+
+
+# --- meta-evaluation (MetaQuantus) ------------------------------------------------------------------------------
+
+def test_perturbed_weights_multiplies_every_parameter_by_noise_around_one_and_leaves_the_model_alone():
+    import numpy as np
+
+    model = torch.nn.Sequential(torch.nn.Linear(200, 300), torch.nn.LayerNorm(300))
+    before = [p.detach().clone() for p in model.parameters()]
+    same = evaluation.perturbed_weights(model, 0.0, seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(before, same.parameters(), strict=True))
+    moved = evaluation.perturbed_weights(model, 0.1, seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))   # original untouched
+    ratio = (moved[0].weight / model[0].weight).detach().numpy().ravel()
+    assert abs(ratio.mean() - 1) < 0.005 and abs(ratio.std() - 0.1) < 0.005
+    again = evaluation.perturbed_weights(model, 0.1, seed=0)
+    assert torch.equal(again[0].weight, moved[0].weight)                                       # seeded
+    other = evaluation.perturbed_weights(model, 0.1, seed=1)
+    assert not np.allclose(other[0].weight.detach(), moved[0].weight.detach())
+    with pytest.raises(ValueError, match="std"):
+        evaluation.perturbed_weights(model, -1.0, seed=0)
+
+
+def test_uniform_input_noise_stays_within_its_amount_and_is_clipped_at_the_batch_minimum():
+    x = torch.linspace(-1, 1, 2 * 28 * 28).reshape(2, 1, 28, 28)
+    moved = evaluation.uniform_input_noise(x, 0.3, seed=0)
+    assert (moved - x).abs().max() <= 0.3 + 1e-6 and float(moved.min()) >= -1.0
+    assert (moved - x).abs().max() > 0.29                                   # the noise fills its range
+    assert torch.equal(evaluation.uniform_input_noise(x, 0.0, seed=0), x)
+    with pytest.raises(ValueError, match="amount"):
+        evaluation.uniform_input_noise(x, float("nan"), seed=0)
+    with pytest.raises(ValueError):
+        evaluation.uniform_input_noise(torch.zeros(2, 28, 28), 0.1, seed=0)
+
+
+def test_meta_consistency_known_answers():
+    import numpy as np
+    from scipy.stats import wilcoxon
+
+    q = np.array([[0.1, 0.2, 0.3, 0.4], [0.5, 0.6, 0.7, 0.8], [0.9, 0.1, 0.5, 0.2]])   # [method, item]
+    every = np.ones(4, bool)
+    # nothing moved: resilient and consistent
+    assert evaluation.meta_consistency(q, q, every, kind="resilience", higher_is_better=True) == \
+        {"IAC": 1.0, "IEC": 1.0, "kept": 4}
+    # methods 0 and 1 swap places on item 0 only: 2 of the 12 (rank, item) places change
+    swapped = q.copy()
+    swapped[[0, 1], 0] = swapped[[1, 0], 0]
+    r = evaluation.meta_consistency(q, swapped, every, kind="resilience", higher_is_better=True)
+    assert r["IEC"] == pytest.approx(10 / 12)
+    # IAC is the mean Wilcoxon p (zsplit); unmoved methods give p = 1
+    p0 = wilcoxon(q[0], swapped[0], zero_method="zsplit").pvalue
+    p1 = wilcoxon(q[1], swapped[1], zero_method="zsplit").pvalue
+    assert r["IAC"] == pytest.approx((p0 + p1 + 1.0) / 3)
+    # adversary: every score falls -> IEC 1 for higher-is-better, 0 for lower-is-better; IAC = mean(1 - p)
+    down = q - 0.05
+    a = evaluation.meta_consistency(q, down, every, kind="adversary", higher_is_better=True)
+    assert a["IEC"] == 1.0
+    assert a["IAC"] == pytest.approx(1 - wilcoxon(q[0], down[0], zero_method="zsplit").pvalue)
+    assert evaluation.meta_consistency(q, down, every, kind="adversary", higher_is_better=False)["IEC"] == 0.0
+    # only the kept items count
+    kept = np.array([True, False, False, False])
+    assert evaluation.meta_consistency(q, swapped, kept, kind="resilience", higher_is_better=True)["IEC"] == \
+        pytest.approx(1 / 3)
+    none = evaluation.meta_consistency(q, q, np.zeros(4, bool), kind="adversary", higher_is_better=True)
+    assert np.isnan(none["IAC"]) and np.isnan(none["IEC"]) and none["kept"] == 0
+
+
+def test_meta_consistency_rejects_bad_input():
+    import numpy as np
+
+    q = np.zeros((2, 3))
+    with pytest.raises(ValueError, match="kind"):
+        evaluation.meta_consistency(q, q, np.ones(3, bool), kind="other", higher_is_better=True)
+    with pytest.raises(ValueError, match="kept"):
+        evaluation.meta_consistency(q, q, np.ones(4, bool), kind="resilience", higher_is_better=True)
+    with pytest.raises(ValueError, match="shape"):
+        evaluation.meta_consistency(q, np.zeros((2, 4)), np.ones(3, bool), kind="resilience", higher_is_better=True)
+    with pytest.raises(ValueError, match="finite"):
+        evaluation.meta_consistency(q, np.full((2, 3), np.nan), np.ones(3, bool), kind="resilience",
+                                    higher_is_better=True)
+
+
+def _fake_study(recipe, n=6):
+    """A study whose metrics never move under resilience tests and all fall under adversary tests."""
+    import numpy as np
+
+    gen = np.random.default_rng(0)
+    clean = {m: {k: gen.random(n).tolist() for k in evaluation.IMAGE_QUALITY} for m in recipe["methods"]}
+    target = [0] * n
+    tests = {}
+    for name, (_, kind, _) in recipe["tests"].items():
+        if kind == "resilience":
+            scores, predicted = clean, target
+        else:
+            scores = {m: {k: [v - 0.5 if evaluation.IMAGE_QUALITY[k] else v + 0.5 for v in vals]
+                          for k, vals in d.items()} for m, d in clean.items()}
+            predicted = [1] * n
+        tests[name] = [{"predicted": predicted, "scores": scores}] * recipe["draws"]
+    return {"target": target, "clean": clean, "tests": tests}
+
+
+def test_meta_scores_of_an_ideal_metric_and_of_the_two_controls():
+    import numpy as np
+
+    recipe = {**evaluation.META, "methods": ("a", "b", "c"), "draws": 2}
+    scores = evaluation.meta_scores(_fake_study(recipe), recipe=recipe)
+    assert set(scores) == {"model", "input"}
+    ideal = scores["model"]["image deletion AUC"]
+    assert ideal["IAC_NR"] == [1.0, 1.0] and ideal["IEC_NR"] == [1.0, 1.0] and ideal["IEC_AR"] == [1.0, 1.0]
+    assert all(0.9 < v <= 1.0 for v in ideal["IAC_AR"])         # six items, every one moved: p = 1/32
+    frozen = scores["input"]["frozen"]                          # resilient by construction, never reactive
+    assert frozen["IAC_NR"] == [1.0, 1.0] and frozen["IEC_NR"] == [1.0, 1.0]
+    assert frozen["IAC_AR"] == [0.0, 0.0] and frozen["IEC_AR"] == [0.0, 0.0] and frozen["MC"] == [0.5, 0.5]
+    assert all(np.isfinite(scores["model"]["random"]["MC"]))
+    bad = {**recipe, "tests": {"model resilience": ("model", "resilience", 0.001)}}
+    with pytest.raises(ValueError, match="adversary"):
+        evaluation.meta_scores(_fake_study(bad), recipe=bad)
+
+
+def test_image_quality_rejects_bad_maps_and_scores_a_map_equal_to_the_truth_as_plausible():
+    vit_like = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 3))
+    x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    truth = x[:, 0] > 0.5
+    q = evaluation.image_quality(vit_like, truth.float(), x, torch.tensor([0, 1]), black=-1.0, foreground=truth)
+    assert q["plausibility AUC"].tolist() == [1.0, 1.0]
+    assert set(q) == set(evaluation.IMAGE_QUALITY) and q["image deletion AUC"].shape == (2,)
+    with pytest.raises(ValueError, match="maps"):
+        evaluation.image_quality(vit_like, torch.zeros(2, 27, 28), x, torch.tensor([0, 1]), black=-1.0,
+                                 foreground=truth)
+    with pytest.raises(ValueError, match="foreground"):
+        evaluation.image_quality(vit_like, truth.float(), x, torch.tensor([0, 1]), black=-1.0, foreground=truth.float())
