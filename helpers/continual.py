@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -960,7 +961,8 @@ def evaluate(model: ContinualClip, tasks: Sequence[data.Task], zero_shot_task: d
 
 def run_stream(method: str | Callable[..., ContinualClip], initial: clip.FashionClip, tasks: Sequence[data.Task],
                zero_shot_task: data.Task, *, recipe: StepRecipe = StepRecipe(), progress: bool = False,
-               extra_tasks: Sequence[data.Task] = ()) -> tuple[dict, ContinualClip]:
+               extra_tasks: Sequence[data.Task] = (), after_step: Callable[[ContinualClip], object] | None = None
+               ) -> tuple[dict, ContinualClip]:
     """Train ``method`` on ``tasks`` in order, evaluating before training and after every step.
 
     Returns:
@@ -972,7 +974,9 @@ def run_stream(method: str | Callable[..., ContinualClip], initial: clip.Fashion
         ``"trained_params"``, ``"stored_params"`` (extra model copies, heads, contexts)
         and ``"stored_images"`` (buffer or reference set); a method's ``model_copies`` attribute says how many
         whole models it keeps. With ``extra_tasks`` (sets never trained on),
-        ``"extra"`` holds ``{name: [T + 1] accuracies}``.
+        ``"extra"`` holds ``{name: [T + 1] accuracies}``. With ``after_step``, ``"after_step"`` holds its
+        ``[T + 1]`` values, ``after_step(model)`` called on the model before training and after each step (in
+        eval mode, no gradient; e.g. a downstream reader, :func:`lit_vqa_runs`).
     """
     if isinstance(method, str) and method not in ALL_METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {list(ALL_METHODS)}")
@@ -991,6 +995,7 @@ def run_stream(method: str | Callable[..., ContinualClip], initial: clip.Fashion
             fn.prepare(state)
         first = evaluate(start, tasks, zero_shot_task, extra_tasks=extra_tasks)
         model, rows, seconds, cpu_seconds = start, [first], [], []
+        read = [] if after_step is None else [_read(after_step, start)]
         for step, task in enumerate(tqdm(tasks, desc=name, disable=not progress)):
             state.step = step
             before = {k: v.clone() for k, v in model.clip.state_dict().items()}
@@ -1003,6 +1008,8 @@ def run_stream(method: str | Callable[..., ContinualClip], initial: clip.Fashion
             frozen = all(torch.equal(v, after[k]) for k, v in before.items())  # tower unchanged: reuse embeddings
             rows.append(evaluate(model, tasks, zero_shot_task, image_emb=rows[-1]["image_emb"] if frozen else None,
                                  extra_tasks=extra_tasks))
+            if after_step is not None:
+                read.append(_read(after_step, model))
     tower = n_parameters(nn.ModuleList([model.clip.image_tower, model.clip.image_proj, model.clip.text_proj]))
     contexts = [model.context] if model.context is not None else []
     contexts += list(model.task_contexts.values())
@@ -1021,7 +1028,18 @@ def run_stream(method: str | Callable[..., ContinualClip], initial: clip.Fashion
               "stored_images": int(images)}
     if extra_tasks:
         result["extra"] = {t.name: [r["extra"][i] for r in rows] for i, t in enumerate(extra_tasks)}
+    if after_step is not None:
+        result["after_step"] = read
     return result, model
+
+
+@torch.no_grad()
+def _read(after_step: Callable[[ContinualClip], object], model: ContinualClip) -> object:
+    """``after_step(model)`` in eval mode, the model's training flag restored."""
+    was = model.training
+    out = after_step(model.eval())
+    model.train(was)
+    return out
 
 
 def cached_run(method: str, initial: clip.FashionClip, tasks: Sequence[data.Task], zero_shot_task: data.Task, *,
@@ -1385,6 +1403,305 @@ def pseudo_label_start(seed: int = 0, *, n: int = 200, n_train: int = 2000, n_te
                 keep, guess = _confident(model.logits(unlabelled[:n], task), PSEUDO_THRESHOLD)
                 right = float((guess[keep] == hidden[keep]).float().mean()) if keep.any() else None
                 out[task.name] = {"passed": float(keep.float().mean()), "right": right, "n": len(hidden)}
+        target.write_text(json.dumps(out))
+
+    return json.loads(common.cached_file(path, build, committed=True).read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+# Compositional VQA on the LiT model: a frozen answer head reads the region features the stream changes
+# ---------------------------------------------------------------------------------------------
+
+VQA_MAX_TOKENS = 16
+"""Question length (MiniLM word pieces with [CLS] and [SEP]) the answer head reads; the templates need at most 14."""
+
+
+@torch.no_grad()
+def question_tokens(texts: Sequence[str]) -> tuple[Tensor, Tensor]:
+    """The frozen MiniLM's last hidden states of each question, ``([Q, VQA_MAX_TOKENS, 384], mask [Q, L] bool)``.
+
+    Token states, not the mean-pooled sentence embedding: "is the sandal left of the bag?" and "is the bag left
+    of the sandal?" pool to almost the same vector. Every distinct text is encoded once per process.
+    """
+    texts = clip._check_texts(texts, "questions")
+    cache = _question_cache()
+    todo = sorted({t for t in texts if t not in cache})
+    if todo:
+        encoder, tokenizer = clip.text_tower().encoder()
+        enc = tokenizer(todo, padding="max_length", truncation=False, max_length=VQA_MAX_TOKENS, return_tensors="pt")
+        if enc["input_ids"].shape[1] > VQA_MAX_TOKENS:
+            raise ValueError(f"a question is longer than {VQA_MAX_TOKENS} word pieces; shorten it")
+        hidden = encoder(**enc).last_hidden_state  # [T, L, 384]
+        cache.update({t: (h, m.bool()) for t, h, m in zip(todo, hidden, enc["attention_mask"], strict=True)})
+    states, masks = zip(*(cache[t] for t in texts), strict=True)
+    return torch.stack(states), torch.stack(masks)
+
+
+@functools.cache
+def _question_cache() -> dict[str, tuple[Tensor, Tensor]]:
+    return {}
+
+
+class AnswerHead(nn.Module):
+    """A question-conditioned slot reader: each slot looks for itself in the question, then the slots are summed.
+
+    Each slot (its feature projected, plus a learned slot-position embedding, so "left of" and "above" can be
+    read) attends over the question's MiniLM token states; the values carry a learned token-position embedding,
+    so a slot whose class is named first ("the sandal" in "is the sandal left of the bag?") reads something else
+    than one named second. An MLP reads ``[slot, what it attended to, question summary]``; the slot vectors are
+    *summed* (counts add up) and an MLP on ``[sum, question summary]`` gives the logits over
+    :data:`helpers.data.VQA_ANSWERS`. The question summary is the masked mean of the projected tokens. A
+    relation-network / FiLM-style reader (Santoro et al. 2017; Perez et al. 2018) at the book's scale.
+
+    Args:
+        slot_dim: size of a slot's feature (the CLIP-style image embedding, or 12 for the symbolic slots).
+    """
+
+    def __init__(self, slot_dim: int, *, width: int = 128):
+        super().__init__()
+        self.key = nn.Linear(clip.MiniLMText.dim, width)
+        self.value = nn.Linear(clip.MiniLMText.dim, width)
+        self.token_position = nn.Parameter(0.1 * torch.randn(VQA_MAX_TOKENS, width))   # [token, width]
+        self.query = nn.Linear(slot_dim, width)
+        self.slot_in = nn.Linear(slot_dim, width)
+        self.position = nn.Parameter(0.1 * torch.randn(data.VQA_SLOTS, width))         # [slot, width]
+        self.read = nn.Sequential(nn.Linear(3 * width, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU())
+        self.answer = nn.Sequential(nn.Linear(2 * width, width), nn.ReLU(), nn.Linear(width, len(data.VQA_ANSWERS)))
+
+    def forward(self, slots: Tensor, question: Tensor, mask: Tensor) -> Tensor:
+        """``slots [B, VQA_SLOTS, slot_dim]``, ``question [B, L, 384]``, ``mask [B, L]`` → logits ``[B, answers]``."""
+        keys = self.key(question)                                                # [B, L, width]
+        values = self.value(question) + self.token_position[: question.shape[1]]  # [B, L, width]
+        scores = self.query(slots) @ keys.transpose(1, 2) / keys.shape[-1] ** 0.5  # [B, S, L]
+        attended = scores.masked_fill(~mask[:, None], float("-inf")).softmax(-1) @ values  # [B, S, width]
+        q = (values * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)        # [B, width]
+        s = self.slot_in(slots) + self.position                                  # [B, S, width]
+        read = self.read(torch.cat([s, attended, q[:, None].expand_as(s)], -1))  # [B, S, width]
+        return self.answer(torch.cat([read.sum(1), q], -1))
+
+
+@dataclasses.dataclass(frozen=True)
+class VqaHeadRecipe:
+    """How the answer heads are trained: AdamW; a curriculum of ``warmup_epochs`` passes over the spatial questions
+    alone, then ``epochs`` passes over every question, the epoch chosen on the validation scenes."""
+
+    width: int = 128
+    warmup_epochs: int = 40  # spatial questions only: binding names to slots is otherwise found late or never
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    seed: int = 0
+    version: int = 1
+
+
+def slot_table(model: ContinualClip, items: data.VqaItems) -> Tensor:
+    """Region features: every item's CLIP-style image embedding, and the empty slot's last, ``[M + 1, d]``.
+
+    An empty slot is a black 28 x 28 image, encoded like any item (the reader must tell it from an item).
+    """
+    blank = data.normalise(np.zeros((1, data.IMAGE_SIZE, data.IMAGE_SIZE), np.uint8))
+    return model.encode_images(torch.cat([items.images, blank]))
+
+
+def symbolic_table(items: data.VqaItems) -> Tensor:
+    """The ground truth as slot features: one-hot class, dark bit, empty bit, ``[M + 1, 12]`` (empty slot last)."""
+    n = len(items.labels)
+    table = torch.zeros(n + 1, len(data.CLASS_TEXT) + 2)
+    table[torch.arange(n), items.labels] = 1.0
+    table[:n, -2] = items.dark.float()
+    table[n, -1] = 1.0
+    return table
+
+
+def _inputs(table: Tensor, scenes: data.Scenes, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    if len(table) != len(scenes.items.labels) + 1:
+        raise ValueError(f"the slot table must have one row per item plus the empty slot "
+                         f"({len(scenes.items.labels) + 1}), got {len(table)}")
+    slots = scenes.slots[scenes.scene[rows]]                                    # [B, S] item index or -1
+    features = table[torch.where(slots >= 0, slots, len(table) - 1)]             # [B, S, d]
+    question, mask = question_tokens([scenes.text[i] for i in rows.tolist()])
+    return features, question, mask
+
+
+@torch.no_grad()
+def vqa_correct(head: AnswerHead, table: Tensor, scenes: data.Scenes, *, batch_size: int = 500) -> Tensor:
+    """Whether the head answers each question of ``scenes`` right, ``[Q]`` bool (the argmax over every answer)."""
+    if len(scenes.answer) == 0:
+        raise ValueError("no questions to answer")
+    head.eval()
+    out = []
+    for start in range(0, len(scenes.answer), batch_size):
+        rows = torch.arange(start, min(start + batch_size, len(scenes.answer)))
+        out.append(head(*_inputs(table, scenes, rows)).argmax(1) == scenes.answer[rows])
+    return torch.cat(out)
+
+
+def vqa_accuracy(correct: Tensor, scenes: data.Scenes) -> dict[str, float]:
+    """Accuracy per question type (:data:`helpers.data.VQA_TYPES`, those asked) and their mean (``"mean"``, each
+    type weighs the same)."""
+    if correct.shape != scenes.answer.shape:
+        raise ValueError(f"correct must be [{len(scenes.answer)}] (one per question), got {tuple(correct.shape)}")
+    out = {kind: float(correct[scenes.kind == k].float().mean()) for k, kind in enumerate(data.VQA_TYPES)
+           if (scenes.kind == k).any()}
+    out["mean"] = float(np.mean(list(out.values())))
+    return out
+
+
+def answer_prior(scenes: data.Scenes) -> dict[str, int]:
+    """The question-only baseline: each question text's most frequent answer in ``scenes`` (ties: the first)."""
+    counts: dict[str, np.ndarray] = {}
+    for text, a in zip(scenes.text, scenes.answer.tolist(), strict=True):
+        counts.setdefault(text, np.zeros(len(data.VQA_ANSWERS), int))[a] += 1
+    return {t: int(c.argmax()) for t, c in counts.items()}
+
+
+def prior_correct(prior: dict[str, int], scenes: data.Scenes) -> Tensor:
+    """Whether the question-only prior answers each question right, ``[Q]`` (an unseen text answers "no")."""
+    return torch.tensor([prior.get(t, 0) == a for t, a in zip(scenes.text, scenes.answer.tolist(), strict=True)])
+
+
+def train_answer_head(table: Tensor, train: data.Scenes, validation: data.Scenes, recipe: VqaHeadRecipe,
+                      *, validation_table: Tensor | None = None) -> tuple[AnswerHead, list[float]]:
+    """Train an :class:`AnswerHead` on ``train``'s questions and keep the epoch with the best mean validation accuracy.
+
+    Args:
+        table, validation_table: slot features of ``train``'s and ``validation``'s items (:func:`slot_table` or
+            :func:`symbolic_table`); the same table when both splits share their items.
+
+    Returns:
+        ``(head in eval mode, mean validation accuracy after each epoch over every question)``.
+    """
+    validation_table = table if validation_table is None else validation_table
+    common.set_seed(recipe.seed)
+    head = AnswerHead(table.shape[1], width=recipe.width)
+    optimiser = torch.optim.AdamW(head.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    generator = torch.Generator().manual_seed(recipe.seed)
+    spatial = torch.nonzero(train.kind == data.VQA_TYPES.index("spatial"))[:, 0]
+    best, history = None, []
+    for epoch in range(recipe.warmup_epochs + recipe.epochs):
+        head.train()
+        pool = spatial if epoch < recipe.warmup_epochs else torch.arange(len(train.answer))
+        for rows in pool[torch.randperm(len(pool), generator=generator)].split(recipe.batch_size):
+            loss = F.cross_entropy(head(*_inputs(table, train, rows)), train.answer[rows])
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+        if epoch < recipe.warmup_epochs:
+            continue
+        history.append(vqa_accuracy(vqa_correct(head, validation_table, validation), validation)["mean"])
+        if best is None or history[-1] > max(history[:-1]):
+            best = copy.deepcopy(head.state_dict())
+    head.load_state_dict(best)
+    return head.eval(), history
+
+
+def vqa_scenes() -> dict[str, data.Scenes]:
+    """The chapter's scenes: items outside the retention set and the test images of every LiT seed's stream."""
+    return data.vqa_splits(exclude_seeds=LIT_SEEDS, n_test=400)
+
+
+VQA_HEAD_RECIPE = VqaHeadRecipe()
+
+
+def _vqa_head_key(recipe: VqaHeadRecipe) -> dict:
+    initial = clip.pretrained_lit(progress=False)
+    return {"code": 1, "recipe": dataclasses.asdict(recipe), "splits": data.VQA_SPLITS, "seeds": list(LIT_SEEDS),
+            "initial": _initial_key(initial), "darken": [data.VQA_DARKEN, data.VQA_P_DARKENED],
+            "max_tokens": VQA_MAX_TOKENS}
+
+
+def vqa_heads(recipe: VqaHeadRecipe = VQA_HEAD_RECIPE, *, progress: bool = False
+              ) -> tuple[AnswerHead, AnswerHead, dict]:
+    """The answer head on the LiT model's region features, its twin on the symbolic truth, and their report.
+
+    Both are trained once on the train scenes (the image head on the *start* model's features), the epoch
+    chosen on the validation scenes, and then frozen. Committed (weights and report in one file).
+
+    Returns:
+        ``(image head, symbolic head, report)``; the report holds each head's validation curve and chosen
+        epoch, and on the test scenes the per-question correctness of the image head, the symbolic head and
+        the question-only prior (lists of 0/1, in the order of ``vqa_scenes()["test"]``).
+    """
+    key = _vqa_head_key(recipe)
+    path = common.cache_dir("results", "ch12") / f"vqa-heads-{common.content_hash(key, length=12)}.pt"
+
+    def build(target: Path) -> None:
+        t0 = time.process_time()
+        splits = vqa_scenes()
+        start = ContinualClip(clip.pretrained_lit(progress=False))
+        clip.imagenet_tower().precompute(*[s.items.images for s in splits.values()], threads=1)
+        report, heads = {}, {}
+        with common.torch_threads(1):
+            tables = {name: slot_table(start, s.items) for name, s in splits.items()}
+            symbolic = {name: symbolic_table(s.items) for name, s in splits.items()}
+            for kind, t in (("image", tables), ("symbolic", symbolic)):
+                head, history = train_answer_head(t["train"], splits["train"], splits["validation"], recipe,
+                                                  validation_table=t["validation"])
+                heads[kind] = head.state_dict()
+                report[kind] = {"validation": history, "epoch": int(np.argmax(history)) + 1,
+                                "test": vqa_correct(head, t["test"], splits["test"]).int().tolist()}
+            report["prior"] = {"test": prior_correct(answer_prior(splits["train"]), splits["test"]).int().tolist()}
+        report["cpu_seconds"] = time.process_time() - t0
+        with open(target, "wb") as fh:
+            torch.save({"heads": heads, "report": json.dumps(report)}, fh)
+
+    blob = torch.load(common.cached_file(path, build, committed=True), map_location="cpu", weights_only=True)
+    heads = {}
+    for kind, dim in (("image", clip.pretrained_lit(progress=False).image_proj.out_features),
+                      ("symbolic", len(data.CLASS_TEXT) + 2)):
+        heads[kind] = AnswerHead(dim, width=recipe.width)
+        heads[kind].load_state_dict(blob["heads"][kind])
+        heads[kind].eval().requires_grad_(False)
+    return heads["image"], heads["symbolic"], json.loads(blob["report"])
+
+
+VQA_METHODS = ("zero-shot", "fine-tune", "linear probe", "LwF", "WiSE-FT (paper)", "replay", "ZSCL (paper)")
+"""The methods whose VQA is tracked through the LiT stream (:func:`lit_vqa_runs`); the linear probe never changes
+the image side, so its VQA stays where it starts: a control."""
+
+
+def lit_vqa_runs(seed: int, order: Sequence[str] = data.DOMAINS, *, recipe: StepRecipe,
+                 methods: Sequence[str] = VQA_METHODS, n_train: int = 2000, n_test: int = 400,
+                 head_recipe: VqaHeadRecipe = VQA_HEAD_RECIPE, progress: bool = False) -> dict[str, dict]:
+    """The frozen answer head of :func:`vqa_heads` read through the LiT stream: VQA accuracy after every step.
+
+    Each method of ``methods`` runs on seed ``seed``'s stream in ``order`` exactly as in :func:`lit_runs` (same
+    recipe, streams, reference set; no held-out domain); before training and after each step the test scenes'
+    items are re-encoded by the current model and the frozen head answers. Committed JSON.
+
+    Returns:
+        ``{method: {"vqa": [T + 1] dicts of accuracy per type and "mean", "matrix", "zero_shot", "cpu_seconds",
+        "wall_seconds"}}`` (the last four as :func:`run_stream` returns them).
+    """
+    unknown = [m for m in methods if m not in ALL_METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from {list(ALL_METHODS)}")
+    initial = clip.pretrained_lit(progress=False)
+    recipe = dataclasses.replace(recipe, seed=int(seed))
+    key = {"code": 1, "methods": list(methods), "recipe": dataclasses.asdict(recipe), "order": list(order),
+           "n_train": n_train, "n_test": n_test, "initial": _initial_key(initial), "retention": data.ZERO_SHOT_SIZE,
+           "head": _vqa_head_key(head_recipe)}
+    tag = "".join(d[0] for d in order)
+    path = common.cache_dir("results", "ch12") / f"lit-vqa-s{seed}-{tag}-{common.content_hash(key, length=12)}.json"
+
+    def build(target: Path) -> None:
+        head, _, _ = vqa_heads(head_recipe)
+        test = vqa_scenes()["test"]
+        tasks = data.make_stream(order, n_train=n_train, n_test=n_test, seed=seed)
+        retention = data.retention_set()
+        references = [data.reference_images(recipe.n_reference, seed=seed)]
+        clip.imagenet_tower().precompute(*[x for t in tasks for x in (t.x_train, t.x_test)], retention.x_test,
+                                         *references, test.items.images, threads=1)
+
+        def read(model: ContinualClip) -> dict:
+            return vqa_accuracy(vqa_correct(head, slot_table(model, test.items), test), test)
+
+        out = {}
+        for m in methods:
+            result, _ = run_stream(m, initial, tasks, retention, recipe=recipe, progress=progress, after_step=read)
+            out[m] = {"vqa": result["after_step"], **{k: result[k] for k in ("matrix", "zero_shot", "cpu_seconds",
+                                                                             "wall_seconds")}}
         target.write_text(json.dumps(out))
 
     return json.loads(common.cached_file(path, build, committed=True).read_text())

@@ -454,6 +454,28 @@ TASK_POOL = 50_000
 """Tasks draw training images from Fashion-MNIST's first 50,000; ZSCL's reference set from the rest."""
 
 
+def _stream_orders(seed: int, n_test_images: int = 10_000) -> tuple[torch.Generator, Tensor, Tensor]:
+    """The draws :func:`make_stream` makes first: its generator, the training and the test image orders."""
+    generator = torch.Generator().manual_seed(seed)
+    train_order = torch.randperm(TASK_POOL, generator=generator)
+    test_order = ZERO_SHOT_SIZE + torch.randperm(n_test_images - ZERO_SHOT_SIZE, generator=generator)
+    return generator, train_order, test_order
+
+
+def stream_test_indices(domains: Sequence[str] = DOMAINS, *, n_test: int = 400, seed: int = 0) -> Tensor:
+    """Indices of the Fashion-MNIST *test* images that :func:`make_stream` gives its Fashion-MNIST tasks, sorted.
+
+    The digits take none; the others take ``n_test`` each, in the order the stream draws them, so the set does
+    not depend on the order of the domains, only on how many are Fashion-MNIST domains.
+
+    >>> len(stream_test_indices(("inverted", "digits"), n_test=10)), int(stream_test_indices(n_test=10).min()) >= 1000
+    (10, True)
+    """
+    n_fashion = sum(kind != "digits" for kind in domains)
+    _, _, test_order = _stream_orders(seed)
+    return test_order[: n_fashion * n_test].sort().values
+
+
 def make_stream(domains: Sequence[str] = DOMAINS, *, n_train: int = 2000, n_test: int = 400,
                 seed: int = 0) -> list[Task]:
     """The task stream: one :class:`Task` per domain, drawn deterministically from ``seed``.
@@ -474,11 +496,9 @@ def make_stream(domains: Sequence[str] = DOMAINS, *, n_train: int = 2000, n_test
         raise ValueError("the stream is empty: give at least one domain, e.g. DOMAINS")
     if n_train < 1 or n_test < 1:
         raise ValueError(f"n_train and n_test must be >= 1, got {n_train} and {n_test}")
-    generator = torch.Generator().manual_seed(seed)
     x_train, y_train = fashion_tensors("train")
     x_test, y_test = fashion_tensors("test")
-    train_order = torch.randperm(TASK_POOL, generator=generator)
-    test_order = ZERO_SHOT_SIZE + torch.randperm(len(x_test) - ZERO_SHOT_SIZE, generator=generator)
+    generator, train_order, test_order = _stream_orders(seed, len(x_test))
     tasks, used_train, used_test = [], 0, 0
     for kind in domains:
         if kind == "digits":
@@ -559,6 +579,271 @@ def reference_images(n: int = 1000, *, seed: int = 0) -> Tensor:
         raise ValueError(f"n must be in [1, {len(x) - TASK_POOL}], got {n}")
     order = TASK_POOL + torch.randperm(len(x) - TASK_POOL, generator=torch.Generator().manual_seed(seed))
     return x[order[:n]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Compositional visual questions over small scenes of Fashion-MNIST items (Chapter 12)
+# ---------------------------------------------------------------------------------------------
+
+VQA_GRID = 2
+"""Scenes are ``VQA_GRID x VQA_GRID`` slots of 28 x 28 pixels, each empty or holding one item; slot ``s`` sits at
+row ``s // VQA_GRID`` and column ``s % VQA_GRID`` (slot 0 top left, slot 3 bottom right)."""
+VQA_SLOTS = VQA_GRID * VQA_GRID
+VQA_ANSWERS = ("no", "yes", "0", "1", "2", "3", "4")
+"""The fixed answer vocabulary: every question's answer is one of these."""
+VQA_TYPES = ("presence", "count", "attribute", "spatial")
+VQA_TYPE_ANSWERS = {"presence": ("no", "yes"), "count": ("0", "1", "2", "3", "4"), "attribute": ("no", "yes"),
+                    "spatial": ("no", "yes")}
+"""The answers each question type can have (chance is one over their number)."""
+VQA_PLURALS = ("t-shirts", "pairs of trousers", "pullovers", "dresses", "coats", "sandals", "shirts", "sneakers",
+               "bags", "ankle boots")
+VQA_GROUPS = {"items": tuple(range(10)), "pieces of footwear": (5, 7, 9), "tops": (0, 2, 4, 6)}
+"""What count questions may count besides one class: every item, footwear, tops."""
+VQA_RELATIONS = ("left of", "above")
+VQA_DARKEN, VQA_P_DARKENED = 0.5, 0.25
+"""A quarter of the items have their pixels multiplied by 0.5 (always "dark" by :func:`pixel_attributes`); with the
+items dark by nature this makes about half of them dark, and darkness less tied to the class."""
+
+
+def _article(noun: str) -> str:
+    return ("an " if noun[0] in "aeiou" else "a ") + noun
+
+
+def vqa_text(question: tuple) -> str:
+    """The words of a question spec: ``("presence", c)``, ``("count", group name or class)``, ``("attribute", c)``,
+    ``("spatial", a, relation, b)``.
+
+    >>> vqa_text(("spatial", 7, "left of", 0)), vqa_text(("count", "tops")), vqa_text(("count", 9))
+    ('Is the sneaker left of the t-shirt?', 'How many tops are there?', 'How many ankle boots are there?')
+    """
+    kind = question[0]
+    if kind == "presence":
+        return f"Is there {_article(CLASS_TEXT[question[1]])}?"
+    if kind == "count":
+        what = question[1] if isinstance(question[1], str) else VQA_PLURALS[question[1]]
+        return f"How many {what} are there?"
+    if kind == "attribute":
+        return f"Is the {CLASS_TEXT[question[1]]} dark?"
+    if kind == "spatial":
+        return f"Is the {CLASS_TEXT[question[1]]} {question[2]} the {CLASS_TEXT[question[3]]}?"
+    raise ValueError(f"unknown question type {kind!r}; choose from {VQA_TYPES}")
+
+
+def vqa_answer(question: tuple, classes: Sequence[int], dark: Sequence[bool]) -> str:
+    """The true answer (a word of :data:`VQA_ANSWERS`) to a question spec (see :func:`vqa_text`) about one scene.
+
+    Args:
+        classes: ``[VQA_SLOTS]`` the class in each slot, ``-1`` for an empty slot.
+        dark: ``[VQA_SLOTS]`` whether each slot's item is dark (ignored for empty slots).
+
+    Attribute questions need their class exactly once in the scene, spatial ones both classes exactly once (else
+    "the sandal" names nothing or several items): a ``ValueError`` says so.
+
+    >>> vqa_answer(("spatial", 5, "left of", 8), [5, 8, -1, -1], [False] * 4)
+    'yes'
+    >>> vqa_answer(("count", "pieces of footwear"), [5, 7, 9, 0], [False] * 4)
+    '3'
+    """
+    classes = [int(c) for c in classes]
+    if len(classes) != VQA_SLOTS or len(dark) != VQA_SLOTS:
+        raise ValueError(f"a scene has {VQA_SLOTS} slots: give {VQA_SLOTS} classes (-1 = empty) and {VQA_SLOTS} "
+                         f"dark flags, got {len(classes)} and {len(dark)}")
+    if any(not -1 <= c < len(CLASS_TEXT) for c in classes):
+        raise ValueError(f"slot classes must lie in [-1, {len(CLASS_TEXT)}), got {classes}")
+    kind = question[0]
+    if kind == "presence":
+        return VQA_ANSWERS[int(question[1] in classes)]
+    if kind == "count":
+        members = VQA_GROUPS[question[1]] if isinstance(question[1], str) else (question[1],)
+        return str(sum(c in members for c in classes))
+
+    def the(c: int) -> int:
+        if classes.count(c) != 1:
+            raise ValueError(f"'the {CLASS_TEXT[c]}' needs exactly one {CLASS_TEXT[c]} in the scene, "
+                             f"found {classes.count(c)}")
+        return classes.index(c)
+
+    if kind == "attribute":
+        return VQA_ANSWERS[int(bool(dark[the(question[1])]))]
+    if kind == "spatial":
+        a, b = the(question[1]), the(question[3])
+        if a == b:
+            raise ValueError("a spatial question needs two different classes")
+        axis = {"left of": lambda s: s % VQA_GRID, "above": lambda s: s // VQA_GRID}[question[2]]
+        return VQA_ANSWERS[int(axis(a) < axis(b))]
+    raise ValueError(f"unknown question type {kind!r}; choose from {VQA_TYPES}")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class VqaItems:
+    """The items scenes are made of: ``images [M, 1, 28, 28]`` (normalised), ``labels [M]``, ``dark [M]`` (pixel
+    truth, :func:`pixel_attributes` tone 0), ``darkened [M]`` (drawn darker on purpose) and ``index [M]`` (their
+    Fashion-MNIST test index)."""
+
+    images: Tensor
+    labels: Tensor
+    dark: Tensor
+    darkened: Tensor
+    index: Tensor
+
+
+def vqa_items(*, exclude_seeds: Sequence[int], n_test: int = 400, domains: Sequence[str] = DOMAINS,
+              seed: int = 0) -> VqaItems:
+    """Fashion-MNIST test images that neither the retention set nor the streams of ``exclude_seeds`` use.
+
+    The candidates are test images ``[ZERO_SHOT_SIZE, 10000)`` (the retention set and the held-out domain are
+    the first ``ZERO_SHOT_SIZE``) minus :func:`stream_test_indices` of every excluded seed; no training image
+    is used, so neither pre-training nor ZSCL's reference set has seen them. A random :data:`VQA_P_DARKENED` of
+    them are darkened (pixels times :data:`VQA_DARKEN`), and ``dark`` is measured on the final pixels.
+    """
+    if len(exclude_seeds) == 0:
+        raise ValueError("exclude_seeds is empty: name the seeds of the streams the items must stay out of")
+    x, y = fashion_tensors("test")
+    used = torch.cat([stream_test_indices(domains, n_test=n_test, seed=s) for s in exclude_seeds])
+    keep = torch.ones(len(x), dtype=torch.bool)
+    keep[:ZERO_SHOT_SIZE] = False
+    keep[used] = False
+    index = torch.nonzero(keep)[:, 0]
+    darkened = torch.rand(len(index), generator=torch.Generator().manual_seed(seed)) < VQA_P_DARKENED
+    pixels = unnormalise(x[index])
+    pixels[darkened] = pixels[darkened] * VQA_DARKEN
+    images = _renormalise(pixels)
+    dark = pixel_attributes(images, y[index])["tone"] == 0
+    return VqaItems(images, y[index], dark, darkened, index)
+
+
+def _split_items(items: VqaItems, rows: Tensor) -> VqaItems:
+    return VqaItems(*(getattr(items, f.name)[rows] for f in dataclasses.fields(VqaItems)))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Scenes:
+    """Scenes and their questions.
+
+    ``items``: a :class:`VqaItems`; ``slots [S, VQA_SLOTS]``: the item in each slot (``-1``: empty);
+    ``scene [Q]``, ``kind [Q]`` (index into :data:`VQA_TYPES`), ``text`` (``Q`` strings), ``answer [Q]`` (index
+    into :data:`VQA_ANSWERS`) for the questions.
+    """
+
+    items: VqaItems
+    slots: Tensor
+    scene: Tensor
+    kind: Tensor
+    text: tuple[str, ...]
+    answer: Tensor
+
+    def slot_classes(self) -> Tensor:
+        """``[S, VQA_SLOTS]`` class per slot, ``-1`` when empty."""
+        return torch.where(self.slots >= 0, self.items.labels[self.slots.clamp_min(0)], -1)
+
+    def slot_dark(self) -> Tensor:
+        """``[S, VQA_SLOTS]`` darkness per slot (False when empty)."""
+        return (self.slots >= 0) & self.items.dark[self.slots.clamp_min(0)]
+
+    def canvas(self, i: int) -> Tensor:
+        """Scene ``i`` as one picture, ``[56, 56]`` pixels in [0, 1] (empty slots black)."""
+        side = VQA_GRID * IMAGE_SIZE
+        out = torch.zeros(side, side)
+        for s, item in enumerate(self.slots[i].tolist()):
+            if item >= 0:
+                r, c = divmod(s, VQA_GRID)
+                out[r * IMAGE_SIZE:(r + 1) * IMAGE_SIZE, c * IMAGE_SIZE:(c + 1) * IMAGE_SIZE] = unnormalise(
+                    self.items.images[item : item + 1])[0]
+        return out
+
+
+def _draw_scene(by_class: list[np.ndarray], rng: np.random.Generator) -> list[int]:
+    """One scene's slots: 0-4 items, their classes mixed (half the scenes), from one group or one class."""
+    k = int(rng.choice(VQA_SLOTS + 1, p=[0.1] + [0.225] * VQA_SLOTS))
+    theme = rng.random()
+    if theme < 0.5:
+        classes = rng.integers(len(CLASS_TEXT), size=k)
+    elif theme < 0.8:
+        group = VQA_GROUPS[("pieces of footwear", "tops")[int(rng.integers(2))]]
+        classes = rng.choice(group, size=k)
+    else:
+        classes = np.full(k, rng.integers(len(CLASS_TEXT)))
+    slots = [-1] * VQA_SLOTS
+    chosen: set[int] = set()
+    for s, c in zip(rng.permutation(VQA_SLOTS)[:k], classes, strict=True):
+        pool = [i for i in by_class[c] if i not in chosen] or list(by_class[c])
+        item = int(pool[int(rng.integers(len(pool)))])
+        chosen.add(item)
+        slots[int(s)] = item
+    return slots
+
+
+def _candidates(classes: list[int]) -> list[tuple[str, tuple]]:
+    """Every question one may ask about a scene, with the key its answers are balanced within."""
+    out = [(f"presence {c}", ("presence", c)) for c in range(len(CLASS_TEXT))]
+    out += [("count items", ("count", "items"))]
+    out += [("count group", ("count", g)) for g in VQA_GROUPS if g != "items"]
+    out += [("count class", ("count", c)) for c in range(len(CLASS_TEXT))]
+    once = [c for c in range(len(CLASS_TEXT)) if classes.count(c) == 1]
+    out += [(f"attribute {c}", ("attribute", c)) for c in once]
+    out += [(f"spatial {rel}", ("spatial", a, rel, b)) for rel in VQA_RELATIONS for a in once for b in once if a != b]
+    return out
+
+
+def make_scenes(items: VqaItems, n_scenes: int, *, seed: int = 0) -> Scenes:
+    """``n_scenes`` random scenes of ``items`` and templated questions about them, answers balanced.
+
+    Each scene holds 0-4 items (no item twice); half the scenes mix classes freely, the others draw from one
+    group (footwear or tops) or repeat one class, so that counts above one occur. Every question that can be
+    asked (:func:`_candidates`) is a candidate; within each balancing key (presence and attribute: the
+    question; count: items, groups or classes; spatial: the relation) every possible answer gets the same
+    number of questions, at most ``n_scenes // (keys of the type x answers of the type)``, drawn at random.
+    """
+    if n_scenes < 1:
+        raise ValueError(f"n_scenes must be >= 1, got {n_scenes}")
+    if len(items.labels) == 0:
+        raise ValueError("no items to build scenes from")
+    rng = np.random.default_rng(seed)
+    labels = items.labels.numpy()
+    by_class = [np.nonzero(labels == c)[0] for c in range(len(CLASS_TEXT))]
+    if any(len(b) == 0 for b in by_class):
+        raise ValueError("every class needs at least one item to build scenes from")
+    slots = [_draw_scene(by_class, rng) for _ in range(n_scenes)]
+    dark = items.dark.numpy()
+    pools: dict[tuple[str, str], list[tuple[int, tuple]]] = {}
+    for i, s in enumerate(slots):
+        classes = [int(labels[j]) if j >= 0 else -1 for j in s]
+        flags = [bool(dark[j]) if j >= 0 else False for j in s]
+        for key, q in _candidates(classes):
+            pools.setdefault((key, vqa_answer(q, classes, flags)), []).append((i, q))
+    chosen: list[tuple[int, tuple, str]] = []
+    for kind in VQA_TYPES:
+        answers = VQA_TYPE_ANSWERS[kind]
+        keys = sorted({k for k, _ in pools if k.split()[0] == kind})
+        cap = max(1, n_scenes // (len(keys) * len(answers)))
+        for key in keys:
+            n = min([cap] + [len(pools.get((key, a), [])) for a in answers])
+            for a in answers:
+                pool = pools.get((key, a), [])
+                chosen += [(*pool[j], a) for j in sorted(rng.choice(len(pool), size=n, replace=False))]
+    chosen.sort(key=lambda t: t[0])
+    return Scenes(items, torch.tensor(slots, dtype=torch.long), torch.tensor([c[0] for c in chosen]),
+                  torch.tensor([VQA_TYPES.index(c[1][0]) for c in chosen]), tuple(vqa_text(c[1]) for c in chosen),
+                  torch.tensor([VQA_ANSWERS.index(c[2]) for c in chosen]))
+
+
+VQA_SPLITS = {"train": 4000, "validation": 1000, "test": 1000}
+"""Scenes per split; each split draws from its own items (:func:`vqa_splits`)."""
+
+
+def vqa_splits(*, exclude_seeds: Sequence[int], n_test: int = 400, seed: int = 0,
+               sizes: dict[str, int] | None = None) -> dict[str, Scenes]:
+    """Train, validation and test scenes over disjoint items of :func:`vqa_items` (about 60/15/25 %)."""
+    sizes = dict(VQA_SPLITS if sizes is None else sizes)
+    if set(sizes) != set(VQA_SPLITS):
+        raise ValueError(f"sizes must give scenes for {list(VQA_SPLITS)}, got {list(sizes)}")
+    items = vqa_items(exclude_seeds=exclude_seeds, n_test=n_test, seed=seed)
+    order = torch.randperm(len(items.labels), generator=torch.Generator().manual_seed(seed))
+    n_val, n_test_items = len(order) * 15 // 100, len(order) * 25 // 100
+    parts = {"train": order[n_val + n_test_items :], "validation": order[:n_val],
+             "test": order[n_val : n_val + n_test_items]}
+    return {name: make_scenes(_split_items(items, parts[name].sort().values), sizes[name], seed=seed + k)
+            for k, name in enumerate(VQA_SPLITS)}
 
 
 # ---------------------------------------------------------------------------------------------
