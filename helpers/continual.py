@@ -18,7 +18,9 @@ holds:
   reference scripts (:data:`PAPER_SETTINGS`);
 * the two distillation losses as functions (:func:`lwf_loss`, :func:`zscl_loss`);
 * the ZSCL **metrics** of an accuracy matrix (:func:`stream_metrics`: Transfer, Avg, Last, forgetting);
-* yes/no **visual questions** answered zero-shot through text prompts (:func:`answer_questions`);
+* yes/no **questions through prompts**, answered zero-shot by sums of class probabilities (:func:`answer_questions`);
+* a small **compositional VQA** task on the LiT model: a frozen answer head (:class:`AnswerHead`, :func:`vqa_heads`)
+  reads region features of 2 x 2 scenes, and :func:`lit_vqa_runs` re-reads them after every step of the stream;
 * committed multi-seed studies: every method over several seeds (:func:`seed_runs`) and fine-tuning
   learning curves on a validation part of each task (:func:`learning_curves`).
 
@@ -44,7 +46,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from helpers import clip, common, data
+from helpers import clip, common, data, stats
 
 # ---------------------------------------------------------------------------------------------
 # The model: FashionClip + optional per-task heads + optional prompt context
@@ -1546,6 +1548,28 @@ def vqa_accuracy(correct: Tensor, scenes: data.Scenes) -> dict[str, float]:
            if (scenes.kind == k).any()}
     out["mean"] = float(np.mean(list(out.values())))
     return out
+
+
+def vqa_mean_ci(correct: Tensor | np.ndarray, scenes: data.Scenes, *, n_resamples: int = 2000,
+                seed: int = 0) -> stats.Estimate:
+    """The mean accuracy over question types with a percentile bootstrap over *scenes* (a scene's questions stay
+    together; each resample recomputes every type's accuracy, then their mean), 95 %.
+
+    """
+    correct = np.asarray(correct, dtype=np.float64)
+    if correct.shape != tuple(scenes.answer.shape):
+        raise ValueError(f"correct must be [{len(scenes.answer)}] (one per question), got {correct.shape}")
+    scene, kind = scenes.scene.numpy(), scenes.kind.numpy()
+    asked = np.unique(kind)
+    hits, total = np.zeros((len(scenes.slots), len(asked))), np.zeros((len(scenes.slots), len(asked)))
+    np.add.at(hits, (scene, np.searchsorted(asked, kind)), correct)
+    np.add.at(total, (scene, np.searchsorted(asked, kind)), 1.0)
+    draws = np.random.default_rng(seed).integers(len(scenes.slots), size=(n_resamples, len(scenes.slots)))
+    dist = (hits[draws].sum(1) / np.maximum(total[draws].sum(1), 1)).mean(1)   # [resample]
+    value = float((hits.sum(0) / total.sum(0)).mean())
+    lo, hi = np.quantile(dist, [0.025, 0.975])
+    return stats.Estimate(value, min(lo, value), max(hi, value), n=len(correct),
+                          method=f"bootstrap 95 % over {len(scenes.slots)} scenes")
 
 
 def answer_prior(scenes: data.Scenes) -> dict[str, int]:

@@ -11,7 +11,8 @@ importing the other chapter's module. It holds:
 * the captions of the CLIP-style model (:func:`pixel_attributes`, :func:`caption_table`,
   :func:`sample_captions`; Chapters 10-12);
 * the continual-learning task stream (:class:`Task`, :func:`make_stream`, :func:`retention_set`,
-  :func:`reference_images`; Chapter 12);
+  :func:`reference_images`; Chapter 12) and the compositional VQA scenes over items it does not use
+  (:func:`vqa_splits`, :func:`make_scenes`, :func:`vqa_answer`; Chapter 12);
 * the simulated shop (:func:`simulate_shop`, :class:`ShopConfig`, :func:`split_train_valid_test`;
   Chapters 9, 14).
 

@@ -114,6 +114,11 @@ def test_tables_prior_and_accuracy_on_a_tiny_case(splits):
     assert continual.prior_correct({"Is there a bag?": 1}, tiny).tolist() == [True, False]
     acc = continual.vqa_accuracy(torch.tensor([True, False]), tiny)
     assert acc == {"presence": 1.0, "count": 0.0, "mean": 0.5}
+    everything = continual.vqa_mean_ci(torch.ones(len(test.answer)), test)
+    assert (everything.value, everything.lo, everything.hi) == (1.0, 1.0, 1.0)
+    kinds = test.kind.numpy()
+    half = continual.vqa_mean_ci(kinds % 2 == 0, test)      # presence and attribute right, count and spatial wrong
+    assert half.value == pytest.approx(0.5) and half.lo <= 0.5 <= half.hi
     head = continual.AnswerHead(12, width=16)
     logits = head(*continual._inputs(table, tiny, torch.arange(2)))
     assert logits.shape == (2, len(data.VQA_ANSWERS))
