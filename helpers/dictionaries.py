@@ -908,6 +908,59 @@ def epoch_study(*, log=print) -> dict:
     return torch.load(common.cached_file(path, build, committed=True), weights_only=True)
 
 
+DATA_STUDY = {"seeds": [0, 1, 2], "samples": 1000000, "v": 1}
+"""More distinct tokens at equal compute (:func:`data_study`): training seeds and Adam samples per run."""
+
+
+def extra_austen_sentences() -> list[str]:
+    """Every Austen sentence in the recipe's length range (6-40 words) that :func:`minilm_sentences` leaves out."""
+    from helpers.assets import austen_novels
+
+    sents = [s.replace("\n", " ").strip() for text in austen_novels().values() for s in _SENT.split(text)]
+    sents = [s for s in sents if 6 <= len(s.split()) <= 40]
+    used = set(np.linspace(0, len(sents) - 1, RECIPE["minilm"]["n_austen"]).astype(int).tolist())
+    return [s for i, s in enumerate(sents) if i not in used]
+
+
+def data_study(*, log=print) -> dict:
+    """Do more *distinct* tokens help where more passes stop paying? MiniLM's chosen TopK SAE trained on
+    ``DATA_STUDY["samples"]`` Adam samples (two passes of the recipe) two ways, per seed: **two passes** over the
+    recipe's training tokens, or **more tokens** — one draw of that many samples from the recipe's training tokens
+    plus every further Austen sentence (:func:`extra_austen_sentences`, training only: the test tokens are the
+    recipe's). Same batch size, learning rate and seeds; scored on the recipe's test tokens. Committed under
+    ``results/ch6c``.
+
+    Returns:
+        ``{"distinct": {arm: int}, "runs": {arm: {seed: {"fvu", "l0", "dead", "dense"}}}}``.
+    """
+    from helpers.assets import minilm
+
+    def build(path: Path) -> None:
+        r = RECIPE["minilm"]
+        k = int(load_artefact("minilm")["chosen"]["topk"].split("-")[1])
+        x, keep = _minilm_activations(log)
+        model, tok = minilm()
+        log("harvesting the further Austen sentences")
+        h = harvest(model, batches_of(tok, extra_austen_sentences(), batch_size=128, max_length=r["max_length"]),
+                    site=r["site"])
+        extra = h[r["site"]][~torch.isin(h["input_ids"], torch.tensor(tok.all_special_ids))]
+        pool = torch.cat([x[keep["train"]], extra])
+        arms = {"two passes": (_draw(x[keep["train"]], r["max_train"]), 2),
+                "more tokens": (_draw(pool, DATA_STUDY["samples"]), 1)}
+        out = {"distinct": {"two passes": min(r["max_train"], int(keep["train"].sum())),
+                            "more tokens": min(DATA_STUDY["samples"], len(pool))}, "runs": {a: {} for a in arms}}
+        for seed in DATA_STUDY["seeds"]:
+            for arm, (data, epochs) in arms.items():
+                log(f"MiniLM, {arm}, seed {seed}")
+                sae, _ = train_sae(data, d_sae=r["d_sae"], kind="topk", k=k, epochs=epochs,
+                                   batch_size=RECIPE["batch_size"], lr=RECIPE["lr"], seed=seed)
+                out["runs"][arm][seed] = _seed_metrics(load_dictionary(_state(sae)), x[keep["test"]])
+        torch.save(out, path)
+
+    path = _study_path("data", _chosen_recipe(DATA_STUDY))
+    return torch.load(common.cached_file(path, build, committed=True), weights_only=True)
+
+
 @torch.no_grad()
 def pooled_codes(encoder: nn.Module, batches: Sequence[dict], *, site: str, special_ids: Sequence[int],
                  sae: SparseAutoencoder | None = None, chunk: int = 8192) -> np.ndarray:

@@ -1605,8 +1605,8 @@ def meta_evaluation_study(model: torch.nn.Module, images: Tensor, *, black: floa
     minutes of CPU to rebuild).
 
     Returns:
-        ``{"target": [item], "clean": {method: {metric: [item]}},
-        "tests": {test: [{"predicted": [item], "scores": {method: {metric: [item]}}} per draw]}}``.
+        a dict: ``"target"`` ``[item]``, ``"clean"`` ``{method: {metric: [item]}}`` and ``"tests"``
+        ``{test: [one dict per draw]}``, each draw ``{"predicted": [item], "scores": {method: {metric: [item]}}}``.
     """
     import json
 

@@ -1192,6 +1192,54 @@ def rounding_noise_results(model: nn.Module, windows: Tensor, *, seeds: Sequence
                              lambda: rounding_noise_study(model, windows, seeds=seeds, k=k))
 
 
+def top1_agreement(model: nn.Module, windows: Tensor, *, batch_size: int = 20, min_position: int = 1) -> dict:
+    """Geva et al.'s key-value agreement of every memory: does its value's top token equal the token that follows
+    its top trigger? Mines the top trigger of every memory over ``windows`` (:func:`mine_triggers`, one trigger
+    per window) and projects every value (:func:`value_summary`).
+
+    Returns:
+        ``{"hit": [layer, d_mlp] bool, "valid": [layer, d_mlp] bool}`` (valid: the top trigger is not a window's
+        last token).
+    """
+    t = mine_triggers(model, windows, k=1, batch_size=batch_size, min_position=min_position)
+    top1 = value_summary(model, k=1)["top1"]                                          # [layer, d_mlp]
+    pos = t.pos[..., 0]
+    valid = pos + 1 < windows.shape[1]
+    following = windows[t.doc[..., 0], (pos + 1).clamp(max=windows.shape[1] - 1)]     # [layer, d_mlp]
+    return {"hit": (top1 == following) & valid, "valid": valid}
+
+
+def rounding_agreement_study(model: nn.Module, windows: Tensor, *, seeds: Sequence[int] = (0, 1, 2),
+                             batch_size: int = 20, min_position: int = 1, schemes: Mapping[str, str] | None = None,
+                             block: int = QUANT_BLOCK) -> dict:
+    """Key-value agreement by layer (:func:`top1_agreement`) on the model as it is and with a second rounding
+    error (:func:`rounding_noise`) of each seed: does the chapter's layer curve survive an error of the size
+    de-quantisation left? Per memory, so the two can be paired. ``schemes`` and ``block`` are passed to
+    :func:`rounding_noise`.
+
+    Returns:
+        ``{"base": {"hit", "valid"}, "noisy": {"hit", "valid"}}``, the noisy ones ``[seed, layer, d_mlp]``.
+    """
+    from helpers import common
+
+    with common.torch_threads(common.free_cores()):
+        base = top1_agreement(model, windows, batch_size=batch_size, min_position=min_position)
+        noisy = []
+        for seed in seeds:
+            with rounding_noise(model, seed=seed, schemes=schemes, block=block):
+                noisy.append(top1_agreement(model, windows, batch_size=batch_size, min_position=min_position))
+    return {"base": base, "noisy": {k: torch.stack([n[k] for n in noisy]) for k in ("hit", "valid")}}
+
+
+def rounding_agreement_results(model: nn.Module, windows: Tensor, *, seeds: Sequence[int] = (0, 1, 2),
+                               key: str | None = None) -> dict:
+    """:func:`rounding_agreement_study`, committed with the book and verified by SHA-256 (named by its recipe)."""
+    recipe = {"study": "rounding-agreement", "model": key or model_key(model), "windows": tokens_key(windows),
+              "seeds": list(seeds), "schemes": GGUF_SCHEMES, "block": QUANT_BLOCK, "min_position": 1}
+    return _committed_result("rounding-agreement", recipe,
+                             lambda: rounding_agreement_study(model, windows, seeds=seeds))
+
+
 def held_out_mass(model: nn.Module, prompts: Sequence[Sequence[int]], token_ids: Sequence[int], *, pad_id: int = 0,
                   edit=None) -> Tensor:
     """P(the next token is one of ``token_ids``) after each prompt, in %, with ``edit`` (a context manager) active.

@@ -458,3 +458,36 @@ def test_knockout_study_draws_memories_with_their_triggers_and_controls():
         assert set(zip(out["doc"][i].tolist(), out["pos"][i].tolist(), strict=True)) <= set(
             zip(trig["doc"][l, d].tolist(), trig["pos"][l, d].tolist(), strict=True))
     assert not torch.allclose(out["knocked"], out["clean"]) and not torch.allclose(out["control_knocked"], out["clean"])
+
+
+def test_top1_agreement_is_the_value_top_token_against_the_token_after_the_top_trigger_by_brute_force():
+    model, windows = _llama(), _windows(n=6, length=9)
+    got = ffn.top1_agreement(model, windows, batch_size=4)
+    coef = _all_coefficients(model, windows)                       # [layer, window, pos, d_mlp]
+    top1 = ffn.value_summary(model, k=1)["top1"]
+    for layer in range(LAYERS):
+        c = coef[layer][:, 1:]                                               # min_position = 1
+        best = c.reshape(-1, D_MLP).argmax(0)                      # flat (window, pos - 1) of each memory's top
+        win, pos = best // c.shape[1], best % c.shape[1] + 1
+        valid = pos + 1 < windows.shape[1]
+        following = windows[win, (pos + 1).clamp(max=windows.shape[1] - 1)]
+        assert torch.equal(got["valid"][layer], valid)
+        assert torch.equal(got["hit"][layer], (top1[layer] == following) & valid)
+    assert got["hit"].shape == (LAYERS, D_MLP) and not (got["hit"] & ~got["valid"]).any()
+
+
+def test_rounding_agreement_study_pairs_the_model_with_each_seed():
+    model = _llama()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("_proj.weight"):
+                p.copy_(_on_q4_1_grid(p, block=8)[0])
+    windows = _windows(n=4, length=8)
+    schemes = {"_proj.weight": "Q4_1"}
+    study = ffn.rounding_agreement_study(model, windows, seeds=(0, 1), batch_size=2, schemes=schemes, block=8)
+    with ffn.rounding_noise(model, seed=1, schemes=schemes, block=8):
+        one = ffn.top1_agreement(model, windows, batch_size=2)
+    base = ffn.top1_agreement(model, windows, batch_size=2)
+    assert torch.equal(study["base"]["hit"], base["hit"]) and torch.equal(study["base"]["valid"], base["valid"])
+    assert study["noisy"]["hit"].shape == (2, LAYERS, D_MLP)
+    assert torch.equal(study["noisy"]["hit"][1], one["hit"])
