@@ -1256,6 +1256,14 @@ def lit_curves(seed: int = 0, *, n_val: int = 400, recipe: StepRecipe = StepReci
     return json.loads(common.cached_file(path, build, committed=True).read_text())
 
 
+def _lit_start(methods: Sequence[str], seed: int, recipe: StepRecipe) -> tuple[clip.LitClip, StepRecipe]:
+    """The LiT studies' start: ``methods`` checked, the pretrained LiT model, ``recipe`` with its seed set."""
+    unknown = [m for m in methods if m not in ALL_METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from {list(ALL_METHODS)}")
+    return clip.pretrained_lit(progress=False), dataclasses.replace(recipe, seed=int(seed))
+
+
 def lit_runs(seed: int, order: Sequence[str] = data.DOMAINS, *, recipe: StepRecipe,
              methods: Sequence[str] = LIT_METHODS, held_out: str = "flipped", n_train: int = 2000, n_test: int = 400,
              progress: bool = False) -> dict[str, dict]:
@@ -1268,11 +1276,7 @@ def lit_runs(seed: int, order: Sequence[str] = data.DOMAINS, *, recipe: StepReci
     Returns:
         ``{method: result}`` as :func:`run_stream` returns it.
     """
-    unknown = [m for m in methods if m not in ALL_METHODS]
-    if unknown:
-        raise ValueError(f"unknown methods {unknown}; choose from {list(ALL_METHODS)}")
-    initial = clip.pretrained_lit(progress=False)
-    recipe = dataclasses.replace(recipe, seed=int(seed))
+    initial, recipe = _lit_start(methods, seed, recipe)
     key = {"code": 1, "methods": list(methods), "recipe": dataclasses.asdict(recipe), "order": list(order),
            "held_out": held_out, "n_train": n_train, "n_test": n_test, "initial": _initial_key(initial),
            "retention": data.ZERO_SHOT_SIZE, "questions": [q.text for q in QUESTIONS]}
@@ -1695,14 +1699,10 @@ def lit_vqa_runs(seed: int, order: Sequence[str] = data.DOMAINS, *, recipe: Step
     items are re-encoded by the current model and the frozen head answers. Committed JSON.
 
     Returns:
-        ``{method: {"vqa": [T + 1] dicts of accuracy per type and "mean", "matrix", "zero_shot", "cpu_seconds",
-        "wall_seconds"}}`` (the last four as :func:`run_stream` returns them).
+        ``{method: result}``, each result with ``"vqa"`` (``[T + 1]`` dicts of accuracy per type and ``"mean"``)
+        and ``"matrix"``, ``"zero_shot"``, ``"cpu_seconds"``, ``"wall_seconds"`` as :func:`run_stream` returns them.
     """
-    unknown = [m for m in methods if m not in ALL_METHODS]
-    if unknown:
-        raise ValueError(f"unknown methods {unknown}; choose from {list(ALL_METHODS)}")
-    initial = clip.pretrained_lit(progress=False)
-    recipe = dataclasses.replace(recipe, seed=int(seed))
+    initial, recipe = _lit_start(methods, seed, recipe)
     key = {"code": 1, "methods": list(methods), "recipe": dataclasses.asdict(recipe), "order": list(order),
            "n_train": n_train, "n_test": n_test, "initial": _initial_key(initial), "retention": data.ZERO_SHOT_SIZE,
            "head": _vqa_head_key(head_recipe)}
