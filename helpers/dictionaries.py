@@ -499,13 +499,22 @@ SmolLM2 tokens; the recipe trains on 500,000 and 390,000 of them."""
 _SENT = re.compile(r"(?<=[.!?])\s+")
 
 
-def austen_sentences(n: int, *, min_words: int = 6, max_words: int = 40) -> list[str]:
-    """``n`` sentences spread evenly over Austen's novels (deterministic)."""
+def _austen_pool(min_words: int = 6, max_words: int = 40) -> list[str]:
+    """Every sentence of Austen's novels with ``min_words`` to ``max_words`` words, in order."""
     from helpers.assets import austen_novels
 
     sents = [s.replace("\n", " ").strip() for text in austen_novels().values() for s in _SENT.split(text)]
-    sents = [s for s in sents if min_words <= len(s.split()) <= max_words]
-    return [sents[i] for i in np.linspace(0, len(sents) - 1, n).astype(int)]
+    return [s for s in sents if min_words <= len(s.split()) <= max_words]
+
+
+def _spread(n_pool: int, n: int) -> np.ndarray:
+    return np.linspace(0, n_pool - 1, n).astype(int)
+
+
+def austen_sentences(n: int, *, min_words: int = 6, max_words: int = 40) -> list[str]:
+    """``n`` sentences spread evenly over Austen's novels (deterministic)."""
+    sents = _austen_pool(min_words, max_words)
+    return [sents[i] for i in _spread(len(sents), n)]
 
 
 def minilm_sentences() -> list[str]:
@@ -914,11 +923,8 @@ DATA_STUDY = {"seeds": [0, 1, 2], "samples": 1000000, "v": 1}
 
 def extra_austen_sentences() -> list[str]:
     """Every Austen sentence in the recipe's length range (6-40 words) that :func:`minilm_sentences` leaves out."""
-    from helpers.assets import austen_novels
-
-    sents = [s.replace("\n", " ").strip() for text in austen_novels().values() for s in _SENT.split(text)]
-    sents = [s for s in sents if 6 <= len(s.split()) <= 40]
-    used = set(np.linspace(0, len(sents) - 1, RECIPE["minilm"]["n_austen"]).astype(int).tolist())
+    sents = _austen_pool()
+    used = set(_spread(len(sents), RECIPE["minilm"]["n_austen"]).tolist())
     return [s for i, s in enumerate(sents) if i not in used]
 
 
