@@ -1557,9 +1557,7 @@ def vqa_accuracy(correct: Tensor, scenes: data.Scenes) -> dict[str, float]:
 def vqa_mean_ci(correct: Tensor | np.ndarray, scenes: data.Scenes, *, n_resamples: int = 2000,
                 seed: int = 0) -> stats.Estimate:
     """The mean accuracy over question types with a percentile bootstrap over *scenes* (a scene's questions stay
-    together; each resample recomputes every type's accuracy, then their mean), 95 %.
-
-    """
+    together; each resample recomputes every type's accuracy, then their mean), 95 %."""
     correct = np.asarray(correct, dtype=np.float64)
     if correct.shape != tuple(scenes.answer.shape):
         raise ValueError(f"correct must be [{len(scenes.answer)}] (one per question), got {correct.shape}")

@@ -1677,8 +1677,8 @@ def meta_scores(study: dict, *, recipe: dict = META, controls: bool = True, seed
                 kept = predicted == target if kind == "resilience" else predicted != target
                 for metric in metrics:
                     if metric == "random":
-                        q, q_hat, higher = gen.random(clean["plausibility AUC"].shape), None, True
-                        q_hat = gen.random(q.shape)
+                        shape = clean["plausibility AUC"].shape
+                        q, q_hat, higher = gen.random(shape), gen.random(shape), True
                     elif metric == "frozen":
                         q = q_hat = clean["plausibility AUC"]
                         higher = True

@@ -272,12 +272,18 @@ def test_quantisation_steps_recover_the_grid_of_a_rounded_matrix():
         ffn.quantisation_steps(w, scheme="Q5_K", block=4)
 
 
-def test_rounding_noise_has_the_size_of_one_rounding_error_and_is_undone():
+def _llama_on_q4_1_grid():
+    """A tiny Llama with every projection on a Q4_1 grid of 8-weight blocks, as a de-quantised GGUF model."""
     model = _llama()
-    with torch.no_grad():                                               # put every projection on a Q4_1 grid
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("_proj.weight"):
                 p.copy_(_on_q4_1_grid(p, block=8)[0])
+    return model
+
+
+def test_rounding_noise_has_the_size_of_one_rounding_error_and_is_undone():
+    model = _llama_on_q4_1_grid()
     schemes = {"_proj.weight": "Q4_1"}
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     w = model.model.layers[0].mlp.up_proj.weight
@@ -348,11 +354,7 @@ def test_committed_results_are_named_by_their_recipe(tmp_path, monkeypatch):
 
 
 def test_rounding_noise_study_compares_each_seed_with_the_model():
-    model = _llama()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("_proj.weight"):
-                p.copy_(_on_q4_1_grid(p, block=8)[0])
+    model = _llama_on_q4_1_grid()
     windows = _windows(n=3, length=8)
     study = ffn.rounding_noise_study(model, windows, seeds=(0, 1), k=3, batch_size=2,
                                      schemes={"_proj.weight": "Q4_1"}, block=8)
@@ -477,11 +479,7 @@ def test_top1_agreement_is_the_value_top_token_against_the_token_after_the_top_t
 
 
 def test_rounding_agreement_study_pairs_the_model_with_each_seed():
-    model = _llama()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("_proj.weight"):
-                p.copy_(_on_q4_1_grid(p, block=8)[0])
+    model = _llama_on_q4_1_grid()
     windows = _windows(n=4, length=8)
     schemes = {"_proj.weight": "Q4_1"}
     study = ffn.rounding_agreement_study(model, windows, seeds=(0, 1), batch_size=2, schemes=schemes, block=8)
