@@ -232,6 +232,35 @@ def commit_cached(path: str | os.PathLike) -> Path:
     return target
 
 
+def check_rerun(live, committed, *, what: str, atol: float = 0.1, min_same: float = 0.995) -> str:
+    """Compare the logits ``[N, C]`` of a model retrained live with its committed copy's; return a sentence on how close.
+
+    Training for several epochs amplifies the last bits of the CPU's arithmetic (thread count, AVX2 or AVX-512
+    kernels): a rerun on another machine moves logits by up to a few hundredths while a different recipe or
+    input moves them by whole units and changes many predictions. So the check asks for both a small largest
+    gap (``atol``) and the same predicted class on at least ``min_same`` of the rows.
+
+    Raises:
+        AssertionError: naming ``what``, when the rerun is further from the committed copy than that.
+        ValueError: on tensors of different shapes, not 2-D, or with NaN.
+    """
+    import torch
+
+    live, committed = torch.as_tensor(live).detach().float(), torch.as_tensor(committed).detach().float()
+    if live.shape != committed.shape or live.ndim != 2 or len(live) == 0:
+        raise ValueError(f"need two [N, C] logit tensors of the same shape, got {tuple(live.shape)} and "
+                         f"{tuple(committed.shape)}")
+    if torch.isnan(live).any() or torch.isnan(committed).any():
+        raise ValueError("the logits hold NaN")
+    gap = float((live - committed).abs().max())
+    same = float((live.argmax(1) == committed.argmax(1)).float().mean())
+    if not (gap < atol and same >= min_same):
+        raise AssertionError(f"the committed {what} does not match a live run: logits differ by up to {gap:.2e} "
+                             f"(allowed {atol}), {100 * same:.2f} % of the predictions agree (need {100 * min_same} %)")
+    return (f"{what}: retrained live; its logits differ from the committed ones by at most {gap:.2f} and "
+            f"{100 * same:.1f} % of its predicted classes are the same")
+
+
 def print_table(rows, *, max_colwidth: int = 110, width: int = 300, index: bool = False) -> None:
     """Print a whole table, long cells cut at ``max_colwidth`` characters: the chapters' paper-vs-here tables.
 

@@ -1179,11 +1179,12 @@ def cav_tests(image_emb: Tensor, tests: Mapping[str, tuple[np.ndarray, object]],
 
 
 def cav_tests_results(image_emb: Tensor, tests: Mapping[str, tuple[np.ndarray, object]], *, n_runs: int = 10,
-                      truth: Sequence[Tensor] = ()) -> dict[str, CavTest]:
-    """:func:`cav_tests`, committed under ``helpers/weights/results/ch11/cavtests-<hash>.pt``.
+                      truth: Sequence[Tensor] = (), name: str = "cavtests") -> dict[str, CavTest]:
+    """:func:`cav_tests`, committed under ``helpers/weights/results/ch11/<name>-<hash>.pt``.
 
     Named by the tests, ``n_runs``, each test's positives and the integer ``truth`` the statistics read (labels,
-    pixel rules); the embeddings are floats, so the notebook recomputes one test live and compares it.
+    pixel rules); the embeddings are floats, so the notebook recomputes one test live and compares it. The same
+    tests in another embedding space need another ``name``: the hash does not see the embeddings.
     """
     key = {"n_runs": n_runs, "tests": list(tests), "shape": list(image_emb.shape),
            "inputs": tensor_digest([torch.as_tensor(np.asarray(p, dtype=np.int64)) for p, _ in tests.values()]
@@ -1192,7 +1193,7 @@ def cav_tests_results(image_emb: Tensor, tests: Mapping[str, tuple[np.ndarray, o
     def build(path) -> None:
         torch.save(cav_tests(image_emb, tests, n_runs=n_runs), path)
 
-    results = _committed_results("cavtests", key, build)
+    results = _committed_results(name, key, build)
     return {n: CavTest(r["concept"].numpy(), r["random"].numpy(), float(r["t"]), float(r["p"]))
             for n, r in results.items()}
 
@@ -1263,6 +1264,148 @@ def self_training_results(x_lab: Tensor, y_lab: Tensor, x_unlab: Tensor, x_unlab
     out["ceiling"] = _unpack_probe(results["ceiling"])
     out["seconds"] = float(results["seconds"])
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The real 1 % regime: a generic locked tower; captions and labels of the 1 % only
+# --------------------------------------------------------------------------------------------------
+
+ONE_PERCENT_LIT = clip.LitRecipe(epochs=200.0, batch_size=64, warmup_steps=40, n_train=None)
+"""Chapter 12's LiT recipe for the labelled images alone: four batches an epoch, 800 steps in all (``n_train``
+is unused: the images are given)."""
+
+
+def train_one_percent_lit(x_lab: Tensor, y_lab: Tensor, *, recipe: clip.LitRecipe = ONE_PERCENT_LIT,
+                          progress: bool = False) -> tuple[clip.LitClip, dict]:
+    """Chapter 12's LiT model with its two projections trained on the captions of the labelled images only.
+
+    The image tower is EfficientNet-Lite0's ImageNet-1k features, locked (it never saw a Fashion-MNIST image);
+    the text tower is the frozen MiniLM. Each epoch draws one caption per labelled image
+    (:func:`helpers.data.sample_captions`: class name, attributes and one part, each named with probability
+    ``recipe.p_mention``), so the words reach the model through the 1 % only.
+
+    Args:
+        x_lab: ``[N, 1, 28, 28]`` the labelled images; y_lab: ``[N]`` their labels.
+
+    Returns:
+        ``(model in eval mode, history)`` as :func:`helpers.clip.fit_contrastive`.
+    """
+    if not isinstance(recipe, clip.LitRecipe):
+        raise ValueError(f"recipe must be a helpers.clip.LitRecipe, got {type(recipe).__name__}")
+    x_lab = data.check_images(x_lab)
+    y_lab = torch.as_tensor(y_lab)
+    if y_lab.shape != (len(x_lab),) or len(x_lab) < 2:
+        raise ValueError(f"need at least two images and one label each, got {tuple(x_lab.shape)} and "
+                         f"{tuple(y_lab.shape)}")
+    clip.imagenet_tower().precompute(x_lab)
+    common.set_seed(recipe.seed)
+
+    def draw(attributes: dict[str, Tensor], labels: Tensor, generator: torch.Generator) -> Tensor:
+        return data.sample_captions(attributes, labels, generator, p_mention=recipe.p_mention)
+
+    with common.torch_threads(1):
+        return clip.fit_contrastive(recipe, x_lab, y_lab, draw, progress=progress, desc="training LiT on the 1 %",
+                                    decay_log_scale=False, model=clip.LitClip(dim=recipe.dim))
+
+
+class FeatureProbe(torch.nn.Module):
+    """A linear classifier on standardised frozen features, ``[N, d] -> [N, C]``: ``W (f - mean) / std + b``."""
+
+    def __init__(self, dim: int, n_classes: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+        self.linear = torch.nn.Linear(dim, n_classes)
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.linear((features - self.mean) / self.std)
+
+
+def fit_feature_probe(features: Tensor, y: Tensor, *, n_classes: int, steps: int = 300, seed: int = 0) -> FeatureProbe:
+    """:func:`fit_probe` (classes weighted equally) on features standardised by their own mean and deviation.
+
+    The black box of the real 1 % regime: the locked ImageNet tower's ``[N, 1280]`` features of the labelled
+    images and their labels, nothing else.
+    """
+    if features.ndim != 2 or len(features) < 2 or not torch.isfinite(features).all():
+        raise ValueError(f"need finite features [N >= 2, d], got {tuple(features.shape)}")
+    probe = FeatureProbe(features.shape[1], n_classes)
+    probe.mean.copy_(features.mean(0))
+    probe.std.copy_(features.std(0).clamp_min(1e-6))
+    fitted = fit_probe((features - probe.mean) / probe.std, torch.as_tensor(y), n_classes=n_classes, steps=steps,
+                       seed=seed)
+    probe.linear.load_state_dict(fitted.state_dict())
+    return probe.eval().requires_grad_(False)
+
+
+def one_percent_models(labelled: Tensor, pool: Tensor, *, recipe: clip.LitRecipe = ONE_PERCENT_LIT,
+                       n_classes: int = 10, teacher_steps: int = 300) -> dict:
+    """Everything the real 1 % regime trains, and the embeddings and teacher logits of the pool and test images.
+
+    Reads the training labels of ``labelled`` only. The pool's and the 10,000 test images' ImageNet features
+    (the slow part: about 7 minutes on 2 cores) are projected by the LiT model and classified by the teacher.
+
+    Args:
+        labelled: ``[L]`` training-set indices of the labelled images; pool: ``[N]`` those of the pool
+            (labelled first, as in the chapter).
+
+    Returns:
+        ``{"lit": state dict, "history", "teacher": state dict, "u_pool": [N, d] and "u_test": [10000, d]
+        L2-normalised float16 embeddings, "teacher_pool": [N, C], "teacher_test": [10000, C] logits,
+        "seconds": {"features", "lit", "teacher"}}``.
+    """
+    import time
+
+    labelled, pool = torch.as_tensor(labelled).long(), torch.as_tensor(pool).long()
+    if not torch.equal(pool[: len(labelled)], labelled):
+        raise ValueError("the pool must start with the labelled images")
+    x_train, y_train = data.fashion_tensors("train")
+    x_test, _ = data.fashion_tensors("test")
+    tower, seconds = clip.imagenet_tower(), {}
+    t0 = time.perf_counter()
+    tower.precompute(x_train[pool], x_test)
+    seconds["features"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    lit, history = train_one_percent_lit(x_train[labelled], y_train[labelled], recipe=recipe)
+    seconds["lit"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    teacher = fit_feature_probe(tower(x_train[labelled]), y_train[labelled], n_classes=n_classes, steps=teacher_steps)
+    seconds["teacher"] = time.perf_counter() - t0
+    out = {"lit": {k: v.clone() for k, v in lit.state_dict().items()}, "history": history,
+           "teacher": {k: v.clone() for k, v in teacher.state_dict().items()}, "seconds": seconds}
+    with torch.no_grad():
+        for name, images in [("pool", x_train[pool]), ("test", x_test)]:
+            features = tower(images)
+            out[f"u_{name}"] = F.normalize(lit.image_proj(features), dim=-1).half()
+            out[f"teacher_{name}"] = teacher(features)
+    return out
+
+
+def one_percent_results(labelled: Tensor, pool: Tensor, *, recipe: clip.LitRecipe = ONE_PERCENT_LIT,
+                        n_classes: int = 10, teacher_steps: int = 300) -> tuple[clip.LitClip, FeatureProbe, dict]:
+    """:func:`one_percent_models`, committed under ``helpers/weights/results/ch11/one-percent-<hash>.pt``.
+
+    Named by the recipe and the indices (integers); the notebook retrains the LiT model and the teacher live
+    on the labelled images and compares them, and recomputes a few test images' embeddings.
+
+    Returns:
+        ``(the LiT model, the teacher, the loaded results)``; embeddings come back as float32.
+    """
+    key = {"recipe": recipe.hashed_fields(), "n_classes": n_classes, "teacher_steps": teacher_steps,
+           "indices": tensor_digest([torch.as_tensor(labelled).long(), torch.as_tensor(pool).long()])}
+
+    def build(path) -> None:
+        torch.save(one_percent_models(labelled, pool, recipe=recipe, n_classes=n_classes,
+                                      teacher_steps=teacher_steps), path)
+
+    results = _committed_results("one-percent", key, build)
+    for name in ("u_pool", "u_test"):
+        results[name] = results[name].float()
+    lit = clip.LitClip(dim=recipe.dim)
+    lit.load_state_dict(results["lit"])
+    teacher = FeatureProbe(clip.ImageNetFeatures.dim, n_classes)
+    teacher.load_state_dict(results["teacher"])
+    return lit.eval().requires_grad_(False), teacher.eval().requires_grad_(False), results
 
 
 # --------------------------------------------------------------------------------------------------
