@@ -13,9 +13,9 @@ holds:
 * a model wrapper (:class:`ContinualClip`) around chapter 10's :class:`helpers.clip.FashionClip`
   that can also carry per-task linear heads and learned prompt context vectors;
 * the **methods**, all with one signature ``method(model, task, *, state) -> model`` (:data:`METHODS`):
-  zero-shot, sequential fine-tuning, linear probe, prompt learning (CoOp), WiSE-FT, LwF, ZSCL-style
-  feature distillation and a small replay buffer, plus WiSE-FT and ZSCL with the settings of ZSCL's
-  reference scripts (:data:`PAPER_SETTINGS`);
+  zero-shot, sequential fine-tuning, linear probe, prompt learning (CoOp, and CoCoOp's image-conditioned
+  prompts, :func:`cocoop`), WiSE-FT, LwF, ZSCL-style feature distillation and a small replay buffer, plus
+  WiSE-FT and ZSCL with the settings of ZSCL's reference scripts (:data:`PAPER_SETTINGS`);
 * the two distillation losses as functions (:func:`lwf_loss`, :func:`zscl_loss`);
 * the ZSCL **metrics** of an accuracy matrix (:func:`stream_metrics`: Transfer, Avg, Last, forgetting);
 * yes/no **questions through prompts**, answered zero-shot by sums of class probabilities (:func:`answer_questions`);
@@ -91,7 +91,7 @@ class PromptContext(nn.Module):
 
     def __deepcopy__(self, memo: dict) -> PromptContext:
         # copies share the frozen encoder (22M parameters); only the context vectors are copied
-        new = PromptContext.__new__(PromptContext)
+        new = type(self).__new__(type(self))
         nn.Module.__init__(new)
         new._encoder, new._tokenizer = self._encoder, self._tokenizer
         new.vectors = nn.Parameter(self.vectors.detach().clone(), requires_grad=self.vectors.requires_grad)
@@ -100,21 +100,86 @@ class PromptContext(nn.Module):
                                               for k, v in getattr(self, "class_vectors", {}).items()})
         return new
 
+    def _word_embeddings(self, class_names: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """Input embeddings ``[C, pos, 384]`` of ``[CLS] x .. x <name> . [SEP]`` and their mask ``[C, pos]``."""
+        texts = [" ".join(["x"] * len(self.vectors)) + f" {name}." for name in class_names]
+        enc = self._tokenizer(texts, padding=True, return_tensors="pt")
+        return self.encoder.get_input_embeddings()(enc["input_ids"]), enc["attention_mask"]
+
+    def _encode(self, embeds: Tensor, context: Tensor, attention_mask: Tensor) -> Tensor:
+        """Mean-pooled MiniLM output ``[P, 384]`` of prompts ``[P, pos, 384]`` whose context is ``[P, M, 384]``."""
+        m = context.shape[1]
+        embeds = torch.cat([embeds[:, :1], context, embeds[:, 1 + m :]], 1)
+        hidden = self.encoder(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask[..., None].float()
+        return (hidden * mask).sum(1) / mask.sum(1)
+
     def forward(self, class_names: Sequence[str]) -> Tensor:
         """MiniLM mean-pooled embeddings of the learned prompts, ``[C, 384]`` (differentiable in ``vectors``)."""
-        m = len(self.vectors)
-        texts = [" ".join(["x"] * m) + f" {name}." for name in class_names]
-        enc = self._tokenizer(texts, padding=True, return_tensors="pt")
-        embeds = self.encoder.get_input_embeddings()(enc["input_ids"])  # [C, pos, 384]
+        embeds, attention_mask = self._word_embeddings(class_names)  # [C, pos, 384], [C, pos]
         if self.class_specific:  # each class its own context (the shared vectors for a class never trained)
             context = torch.stack([self.class_vectors[self._key(n)] if self._key(n) in self.class_vectors
                                    else self.vectors for n in class_names])
         else:
-            context = self.vectors.expand(len(texts), -1, -1)
-        embeds = torch.cat([embeds[:, :1], context, embeds[:, 1 + m :]], 1)
-        hidden = self.encoder(inputs_embeds=embeds, attention_mask=enc["attention_mask"]).last_hidden_state
-        mask = enc["attention_mask"][..., None].float()
-        return (hidden * mask).sum(1) / mask.sum(1)
+            context = self.vectors.expand(len(class_names), -1, -1)
+        return self._encode(embeds, context, attention_mask)
+
+
+class ConditionalPromptContext(PromptContext):
+    """CoCoOp's context (Zhou et al. 2022, CVPR): CoOp's vectors shifted by a meta-net of each image's embedding.
+
+    The prompt of class ``c`` for image ``x`` is ``[CLS] v_1 + π(x) ... v_M + π(x) <class name> . [SEP]``,
+    with ``π = Linear(d, d // 16) → ReLU → Linear(d // 16, 384)`` read from the L2-normalised image
+    embedding ``[N, d]`` (the reference code's meta-net, ``vis_dim // 16`` hidden units). The meta-net's
+    last layer starts at zero (the reference keeps PyTorch's default initialisation), so before training
+    every image's prompts are CoOp's, i.e. the hand-written "a photo of a <class>.".
+
+    Args:
+        text: the model's MiniLM text tower (its frozen encoder is shared, not copied).
+        image_dim: ``d``, the size of the image embedding the meta-net reads.
+        init: the words whose embeddings start the context vectors.
+        hidden: the meta-net's hidden width (default ``max(1, d // 16)``).
+
+    >>> ctx = ConditionalPromptContext(clip.text_tower(), image_dim=32)
+    >>> [tuple(p.shape) for p in ctx.meta_net.parameters()], bool(ctx.meta_net[-1].weight.abs().sum() == 0)
+    ([(2, 32), (2,), (384, 2), (384,)], True)
+    """
+
+    def __init__(self, text: clip.MiniLMText, *, image_dim: int, init: str = "a photo of a",
+                 hidden: int | None = None):
+        if not isinstance(image_dim, int) or image_dim < 1:
+            raise ValueError(f"image_dim must be a positive int (the image embedding's size), got {image_dim!r}")
+        hidden = max(1, image_dim // 16) if hidden is None else hidden
+        if not isinstance(hidden, int) or hidden < 1:
+            raise ValueError(f"hidden must be a positive int (the meta-net's width), got {hidden!r}")
+        super().__init__(text, init=init)
+        self.meta_net = nn.Sequential(nn.Linear(image_dim, hidden), nn.ReLU(), nn.Linear(hidden, self.vectors.shape[1]))
+        nn.init.zeros_(self.meta_net[-1].weight)
+        nn.init.zeros_(self.meta_net[-1].bias)
+
+    def __deepcopy__(self, memo: dict) -> ConditionalPromptContext:
+        new = super().__deepcopy__(memo)  # shares the frozen encoder, copies the vectors
+        new.meta_net = copy.deepcopy(self.meta_net, memo)
+        return new
+
+    def conditioned(self, class_names: Sequence[str], image_emb: Tensor) -> Tensor:
+        """MiniLM embeddings of every image's prompts, ``[N, C, 384]``: ``N × C`` prompts through the text tower.
+
+        Args:
+            class_names: the ``C`` class names.
+            image_emb: ``[N, d]`` L2-normalised image embeddings (differentiable in the vectors and the meta-net).
+        """
+        d = self.meta_net[0].in_features
+        if image_emb.ndim != 2 or image_emb.shape[1] != d:
+            raise ValueError(f"image_emb must be [N, {d}] image embeddings, got shape {tuple(image_emb.shape)}")
+        if len(class_names) == 0:
+            raise ValueError("no class names: pass at least one")
+        n, c = len(image_emb), len(class_names)
+        embeds, attention_mask = self._word_embeddings(class_names)  # [C, pos, 384], [C, pos]
+        context = self.vectors + self.meta_net(image_emb)[:, None]  # [N, M, 384]: one shift π(x) for every vector
+        pooled = self._encode(embeds.repeat(n, 1, 1), context.repeat_interleave(c, 0),
+                              attention_mask.repeat(n, 1))  # [N * C, 384], image-major
+        return pooled.reshape(n, c, -1)
 
 
 class ContinualClip(nn.Module):
@@ -123,7 +188,8 @@ class ContinualClip(nn.Module):
     :meth:`class_embeddings` gives the ``[C, d]`` classifier of a task: its linear head if one was
     trained, else its own prompt context if one was learned for it, else the shared learned prompt
     context if there is one, else the prompt ensemble of the task's templates through the (trainable)
-    text projection.
+    text projection. A shared *conditional* context (CoCoOp, :class:`ConditionalPromptContext`) gives
+    each image its own classifier: :meth:`similarities` is the one path for both cases.
     """
 
     def __init__(self, model: clip.FashionClip):
@@ -152,7 +218,15 @@ class ContinualClip(nn.Module):
         emb = F.normalize(self.clip.text_features(minilm), dim=-1).reshape(len(names), len(templates), -1)
         return F.normalize(emb.mean(1), dim=-1)
 
+    def conditioned(self, task: data.Task) -> bool:
+        """Whether ``task``'s classifier depends on the image (a shared CoCoOp context, no head or task context)."""
+        return (isinstance(self.context, ConditionalPromptContext) and task.name not in self.heads
+                and task.name not in self.task_contexts)
+
     def class_embeddings(self, task: data.Task) -> Tensor:
+        if self.conditioned(task):
+            raise ValueError(f"task {task.name!r} is classified by image-conditioned prompts (CoCoOp): "
+                             "use similarities(image_emb, task) or image_class_embeddings(image_emb, task)")
         if task.name in self.heads:
             return F.normalize(self.heads[task.name], dim=-1)
         if task.name in self.task_contexts:
@@ -161,9 +235,34 @@ class ContinualClip(nn.Module):
             return F.normalize(self.clip.text_features(self.context(task.class_names)), dim=-1)
         return self.prompt_embeddings(task.class_names, task.templates)
 
+    def image_class_embeddings(self, image_emb: Tensor, task: data.Task, *, batch_size: int = 1024) -> Tensor:
+        """Each image's class embeddings through the conditional context, ``[N, C, d]`` normalised.
+
+        Args:
+            image_emb: ``[N, d]`` normalised image embeddings (:meth:`image_embeddings`, :meth:`encode_images`).
+            batch_size: at most this many prompts (images × classes, at least one image) per text-tower call.
+        """
+        if not isinstance(self.context, ConditionalPromptContext):
+            raise ValueError("image_class_embeddings needs a conditional context (CoCoOp); use class_embeddings")
+        n_images = max(1, batch_size // len(task.class_names))
+        minilm = torch.cat([self.context.conditioned(task.class_names, image_emb[i : i + n_images])
+                            for i in range(0, len(image_emb), n_images)])  # [N, C, 384]
+        return F.normalize(self.clip.text_features(minilm), dim=-1)
+
+    def similarities(self, image_emb: Tensor, task: data.Task) -> Tensor:
+        """``cos(image, class)``, ``[N, C]``, from normalised image embeddings ``[N, d]`` (differentiable).
+
+        With a conditional context (CoCoOp) every image is compared with its own prompts, ``N × C`` of them.
+        """
+        if image_emb.ndim != 2:
+            raise ValueError(f"image_emb must be [N, d] image embeddings, got shape {tuple(image_emb.shape)}")
+        if self.conditioned(task):
+            return torch.einsum("nd,ncd->nc", image_emb, self.image_class_embeddings(image_emb, task))
+        return image_emb @ self.class_embeddings(task).T
+
     def logits(self, images: Tensor, task: data.Task) -> Tensor:
         """``logit_scale * cos(image, class)``, ``[N, C]`` (differentiable)."""
-        return self.logit_scale * self.image_embeddings(images) @ self.class_embeddings(task).T
+        return self.logit_scale * self.similarities(self.image_embeddings(images), task)
 
 
 def n_parameters(module: nn.Module | None, *, trainable_only: bool = False) -> int:
@@ -435,8 +534,23 @@ def coop_per_task(model: ContinualClip, task: data.Task, *, state: State) -> Con
     return _coop(model, task, state, per_task=True)
 
 
+COCOOP_BATCH = 1
+"""Images per CoCoOp step (the reference configs' batch size): each step encodes ``COCOOP_BATCH × C`` prompts."""
+
+
+def cocoop(model: ContinualClip, task: data.Task, *, state: State) -> ContinualClip:
+    """Conditional prompt learning (CoCoOp, Zhou et al. 2022, CVPR): CoOp's shared context plus a meta-net.
+
+    Only the context vectors and the meta-net (:class:`ConditionalPromptContext`, last layer zero at the
+    start) are trained, task after task, for ``recipe.coop_steps`` Adam steps at ``recipe.coop_lr`` on
+    :data:`COCOOP_BATCH` image(s) per step (the reference: SGD, batch 1, 10 epochs of a few shots).
+    Every image gets its own prompts, so training and evaluation encode one prompt per (image, class) pair.
+    """
+    return _coop(model, task, state, conditional=True)
+
+
 def _coop(model: ContinualClip, task: data.Task, state: State, *, class_specific: bool = False,
-          per_task: bool = False) -> ContinualClip:
+          per_task: bool = False, conditional: bool = False) -> ContinualClip:
     _check(model, task, state)
     recipe = state.recipe
     model = copy.deepcopy(model)
@@ -444,20 +558,29 @@ def _coop(model: ContinualClip, task: data.Task, state: State, *, class_specific
         model.task_contexts[task.name] = PromptContext(model.clip.text)
         context = model.task_contexts[task.name]
     else:
-        if model.context is None:
+        if model.context is None and conditional:
+            model.context = ConditionalPromptContext(model.clip.text, image_dim=model.clip.image_proj.out_features)
+        elif model.context is None:
             model.context = PromptContext(model.clip.text, class_specific=class_specific)
+        if conditional != isinstance(model.context, ConditionalPromptContext):
+            raise ValueError("the model already carries a prompt context of another kind (CoOp vs CoCoOp)")
         context = model.context
     model.requires_grad_(False)
     trained = context.add_classes(task.class_names) if class_specific else [context.vectors]
+    trained += list(context.meta_net.parameters()) if conditional else []
     for p in trained:
         p.requires_grad_(True)
     features = model.encode_images(task.x_train)  # [N, d]
     optimiser = torch.optim.Adam(trained, lr=recipe.coop_lr)
     generator = torch.Generator().manual_seed(recipe.seed * 1000 + state.step)
-    wide = dataclasses.replace(recipe, batch_size=4 * recipe.batch_size)  # image side is free: big batches
-    for batch in _batches(len(features), wide, generator, recipe.coop_steps):
-        text = F.normalize(model.clip.text_features(context(task.class_names)), dim=-1)
-        loss = F.cross_entropy(model.logit_scale * features[batch] @ text.T, task.y_train[batch])
+    wide = dataclasses.replace(recipe, batch_size=COCOOP_BATCH if conditional else 4 * recipe.batch_size)
+    for batch in _batches(len(features), wide, generator, recipe.coop_steps):  # CoOp: the image side is free
+        if conditional:  # every image its own prompts: [B, C] through B × C prompts
+            logits = model.logit_scale * model.similarities(features[batch], task)
+        else:
+            text = F.normalize(model.clip.text_features(context(task.class_names)), dim=-1)
+            logits = model.logit_scale * features[batch] @ text.T
+        loss = F.cross_entropy(logits, task.y_train[batch])
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
@@ -801,6 +924,7 @@ MORE_METHODS: dict[str, Callable[..., ContinualClip]] = {
     "ZSCL (paper, off-domain)": zscl_paper_off_domain,
     "CoOp (class-specific)": coop_class_specific,
     "CoOp (per task)": coop_per_task,
+    "CoCoOp": cocoop,
     "fine-tune (few labels)": finetune_few,
     "self-training (few labels)": self_training_few,
     "ZSCL (paper, few labels)": zscl_paper_few,
@@ -954,7 +1078,7 @@ def evaluate(model: ContinualClip, tasks: Sequence[data.Task], zero_shot_task: d
     everything = [*tasks, zero_shot_task, *extra_tasks]
     if image_emb is None:
         image_emb = [model.encode_images(t.x_test) for t in everything]
-    acc = [float(((e @ model.class_embeddings(t).T).argmax(1) == t.y_test).float().mean())
+    acc = [float((model.similarities(e, t).argmax(1) == t.y_test).float().mean())
            for e, t in zip(image_emb, everything, strict=True)]
     n = len(tasks)
     return {"tasks": acc[:n], "zero_shot": acc[n], "extra": acc[n + 1 :], "image_emb": image_emb,
@@ -1017,7 +1141,7 @@ def run_stream(method: str | Callable[..., ContinualClip], initial: clip.Fashion
     contexts += list(model.task_contexts.values())
     prompt_params = sum(n_parameters(c) for c in contexts)
     trained = {"zero-shot": 0, "linear probe": sum(h.numel() for h in model.heads.values()),
-               **dict.fromkeys(PROMPT_METHODS, prompt_params)}.get(name, tower)
+               **dict.fromkeys((*PROMPT_METHODS, "CoCoOp"), prompt_params)}.get(name, tower)
     stored = getattr(fn, "model_copies", 0) * tower
     stored += sum(h.numel() for h in model.heads.values())
     stored += prompt_params
@@ -1280,6 +1404,8 @@ def lit_runs(seed: int, order: Sequence[str] = data.DOMAINS, *, recipe: StepReci
     key = {"code": 1, "methods": list(methods), "recipe": dataclasses.asdict(recipe), "order": list(order),
            "held_out": held_out, "n_train": n_train, "n_test": n_test, "initial": _initial_key(initial),
            "retention": data.ZERO_SHOT_SIZE, "questions": [q.text for q in QUESTIONS]}
+    if "CoCoOp" in methods:  # its settings live outside the recipe (whose fields key every other study)
+        key["cocoop"] = {"batch": COCOOP_BATCH, "hidden": "image_dim // 16", "meta_net_last": "zeros"}
     tag = "".join(d[0] for d in order)
     path = common.cache_dir("results", "ch12") / f"lit-s{seed}-{tag}-{common.content_hash(key, length=12)}.json"
 
