@@ -232,8 +232,28 @@ def commit_cached(path: str | os.PathLike) -> Path:
     return target
 
 
+def power_of_ten_above(x: float) -> float:
+    """The smallest power of ten at or above ``|x|`` (``1e-06`` for ``3.7e-07``; ``0.0`` for 0).
+
+    How to quote a float32 rounding error, which moves with the CPU's kernels (``2.8e-07`` on one machine,
+    ``4.0e-07`` on another), as a bound that does not.
+
+    >>> power_of_ten_above(3.7e-07), power_of_ten_above(4.5e-07), power_of_ten_above(0.01)
+    (1e-06, 1e-06, 0.01)
+    """
+    import math
+
+    x = abs(float(x))
+    if not math.isfinite(x):
+        raise ValueError(f"need a finite number, got {x}")
+    if x == 0:
+        return 0.0
+    exponent = math.ceil(math.log10(x))
+    return float(f"1e{exponent - 1}") if x <= float(f"1e{exponent - 1}") else float(f"1e{exponent}")
+
+
 def check_rerun(live, committed, *, what: str, atol: float = 0.1, min_same: float = 0.995) -> str:
-    """Compare the logits ``[N, C]`` of a model retrained live with its committed copy's; return a sentence on how close.
+    """Compare the logits ``[N, C]`` of a model retrained live with its committed copy's; say how close they are.
 
     Training for several epochs amplifies the last bits of the CPU's arithmetic (thread count, AVX2 or AVX-512
     kernels): a rerun on another machine moves logits by up to a few hundredths while a different recipe or

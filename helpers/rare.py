@@ -22,6 +22,10 @@ annotated, and rare classes whose sub-concepts a generic multimodal model barely
 * :func:`choquet_students_results`, :func:`cav_tests_results` and :func:`self_training_results`: the chapter's
   other heavy studies (the dictionaries' and the probes' Choquet students, the TCAV tests, the pseudo-labelling
   runs), committed there too; the notebook recomputes a subset of each live and compares;
+* :func:`train_one_percent_lit`, :func:`fit_feature_probe` and :func:`one_percent_results`: the real 1 % regime,
+  where the concept model (chapter 12's locked ImageNet tower, its projections aligned on the captions of the
+  labelled images only) and the black box (a probe on the same locked features, trained on the labelled images)
+  see nothing but the 1 %; :func:`one_percent_seeds_results` repeats its first-order results over seeds;
 * :func:`long_tail_indices`, :func:`classification_ci`, :func:`open_set_auroc` and
   :func:`nearest_mean_distance`: a Zipf-shaped test set, class-averaged metrics with bootstrap intervals,
   and how well an unknown-detector flags a class the classifier was never given.
@@ -1350,9 +1354,9 @@ def one_percent_models(labelled: Tensor, pool: Tensor, *, recipe: clip.LitRecipe
             (labelled first, as in the chapter).
 
     Returns:
-        ``{"lit": state dict, "history", "teacher": state dict, "u_pool": [N, d] and "u_test": [10000, d]
-        L2-normalised float16 embeddings, "teacher_pool": [N, C], "teacher_test": [10000, C] logits,
-        "seconds": {"features", "lit", "teacher"}}``.
+        a dict: ``"lit"`` and ``"teacher"`` (state dicts), ``"history"``, ``"u_pool"`` ``[N, d]`` and ``"u_test"``
+        ``[10000, d]`` (L2-normalised float16 embeddings), ``"teacher_pool"`` ``[N, C]`` and ``"teacher_test"``
+        ``[10000, C]`` (logits), ``"seconds"``.
     """
     import time
 
@@ -1406,6 +1410,70 @@ def one_percent_results(labelled: Tensor, pool: Tensor, *, recipe: clip.LitRecip
     teacher = FeatureProbe(clip.ImageNetFeatures.dim, n_classes)
     teacher.load_state_dict(results["teacher"])
     return lit.eval().requires_grad_(False), teacher.eval().requires_grad_(False), results
+
+
+def one_percent_seeds(labelled: Tensor, parts: Mapping[str, Sequence[int]], *, seeds: Sequence[int] = (0, 1, 2),
+                      recipe: clip.LitRecipe = ONE_PERCENT_LIT, n_classes: int = 10, teacher_steps: int = 300) -> dict:
+    """The first-order results of the 1 % regime over seeds of the LiT projections and of the black box.
+
+    For each seed (captions, batch order and initialisations): the text head's and the black box's test
+    predictions, and the class-level test AUC of each part's prompt and of its CAV learnt from the labelled
+    images (:func:`concept_activation_vectors`). Only the labelled images and the test set are embedded.
+
+    Args:
+        labelled: ``[L]`` training-set indices of the labelled images.
+        parts: ``{part prompt: classes that have the part}``, the concepts scored.
+
+    Returns:
+        a dict: ``"zs"`` and ``"teacher"`` (int16 test predictions ``[S, 10000]``), ``"prompt_auc"`` and
+        ``"cav_auc"`` (``[S, K]``), ``"seeds"``, ``"seconds"``.
+    """
+    import time
+
+    if len(seeds) < 1 or len(set(seeds)) != len(seeds) or not parts:
+        raise ValueError(f"need distinct seeds and at least one part, got {seeds} and {len(parts)} parts")
+    labelled = torch.as_tensor(labelled).long()
+    x_train, y_train = data.fashion_tensors("train")
+    x_test, y_test = data.fashion_tensors("test")
+    x_lab, y_lab = x_train[labelled], y_train[labelled]
+    tower = clip.imagenet_tower()
+    t0 = time.perf_counter()
+    tower.precompute(x_lab, x_test)
+    f_lab, f_test = tower(x_lab), tower(x_test)
+    prompts, holders = list(parts), [parts[p] for p in parts]
+    positives_lab, positives_test = class_positives(y_lab, holders), class_positives(y_test, holders)
+    out = {"zs": [], "teacher": [], "prompt_auc": [], "cav_auc": [], "seeds": list(seeds)}
+    for seed in seeds:
+        lit, _ = train_one_percent_lit(x_lab, y_lab, recipe=dataclasses.replace(recipe, seed=int(seed)))
+        teacher = fit_feature_probe(f_lab, y_lab, n_classes=n_classes, steps=teacher_steps, seed=int(seed))
+        with torch.no_grad():
+            u_lab, u_test = (F.normalize(lit.image_proj(f), dim=-1) for f in (f_lab, f_test))
+            out["zs"].append((u_test @ clip.zero_shot_weights(lit).T).argmax(1).to(torch.int16))
+            out["teacher"].append(teacher(f_test).argmax(1).to(torch.int16))
+            scores = (u_test @ lit.encode_text(prompts).T).numpy()
+        out["prompt_auc"].append(torch.from_numpy(concept_auc(scores, positives_test)))
+        cavs = concept_activation_vectors(u_lab, positives_lab)
+        out["cav_auc"].append(torch.from_numpy(concept_auc((u_test @ cavs.T).numpy(), positives_test)))
+    out = {k: torch.stack(v) if k != "seeds" else v for k, v in out.items()}
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def one_percent_seeds_results(labelled: Tensor, parts: Mapping[str, Sequence[int]], *,
+                              seeds: Sequence[int] = (0, 1, 2), recipe: clip.LitRecipe = ONE_PERCENT_LIT,
+                              n_classes: int = 10, teacher_steps: int = 300) -> dict:
+    """:func:`one_percent_seeds`, committed under ``helpers/weights/results/ch11/one-percent-seeds-<hash>.pt``
+    (named by the recipe, seeds, parts and labelled indices); seed 0 is the committed models' run, which the
+    notebook compares with :func:`one_percent_results`."""
+    key = {"recipe": recipe.hashed_fields(), "seeds": [int(s) for s in seeds], "n_classes": n_classes,
+           "teacher_steps": teacher_steps, "parts": {p: list(map(int, c)) for p, c in parts.items()},
+           "labelled": tensor_digest([torch.as_tensor(labelled).long()])}
+
+    def build(path) -> None:
+        torch.save(one_percent_seeds(labelled, parts, seeds=seeds, recipe=recipe, n_classes=n_classes,
+                                     teacher_steps=teacher_steps), path)
+
+    return _committed_results("one-percent-seeds", key, build)
 
 
 # --------------------------------------------------------------------------------------------------

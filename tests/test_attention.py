@@ -515,7 +515,10 @@ def test_committed_verb_number_probes_are_what_the_fitting_code_gives():
         refit = LogisticRegression(C=1.0, max_iter=2000).fit(train[readout].numpy(), task.train_labels)
         weight, bias = task.probes[readout]
         committed = (test[readout] @ weight.T + bias).softmax(-1)[:, 1].numpy()
-        assert np.abs(refit.predict_proba(test[readout].numpy())[:, 1] - committed).max() < 1e-3  # 3e-7 measured
+        refit_p = refit.predict_proba(test[readout].numpy())[:, 1]
+        # 3e-7 on the machine that fitted them, 8e-3 on an AVX-512 one (lbfgs amplifies the features' last bits)
+        assert np.abs(refit_p - committed).max() < 3e-2
+        assert ((refit_p > 0.5) == (committed > 0.5)).mean() >= 0.99      # the same predicted number
 
 
 def test_linear_layer_norm_parts_add_up_to_the_layer_norm():

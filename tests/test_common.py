@@ -155,3 +155,27 @@ def test_glue_figure_closes_the_figure():
     ax.plot([0, 1])
     common.glue_figure("test_fig", fig)
     assert not plt.fignum_exists(fig.number)
+
+
+def test_check_rerun_accepts_last_bit_drift_and_rejects_another_model():
+    gen = torch.Generator().manual_seed(0)
+    committed = torch.randn(500, 10, generator=gen) * 3
+    drift = committed + 1e-3 * torch.randn(500, 10, generator=gen)     # what another CPU's kernels do
+    assert "at most 0.00" in common.check_rerun(drift, committed, what="toy")
+    with pytest.raises(AssertionError, match="toy"):
+        common.check_rerun(committed + 0.5, committed, what="toy")      # a large gap, same predictions
+    shuffled = committed[torch.randperm(500, generator=gen)]
+    with pytest.raises(AssertionError, match="predictions agree"):
+        common.check_rerun(shuffled, committed, what="toy", atol=100.0)  # small enough gap, other predictions
+    with pytest.raises(ValueError, match="same shape"):
+        common.check_rerun(committed[:10], committed, what="toy")
+    with pytest.raises(ValueError, match="NaN"):
+        common.check_rerun(committed.clone().fill_(float("nan")), committed, what="toy")
+
+
+def test_power_of_ten_above_bounds_a_rounding_error_and_refuses_nan():
+    assert common.power_of_ten_above(2.8e-7) == common.power_of_ten_above(4.0e-7) == 1e-6   # two CPUs, one bound
+    assert common.power_of_ten_above(-3e-3) == 1e-2 and common.power_of_ten_above(1e-5) == 1e-5
+    assert common.power_of_ten_above(0.0) == 0.0
+    with pytest.raises(ValueError, match="finite"):
+        common.power_of_ten_above(float("nan"))

@@ -142,7 +142,8 @@ def test_logit_lens_and_direct_logit_attribution_match_transformer_lens(book, ra
     lens = causal.logit_lens(model, x)  # [layer, batch, pos, vocab], read after each block
     tl = tl_logit_lens(raw, x, positions=None)  # stack: 0_pre ... 29_pre, final_post
     assert tl.labels[0] == "0_pre" and tl.labels[-1] == "final_post"
-    torch.testing.assert_close(lens, tl.readout.values[1:], atol=1e-5, rtol=1e-5)  # measured: 0
+    # measured 0 on the machine that wrote this test, 2.2e-5 on 88 of 20M logits on an AVX-512 one
+    torch.testing.assert_close(lens, tl.readout.values[1:], atol=1e-4, rtol=1e-4)
 
     dla = causal.direct_logit_attribution(model, x, target=target, foil=foil)
     _, cache = raw.run_with_cache(x)

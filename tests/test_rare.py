@@ -553,3 +553,52 @@ def test_committed_self_training_matches_live_runs(tmp_path, monkeypatch):
         assert torch.equal(live.supervised.bias, committed.supervised.bias)
     assert runs["seeded, round 1"].history == seeded.history[:1]
     assert torch.equal(runs["ceiling"].weight, rare.fit_probe(x, y, n_classes=3, steps=50).weight)
+
+
+def test_feature_probe_standardises_and_refuses_bad_features():
+    gen = torch.Generator().manual_seed(0)
+    y = torch.arange(4).repeat_interleave(30)
+    features = torch.randn(120, 8, generator=gen) + 3.0 * F.one_hot(y, 8).float()
+    scaled = 1000.0 + 50.0 * features                        # raw scales of a locked tower's features
+    probe = rare.fit_feature_probe(scaled, y, n_classes=4)
+    assert torch.allclose(probe.mean, scaled.mean(0)) and torch.allclose(probe.std, scaled.std(0))
+    with torch.no_grad():
+        assert (probe(scaled).argmax(1) == y).float().mean() > 0.95
+        same = rare.fit_feature_probe(features, y, n_classes=4)   # standardising makes the scale irrelevant
+        assert torch.allclose(probe(scaled), same(features), atol=1e-3)
+    with pytest.raises(ValueError, match="finite"):
+        rare.fit_feature_probe(torch.full((4, 3), float("nan")), torch.zeros(4, dtype=torch.long), n_classes=2)
+    with pytest.raises(ValueError, match="finite"):
+        rare.fit_feature_probe(torch.randn(5), torch.zeros(5, dtype=torch.long), n_classes=2)
+
+
+def test_one_percent_lit_refuses_bad_input_and_needs_a_lit_recipe():
+    x = data.fashion_tensors("test")[0][:4]
+    with pytest.raises(ValueError, match="LitRecipe"):
+        rare.train_one_percent_lit(x, torch.zeros(4, dtype=torch.long), recipe=clip.RECIPE)
+    with pytest.raises(ValueError, match="one label each"):
+        rare.train_one_percent_lit(x, torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="labelled"):
+        rare.one_percent_models(torch.tensor([3, 4]), torch.tensor([4, 3, 5]))
+    with pytest.raises(ValueError, match="distinct seeds"):
+        rare.one_percent_seeds(torch.tensor([3, 4]), {"an item with a zip": (8,)}, seeds=(0, 0))
+
+
+def test_committed_one_percent_models_verify_and_saw_the_labelled_images_only():
+    x_train, y_train = data.fashion_tensors("train")
+    split = rare.rare_split(y_train, rare_classes=rare.RARE_CLASSES, rare_fraction=0.05, label_fraction=0.01,
+                            min_labelled=5, n_per_class=3000, seed=0)
+    lab, unlab = torch.as_tensor(split.labelled), torch.as_tensor(split.unlabelled)
+    pool = torch.cat([lab, unlab])
+    key = {"recipe": rare.ONE_PERCENT_LIT.hashed_fields(), "n_classes": 10, "teacher_steps": 300,
+           "indices": common.tensor_digest([lab.long(), pool.long()])}
+    name = f"one-percent-{common.content_hash(key)}.pt"
+    assert common.verified(common.WEIGHTS_DIR / "results" / "ch11" / name), "the committed 1 % models are missing"
+    lit, teacher, results = rare.one_percent_results(lab, pool)       # the committed copy: nothing is rebuilt
+    assert results["u_pool"].shape == (len(pool), 128) and results["u_test"].shape == (10_000, 128)
+    assert torch.allclose(results["u_test"].norm(dim=1), torch.ones(10_000), atol=1e-2)
+    assert results["history"]["n_images"] == len(lab)                 # the projections saw the 1 % only
+    assert isinstance(teacher, rare.FeatureProbe) and teacher.linear.out_features == 10
+    features = clip.imagenet_tower()(x_train[lab])                   # the teacher was standardised on these
+    assert torch.allclose(teacher.mean, features.mean(0), atol=1e-3)
+    assert not any(p.requires_grad for p in lit.parameters())
