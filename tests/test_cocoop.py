@@ -7,17 +7,15 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from helpers import clip, continual, data
+from helpers import clip, common, continual, data
 
 NAMES = ["sandal", "bag", "coat"]
 
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with common.torch_threads(1):  # small prompts: a second thread only spins
+        yield
 
 
 def _toy_model(seed=0, dim=8):
